@@ -1,0 +1,361 @@
+/*
+ * moe.h -- the public C API of moelab, a Mixture-of-Experts routing lab.
+ *
+ * moelab is a small C engine (CPU reference backend + CUDA backend) scripted from
+ * LuaJIT through the FFI.  This header is the whole public API and doubles as its
+ * tutorial.  It is FFI-clean: the build runs `cc -E -P -DMOE_CDEF moe.h` and feeds the
+ * result to ffi.cdef, so nothing is ever retyped in Lua.
+ *
+ * A first program:
+ *
+ *     moe_tensor *logits = NULL, *ids = NULL, *w = NULL;
+ *     int64_t shape[2] = {4, 16};
+ *     moe_device cpu = {MOE_DEVICE_CPU, 0};
+ *     if (moe_tensor_new(&logits, MOE_F32, 2, shape, cpu) != MOE_OK) {
+ *         fprintf(stderr, "%s\n", moe_last_error());      // says what went wrong
+ *         return 1;
+ *     }
+ *     moe_tensor_rand_normal(logits, 42, 0.0, 1.0);        // Philox, same on CPU/CUDA
+ *     moe_route_cfg cfg = moe_route_cfg_default();
+ *     cfg.method = MOE_ROUTE_RENORMALIZE; cfg.top_k = 2;
+ *     moe_route(&cfg, logits, NULL, &ids, &w, NULL);       // ids i32 [4,2], w f32 [4,2]
+ *     moe_tensor_free(ids); moe_tensor_free(w); moe_tensor_free(logits);
+ *
+ * Conventions
+ *   - Every fallible call returns moe_status: MOE_OK (0) or a negative code.  The
+ *     thread's last error message (moe_last_error) then names the argument, what was
+ *     expected and what was seen.  The library never aborts, exits or longjmps.
+ *   - Handles (moe_tensor, moe_graph, ...) are opaque.  Functions that return a new
+ *     handle through `**out` transfer ownership to the caller, who frees it with the
+ *     matching *_free.  *_free(NULL) is a no-op.
+ *   - Views share storage with their base (reference counted); freeing the base while
+ *     views are alive is fine: the storage goes when its last user goes.
+ *   - Shapes and strides are counted in elements.  Packed 4-bit dtypes (e2m1, i4) hold
+ *     two elements per byte, element 2j in the low nibble of byte j.
+ */
+#ifndef MOE_H
+#define MOE_H
+
+#ifndef MOE_CDEF
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+#endif
+
+/* ------------------------------------------------------------------ status -- */
+
+/* X(name, value, text): the one table of status codes. */
+#define MOE_STATUS_LIST(X)                                                   \
+    X(MOE_OK, 0, "ok")                                                       \
+    X(MOE_ERR_ARG, -1, "invalid argument")                                   \
+    X(MOE_ERR_DTYPE, -2, "unsupported or mismatched dtype")                  \
+    X(MOE_ERR_SHAPE, -3, "shape mismatch")                                   \
+    X(MOE_ERR_DEVICE, -4, "wrong or mismatched device")                      \
+    X(MOE_ERR_NOMEM, -5, "out of memory")                                    \
+    X(MOE_ERR_NO_CUDA, -6, "CUDA not available")                             \
+    X(MOE_ERR_CUDA, -7, "CUDA error")                                        \
+    X(MOE_ERR_IO, -8, "I/O error")                                           \
+    X(MOE_ERR_FORMAT, -9, "malformed file")                                  \
+    X(MOE_ERR_UNSUPPORTED, -10, "unsupported configuration")                 \
+    X(MOE_ERR_STATE, -11, "invalid state")                                   \
+    X(MOE_ERR_RANGE, -12, "value out of range")
+
+#define MOE__STATUS_ENUM(name, value, text) name = value,
+typedef enum moe_status { MOE_STATUS_LIST(MOE__STATUS_ENUM) MOE__STATUS_END = -1000 } moe_status;
+#undef MOE__STATUS_ENUM
+
+/* Short English text of a status code ("invalid argument"); never NULL. */
+const char *moe_status_str(int status);
+/* Symbolic name of a status code ("MOE_ERR_ARG"); never NULL. */
+const char *moe_status_name(int status);
+/* The calling thread's message for its last failed call, e.g.
+ * "moe_tensor_new: ndim: expected 0..8, got 9".  Empty string when none.  The pointer is
+ * valid until the thread's next moelab call. */
+const char *moe_last_error(void);
+/* Forget the calling thread's last error message. */
+void moe_clear_error(void);
+/* Library version "MAJOR.MINOR.PATCH". */
+const char *moe_version(void);
+/* Build description: compiler, CUDA yes/no, CUDA architectures. */
+const char *moe_build_info(void);
+
+/* ------------------------------------------------------------------ dtypes -- */
+
+/* X(name, id, text, bits, is_float): every element type. */
+#define MOE_DTYPE_LIST(X)                         \
+    X(MOE_F32, 0, "f32", 32, 1)                   \
+    X(MOE_F16, 1, "f16", 16, 1)                   \
+    X(MOE_BF16, 2, "bf16", 16, 1)                 \
+    X(MOE_F8E4M3, 3, "f8_e4m3", 8, 1)             \
+    X(MOE_F8E5M2, 4, "f8_e5m2", 8, 1)             \
+    X(MOE_E2M1, 5, "e2m1", 4, 1)                  \
+    X(MOE_I4, 6, "i4", 4, 0)                      \
+    X(MOE_UE8M0, 7, "ue8m0", 8, 1)                \
+    X(MOE_U8, 8, "u8", 8, 0)                      \
+    X(MOE_I8, 9, "i8", 8, 0)                      \
+    X(MOE_I16, 10, "i16", 16, 0)                  \
+    X(MOE_I32, 11, "i32", 32, 0)                  \
+    X(MOE_I64, 12, "i64", 64, 0)                  \
+    X(MOE_BOOL, 13, "bool", 8, 0)
+
+#define MOE__DTYPE_ENUM(name, id, text, bits, isf) name = id,
+typedef enum moe_dtype { MOE_DTYPE_LIST(MOE__DTYPE_ENUM) MOE_DTYPE_COUNT } moe_dtype;
+#undef MOE__DTYPE_ENUM
+
+/* "f32", "bf16", ...; "?" for an unknown id. */
+const char *moe_dtype_name(int dtype);
+/* Parse a dtype name (also accepts "float32", "bfloat16", "float16", "int32", ...).
+ * Returns the id, or -1 (with the last error set) for an unknown name. */
+int moe_dtype_from_name(const char *name);
+/* Bits per element: 4, 8, 16, 32 or 64; 0 for an unknown id. */
+int moe_dtype_bits(int dtype);
+/* 1 for floating types (f32 .. e2m1, ue8m0), 0 for integers and bool. */
+int moe_dtype_is_float(int dtype);
+
+/* Scalar conversions with the engine's exact rules (round-to-nearest-even; e4m3 saturates
+ * to +-448 and maps +-inf to +-448; e5m2 saturates finite overflow to +-57344 and keeps
+ * +-inf; e2m1 saturates to +-6 and maps NaN to +0; ue8m0 rounds to the nearest power of two,
+ * ties to the even exponent code, 0 and below map to code 0, NaN to 0xFF).  `code` is the
+ * raw bit pattern (a nibble for e2m1/i4).  moe_encode returns MOE_ERR_DTYPE for non-float
+ * dtypes other than i4. */
+moe_status moe_encode(int dtype, double value, uint32_t *code);
+moe_status moe_decode(int dtype, uint32_t code, double *value);
+
+/* ----------------------------------------------------------------- devices -- */
+
+typedef enum moe_device_type {
+    MOE_DEVICE_CPU = 0,  /* host memory */
+    MOE_DEVICE_CUDA = 1  /* CUDA device memory; index selects the GPU */
+} moe_device_type;
+
+typedef struct moe_device {
+    int32_t type;  /* moe_device_type */
+    int32_t index; /* CUDA ordinal; 0 for the CPU */
+} moe_device;
+
+/* 1 when the library was built with CUDA support. */
+int moe_cuda_built(void);
+/* Number of usable CUDA devices (0 without CUDA support, driver or GPU). Never fails. */
+int moe_cuda_device_count(void);
+/* Name and compute capability of a CUDA device, written into buf (NUL-terminated). */
+moe_status moe_cuda_device_info(int index, char *buf, size_t buflen);
+/* Wait until all moelab work queued on the device is done (CPU: no-op). */
+moe_status moe_synchronize(moe_device dev);
+
+/* ----------------------------------------------------------------- tensors -- */
+
+#define MOE_MAX_DIMS 8
+
+typedef struct moe_tensor moe_tensor; /* opaque */
+
+/* New tensor with uninitialised contents (CUDA memory is allocated on the moelab stream's
+ * device; host memory is 64-byte aligned).  ndim 0..8; every dim >= 0; packed 4-bit dtypes
+ * need an even last dimension.  Caller owns *out. */
+moe_status moe_tensor_new(moe_tensor **out, int dtype, int ndim, const int64_t *shape,
+                          moe_device dev);
+/* Release a tensor handle (its storage goes when no view uses it). NULL is a no-op. */
+void moe_tensor_free(moe_tensor *t);
+
+int moe_tensor_dtype(const moe_tensor *t);
+int moe_tensor_ndim(const moe_tensor *t);
+/* Size of dimension `dim` (negative counts from the end); -1 when out of range. */
+int64_t moe_tensor_dim(const moe_tensor *t, int dim);
+/* Stride of dimension `dim` in elements; 0 when out of range. */
+int64_t moe_tensor_stride(const moe_tensor *t, int dim);
+int64_t moe_tensor_numel(const moe_tensor *t);
+/* Offset of element [0,...,0] from the start of the storage, in elements. */
+int64_t moe_tensor_offset(const moe_tensor *t);
+/* Bytes the elements of a contiguous tensor of this shape and dtype occupy. */
+size_t moe_tensor_nbytes(const moe_tensor *t);
+moe_device moe_tensor_device(const moe_tensor *t);
+/* 1 when row-major contiguous (and, for packed dtypes, starting on a byte boundary). */
+int moe_tensor_is_contiguous(const moe_tensor *t);
+/* Address of element [0,...,0] (device pointer for CUDA tensors; byte containing it for
+ * packed dtypes).  Borrowed: valid while t or a view of its storage lives. */
+void *moe_tensor_data(const moe_tensor *t);
+
+/* Copy between any two tensors of equal shape and dtype, on any devices, with any strides.
+ * dst is written in place (it may be a view). */
+moe_status moe_tensor_copy(moe_tensor *dst, const moe_tensor *src);
+/* Copy nbytes of raw host memory into / out of a contiguous tensor; nbytes must equal
+ * moe_tensor_nbytes(t). */
+moe_status moe_tensor_copy_from_host(moe_tensor *t, const void *src, size_t nbytes);
+moe_status moe_tensor_copy_to_host(const moe_tensor *t, void *dst, size_t nbytes);
+/* New contiguous tensor on `dev` with src's values (dtype kept).  Caller owns *out. */
+moe_status moe_tensor_to_device(moe_tensor **out, const moe_tensor *src, moe_device dev);
+/* New contiguous copy of src (same device and dtype).  Caller owns *out. */
+moe_status moe_tensor_contiguous(moe_tensor **out, const moe_tensor *src);
+/* New tensor (same device) with src's values converted to dtype.  Caller owns *out. */
+moe_status moe_tensor_cast(moe_tensor **out, const moe_tensor *src, int dtype);
+/* Convert src's values into dst (equal shapes, same device, any dtypes and strides). */
+moe_status moe_tensor_cast_into(moe_tensor *dst, const moe_tensor *src);
+/* Set every element to value, converted with the cast rules. */
+moe_status moe_tensor_fill(moe_tensor *t, double value);
+
+/* Host-side element access for bindings and tests: all numel elements in row-major order,
+ * converted to / from double with the cast rules (integers: truncation toward zero,
+ * saturating; NaN -> 0).  Works on any device (CUDA tensors are staged through the host). */
+moe_status moe_tensor_read_f64(const moe_tensor *t, double *out, int64_t n);
+moe_status moe_tensor_write_f64(moe_tensor *t, const double *src, int64_t n);
+
+/* Views: new handles sharing t's storage.  Caller owns *out. */
+/* Elements start .. start+length-1 of dimension dim. */
+moe_status moe_tensor_narrow(moe_tensor **out, const moe_tensor *t, int dim, int64_t start,
+                             int64_t length);
+/* Index `index` of dimension dim, removing that dimension. */
+moe_status moe_tensor_select(moe_tensor **out, const moe_tensor *t, int dim, int64_t index);
+/* Swap dimensions d0 and d1. */
+moe_status moe_tensor_transpose(moe_tensor **out, const moe_tensor *t, int d0, int d1);
+/* New shape with the same numel; t must be contiguous.  One entry may be -1 (inferred). */
+moe_status moe_tensor_reshape(moe_tensor **out, const moe_tensor *t, int ndim,
+                              const int64_t *shape);
+
+/* --------------------------------------------------------------------- RNG -- */
+
+/* Counter-based Philox4x32-10.  Element i of a tensor (row-major) uses counter i/4, lane i%4,
+ * key = seed; the value is computed in double with the engine's own log/sin/cos and rounded
+ * to the tensor's dtype, so CPU and CUDA give identical values for the same seed, shape and
+ * dtype.  Integer dtypes get the value truncated. */
+/* Uniform on [lo, hi). */
+moe_status moe_tensor_rand_uniform(moe_tensor *t, uint64_t seed, double lo, double hi);
+/* Normal(mean, std) by Box-Muller. */
+moe_status moe_tensor_rand_normal(moe_tensor *t, uint64_t seed, double mean, double std);
+/* Fill with start, start+step, ... (row-major). */
+moe_status moe_tensor_arange(moe_tensor *t, double start, double step);
+
+/* ------------------------------------------------------------------ memory -- */
+
+typedef struct moe_mem_info {
+    int64_t live_tensors;     /* tensor handles alive */
+    int64_t live_storages;    /* distinct storages alive */
+    int64_t host_bytes;       /* bytes of host storage alive (mmapped files included) */
+    int64_t device_bytes;     /* bytes of CUDA storage alive, all devices */
+    int64_t peak_device_bytes;/* high-water mark of device_bytes */
+    int64_t peak_host_bytes;  /* high-water mark of host_bytes */
+} moe_mem_info;
+
+/* Snapshot of the memory accounting (process-wide, thread-safe counters). */
+moe_status moe_mem_stats(moe_mem_info *out);
+
+/* ---------------------------------------------------------------- file I/O -- */
+
+/* .npy (format 1.0-3.0, C order, little-endian): f32, f16, i8, i16, i32, i64, u8, bool.
+ * bf16 is written as '<u2' with the header key 'moe_dtype': 'bf16' and read back as bf16;
+ * other dtypes are refused by the writer with MOE_ERR_DTYPE.  Reader: caller owns *out
+ * (a host tensor). */
+moe_status moe_npy_read(const char *path, moe_tensor **out);
+moe_status moe_npy_write(const char *path, const moe_tensor *t);
+/* Parse .npy bytes already in memory (used by the fuzzer and by the trace importer). */
+moe_status moe_npy_parse(const void *data, size_t size, moe_tensor **out);
+
+/* safetensors: 8-byte little-endian header length, JSON header, raw data.  Every dtype name
+ * of the format is parsed and validated.  Names with a moelab dtype map to it (BOOL, U8, I8,
+ * I16, I32, I64, F16, BF16, F32, F8_E4M3, F8_E5M2, F8_E8M0 -> ue8m0, F4 -> e2m1); the others
+ * are widened on moe_st_get into a fresh tensor (U16 -> i32, U32 -> i64, F64 -> f32 with
+ * round-to-nearest-even) or refused with MOE_ERR_DTYPE (U64 values over INT64_MAX, F6_*).
+ * i4 tensors are written as U8 bytes (two nibbles each, last dimension halved) with the
+ * metadata key "moe_dtype.<name>" = "i4", which the reader honours.  docs/tensors.md has
+ * the table. */
+typedef struct moe_st_file moe_st_file; /* an opened, mmapped safetensors file */
+
+/* Open and validate a file: every entry's dtype, shape, byte count and offsets are checked
+ * before anything is returned.  Caller owns *out. */
+moe_status moe_st_open(const char *path, moe_st_file **out);
+/* Same from bytes in memory (copied). */
+moe_status moe_st_open_memory(const void *data, size_t size, moe_st_file **out);
+void moe_st_close(moe_st_file *f);
+int moe_st_count(const moe_st_file *f);
+/* Name of entry i (0 <= i < count), in file order; NULL when out of range. */
+const char *moe_st_name(const moe_st_file *f, int i);
+/* Index of the entry named `name`, or -1. */
+int moe_st_find(const moe_st_file *f, const char *name);
+/* Host tensor viewing (zero-copy, read-only by contract) entry i; it keeps the mapping
+ * alive after moe_st_close.  Caller owns *out. */
+moe_status moe_st_get(const moe_st_file *f, int i, moe_tensor **out);
+/* Number of __metadata__ pairs and their keys/values (NULL when out of range). */
+int moe_st_meta_count(const moe_st_file *f);
+const char *moe_st_meta_key(const moe_st_file *f, int i);
+const char *moe_st_meta_value(const moe_st_file *f, int i);
+/* Write n tensors (any device; copied through the host) with names and optional
+ * string metadata (meta_keys/meta_values of length n_meta; may be NULL when n_meta = 0).
+ * Written to path.tmp then renamed, so a crash never leaves a half file under path. */
+moe_status moe_st_write(const char *path, int n, const char *const *names,
+                        const moe_tensor *const *tensors, int n_meta,
+                        const char *const *meta_keys, const char *const *meta_values);
+
+/* ----------------------------------------------------------- CUDA graphs -- */
+
+typedef struct moe_graph moe_graph; /* opaque */
+
+/* Start capturing the moelab CUDA stream of device `dev`.  Every moelab call on CUDA
+ * tensors until moe_graph_end is recorded instead of run.  Device allocations are refused
+ * during capture (allocate outputs beforehand).  Without CUDA: MOE_ERR_NO_CUDA. */
+moe_status moe_graph_begin(moe_device dev);
+/* Finish the capture and instantiate it.  Caller owns *out. */
+moe_status moe_graph_end(moe_graph **out);
+/* Abandon a capture in progress (after an error in the captured code). */
+void moe_graph_abort(void);
+/* 1 while a capture is in progress on the calling thread. */
+int moe_graph_capturing(void);
+/* Launch the captured work again (asynchronous; moe_synchronize waits for it). */
+moe_status moe_graph_replay(moe_graph *g);
+void moe_graph_free(moe_graph *g);
+/* Benchmark helper: `warmup` untimed replays, then n replays each bracketed by CUDA events on
+ * the moelab stream; times_us[i] receives replay i's time in microseconds.  Synchronises. */
+moe_status moe_graph_time(moe_graph *g, int warmup, int n, float *times_us);
+
+/* ----------------------------------------------------------------- routing -- */
+
+/* X(name, id, text): routing methods; semantics in docs/routing.md. */
+#define MOE_ROUTE_METHOD_LIST(X)                          \
+    X(MOE_ROUTE_DEFAULT, 0, "default")                    \
+    X(MOE_ROUTE_RENORMALIZE, 1, "renormalize")            \
+    X(MOE_ROUTE_RENORMALIZE_NAIVE, 2, "renormalize_naive")\
+    X(MOE_ROUTE_TOPK, 3, "topk")                          \
+    X(MOE_ROUTE_SIGMOID_RENORM, 4, "sigmoid_renorm")      \
+    X(MOE_ROUTE_DEEPSEEKV3, 5, "deepseekv3")              \
+    X(MOE_ROUTE_MINIMAX2, 6, "minimax2")                  \
+    X(MOE_ROUTE_LLAMA4, 7, "llama4")
+
+#define MOE__ROUTE_ENUM(name, id, text) name = id,
+typedef enum moe_route_method { MOE_ROUTE_METHOD_LIST(MOE__ROUTE_ENUM) MOE_ROUTE_METHOD_COUNT } moe_route_method;
+#undef MOE__ROUTE_ENUM
+
+#define MOE_ROUTE_MAX_EXPERTS 2048
+#define MOE_ROUTE_MAX_TOPK 32
+
+typedef struct moe_route_cfg {
+    int32_t method;      /* moe_route_method */
+    int32_t top_k;       /* K, 1..32, <= E */
+    int32_t n_group;     /* deepseekv3: number of expert groups (<= 1: no group step) */
+    int32_t topk_group;  /* deepseekv3: groups kept, 1..n_group */
+    float scale;         /* deepseekv3: routed_scaling_factor (default 1) */
+    int32_t normalize;   /* sigmoid_renorm: 1 = divide by the sum (default 1) */
+    int32_t weights_dtype; /* MOE_F32 (default) or MOE_BF16, for allocated weights */
+} moe_route_cfg;
+
+const char *moe_route_method_name(int method);
+/* Parse a method name; -1 with the last error set for an unknown name. */
+int moe_route_method_from_name(const char *name);
+/* Defaults: method renormalize, top_k 1, n_group 0, topk_group 0, scale 1, normalize 1,
+ * weights f32. */
+moe_route_cfg moe_route_cfg_default(void);
+
+/* Route T tokens: logits [T, E] (f32/bf16/f16), optional bias [E] (f32/bf16; deepseekv3 and
+ * minimax2 only), on one device.  *ids (i32 [T,K]) and *weights (f32 or bf16 [T,K]) are used
+ * as outputs when non-NULL on entry (validated), else allocated (caller owns them).
+ * `replay` (optional, i16 [R >= T, K], contiguous, same device) receives the ids as int16 in
+ * the returned order; rows >= T untouched.  T = 0 is a valid no-op.  CUDA: one launch, no
+ * host synchronisation, no allocation when outputs are given (graph-capturable). */
+moe_status moe_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
+                     moe_tensor **ids, moe_tensor **weights, moe_tensor *replay);
+
+#ifndef MOE_CDEF
+#ifdef __cplusplus
+}
+#endif
+#endif
+#endif /* MOE_H */

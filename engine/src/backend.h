@@ -1,0 +1,63 @@
+/* backend.h -- the interface every compute backend implements (ggml-style table of function
+ * pointers).  The core validates arguments, then dispatches on the device type of the
+ * tensors.  Slots marked OPTIONAL may be NULL: the core then reports MOE_ERR_UNSUPPORTED. */
+#ifndef MOE_BACKEND_H
+#define MOE_BACKEND_H
+
+#include "internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_backend {
+    const char *name;
+
+    /* ---- memory (REQUIRED) ---- */
+    moe_status (*alloc)(int dev_index, size_t bytes, void **out);
+    void (*free)(int dev_index, void *ptr);
+    /* Synchronous raw copies; for the CPU backend all three are memcpy. */
+    moe_status (*copy_h2d)(int dev_index, void *dst, const void *src, size_t bytes);
+    moe_status (*copy_d2h)(int dev_index, void *dst, const void *src, size_t bytes);
+    moe_status (*copy_d2d)(int dev_index, void *dst, const void *src, size_t bytes);
+    moe_status (*synchronize)(int dev_index);
+
+    /* ---- element-wise (REQUIRED) ---- arguments already validated by the core;
+     * tensors are on this backend's device, shapes equal, any strides and dtypes. */
+    moe_status (*copy_cast)(moe_tensor *dst, const moe_tensor *src);
+    moe_status (*fill)(moe_tensor *t, double value);
+    /* kind 0: uniform [a, b); kind 1: normal(mean a, std b) */
+    moe_status (*rand)(moe_tensor *t, uint64_t seed, int kind, double a, double b);
+    moe_status (*arange)(moe_tensor *t, double start, double step);
+
+    /* ---- routing (OPTIONAL) ---- validated: logits [T,E] contiguous; bias NULL or [E]
+     * contiguous; ids i32 [T,K] and weights [T,K] contiguous; replay NULL or i16 [R>=T, K]
+     * contiguous.  T may be 0. */
+    moe_status (*route)(const moe_route_cfg *cfg, const moe_tensor *logits,
+                        const moe_tensor *bias, moe_tensor *ids, moe_tensor *weights,
+                        moe_tensor *replay);
+} moe_backend;
+
+const moe_backend *moe__cpu_backend(void);
+/* NULL when built without CUDA.  Implemented in kernels/. */
+const moe_backend *moe__cuda_backend(void);
+/* Backend of a device, or NULL with the last error set (fn names the caller). */
+const moe_backend *moe__backend_for(const char *fn, moe_device dev);
+
+#ifdef MOE_HAVE_CUDA
+/* kernels/cuda_backend.cu: capture state for moe_graph_* (the core forwards to these). */
+moe_status moe__cuda_graph_begin(int dev_index);
+moe_status moe__cuda_graph_end(void **graph_exec);
+void moe__cuda_graph_abort(void);
+int moe__cuda_graph_capturing(void);
+moe_status moe__cuda_graph_replay(void *graph_exec);
+void moe__cuda_graph_free(void *graph_exec);
+int moe__cuda_device_count(void);
+moe_status moe__cuda_device_info(int index, char *buf, size_t buflen);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
