@@ -353,6 +353,169 @@ moe_route_cfg moe_route_cfg_default(void);
 moe_status moe_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
                      moe_tensor **ids, moe_tensor **weights, moe_tensor *replay);
 
+/* ---- traces ---- */
+
+/* A routing replay trace: the expert ids chosen for T tokens in L MoE layers, K per token
+ * ("routed_experts" int16 [T, L, K], the layout vLLM returns), -1 where a position was not
+ * captured; optionally the routing weights (f32 [T, L, K]) and the token ids (i32 [T]), plus
+ * string metadata.  Held in host memory (a loaded file stays memory-mapped until it is
+ * modified).  docs/traces.md has the file format and every metric's formula. */
+typedef struct moe_trace moe_trace; /* opaque */
+
+#define MOE_TRACE_MAX_TOPK 64
+
+/* New empty trace of L layers and K ids per token; num_experts E may be 0 (unknown: ids are
+ * then only checked to be < 32768); with_weights 1 keeps a weights array.  Caller owns *out. */
+moe_status moe_trace_new(moe_trace **out, int64_t num_layers, int64_t top_k,
+                         int64_t num_experts, int with_weights);
+void moe_trace_free(moe_trace *tr);
+int64_t moe_trace_tokens(const moe_trace *tr);
+int64_t moe_trace_layers(const moe_trace *tr);
+int64_t moe_trace_top_k(const moe_trace *tr);
+/* 0 when unknown (for example a trace imported from .npy). */
+int64_t moe_trace_num_experts(const moe_trace *tr);
+/* Set E; every captured id must be < E (MOE_ERR_RANGE otherwise, naming the position). */
+moe_status moe_trace_set_num_experts(moe_trace *tr, int64_t num_experts);
+int moe_trace_has_weights(const moe_trace *tr);
+int moe_trace_has_token_ids(const moe_trace *tr);
+/* Make room for `tokens` tokens in total without changing T. */
+moe_status moe_trace_reserve(moe_trace *tr, int64_t tokens);
+/* Set T: new rows get ids -1, weights 0, token id -1; shrinking drops the last rows. */
+moe_status moe_trace_resize(moe_trace *tr, int64_t tokens);
+/* The arrays ([T, L, K] row-major; token ids [T]).  Borrowed: valid until the next call
+ * that changes T or the storage.  NULL when T = 0 or the array is absent.  The _mut forms
+ * first give the trace its own copy of a memory-mapped file's data (NULL + last error when
+ * that fails); moe_trace_token_ids_mut creates the array (all -1) when absent. */
+const int16_t *moe_trace_ids(const moe_trace *tr);
+const float *moe_trace_weights(const moe_trace *tr);
+const int32_t *moe_trace_token_ids(const moe_trace *tr);
+int16_t *moe_trace_ids_mut(moe_trace *tr);
+float *moe_trace_weights_mut(moe_trace *tr);
+int32_t *moe_trace_token_ids_mut(moe_trace *tr);
+
+/* Append n tokens.  ids: i16, i32 or i64 [>= n, L, K] (rows 0..n-1 are taken) on any device,
+ * or NULL: rows of -1 to be filled layer by layer with moe_trace_set_layer.  weights
+ * (f32/bf16/f16 [>= n, L, K], needs a trace with weights) and token_ids (i32/i64 [>= n])
+ * are optional.  Ids below 0 are stored as -1. */
+moe_status moe_trace_append(moe_trace *tr, int64_t n, const moe_tensor *ids,
+                            const moe_tensor *weights, const moe_tensor *token_ids);
+/* Write rows 0..n-1 of ids (i16/i32/i64 [>= n, K], any device: a replay buffer) and
+ * optionally weights ([>= n, K]) into tokens start..start+n-1 of layer `layer`. */
+moe_status moe_trace_set_layer(moe_trace *tr, int64_t start, int64_t n, int64_t layer,
+                               const moe_tensor *ids, const moe_tensor *weights);
+/* Append n tokens from host arrays: ids [n, L, K] (required), weights [n, L, K] and
+ * token_ids [n] (each may be NULL). */
+moe_status moe_trace_append_host(moe_trace *tr, int64_t n, const int16_t *ids,
+                                 const float *weights, const int32_t *token_ids);
+/* Append tokens start..start+n-1 of src (same L and K; weights kept when both have them). */
+moe_status moe_trace_append_trace(moe_trace *dst, const moe_trace *src, int64_t start,
+                                  int64_t n);
+
+/* Metadata (string -> string).  Setting an existing key replaces it; value NULL removes it. */
+moe_status moe_trace_set_meta(moe_trace *tr, const char *key, const char *value);
+/* Value of key, or NULL.  Borrowed until the key is changed or the trace freed. */
+const char *moe_trace_get_meta(const moe_trace *tr, const char *key);
+int moe_trace_meta_count(const moe_trace *tr);
+const char *moe_trace_meta_key(const moe_trace *tr, int i);
+const char *moe_trace_meta_value(const moe_trace *tr, int i);
+
+/* Write safetensors: routed_experts I16 [T, L, K], weights F32 [T, L, K] and token_ids I32
+ * [T] when present; __metadata__ has every key of the trace plus num_layers, top_k,
+ * num_experts (when known), tokens, engine, engine_version, format ("moelab-trace/1").
+ * Atomic (temporary file, then rename).  _range writes tokens start..start+n-1 only. */
+moe_status moe_trace_save(const moe_trace *tr, const char *path);
+moe_status moe_trace_save_range(const moe_trace *tr, const char *path, int64_t start,
+                                int64_t n);
+/* Load a trace: one of our safetensors files (any file with a routed_experts I16/I32 [T,L,K]
+ * entry), a .npy [T, L, K] array of int16/int32/int64 (what an inference engine's Python
+ * API returns; num_experts unknown), or a directory of chunk files
+ * "chunk-NNNNNN.safetensors" (plus "chunk-NNNNNN.part-MMMMMM.safetensors" batches of a chunk
+ * that was never completed) concatenated in order.  Caller owns *out. */
+moe_status moe_trace_load(const char *path, moe_trace **out);
+
+/* Balance of one layer's expert loads x[0..E): mean m = sum/E. */
+typedef struct moe_trace_balance {
+    int64_t total;        /* sum of the counts */
+    int32_t hot_expert;   /* expert with the largest count (lowest index on ties); -1 if none */
+    int32_t reserved;
+    double max_over_mean; /* max(x) / m */
+    double cv;            /* population standard deviation / m */
+    double jain;          /* (sum x)^2 / (E * sum x^2); 1 = perfectly even, 1/E = one expert */
+    double entropy;       /* -sum p ln p / ln E with p = x / sum; 1 = perfectly even */
+} moe_trace_balance;      /* NaN fields when total = 0 */
+
+typedef struct moe_trace_layer_cmp {
+    int64_t compared;     /* tokens where both traces captured this layer */
+    int64_t skipped;      /* tokens with an id < 0 in either trace */
+    int64_t differing;    /* compared tokens whose top-K *sets* differ */
+    int64_t exact;        /* compared tokens with the same ids in the same order */
+    int64_t shared;       /* sum of |A intersect B| over compared tokens */
+    int64_t weight_pairs; /* (token, shared expert) pairs behind weight_abs_diff */
+    double router_disagreement; /* differing / compared */
+    double jaccard;       /* mean |A n B| / |A u B| */
+    double overlap;       /* shared / (K * compared) */
+    double exact_agreement; /* exact / compared */
+    double js_divergence; /* Jensen-Shannon divergence (bits) of the two load distributions */
+    double weight_abs_diff;   /* mean |wA - wB| over shared experts (NaN without weights) */
+    double weight_mass_moved; /* mean of (sum wA on A\B + sum wB on B\A) / 2 (NaN without) */
+    moe_trace_balance load_a, load_b; /* loads over the compared tokens */
+} moe_trace_layer_cmp;
+
+/* Result of moe_trace_compare.  Ratios are NaN when their denominator is 0. */
+typedef struct moe_trace_cmp {
+    int64_t tokens, layers, top_k, num_experts;
+    int64_t positions;        /* tokens * layers */
+    int64_t compared, skipped, differing, exact, shared, weight_pairs;
+    int64_t tokens_compared;  /* tokens with at least one compared layer */
+    int64_t tokens_skipped;   /* tokens with no compared layer */
+    int64_t tokens_differing; /* tokens with at least one differing layer */
+    int64_t layers_differing; /* sum over tokens of their number of differing layers */
+    double router_disagreement;   /* differing / compared */
+    double token_disagreement;    /* tokens_differing / tokens_compared */
+    double mean_layers_differing; /* layers_differing / tokens_compared */
+    double jaccard, overlap, exact_agreement; /* over all compared positions */
+    double js_divergence;         /* mean over layers that have data */
+    double weight_abs_diff, weight_mass_moved; /* NaN unless both traces have weights */
+    int32_t has_weights;
+    int32_t reserved;
+    moe_trace_balance load_a, load_b; /* per trace: means over layers of the per-layer
+                                         values; total and hot_expert of all layers summed */
+    moe_trace_layer_cmp *per_layer;   /* [layers] */
+    int64_t *first_diff_hist;         /* [layers]: tokens whose first differing layer is l */
+    int64_t *loads_a, *loads_b;       /* [layers * num_experts]: counts over compared tokens */
+} moe_trace_cmp;
+
+typedef struct moe_trace_cmp_opts {
+    int32_t threads;          /* worker threads; 0 = one per core (at most 16) */
+    int32_t ignore_weights;   /* 1: skip the weight metrics */
+    int32_t ignore_token_ids; /* 1: do not require equal token ids where both have them */
+    int32_t reserved;
+} moe_trace_cmp_opts;
+
+moe_trace_cmp_opts moe_trace_cmp_opts_default(void);
+/* Compare two traces of the same tokens (equal T, L, K and, when both are known, E; E known
+ * on one side is used for both; unknown on both: the largest id + 1).  Positions where
+ * either trace has an id < 0 are skipped and counted.  opts may be NULL.  Caller owns *out
+ * (moe_trace_cmp_free). */
+moe_status moe_trace_compare(const moe_trace *a, const moe_trace *b,
+                             const moe_trace_cmp_opts *opts, moe_trace_cmp **out);
+void moe_trace_cmp_free(moe_trace_cmp *c);
+
+/* Statistics of one trace: per-layer expert loads over captured positions. */
+typedef struct moe_trace_summary {
+    int64_t tokens, layers, top_k, num_experts;
+    int64_t captured;          /* (token, layer) positions with all ids >= 0 */
+    int64_t skipped;           /* positions with an id < 0 */
+    moe_trace_balance balance; /* means over layers; total and hot_expert of the summed loads */
+    moe_trace_balance *per_layer; /* [layers] */
+    int64_t *loads;            /* [layers * num_experts] */
+} moe_trace_summary;
+
+/* Caller owns *out (moe_trace_summary_free). */
+moe_status moe_trace_stats(const moe_trace *tr, const moe_trace_cmp_opts *opts,
+                           moe_trace_summary **out);
+void moe_trace_summary_free(moe_trace_summary *s);
+
 #ifndef MOE_CDEF
 #ifdef __cplusplus
 }
