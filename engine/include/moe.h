@@ -43,6 +43,10 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+#if defined(__GNUC__)
+/* the library is built with -fvisibility=hidden: everything declared here is exported */
+#pragma GCC visibility push(default)
+#endif
 #endif
 
 /* ------------------------------------------------------------------ status -- */
@@ -517,6 +521,9 @@ moe_status moe_trace_stats(const moe_trace *tr, const moe_trace_cmp_opts *opts,
 void moe_trace_summary_free(moe_trace_summary *s);
 
 #ifndef MOE_CDEF
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 #ifdef __cplusplus
 }
 #endif

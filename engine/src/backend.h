@@ -43,6 +43,8 @@ const moe_backend *moe__cpu_backend(void);
 const moe_backend *moe__cuda_backend(void);
 /* Backend of a device, or NULL with the last error set (fn names the caller). */
 const moe_backend *moe__backend_for(const char *fn, moe_device dev);
+/* Status of the last failed moe__backend_for on this thread (its message is the last error). */
+moe_status moe__backend_status(void);
 
 #ifdef MOE_HAVE_CUDA
 /* kernels/cuda_backend.cu: capture state for moe_graph_* (the core forwards to these). */
@@ -52,6 +54,7 @@ void moe__cuda_graph_abort(void);
 int moe__cuda_graph_capturing(void);
 moe_status moe__cuda_graph_replay(void *graph_exec);
 void moe__cuda_graph_free(void *graph_exec);
+moe_status moe__cuda_graph_time(void *graph_exec, int warmup, int n, float *times_us);
 int moe__cuda_device_count(void);
 moe_status moe__cuda_device_info(int index, char *buf, size_t buflen);
 #endif

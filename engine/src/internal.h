@@ -51,6 +51,8 @@ moe_status moe__tensor_wrap(moe_tensor **out, moe_storage *st, int dtype, int nd
 /* Bytes of a contiguous tensor with numel elements of dtype. */
 size_t moe__dtype_nbytes(int dtype, int64_t numel);
 int64_t moe__numel(int ndim, const int64_t *shape);
+/* 1 for the packed 4-bit dtypes (e2m1, i4). */
+int moe__dtype_packed(int dtype);
 int moe__same_shape(const moe_tensor *a, const moe_tensor *b);
 int moe__same_device(moe_device a, moe_device b);
 /* "cpu" / "cuda:0" into buf. */
