@@ -144,6 +144,12 @@ moe_status moe__wfile_commit(moe_wfile *w) {
     return MOE_OK;
 }
 
+moe_status moe__err_prefix(moe_status st, const char *fn, const char *name) {
+    char old[512];
+    snprintf(old, sizeof old, "%s", moe_last_error());
+    return moe__err(st, "%s: %s: %s", fn, name, old);
+}
+
 /* ---------------------------------------------------------------- staging -- */
 
 moe_status moe__host_bytes(const moe_tensor *t, moe_tensor **tmp, const void **data,

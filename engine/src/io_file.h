@@ -36,6 +36,10 @@ moe_status moe__wfile_commit(moe_wfile *w);
 /* Close and remove the temporary file (safe to call after a failed open/commit). */
 void moe__wfile_abort(moe_wfile *w);
 
+/* Re-raise the thread's last error with "<fn>: <name>: " in front (copies the old message
+ * first: moe__err must not read the buffer it writes). */
+moe_status moe__err_prefix(moe_status st, const char *fn, const char *name);
+
 /* Contiguous host bytes of t.  When t is not already a contiguous host tensor a copy is made
  * into *tmp (free it with moe_tensor_free; NULL otherwise). */
 moe_status moe__host_bytes(const moe_tensor *t, moe_tensor **tmp, const void **data,
