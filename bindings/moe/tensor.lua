@@ -559,6 +559,8 @@ return function(moe)
       error(string.format("%s: indices: expected %d indices, got %d", fn, nd, nidx), 3)
     end
     local cur = h
+    -- packed 4-bit dtypes cannot select a single nibble: the last index narrows instead
+    local packed = C.moe_dtype_bits(C.moe_tensor_dtype(h)) == 4
     for k = 1, nd do
       local i = select(k, ...)
       local size = tonumber(C.moe_tensor_dim(cur, 0))
@@ -567,7 +569,12 @@ return function(moe)
         error(string.format("%s: index %d: expected an integer in 1..%d, got %s", fn, k, size,
                             describe(i)), 3)
       end
-      local st2 = C.moe_tensor_select(out_box, cur, 0, i - 1)
+      local st2
+      if packed and k == nd then
+        st2 = C.moe_tensor_narrow(out_box, cur, 0, i - 1, 1)
+      else
+        st2 = C.moe_tensor_select(out_box, cur, 0, i - 1)
+      end
       local nh = out_box[0]
       out_box[0] = nil
       if cur ~= h then C.moe_tensor_free(cur) end

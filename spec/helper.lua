@@ -1,0 +1,68 @@
+-- spec/helper.lua -- loaded by Busted before the spec files (moe spec passes it as --helper).
+-- Requiring moe here keeps libmoe loaded across spec files: Busted unloads modules that a
+-- spec file loaded, and an unloaded ffi library would leave cdata pointing into nowhere.
+local ffi = require("ffi")
+
+local function source_dir()
+  local env = os.getenv("MOE_SOURCE_DIR")
+  if env and env ~= "" then return env end
+  local src = debug.getinfo(1, "S").source:sub(2)
+  local dir = src:match("^(.*)/spec/[^/]*$")
+  return dir or "."
+end
+
+local SRC = source_dir()
+if not package.path:find(SRC .. "/bindings/?.lua", 1, true) then
+  package.path = SRC .. "/bindings/?.lua;" .. SRC .. "/bindings/?/init.lua;" .. package.path
+end
+
+local moe = require("moe")
+
+local H = { moe = moe, source_dir = SRC }
+
+-- The message of the error raised by fn(...), or nil when it did not fail.
+function H.error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then return nil end
+  return tostring(err)
+end
+
+-- |a - b| <= atol + rtol * |b|, NaN equal to NaN.
+function H.close(a, b, rtol, atol)
+  if a ~= a and b ~= b then return true end
+  if a == b then return true end
+  rtol, atol = rtol or 1e-6, atol or 0
+  return math.abs(a - b) <= atol + rtol * math.abs(b)
+end
+
+-- Round a Lua number (double) to float32 by the C conversion (round to nearest even).
+local f32box = ffi.new("float[1]")
+function H.f32(x)
+  f32box[0] = x
+  return f32box[0]
+end
+
+-- Flatten nested tables (row-major).
+function H.flatten(t, out)
+  out = out or {}
+  if type(t) ~= "table" then out[#out + 1] = t return out end
+  for i = 1, #t do H.flatten(t[i], out) end
+  return out
+end
+
+-- Count live tensor handles after a full collection.
+function H.live()
+  collectgarbage("collect")
+  collectgarbage("collect")
+  return moe.mem_stats().live_tensors
+end
+
+-- Run a C compiler command; true when it exited 0.
+function H.sh(cmd)
+  local r = os.execute(cmd)
+  return r == 0 or r == true
+end
+
+package.loaded["spec.helper"] = H
+_G.moe_spec_helper = H
+return H
