@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# test.sh -- the README's test command: installs missing Debian packages, builds, runs ctest.
+# Usage: scripts/test.sh [--ci]
+#   --ci  also builds and tests with AddressSanitizer + UBSan (CPU backend) and runs the
+#         libFuzzer targets for 60 s each (needs clang; installed by scripts/deps.sh --ci).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ci=${1:-}
+bash scripts/deps.sh $ci
+jobs=$(nproc 2>/dev/null || echo 2)
+echo "== build (Release, CUDA if nvcc is found) =="
+bash scripts/build.sh build -DMOE_WERROR=ON
+echo "== tests =="
+(cd build && ctest --output-on-failure -j"$jobs")
+if [ "$ci" = "--ci" ]; then
+  echo "== sanitizer build (ASan + UBSan, CPU backend) =="
+  cmake -S . -B build-asan -DMOE_CUDA=OFF -DMOE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
+  cmake --build build-asan -j"$jobs"
+  (cd build-asan && ctest --output-on-failure -j"$jobs" -E gpu)
+  if [ -f scripts/ci-fuzz.sh ]; then
+    echo "== fuzz (60 s per target) =="
+    bash scripts/ci-fuzz.sh
+  fi
+fi
