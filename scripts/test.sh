@@ -10,8 +10,6 @@ bash scripts/deps.sh $ci
 jobs=$(nproc 2>/dev/null || echo 2)
 echo "== build (Release, CUDA if nvcc is found) =="
 bash scripts/build.sh build -DMOE_WERROR=ON
-echo "== tests =="
-(cd build && ctest --output-on-failure -j"$jobs")
 if [ "$ci" = "--ci" ]; then
   echo "== sanitizer build (ASan + UBSan, CPU backend) =="
   cmake -S . -B build-asan -DMOE_CUDA=OFF -DMOE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
@@ -22,3 +20,5 @@ if [ "$ci" = "--ci" ]; then
     bash scripts/ci-fuzz.sh
   fi
 fi
+echo "== tests =="
+(cd build && ctest --output-on-failure -j"$jobs")
