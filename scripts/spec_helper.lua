@@ -1,0 +1,13 @@
+-- spec_helper -- the Busted helper `moe spec` passes when you give none (--helper=...).
+--
+-- `moe spec` has already loaded the engine and moe.assert before Busted started; this file
+-- makes the same setup available to a plain Busted run under LuaJIT:
+--   luajit $(command -v busted) --helper=<moelab>/scripts/spec_helper.lua \
+--          --lpath='<moelab>/bindings/?.lua;<moelab>/bindings/?/init.lua' spec/
+-- (without the #gpu filtering and the exit-77 skip, which only `moe spec` does).
+local ok, err = pcall(require, "moe")
+if not ok then
+  io.stderr:write("spec_helper: warning: the engine did not load: ",
+                  (tostring(err):gsub("\n.*", "")), "\n")
+end
+require("moe.assert")
