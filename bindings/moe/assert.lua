@@ -198,7 +198,7 @@ function M.check.tensor_near(actual, expected, opts, level)
   end
   local n = a.n
   local worst = {} -- up to `show` entries {i, score}, sorted by score descending
-  local nbad, max_abs, max_rel = 0, 0, 0
+  local nbad, nnan, max_abs, max_rel = 0, 0, 0, 0
   local na2, ne2, nd2 = 0, 0, 0
   local av, ev = a.v, e.v
   for i = 0, n - 1 do
@@ -207,6 +207,7 @@ function M.check.tensor_near(actual, expected, opts, level)
     local bad, score
     if x ~= x or y ~= y then
       bad = not (equal_nan and x ~= x and y ~= y)
+      if bad then nnan = nnan + 1 end
       score = math.huge
     elseif x == y then
       bad = false
@@ -257,8 +258,10 @@ function M.check.tensor_near(actual, expected, opts, level)
                                       fmt_num(x), fmt_num(y), fmt_num(d),
                                       y ~= 0 and fmt_num(d / math.abs(y)) or "inf")
   end
-  lines[#lines + 1] = string.format("max abs err %s, max rel err %s", fmt_num(max_abs),
-                                    fmt_num(max_rel))
+  lines[#lines + 1] = string.format("max abs err %s, max rel err %s%s", fmt_num(max_abs),
+                                    fmt_num(max_rel), nnan > 0 and
+                                    string.format(" (over non-NaN pairs; %d NaN mismatch%s)",
+                                                  nnan, nnan == 1 and "" or "es") or "")
   lines[#lines + 1] = norms
   return false, table.concat(lines, "\n")
 end
