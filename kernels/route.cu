@@ -1,0 +1,326 @@
+/* route.cu -- routing kernels (CUDA backend slot `route`).
+ *
+ * One launch per call, for any T: one warp per token.  Lane `lane` holds the experts
+ *     e = (v * 32 + lane) * W + i,   v < NPL / W,  i < W
+ * (NPL values per lane, W-element chunks loaded with one vector load: 16 bytes for f32 and
+ * 16-bit logits when NPL allows), as "orderable" u32 selection keys (route_math.h): integer
+ * order == float order, so the warp reduces keys with redux.sync.  Per token:
+ *   1. load + sanitise (NaN -> -inf), key = l or sigmoid(l) + b;
+ *   2. deepseekv3 groups: each group's score = sum of its two largest keys (chunk top-2,
+ *      then a warp max / ballot / max per group), topk_group groups kept by ballot rounds;
+ *   3. K rounds of "largest key, lowest expert index": redux max of the lanes' best keys,
+ *      redux min of the expert index among the lanes holding it; lane k keeps round k;
+ *   4. weights with the same float formulas as the CPU reference (route_math.h), the
+ *      softmax denominator over all E summed in double; ids, weights and (when given) the
+ *      replay row written by lanes 0..K-1.
+ * No host synchronisation, no allocation: graph-capturable.  Size classes (NPL) keep the
+ * keys in registers: E <= 128, 256, 384, 512, 1024, 2048.
+ */
+#include "cuda_common.cuh"
+#include "route_math.h"
+
+#define MOE_RT_WARPS 4 /* tokens (warps) per block */
+
+struct moe__route_args {
+    const void *logits;
+    const void *bias; /* NULL: no bias */
+    int32_t *ids;
+    void *weights;
+    int16_t *replay; /* NULL: no replay */
+    int64_t T;
+    int E, K, method;
+    int n_group, G, topk_group; /* n_group <= 1: no group step */
+    float scale;
+    int normalize;
+    int bias_bf16, w_bf16;
+    int vec; /* rows are W-aligned: vector loads */
+};
+
+/* Element width in bytes of a logits dtype. */
+template <int DT> struct moe__rt_size { static constexpr int v = DT == MOE_F32 ? 4 : 2; };
+
+/* Chunk width: the largest of 8, 4, 2, 1 that divides NPL and fits in 16 bytes. */
+template <int NPL, int SZ> struct moe__rt_w {
+    static constexpr int cap = 16 / SZ;
+    static constexpr int v = (cap >= 8 && NPL % 8 == 0) ? 8 : (cap >= 4 && NPL % 4 == 0) ? 4 : (NPL % 2 == 0) ? 2 : 1;
+};
+
+template <int DT> __device__ __forceinline__ float moe__rt_cvt(uint32_t bits16) {
+    if (DT == MOE_BF16) return moe__bf16_to_f32((uint16_t)bits16);
+    return moe__f16_to_f32((uint16_t)bits16);
+}
+
+/* Load W elements starting at element e0 of row (vector when vec, else scalar with bounds). */
+template <int DT, int W>
+__device__ __forceinline__ void moe__rt_load(const void *row, int e0, int E, int vec, float *out) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int B = W * SZ;
+    if (vec) {
+        if (e0 >= E) {
+#pragma unroll
+            for (int i = 0; i < W; i++) out[i] = 0.0f;
+            return;
+        }
+        const char *p = (const char *)row + (size_t)e0 * SZ;
+        uint32_t w[B >= 4 ? B / 4 : 1];
+        if constexpr (B == 16) {
+            uint4 u = __ldg((const uint4 *)p);
+            w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+        } else if constexpr (B == 8) {
+            uint2 u = __ldg((const uint2 *)p);
+            w[0] = u.x; w[1] = u.y;
+        } else if constexpr (B == 4) {
+            w[0] = __ldg((const unsigned int *)p);
+        } else {
+            w[0] = __ldg((const unsigned short *)p);
+        }
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            if constexpr (SZ == 4) out[i] = __uint_as_float(w[i]);
+            else out[i] = moe__rt_cvt<DT>((w[i / 2] >> ((i & 1) * 16)) & 0xFFFFu);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            int e = e0 + i;
+            if (e < E) {
+                if constexpr (SZ == 4) out[i] = __ldg((const float *)row + e);
+                else out[i] = moe__rt_cvt<DT>(__ldg((const unsigned short *)row + e));
+            } else {
+                out[i] = 0.0f;
+            }
+        }
+    }
+}
+
+template <int DT> __device__ __forceinline__ float moe__rt_load1(const void *row, int e) {
+    if (DT == MOE_F32) return __ldg((const float *)row + e);
+    return moe__rt_cvt<DT>(__ldg((const unsigned short *)row + e));
+}
+
+/* Group scores with chunks of CW elements (CW divides G): each lane's top-2 per group, then
+ * warp max / ballot / max; returns the key of group `lane` (0 for lanes >= n_group). */
+template <int NPL, int W, int CW>
+__device__ __forceinline__ uint32_t moe__rt_group_keys(const uint32_t (&key)[NPL], int lane, int G, int ng) {
+    constexpr int NC = NPL / CW; /* chunks per lane */
+    uint32_t c1[NC], c2[NC];
+    int cg[NC];
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        /* chunk c covers slots c*CW .. c*CW+CW-1 (inside one W-chunk since CW divides W) */
+        int j0 = c * CW;
+        int e0 = ((j0 / W) * 32 + lane) * W + (j0 % W);
+        cg[c] = e0 / G;
+        uint32_t a = 0, b = 0;
+#pragma unroll
+        for (int i = 0; i < CW; i++) {
+            uint32_t k = key[j0 + i];
+            b = max(b, min(a, k));
+            a = max(a, k);
+        }
+        c1[c] = a;
+        c2[c] = b;
+    }
+    uint32_t mine = 0;
+#pragma unroll 1
+    for (int g = 0; g < ng; g++) {
+        uint32_t t1 = 0, t2 = 0;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            bool in = cg[c] == g;
+            uint32_t a = in ? c1[c] : 0u, b = in ? c2[c] : 0u;
+            t2 = max(t2, max(b, min(t1, a)));
+            t1 = max(t1, a);
+        }
+        uint32_t M1 = __reduce_max_sync(0xFFFFFFFFu, t1);
+        unsigned holders = __ballot_sync(0xFFFFFFFFu, t1 == M1);
+        uint32_t M2;
+        if (__popc(holders) >= 2) M2 = M1;
+        else M2 = __reduce_max_sync(0xFFFFFFFFu, t1 == M1 ? t2 : t1);
+        float s = moe__route_unkey(M1);
+        if (G > 1) s = moe__route_sanitize(MOE_RADD(s, moe__route_unkey(M2)));
+        if (lane == g) mine = moe__route_key(s);
+    }
+    return mine;
+}
+
+template <int NPL, int DT>
+__global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__route_args a) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int W = moe__rt_w<NPL, SZ>::v;
+    constexpr int NV = NPL / W;
+    const int lane = threadIdx.x & 31;
+    const int64_t t = (int64_t)blockIdx.x * MOE_RT_WARPS + (threadIdx.x >> 5);
+    if (t >= a.T) return; /* whole warps leave together */
+    const int E = a.E, K = a.K, method = a.method;
+    const void *row = (const char *)a.logits + (size_t)t * E * SZ;
+    const bool use_bias = moe__route_uses_bias(method);
+
+    /* 1. keys */
+    uint32_t key[NPL];
+#pragma unroll
+    for (int v = 0; v < NV; v++) {
+        const int e0 = (v * 32 + lane) * W;
+        float x[W];
+        moe__rt_load<DT, W>(row, e0, E, a.vec, x);
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            const int e = e0 + i;
+            float k = moe__route_sanitize(x[i]);
+            if (use_bias) {
+                float b = 0.0f;
+                if (a.bias && e < E)
+                    b = a.bias_bf16 ? moe__bf16_to_f32(__ldg((const unsigned short *)a.bias + e))
+                                    : __ldg((const float *)a.bias + e);
+                k = moe__route_sanitize(MOE_RADD(moe__route_sigmoid(k), b));
+            }
+            key[v * W + i] = e < E ? moe__route_key(k) : 0u;
+        }
+    }
+
+    /* softmax statistics over all E (default, renormalize_naive): keys are the logits */
+    float m = 0.0f, S = 1.0f;
+    if (moe__route_needs_softmax(method)) {
+        uint32_t lm = 0;
+#pragma unroll
+        for (int j = 0; j < NPL; j++) lm = max(lm, key[j]);
+        m = moe__route_unkey(__reduce_max_sync(0xFFFFFFFFu, lm));
+        double acc = 0.0;
+#pragma unroll
+        for (int j = 0; j < NPL; j++)
+            if (key[j]) acc += (double)moe__route_expf(MOE_RSUB(moe__route_unkey(key[j]), m));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+        S = (float)acc;
+    }
+
+    /* 2. deepseekv3 groups */
+    if (a.n_group > 1) {
+        uint32_t gk = (a.G % W == 0) ? moe__rt_group_keys<NPL, W, W>(key, lane, a.G, a.n_group)
+                                     : moe__rt_group_keys<NPL, W, 1>(key, lane, a.G, a.n_group);
+        unsigned keep = 0;
+#pragma unroll 1
+        for (int r = 0; r < a.topk_group; r++) {
+            uint32_t M = __reduce_max_sync(0xFFFFFFFFu, gk);
+            int g = __ffs(__ballot_sync(0xFFFFFFFFu, gk == M && lane < a.n_group)) - 1;
+            keep |= 1u << g;
+            if (lane == g) gk = 0;
+        }
+        if (a.G % W == 0) { /* a W-chunk lies in one group: one division per chunk */
+#pragma unroll
+            for (int v = 0; v < NV; v++) {
+                const int e0 = (v * 32 + lane) * W;
+                const bool drop = e0 >= E || !((keep >> (e0 / a.G)) & 1u);
+#pragma unroll
+                for (int i = 0; i < W; i++)
+                    if (drop) key[v * W + i] = 0;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NPL; j++) {
+                const int e = ((j / W) * 32 + lane) * W + (j % W);
+                if (e >= E || !((keep >> (e / a.G)) & 1u)) key[j] = 0;
+            }
+        }
+    }
+
+    /* 3. top-K */
+    uint32_t bk = 0;
+    int be = 0x7FFFFFFF;
+#pragma unroll
+    for (int j = 0; j < NPL; j++) {
+        const int e = ((j / W) * 32 + lane) * W + (j % W);
+        if (key[j] > bk) { bk = key[j]; be = e; }
+    }
+    int my_id = 0;
+    uint32_t my_key = 0, key0 = 0;
+#pragma unroll 1
+    for (int r = 0; r < K; r++) {
+        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, bk);
+        const int win = (int)__reduce_min_sync(0xFFFFFFFFu, bk == M ? (unsigned)be : 0x7FFFFFFFu);
+        if (r == 0) key0 = M;
+        if (lane == r) { my_id = win; my_key = M; }
+        if (be == win) { /* the owner drops it and finds its next best */
+            bk = 0;
+            be = 0x7FFFFFFF;
+#pragma unroll
+            for (int j = 0; j < NPL; j++) {
+                const int e = ((j / W) * 32 + lane) * W + (j % W);
+                if (e == win) key[j] = 0;
+                if (key[j] > bk) { bk = key[j]; be = e; }
+            }
+        }
+    }
+
+    /* 4. weights */
+    float x = use_bias ? moe__route_sanitize(moe__rt_load1<DT>(row, lane < K ? my_id : 0))
+                       : moe__route_unkey(my_key);
+    float val = moe__route_wsrc(method, x, m, S, moe__route_unkey(key0));
+    float sum = 0.0f;
+    if (moe__route_needs_sum(method, a.normalize)) {
+#pragma unroll 1
+        for (int k = 0; k < K; k++) sum = MOE_RADD(sum, __shfl_sync(0xFFFFFFFFu, val, k));
+    }
+    if (lane < K) {
+        const float w = moe__route_weight(method, val, sum, a.scale, a.normalize);
+        const int64_t o = t * K + lane;
+        a.ids[o] = my_id;
+        if (a.w_bf16) ((uint16_t *)a.weights)[o] = moe__f32_to_bf16(w);
+        else ((float *)a.weights)[o] = w;
+        if (a.replay) a.replay[o] = (int16_t)my_id;
+    }
+}
+
+template <int NPL, int DT>
+static moe_status moe__rt_launch(const moe__cuda_guard &g, moe__route_args a) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int W = moe__rt_w<NPL, SZ>::v;
+    a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
+    const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS;
+    if (blocks > 0x7FFFFFFF) return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected T < 2^33, got %lld", (long long)a.T);
+    moe__k_route<NPL, DT><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    MOE_CUDA_LAUNCHED("moe_route");
+    return MOE_OK;
+}
+
+template <int DT> static moe_status moe__rt_dispatch(const moe__cuda_guard &g, const moe__route_args &a) {
+    if (a.E <= 128) return moe__rt_launch<4, DT>(g, a);
+    if (a.E <= 256) return moe__rt_launch<8, DT>(g, a);
+    if (a.E <= 384) return moe__rt_launch<12, DT>(g, a);
+    if (a.E <= 512) return moe__rt_launch<16, DT>(g, a);
+    if (a.E <= 1024) return moe__rt_launch<32, DT>(g, a);
+    if (a.E <= 2048) return moe__rt_launch<64, DT>(g, a);
+    return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected 1..2048 experts, got %d", a.E);
+}
+
+extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
+                                      moe_tensor *ids, moe_tensor *weights, moe_tensor *replay) {
+    moe__route_args a;
+    a.T = logits->shape[0];
+    if (a.T == 0) return MOE_OK;
+    moe__cuda_guard g("moe_route", logits->dev.index);
+    MOE_TRY(g.status);
+    a.logits = moe_tensor_data(logits);
+    a.bias = bias ? moe_tensor_data(bias) : NULL;
+    a.bias_bf16 = bias && bias->dtype == MOE_BF16;
+    a.ids = (int32_t *)moe_tensor_data(ids);
+    a.weights = moe_tensor_data(weights);
+    a.w_bf16 = weights->dtype == MOE_BF16;
+    a.replay = replay ? (int16_t *)moe_tensor_data(replay) : NULL;
+    a.E = (int)logits->shape[1];
+    a.K = cfg->top_k;
+    a.method = cfg->method;
+    a.n_group = cfg->method == MOE_ROUTE_DEEPSEEKV3 && cfg->n_group > 1 ? cfg->n_group : 0;
+    a.G = a.n_group > 1 ? a.E / a.n_group : a.E;
+    a.topk_group = cfg->topk_group;
+    a.scale = cfg->scale;
+    a.normalize = cfg->normalize;
+    a.vec = 0;
+    switch (logits->dtype) {
+    case MOE_F32: return moe__rt_dispatch<MOE_F32>(g, a);
+    case MOE_BF16: return moe__rt_dispatch<MOE_BF16>(g, a);
+    case MOE_F16: return moe__rt_dispatch<MOE_F16>(g, a);
+    default: return moe__err(MOE_ERR_DTYPE, "moe_route: logits: expected dtype f32, bf16 or f16, got %s",
+                             moe_dtype_name(logits->dtype));
+    }
+}
