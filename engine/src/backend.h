@@ -41,6 +41,11 @@ typedef struct moe_backend {
 const moe_backend *moe__cpu_backend(void);
 /* NULL when built without CUDA.  Implemented in kernels/. */
 const moe_backend *moe__cuda_backend(void);
+/* engine/src/cpu/ops_cpu.c: dense math reference (validated by engine/src/ops.c) */
+moe_status moe__cpu_matmul_nt(const moe_tensor *a, const moe_tensor *b, moe_tensor *out);
+moe_status moe__cpu_rmsnorm(const moe_tensor *x, const moe_tensor *w, double eps, moe_tensor *out);
+moe_status moe__cpu_axpby(double alpha, const moe_tensor *x, double beta, moe_tensor *y);
+
 /* Backend of a device, or NULL with the last error set (fn names the caller). */
 const moe_backend *moe__backend_for(const char *fn, moe_device dev);
 /* Status of the last failed moe__backend_for on this thread (its message is the last error). */
@@ -55,6 +60,10 @@ int moe__cuda_graph_capturing(void);
 moe_status moe__cuda_graph_replay(void *graph_exec);
 void moe__cuda_graph_free(void *graph_exec);
 moe_status moe__cuda_graph_time(void *graph_exec, int warmup, int n, float *times_us);
+/* kernels/ops.cu: dense math (validated by engine/src/ops.c) */
+moe_status moe__cuda_matmul_nt(const moe_tensor *a, const moe_tensor *b, moe_tensor *out);
+moe_status moe__cuda_rmsnorm(const moe_tensor *x, const moe_tensor *w, double eps, moe_tensor *out);
+moe_status moe__cuda_axpby(double alpha, const moe_tensor *x, double beta, moe_tensor *y);
 int moe__cuda_device_count(void);
 moe_status moe__cuda_device_info(int index, char *buf, size_t buflen);
 #endif
