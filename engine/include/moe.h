@@ -311,6 +311,20 @@ void moe_graph_free(moe_graph *g);
  * the moelab stream; times_us[i] receives replay i's time in microseconds.  Synchronises. */
 moe_status moe_graph_time(moe_graph *g, int warmup, int n, float *times_us);
 
+/* -------------------------------------------------------- dense math ops -- */
+
+/* out[M, N] = a[M, K] . b[N, K]^T with f32 accumulation (router GEMMs: logits = x . W^T).
+ * a and b: f32, bf16 or f16 (any mix), any strides; same device.  *out is used when non-NULL
+ * on entry (f32 or bf16 [M, N], contiguous), else allocated as f32 (caller owns it). */
+moe_status moe_matmul_nt(const moe_tensor *a, const moe_tensor *b, moe_tensor **out);
+/* RMSNorm over the last dimension: out = x / sqrt(mean(x^2) + eps) * weight, f32 arithmetic.
+ * x [.., H] f32/bf16/f16 contiguous; weight [H] (NULL: 1); out like x (allocated with x's dtype
+ * when *out is NULL; may be x itself). */
+moe_status moe_rmsnorm(const moe_tensor *x, const moe_tensor *weight, double eps, moe_tensor **out);
+/* y = alpha * x + beta * y, element-wise in f32 (x, y of equal shape, float dtypes, same
+ * device, contiguous).  Used for residual adds and scaling. */
+moe_status moe_axpby(double alpha, const moe_tensor *x, double beta, moe_tensor *y);
+
 /* ----------------------------------------------------------------- routing -- */
 
 /* X(name, id, text): routing methods; semantics in docs/routing.md. */
