@@ -225,8 +225,8 @@ static moe_status moe__cuda_alloc(int dev, size_t bytes, void **out) {
     *out = NULL;
     if (moe__cuda_thread_capturing())
         return moe__err(MOE_ERR_STATE,
-                        "cuda:%d: %zu bytes: cannot allocate device memory during CUDA graph "
-                        "capture; allocate outputs before capture",
+                        "moe_tensor_new: cannot allocate device memory during CUDA graph "
+                        "capture; allocate outputs before capture (cuda:%d, %zu bytes)",
                         dev, bytes);
     moe__cuda_guard g("cuda alloc", dev);
     MOE_TRY(g.status);
@@ -237,7 +237,8 @@ static moe_status moe__cuda_alloc(int dev, size_t bytes, void **out) {
         if (cudaMemGetInfo(&fr, &total) != cudaSuccess) (void)cudaGetLastError();
         *out = NULL;
         return moe__err(MOE_ERR_NOMEM,
-                        "cuda:%d: out of device memory allocating %zu bytes (%zu of %zu free)",
+                        "moe_tensor_new: out of device memory on cuda:%d allocating %zu bytes "
+                        "(%zu of %zu bytes free)",
                         dev, bytes, fr, total);
     }
     if (e != cudaSuccess) {
@@ -332,6 +333,7 @@ extern "C" moe_status moe__cuda_graph_begin(int dev) {
                         fn, moe__tl_capture_dev);
     moe__cuda_guard g(fn, dev);
     MOE_TRY(g.status);
+    (void)moe__cuda_sm_count(dev); /* cache the launch-size query outside the capture */
     MOE_CUDA_TRY(fn, cudaStreamBeginCapture(g.stream, cudaStreamCaptureModeThreadLocal));
     moe__tl_capture_dev = dev;
     moe__tl_keep = NULL;
