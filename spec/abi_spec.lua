@@ -3,7 +3,9 @@
 -- generated cdef.  scripts/gen_abi_check.lua parses the cdef and writes the C program.
 local ffi = require("ffi")
 local moe = require("moe")
-local H = require("spec.helper")
+-- spec/helper.lua, found next to this file whatever the working directory
+local H = package.loaded["spec.helper"]
+  or dofile((debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec") .. "/helper.lua")
 
 local SRC = H.source_dir
 local gen = assert(loadfile(SRC .. "/scripts/gen_abi_check.lua"))()

@@ -6,7 +6,9 @@
 local ffi = require("ffi")
 local bit = require("bit")
 local moe = require("moe")
-local H = require("spec.helper")
+-- spec/helper.lua, found next to this file whatever the working directory
+local H = package.loaded["spec.helper"]
+  or dofile((debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec") .. "/helper.lua")
 
 local C = moe.C
 local f32 = H.f32

@@ -1,7 +1,9 @@
 -- Tensors from Lua: constructors, metadata, views, copies, casts, printing, freeing,
 -- memory accounting, the GC trigger and the error messages of misuse.
 local moe = require("moe")
-local H = require("spec.helper")
+-- spec/helper.lua, found next to this file whatever the working directory
+local H = package.loaded["spec.helper"]
+  or dofile((debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "spec") .. "/helper.lua")
 
 local error_of = H.error_of
 
