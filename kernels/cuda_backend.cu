@@ -489,20 +489,26 @@ extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor
                                       moe_tensor *weights, moe_tensor *replay)
     __attribute__((weak));
 
+/* Filled field by field so that slots added to moe_backend later start out NULL (optional). */
+static moe_backend moe__cuda_make_table(void) {
+    moe_backend t;
+    memset(&t, 0, sizeof t);
+    t.name = "cuda";
+    t.alloc = moe__cuda_alloc;
+    t.free = moe__cuda_free;
+    t.copy_h2d = moe__cuda_copy_h2d;
+    t.copy_d2h = moe__cuda_copy_d2h;
+    t.copy_d2d = moe__cuda_copy_d2d;
+    t.synchronize = moe__cuda_sync;
+    t.copy_cast = moe__cuda_copy_cast;
+    t.fill = moe__cuda_fill;
+    t.rand = moe__cuda_rand;
+    t.arange = moe__cuda_arange;
+    t.route = moe__cuda_route;
+    return t;
+}
+
 extern "C" const moe_backend *moe__cuda_backend(void) {
-    static const moe_backend table = {
-        "cuda",
-        moe__cuda_alloc,
-        moe__cuda_free,
-        moe__cuda_copy_h2d,
-        moe__cuda_copy_d2h,
-        moe__cuda_copy_d2d,
-        moe__cuda_sync,
-        moe__cuda_copy_cast,
-        moe__cuda_fill,
-        moe__cuda_rand,
-        moe__cuda_arange,
-        moe__cuda_route,
-    };
+    static const moe_backend table = moe__cuda_make_table();
     return &table;
 }
