@@ -299,23 +299,22 @@ static moe_status npy_header(const char *fn, const char *name, const unsigned ch
 
     /* element count and byte count, exactly (no overflow) */
     size_t avail = size - hstart - hlen;
+    /* the product of the non-zero sizes is bounded too (by 2^60, as for moe_tensor_new), so
+     * that strides of an empty array with huge other dimensions cannot overflow */
     uint64_t numel = 1;
     int zero = 0;
-    for (int d = 0; d < info->ndim; d++)
-        if (info->shape[d] == 0) zero = 1;
-    if (zero) {
-        numel = 0;
-    } else {
-        for (int d = 0; d < info->ndim; d++) {
-            uint64_t s = (uint64_t)info->shape[d];
-            if (numel > (uint64_t)avail / s) {
-                numel = UINT64_MAX;
-                break;
-            }
-            numel *= s;
+    for (int d = 0; d < info->ndim; d++) {
+        uint64_t s = (uint64_t)info->shape[d];
+        if (s == 0) {
+            zero = 1;
+            continue;
         }
+        if (numel > ((uint64_t)1 << 60) / s)
+            return moe__err(MOE_ERR_FORMAT, "%s: %s: shape has too many elements", fn, name);
+        numel *= s;
     }
-    if (numel == UINT64_MAX || numel > (uint64_t)avail / (uint64_t)info->itemsize)
+    if (zero) numel = 0;
+    if (numel > (uint64_t)avail / (uint64_t)info->itemsize)
         return moe__err(MOE_ERR_FORMAT,
                         "%s: %s: data is %zu bytes, too short for the shape in the header", fn,
                         name, avail);

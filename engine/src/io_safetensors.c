@@ -223,14 +223,15 @@ static moe_status parse_entry(const char *fn, const char *lab, moe_st_file *f, s
             return FMT_ERR("%s: %s: entry '%s': shape[%zu] must be a non-negative integer", fn,
                            lab, nm, d);
         if (d < MOE_MAX_DIMS) e->shape[d] = x->ival;
-        if (x->ival == 0) zero = 1;
-    }
-    /* element count, exactly; anything above 2^60 cannot fit in any file we can map */
-    for (size_t d = 0; d < sh->n && !zero; d++) {
-        uint64_t s = (uint64_t)sh->items[d].ival;
-        if (numel > ((uint64_t)1 << 60) / s)
+        /* element count, exactly; the product of the non-zero sizes is bounded by 2^60 (as
+         * for moe_tensor_new) so that strides of empty tensors cannot overflow either */
+        if (x->ival == 0) {
+            zero = 1;
+            continue;
+        }
+        if (numel > ((uint64_t)1 << 60) / (uint64_t)x->ival)
             return FMT_ERR("%s: %s: entry '%s': shape has too many elements", fn, lab, nm);
-        numel *= s;
+        numel *= (uint64_t)x->ival;
     }
     if (zero) numel = 0;
     e->numel = numel;

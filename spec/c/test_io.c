@@ -355,7 +355,10 @@ static void test_npy_malformed(void) {
     npy_bad("{'descr': '|O', 'fortran_order': False, 'shape': (2,), }", 16, MOE_ERR_DTYPE, "unsupported dtype");
     npy_bad("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }", 8, MOE_ERR_DTYPE, "structured");
     npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", 8, MOE_ERR_FORMAT, "too short");
-    npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4611686018427387904), }", 8, MOE_ERR_FORMAT, "too short");
+    npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4611686018427387904), }", 8, MOE_ERR_FORMAT, "too many elements");
+    npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (1024, 1024), }", 8, MOE_ERR_FORMAT, "too short");
+    /* found by fuzz_npy: an empty array whose other sizes overflow the strides */
+    npy_bad("{'descr': '|b1', 'fortran_order': False, 'shape': (2, 0, 9223372036854775807, 12, 0), }", 0, MOE_ERR_FORMAT, "too many elements");
     npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (2,) ", 8, MOE_ERR_FORMAT, "header dict");
     npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (2), }", 8, MOE_ERR_FORMAT, "tuple");
     npy_bad("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,), }", 8, MOE_ERR_FORMAT, "non-negative");
@@ -650,6 +653,7 @@ static void test_st_malformed(void) {
     st_bad("{\"a\":{\"dtype\":7,\"shape\":[1],\"data_offsets\":[0,4]}}", 4, F, "must be a string");
     st_bad("{" E("a", "F4", "[3]", 0, 1) "}", 8, F, "whole bytes");
     st_bad("{" E("a", "F32", "[1099511627776,1099511627776,1099511627776]", 0, 8) "}", 8, F, "too many elements");
+    st_bad("{" E("a", "F32", "[0,9223372036854775807,12]", 0, 0) "}", 8, F, "too many elements");
     st_bad("{" E("a", "F32", "[1]", 0, 4) "," E("a", "F32", "[1]", 4, 8) "}", 8, F, "duplicate name 'a'");
     st_bad("{\"__metadata__\":{},\"__metadata__\":{}}", 0, F, "duplicate name");
     st_bad("{\"__metadata__\":{\"k\":1}}", 0, F, "must be a string");
