@@ -48,9 +48,11 @@ M.quote = quote
 local function number(x)
   if x ~= x or x == math.huge or x == -math.huge then return "null" end
   if x == math.floor(x) and math.abs(x) < 2 ^ 53 then return string.format("%d", x) end
-  local s = string.format("%.15g", x)
-  if tonumber(s) ~= x then s = string.format("%.17g", x) end
-  return s
+  for _, f in ipairs{ "%.15g", "%.16g" } do
+    local s = string.format(f, x)
+    if tonumber(s) == x then return s end
+  end
+  return string.format("%.17g", x)
 end
 
 local function is_array(t)
