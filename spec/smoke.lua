@@ -34,6 +34,16 @@ local ok, err = pcall(function()
   assert(not pcall(t.shape, t), "use after free should fail")
   assert(tostring(moe.zeros({2})):match("^tensor%(%[0%., 0%.%], shape=%[2%], dtype=f32, device=cpu%)$"),
          "tostring: " .. tostring(moe.zeros({2})))
+  -- a second copy of the module (what a test runner that unloads modules does) shares the
+  -- library, the cdef and the tensor metatype with the first
+  local keep = moe.ones({2})
+  for k in pairs(package.loaded) do
+    if k == "moe" or k:match("^moe%.") then package.loaded[k] = nil end
+  end
+  local moe2 = require("moe")
+  assert(moe2 ~= moe, "reload should give a new module table")
+  assert(moe2.is_tensor(keep) and keep:totable()[2] == 1, "old tensors work after a reload")
+  assert(moe2.zeros({1}):get(1) == 0, "new tensors after a reload")
 end)
 if not ok then fail(err) end
 print("smoke ok")
