@@ -1,0 +1,200 @@
+-- moe bench route [--json] [--no-torch] [--cases a,b] [--T 1,16,...] [--reps N]
+--
+-- Routing kernels on CUDA: per case and T, the median time per call from CUDA-graph replays
+-- (CALLS calls per graph, rotating over several input sets so that large inputs come from HBM,
+-- not L2), with the replay buffer off, on, and off again (the two "off" runs give the
+-- run-to-run spread), the byte floor (logits read once + ids/weights written, at 3.35 TB/s),
+-- and the same method written with torch.topk (scripts/bench/torch_route.py), timed the same
+-- way in the same run when python3 can import torch.
+local moe = require("moe")
+
+local CALLS = 20
+local HBM = 3.35e12 -- bytes/s, H100 SXM datasheet
+
+local CASES = {
+  { name = "deepseekv3", method = "deepseekv3", E = 256, K = 8, n_group = 8, topk_group = 4, scale = 2.5, bias = true },
+  { name = "renormalize", method = "renormalize", E = 128, K = 8 },
+  { name = "minimax2", method = "minimax2", E = 256, K = 8, bias = true },
+  { name = "llama4", method = "llama4", E = 128, K = 1 },
+  { name = "kimi-k2", method = "deepseekv3", E = 384, K = 8, scale = 2.827, bias = true },
+}
+local TS = { 1, 16, 128, 1024, 4096, 16384 }
+
+-- ------------------------------------------------------------------ options --
+local opts = { json = false, torch = true, reps = 200 }
+local args = { ... }
+local i = 1
+while i <= #args do
+  local a = args[i]
+  if a == "--json" then opts.json = true
+  elseif a == "--no-torch" then opts.torch = false
+  elseif a == "--cases" then i = i + 1; opts.cases = args[i]
+  elseif a == "--T" then i = i + 1; opts.T = args[i]
+  elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
+  elseif a == "-h" or a == "--help" then
+    print("usage: moe bench route [--json] [--no-torch] [--cases a,b] [--T 1,16,...] [--reps N]")
+    return 0
+  else
+    io.stderr:write("moe bench route: unknown option " .. a .. "\n")
+    return 2
+  end
+  i = i + 1
+end
+local function split(s)
+  local r = {}
+  for x in s:gmatch("[^,]+") do r[#r + 1] = x end
+  return r
+end
+if opts.cases then
+  local want, keep = {}, {}
+  for _, n in ipairs(split(opts.cases)) do want[n] = true end
+  for _, c in ipairs(CASES) do if want[c.name] then keep[#keep + 1] = c end end
+  CASES = keep
+end
+if opts.T then
+  TS = {}
+  for _, x in ipairs(split(opts.T)) do TS[#TS + 1] = tonumber(x) end
+end
+
+if not moe.cuda_available() then
+  io.stderr:write("moe bench route: no CUDA device (" .. moe.build_info() .. ")\n")
+  return 77
+end
+
+-- ------------------------------------------------------------------- timing --
+local function median(t)
+  table.sort(t)
+  local n = #t
+  if n % 2 == 1 then return t[(n + 1) / 2] end
+  return 0.5 * (t[n / 2] + t[n / 2 + 1])
+end
+
+-- Median microseconds per routing call for one case, T and replay setting.
+local function time_case(c, T, sets, bias, replay)
+  local ids = moe.empty({ T, c.K }, { dtype = "i32", device = "cuda" })
+  local w = moe.empty({ T, c.K }, { device = "cuda" })
+  local buf = replay and moe.full({ T, c.K }, -1, { dtype = "i16", device = "cuda" }) or nil
+  local argsets = {}
+  for s = 1, #sets do
+    argsets[s] = { logits = sets[s], bias = bias, method = c.method, top_k = c.K, n_group = c.n_group,
+                   topk_group = c.topk_group, scale = c.scale, ids = ids, weights = w, replay = buf }
+  end
+  moe.route(argsets[1]) -- warm (module load, first launch) outside the capture
+  moe.synchronize("cuda")
+  local g = moe.graph.capture(function()
+    for k = 0, CALLS - 1 do moe.route(argsets[k % #sets + 1]) end
+  end)
+  local times = g:time(10, opts.reps)
+  g:free()
+  for k = 1, #times do times[k] = times[k] / CALLS end
+  return median(times)
+end
+
+-- ------------------------------------------------------------------ PyTorch --
+local torch = {}
+local torch_note
+if opts.torch then
+  local names = {}
+  for _, c in ipairs(CASES) do names[#names + 1] = c.name end
+  local here = (debug.getinfo(1, "S").source:sub(2):match("^(.*)/[^/]*$")) or "scripts/bench"
+  local Tl = {}
+  for _, T in ipairs(TS) do Tl[#Tl + 1] = tostring(T) end
+  local cmd = string.format("python3 %s/torch_route.py --cases %s --T %s --calls %d 2>&1", here,
+                            table.concat(names, ","), table.concat(Tl, ","), CALLS)
+  local p = io.popen(cmd)
+  local n = 0
+  if p then
+    for line in p:lines() do
+      local name, T, us = line:match('"case": "([^"]+)", "T": (%d+), "us": ([%d%.eE+-]+)')
+      if name then
+        torch[name .. "/" .. T] = tonumber(us)
+        n = n + 1
+      elseif line:match('"error"') then
+        torch_note = line
+      end
+    end
+    p:close()
+  end
+  if n == 0 then torch_note = torch_note or "PyTorch baseline unavailable" end
+end
+
+-- -------------------------------------------------------------------- run --
+local rows = {}
+for _, c in ipairs(CASES) do
+  for _, T in ipairs(TS) do
+    local bytes_in = T * c.E * 4
+    local nsets = math.max(4, math.min(20, math.ceil(100e6 / bytes_in)))
+    local sets = {}
+    for s = 1, nsets do sets[s] = moe.randn({ T, c.E }, { device = "cuda", seed = 1000 * T + s }) end
+    local bias = c.bias and moe.randn({ c.E }, { device = "cuda", seed = 7, std = 0.05 }) or nil
+    local off1 = time_case(c, T, sets, bias, false)
+    local on = time_case(c, T, sets, bias, true)
+    local off2 = time_case(c, T, sets, bias, false)
+    local out_bytes = T * c.K * (4 + 4)
+    local floor = (bytes_in + out_bytes) / HBM * 1e6
+    local off = 0.5 * (off1 + off2)
+    local tr = torch[c.name .. "/" .. T]
+    rows[#rows + 1] = {
+      case = c.name, method = c.method, E = c.E, K = c.K, T = T,
+      us = off, us_run1 = off1, us_run2 = off2, spread = math.abs(off1 - off2),
+      us_replay = on, replay_overhead = on - off,
+      floor = floor, ratio_floor = off / floor,
+      torch = tr, speedup_torch = tr and tr / off or nil,
+    }
+    sets = nil
+    collectgarbage("collect")
+  end
+end
+
+-- ----------------------------------------------------------------- output --
+local gpu = moe.cuda_device_info(0)
+if opts.json then
+  local parts = {}
+  for _, r in ipairs(rows) do
+    local f = {}
+    for _, k in ipairs{ "case", "method", "E", "K", "T", "us", "us_run1", "us_run2", "spread", "us_replay",
+                        "replay_overhead", "floor", "ratio_floor", "torch", "speedup_torch" } do
+      local v = r[k]
+      if v ~= nil then
+        f[#f + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.4g", v))
+      end
+    end
+    parts[#parts + 1] = "  {" .. table.concat(f, ", ") .. "}"
+  end
+  print(string.format('{"gpu": %q, "date": %q, "calls_per_graph": %d, "rows": [\n%s\n]}', gpu,
+                      os.date("!%Y-%m-%d"), CALLS, table.concat(parts, ",\n")))
+  return 0
+end
+
+print(string.format("moe bench route -- %s, %s UTC, median of %d graph replays x %d calls, f32 logits",
+                    gpu, os.date("!%Y-%m-%d %H:%M"), opts.reps, CALLS))
+if torch_note then print("  (" .. torch_note .. ")") end
+print(string.format("%-12s %6s %5s %3s %9s %9s %9s %9s %9s %7s %9s %8s", "case", "T", "E", "K", "us", "run1",
+                    "run2", "+replay", "floor", "/floor", "torch", "speedup"))
+for _, r in ipairs(rows) do
+  print(string.format("%-12s %6d %5d %3d %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f %9s %8s", r.case, r.T, r.E, r.K,
+                      r.us, r.us_run1, r.us_run2, r.us_replay, r.floor, r.ratio_floor,
+                      r.torch and string.format("%.2f", r.torch) or "-",
+                      r.speedup_torch and string.format("%.1fx", r.speedup_torch) or "-"))
+end
+-- bars of the routing issue
+local function bar(ok) return ok and "met" or "MISSED" end
+local ds_small, ds_big, worst_torch, worst_case = 0, nil, math.huge, nil
+local rep_ok = true
+for _, r in ipairs(rows) do
+  if r.case == "deepseekv3" and r.T <= 1024 then ds_small = math.max(ds_small, r.us) end
+  if r.case == "deepseekv3" and r.T == 16384 then ds_big = r.us end
+  if r.speedup_torch and r.speedup_torch < worst_torch then
+    worst_torch = r.speedup_torch
+    worst_case = r.case .. " T=" .. r.T
+  end
+  if math.abs(r.replay_overhead) > math.max(r.spread, 0.02 * r.us) then rep_ok = false end
+end
+print(string.format("bar deepseekv3 <= 6 us for T <= 1024: worst %.2f us -> %s", ds_small, bar(ds_small <= 6)))
+if ds_big then print(string.format("bar deepseekv3 <= 15 us at T = 16384: %.2f us -> %s", ds_big, bar(ds_big <= 15))) end
+if worst_case then
+  print(string.format("bar >= 3x faster than PyTorch: worst %.1fx (%s) -> %s", worst_torch, worst_case,
+                      bar(worst_torch >= 3)))
+end
+print(string.format("bar replay overhead within run-to-run spread (or 2%%): %s", bar(rep_ok)))
+return 0
