@@ -371,6 +371,131 @@ moe_route_cfg moe_route_cfg_default(void);
 moe_status moe_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
                      moe_tensor **ids, moe_tensor **weights, moe_tensor *replay);
 
+/* ---- fused MoE ---- */
+
+/* One MoE layer in one call: routing -> permute (group the T*K (token, expert) pairs by
+ * expert) -> GEMM1 (x . W13^T) -> activation -> GEMM2 (. W2^T) -> weighted combine, the
+ * combine accumulated in f32.  Semantics: docs/fused.md (and reference.md section 3).
+ *
+ *     moe_experts_cfg ec = moe_experts_cfg_default();          // swiglu
+ *     moe_experts *ex = NULL;
+ *     moe_experts_new(&ex, &ec, w13, w2, NULL, NULL, cuda);    // packs once, on cuda
+ *     moe_workspace *ws = NULL;
+ *     moe_workspace_new(&ws, cuda, 4096, 8, ex);                // sized for T <= 4096, K 8
+ *     moe_fused_cfg fc = moe_fused_cfg_default();
+ *     fc.route.method = MOE_ROUTE_RENORMALIZE; fc.route.top_k = 8;
+ *     moe_tensor *y = NULL;                                     // allocated: bf16 [T, H]
+ *     moe_fused_moe(&fc, ex, x, logits, NULL, NULL, NULL, NULL, &y, NULL, NULL, ws);
+ *
+ * Numerics (bf16 mode): weights are stored as bf16 (f32 inputs rounded to nearest even
+ * when packed); hidden states are bf16; GEMMs accumulate in f32; the activation output is
+ * rounded to bf16 (the intermediate the GPU pipeline stores); out[t] = sum_k w[t,k] * y[t,k]
+ * in f32 over k in order, rounded to bf16 once.  Llama 4 (method llama4): the routing
+ * weight scales the expert input (x * w, in f32, before GEMM1) and the expert output is
+ * combined with weight 1: the weight is applied exactly once. */
+
+/* X(name, id, text): expert activations. */
+#define MOE_ACTIVATION_LIST(X)                  \
+    X(MOE_ACT_SWIGLU, 0, "swiglu")              \
+    X(MOE_ACT_GEGLU, 1, "geglu")                \
+    X(MOE_ACT_RELU2, 2, "relu2")                \
+    X(MOE_ACT_SWIGLU_OAI, 3, "swiglu_oai")
+
+#define MOE__ACT_ENUM(name, id, text) name = id,
+typedef enum moe_activation { MOE_ACTIVATION_LIST(MOE__ACT_ENUM) MOE_ACTIVATION_COUNT } moe_activation;
+#undef MOE__ACT_ENUM
+
+/* "swiglu", ...; "?" for an unknown id. */
+const char *moe_activation_name(int act);
+/* Parse an activation name; -1 with the last error set for an unknown name. */
+int moe_activation_from_name(const char *name);
+
+typedef struct moe_experts_cfg {
+    int32_t activation; /* moe_activation: swiglu (silu(gate)*up, default), geglu (erf
+                           gelu(gate)*up), relu2 (relu(h)^2, not gated: W13 is [E, I, H]),
+                           swiglu_oai (g = min(gate, limit), u = clamp(up, -limit, limit),
+                           g * sigmoid(alpha * g) * (u + beta)) */
+    float alpha;        /* swiglu_oai: 1.702 (GPT-OSS) */
+    float beta;         /* swiglu_oai: 1 */
+    float limit;        /* swiglu_oai: 7 */
+} moe_experts_cfg;
+
+/* Defaults: swiglu, alpha 1.702, beta 1, limit 7. */
+moe_experts_cfg moe_experts_cfg_default(void);
+
+typedef struct moe_experts moe_experts; /* opaque: packed expert weights on one device */
+
+/* Pack E experts for device `dev`: gate_up W13 [E, 2I, H] (rows [0, I) gate, [I, 2I) up;
+ * [E, I, H] for relu2) and down W2 [E, H, I], f32 or bf16, any device, any strides.
+ * Optional per-expert biases bias_gate_up [E, 2I] ([E, I] for relu2) and bias_down [E, H]
+ * (f32 or bf16; kept in f32).  The weights are converted to bf16 and copied into the
+ * kernels' layout once (the caller may free the inputs afterwards).  CUDA needs H and I
+ * multiples of 128.  Caller owns *out (moe_experts_free). */
+moe_status moe_experts_new(moe_experts **out, const moe_experts_cfg *cfg,
+                           const moe_tensor *gate_up, const moe_tensor *down,
+                           const moe_tensor *bias_gate_up, const moe_tensor *bias_down,
+                           moe_device dev);
+void moe_experts_free(moe_experts *ex);
+int64_t moe_experts_num(const moe_experts *ex);          /* E */
+int64_t moe_experts_hidden(const moe_experts *ex);       /* H */
+int64_t moe_experts_intermediate(const moe_experts *ex); /* I */
+int moe_experts_activation(const moe_experts *ex);
+moe_device moe_experts_device(const moe_experts *ex);
+/* Bytes of device (or host) memory the packed weights occupy. */
+int64_t moe_experts_nbytes(const moe_experts *ex);
+
+typedef struct moe_workspace moe_workspace; /* opaque: scratch memory of moe_fused_moe */
+
+/* Scratch memory of moe_fused_moe for up to max_tokens tokens with top_k experts each
+ * (routing outputs, the permutation, the bf16 intermediate, per-pair outputs, an error
+ * counter), allocated once so that the CUDA call allocates nothing and never waits for the
+ * device (capturable in a CUDA graph).  One workspace serves any experts object of the same
+ * device with the same or smaller H, I and E; calls that share one workspace must not run
+ * concurrently (they are ordered on the moelab stream).  Caller owns *out. */
+moe_status moe_workspace_new(moe_workspace **out, moe_device dev, int64_t max_tokens,
+                             int32_t top_k, const moe_experts *ex);
+void moe_workspace_free(moe_workspace *ws);
+int64_t moe_workspace_max_tokens(const moe_workspace *ws);
+int32_t moe_workspace_top_k(const moe_workspace *ws);
+int64_t moe_workspace_nbytes(const moe_workspace *ws);
+/* Routed ids out of [0, E) are refused up front on the CPU (MOE_ERR_RANGE naming the
+ * position).  On CUDA they are not read back (that would need a host wait): such pairs are
+ * skipped and counted on the device.  moe_workspace_check waits for the device, reads and
+ * resets the count, and returns MOE_ERR_RANGE ("N routed ids out of range were skipped")
+ * when it was not 0; *skipped (may be NULL) receives the count. */
+moe_status moe_workspace_check(moe_workspace *ws, int64_t *skipped);
+
+typedef struct moe_fused_cfg {
+    moe_route_cfg route;  /* routing (native mode); route.top_k is K */
+    int32_t local_offset; /* expert parallelism: experts [local_offset, local_offset + */
+    int32_t local_count;  /* local_count) are computed; local_count -1 = up to E */
+} moe_fused_cfg;
+
+/* Defaults: moe_route_cfg_default(), local_offset 0, local_count -1 (all experts). */
+moe_fused_cfg moe_fused_cfg_default(void);
+
+/* Run one MoE layer on the experts' device.
+ *   hidden  bf16 [T, H], contiguous.
+ *   Native mode: logits [T, E] (f32/bf16/f16) and bias [E] (or NULL) as for moe_route,
+ *     routed with cfg->route.  routed_ids and routed_weights must be NULL.
+ *   Routed mode: logits and bias NULL; routed_ids i32 [T, K] and routed_weights f32 [T, K]
+ *     (for example read back from a replay trace), used as given (K = their dim 1;
+ *     cfg->route is ignored, except that llama4 still means "weight on the input").
+ *   replay  optional i16 [R >= T, K]: receives the ids used, in both modes.
+ *   *out    bf16 [T, H] contiguous: written when non-NULL on entry, else allocated (caller
+ *     owns it).  Under expert parallelism it holds the partial sum over local experts.
+ *   ids_out i32 [T, K] / weights_out f32 [T, K]: optional copies of the routing used.
+ *   ws      workspace with max_tokens >= T and top_k == K; required on CUDA, may be NULL on
+ *     the CPU (temporaries are then allocated).
+ * T = 0 is valid (nothing is launched).  CUDA: routing + 4 kernels on the moelab stream, no
+ * allocation (when *out is given) and no host synchronisation. */
+moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex,
+                         const moe_tensor *hidden, const moe_tensor *logits,
+                         const moe_tensor *bias, const moe_tensor *routed_ids,
+                         const moe_tensor *routed_weights, moe_tensor *replay,
+                         moe_tensor **out, moe_tensor *ids_out, moe_tensor *weights_out,
+                         moe_workspace *ws);
+
 /* ---- traces ---- */
 
 /* A routing replay trace: the expert ids chosen for T tokens in L MoE layers, K per token

@@ -10,6 +10,8 @@
 extern "C" {
 #endif
 
+struct moe__fused_args;
+
 typedef struct moe_backend {
     const char *name;
 
@@ -36,6 +38,15 @@ typedef struct moe_backend {
     moe_status (*route)(const moe_route_cfg *cfg, const moe_tensor *logits,
                         const moe_tensor *bias, moe_tensor *ids, moe_tensor *weights,
                         moe_tensor *replay);
+
+    /* ---- fused MoE (OPTIONAL; engine/src/fused.h has the structs) ----
+     * fused_pack: w13 [E, N1, H], w2 [E, H, I] (f32 or bf16), b13 [E, N1] / b2 [E, H] (f32
+     * or bf16, may be NULL), all contiguous on this backend's device; fills ex->w13, ex->w2,
+     * ex->b13, ex->b2 in the backend's own layout.
+     * fused: every argument validated by engine/src/fused.c, T >= 1, routing done. */
+    moe_status (*fused_pack)(struct moe_experts *ex, const moe_tensor *w13, const moe_tensor *w2,
+                             const moe_tensor *b13, const moe_tensor *b2);
+    moe_status (*fused)(const struct moe__fused_args *args);
 } moe_backend;
 
 const moe_backend *moe__cpu_backend(void);

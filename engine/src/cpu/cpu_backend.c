@@ -154,6 +154,11 @@ static moe_status cpu_arange(moe_tensor *t, double start, double step) {
 moe_status moe__cpu_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
                           moe_tensor *ids, moe_tensor *weights, moe_tensor *replay) __attribute__((weak));
 
+/* Fused MoE reference, defined in fused_cpu.c. */
+moe_status moe__cpu_fused_pack(struct moe_experts *ex, const moe_tensor *w13, const moe_tensor *w2,
+                               const moe_tensor *b13, const moe_tensor *b2);
+moe_status moe__cpu_fused(const struct moe__fused_args *args);
+
 static const moe_backend moe__cpu = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -167,6 +172,8 @@ static const moe_backend moe__cpu = {
     .rand = cpu_rand,
     .arange = cpu_arange,
     .route = moe__cpu_route,
+    .fused_pack = moe__cpu_fused_pack, /* fused_cpu.c */
+    .fused = moe__cpu_fused,
 };
 
 const moe_backend *moe__cpu_backend(void) { return &moe__cpu; }

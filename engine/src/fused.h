@@ -1,0 +1,63 @@
+/* fused.h -- fused MoE internals shared by the core (fused.c), the CPU reference
+ * (cpu/fused_cpu.c) and the CUDA kernels (kernels/fused_moe.cu).  C11 and CUDA C++. */
+#ifndef MOE_FUSED_H
+#define MOE_FUSED_H
+
+#include "internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Packed experts.  Layout is the backend's own:
+ *   CPU:  w13 f32 [E, N1, H] (logical row order, values rounded to bf16), w2 f32 [E, H, I];
+ *   CUDA: w13 bf16 [E, N1, H] with gate and up rows interleaved in groups of 8 (packed row
+ *         16g + r is gate row 8g + r for r < 8, up row 8g + r - 8 otherwise; relu2: logical
+ *         order), w2 bf16 [E, H, I];
+ *   both: b13 f32 [E, N1] in w13's row order, b2 f32 [E, H] (NULL when absent).
+ * N1 = 2I for gated activations, I for relu2. */
+struct moe_experts {
+    moe_device dev;
+    int64_t E, H, I, N1;
+    int act;
+    float alpha, beta, limit;
+    moe_tensor *w13, *w2, *b13, *b2;
+};
+
+/* Scratch of moe_fused_moe: one allocation carved into regions (byte offsets into buf).
+ * CPU workspaces hold only ids, wts and err. */
+struct moe_workspace {
+    moe_device dev;
+    int64_t max_tokens;
+    int32_t top_k;
+    int64_t E, H, I;
+    int64_t max_pairs;   /* max_tokens * top_k */
+    int64_t max_tiles;   /* row tiles of the grouped GEMMs (smallest tile height) */
+    moe_tensor *buf;     /* u8 [bytes] */
+    size_t off_ids, off_wts, off_sorted, off_tiles, off_ntiles, off_err, off_inter, off_y;
+    size_t bytes;
+};
+
+/* Smallest row tile of the CUDA grouped GEMMs (sizes max_tiles). */
+#define MOE__FUSED_MIN_BM 32
+
+/* Validated arguments of the backend `fused` slot. */
+typedef struct moe__fused_args {
+    const struct moe_experts *ex;
+    struct moe_workspace *ws;   /* CPU: may be NULL */
+    const moe_tensor *hidden;   /* bf16 [T, H] contiguous */
+    const moe_tensor *ids;      /* i32 [T, K] contiguous: the routing used */
+    const moe_tensor *wts;      /* f32 [T, K] contiguous */
+    moe_tensor *out;            /* bf16 [T, H] contiguous */
+    int64_t T;
+    int32_t K;
+    int32_t local_offset, local_count;
+    int32_t llama4;             /* weight on the input, combine with 1 */
+    int32_t routed;             /* ids came from the caller (may be out of range on CUDA) */
+} moe__fused_args;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
