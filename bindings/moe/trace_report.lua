@@ -341,8 +341,10 @@ end
 local function bar_chart(title, cats, series, xlabel, ylabel, yfmt, scale)
   local n = #cats
   local pw = math.max(420, math.min(1400, n * 18 * #series))
-  local W, Hh = pw + 240, 420
+  local maxlen = 0
+  for _, se in ipairs(series) do maxlen = math.max(maxlen, #se[1]) end
   local x0, y0, ph = 80, 50, 300
+  local W, Hh = x0 + pw + 60 + 7 * maxlen, 420
   local s = svg_new(W, Hh, title)
   local mx = 0
   for _, se in ipairs(series) do
