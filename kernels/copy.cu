@@ -1,7 +1,7 @@
 /* copy.cu -- element-wise copy/cast, fill and arange on CUDA tensors.  Results equal the CPU
  * reference (engine/src/cpu/cpu_backend.c) bit for bit:
  *   - same dtype: the element bits are copied unchanged (contiguous pairs: one byte-copy
- *     kernel with 16-byte accesses);
+ *     kernel with 16-byte accesses); strided bool copies normalise to 0/1 as the CPU does;
  *   - integer -> integer through int64 (saturating); otherwise through f32 (fp.h rules);
  *   - fill/arange: the double value is stored like cpu_store_double (floats via f32,
  *     integers truncated toward zero and saturated, NaN -> 0, bool = v != 0).
@@ -128,9 +128,10 @@ static moe_status moe__cuda_cast_launch(const char *fn, const moe__cuda_guard &g
     moe__cuda_tdesc_pair(dst, src, &d, &op.src);
     op.dst_dtype = dst->dtype;
     int fsrc = moe__cuda_isfloat(src->dtype), fdst = moe__cuda_isfloat(dst->dtype);
-    op.how = dst->dtype == src->dtype ? MOE__CAST_RAW
-           : (!fsrc && !fdst)         ? MOE__CAST_INT
-                                      : MOE__CAST_F32;
+    /* same dtype: the bits, except bool, which the CPU normalises to 0/1 */
+    op.how = dst->dtype == src->dtype && dst->dtype != MOE_BOOL ? MOE__CAST_RAW
+           : (!fsrc && !fdst)                                  ? MOE__CAST_INT
+                                                               : MOE__CAST_F32;
     return moe__cuda_map(fn, g, d, n, op);
 }
 
