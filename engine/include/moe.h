@@ -325,6 +325,99 @@ moe_status moe_rmsnorm(const moe_tensor *x, const moe_tensor *weight, double eps
  * device, contiguous).  Used for residual adds and scaling. */
 moe_status moe_axpby(double alpha, const moe_tensor *x, double beta, moe_tensor *y);
 
+/* ---- quantisation ---- */
+
+/* Quantised weights and activations: a moe_qtensor holds the packed data, its block scales
+ * and (nvfp4) a per-matrix global scale, for a logical f32 matrix [N, K] or a stack of E
+ * matrices [E, N, K].  Scales are always taken along the last dimension K (the GEMM's
+ * reduction dimension).  Exact numerics, layouts and the all-zero / NaN rules:
+ * docs/quantization.md (reference.md section 4).  "lead" below is [E] for 3-D inputs and
+ * [] (no dimension) for 2-D ones.
+ *
+ *   mode       data            scales                                  global
+ *   bf16       bf16 [.., N, K] -                                       -
+ *   fp8        e4m3 [.., N, K] f32 lead (amax/448 per matrix)          -
+ *   fp8_block  e4m3 [.., N, K] f32 lead+[N/128, K/128] (weights) or     -
+ *                              f32 lead+[N, K/128] (block_rows 1: activations)
+ *   nvfp4      e2m1 [.., N, K] e4m3 lead+[N, K/16]                     f32 lead
+ *   mxfp4      e2m1 [.., N, K] ue8m0 lead+[N, K/32]                    -
+ *   mxint4     i4   [.., N, K] bf16 lead+[N, K/32]                     -
+ *
+ *     moe_qtensor *q = NULL;
+ *     moe_quantize(w, MOE_QUANT_NVFP4, NULL, &q);    // w: f32/bf16/f16 [E, N, K], K % 16 == 0
+ *     const moe_tensor *codes = moe_qtensor_data(q); // e2m1 [E, N, K], two per byte
+ *     moe_tensor *back = NULL;
+ *     moe_dequantize(q, MOE_F32, &back);              // f32 [E, N, K]
+ *     moe_tensor_free(back); moe_qtensor_free(q);
+ */
+
+/* X(name, id, text): quantisation modes. */
+#define MOE_QUANT_MODE_LIST(X)                  \
+    X(MOE_QUANT_BF16, 0, "bf16")                \
+    X(MOE_QUANT_FP8, 1, "fp8")                  \
+    X(MOE_QUANT_FP8_BLOCK, 2, "fp8_block")      \
+    X(MOE_QUANT_NVFP4, 3, "nvfp4")              \
+    X(MOE_QUANT_MXFP4, 4, "mxfp4")              \
+    X(MOE_QUANT_MXINT4, 5, "mxint4")
+
+#define MOE__QUANT_ENUM(name, id, text) name = id,
+typedef enum moe_quant_mode { MOE_QUANT_MODE_LIST(MOE__QUANT_ENUM) MOE_QUANT_MODE_COUNT } moe_quant_mode;
+#undef MOE__QUANT_ENUM
+
+/* "fp8_block", ...; "?" for an unknown id. */
+const char *moe_quant_mode_name(int mode);
+/* Parse a mode name; -1 with the last error set for an unknown name. */
+int moe_quant_mode_from_name(const char *name);
+
+typedef struct moe_quant_opts {
+    int32_t block_rows; /* fp8_block: rows per scale block, 128 (weights) or 1 (activations:
+                           one scale per row and 128 columns); 0 = default (quantize: 128;
+                           from_parts: read off the scales' shape).  Other modes: 0 or their
+                           own value (fp8: 0; nvfp4/mxfp4/mxint4: 0 or 1). */
+    int32_t reserved[3];
+} moe_quant_opts;
+
+/* All zero: the defaults above. */
+moe_quant_opts moe_quant_opts_default(void);
+
+typedef struct moe_qtensor moe_qtensor; /* opaque */
+
+/* Quantise t (f32, bf16 or f16; 2-D [N, K] or 3-D [E, N, K]; any strides) in `mode` on t's
+ * device.  K must be a multiple of the mode's block (16 nvfp4, 32 mxfp4/mxint4, 128
+ * fp8_block), and N of 128 for fp8_block with block_rows 128.  opts may be NULL.  CUDA: no
+ * host synchronisation.  Caller owns *out (moe_qtensor_free). */
+moe_status moe_quantize(const moe_tensor *t, int mode, const moe_quant_opts *opts,
+                        moe_qtensor **out);
+/* Dequantise into f32, bf16 or f16 (values computed in f32, then rounded to nearest even),
+ * shape [.., N, K], on q's device.  Caller owns *out. */
+moe_status moe_dequantize(const moe_qtensor *q, int dtype, moe_tensor **out);
+/* Build a qtensor from already-quantised parts (as loaded from a checkpoint), sharing their
+ * storage.  data: the mode's dtype [.., N, K], or for e2m1/i4 also u8 [.., N, K/2] (two codes
+ * per byte, low nibble first); scales / global_scale as in the table (NULL where the mode has
+ * none; ue8m0 scales may be u8; a per-matrix f32 of a 2-D matrix may be [] or [1]).  Every
+ * shape, dtype and device is checked; strided parts are copied.  Caller owns *out. */
+moe_status moe_qtensor_from_parts(moe_qtensor **out, int mode, const moe_tensor *data,
+                                  const moe_tensor *scales, const moe_tensor *global_scale,
+                                  const moe_quant_opts *opts);
+void moe_qtensor_free(moe_qtensor *q);
+
+int moe_qtensor_mode(const moe_qtensor *q);
+/* Logical shape: 2 or 3 dimensions ([N, K] or [E, N, K]); dim < 0 counts from the end, -1
+ * when out of range. */
+int moe_qtensor_ndim(const moe_qtensor *q);
+int64_t moe_qtensor_dim(const moe_qtensor *q, int dim);
+moe_device moe_qtensor_device(const moe_qtensor *q);
+/* Scale block: rows x columns of the logical matrix sharing one scale (fp8: N x K, one per
+ * matrix; fp8_block: 128 x 128 or 1 x 128; nvfp4 1 x 16; mxfp4, mxint4 1 x 32; bf16 0 x 0). */
+int moe_qtensor_block_rows(const moe_qtensor *q);
+int moe_qtensor_block_cols(const moe_qtensor *q);
+/* The parts (contiguous).  Borrowed: valid while q lives (take a view with
+ * moe_tensor_reshape to keep one longer).  scales is NULL for bf16, global_scale NULL
+ * except for nvfp4. */
+const moe_tensor *moe_qtensor_data(const moe_qtensor *q);
+const moe_tensor *moe_qtensor_scales(const moe_qtensor *q);
+const moe_tensor *moe_qtensor_global_scale(const moe_qtensor *q);
+
 /* ----------------------------------------------------------------- routing -- */
 
 /* X(name, id, text): routing methods; semantics in docs/routing.md. */

@@ -75,6 +75,9 @@ moe_status moe__cuda_graph_time(void *graph_exec, int warmup, int n, float *time
 moe_status moe__cuda_matmul_nt(const moe_tensor *a, const moe_tensor *b, moe_tensor *out);
 moe_status moe__cuda_rmsnorm(const moe_tensor *x, const moe_tensor *w, double eps, moe_tensor *out);
 moe_status moe__cuda_axpby(double alpha, const moe_tensor *x, double beta, moe_tensor *y);
+/* kernels/quant.cu: quantisers (validated, outputs allocated by engine/src/quant.c) */
+moe_status moe__cuda_quantize(const moe_tensor *src, moe_qtensor *q);
+moe_status moe__cuda_dequantize(const moe_qtensor *q, moe_tensor *out);
 int moe__cuda_device_count(void);
 moe_status moe__cuda_device_info(int index, char *buf, size_t buflen);
 #endif
