@@ -1,0 +1,513 @@
+/* fused_moe.cu -- fused MoE on CUDA (backend slots `fused_pack` and `fused`).
+ *
+ * One call = routing (moe_route, launched by the core) + 4 launches on the moelab stream:
+ *   1. k_align (one block): count the local (token, k) pairs per expert, prefix sums, the
+ *      row-tile table of the grouped GEMMs, scatter pair ids into expert-sorted order; routed
+ *      ids out of [0, E) are skipped and counted in the workspace's error counter;
+ *   2. k_gemm<G1>: grouped GEMM over experts, A rows gathered from x by the permutation,
+ *      gate/up (interleaved by 8 when packed) combined in the epilogue by the activation,
+ *      bf16 intermediate written in sorted order (llama4: the routing weight scales the
+ *      accumulator, i.e. the input, once);
+ *   3. k_gemm<G2>: intermediate . W2^T (+ b2), times the routing weight (1 for llama4),
+ *      written in f32 per pair (no atomics: deterministic);
+ *   4. k_finalize: out[t] = bf16(sum over local k, in order, of y[t, k]).
+ * Grid sizes come from T on the host (upper bounds; surplus blocks exit), so nothing waits
+ * for the device and nothing is allocated: the whole call is graph-capturable.
+ *
+ * GEMM tiles (mma.sync m16n8k16 bf16, f32 accumulators, cp.async multi-stage pipeline,
+ * 128-byte swizzled shared rows, BK = 64):
+ *   small: 32 x 64, 4 warps (1 x 4), 6 stages -- decode / few rows per expert: many CTAs
+ *          split along N so every weight byte is read once with 16-byte loads;
+ *   large: 128 x 128, 8 warps (2 x 4), 3 stages -- prefill.
+ * Chosen per call from the average rows per local expert. */
+#include "cuda_common.cuh"
+#include "fused.h"
+#include "fused_moe.cuh"
+
+#include <cuda_bf16.h>
+
+#define FN "moe_fused_moe"
+
+/* ------------------------------------------------------------------ pack -- */
+
+/* dst bf16 [E, N, Kd] <- src (f32 or bf16) [E, N, Kd]; gated: packed row 16g + r is source
+ * row 8g + r (r < 8, gate) or half + 8g + r - 8 (up). */
+__global__ void moe__k_fm_pack(const void *src, int src_bf16, uint16_t *dst, int64_t E, int64_t N, int64_t Kd,
+                               int gated, int64_t half) {
+    const int64_t total = E * N * Kd;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t k = i % Kd, en = i / Kd, n = en % N, e = en / N;
+        int64_t sn = n;
+        if (gated) {
+            int64_t g = n >> 4, r = n & 15;
+            sn = r < 8 ? g * 8 + r : half + g * 8 + (r - 8);
+        }
+        int64_t s = (e * N + sn) * Kd + k;
+        float v = src_bf16 ? moe__bf16_to_f32(((const uint16_t *)src)[s]) : ((const float *)src)[s];
+        dst[i] = moe__f32_to_bf16(v);
+    }
+}
+
+/* dst f32 [E, N] <- src (f32 or bf16), with the same row permutation. */
+__global__ void moe__k_fm_pack_bias(const void *src, int src_bf16, float *dst, int64_t E, int64_t N, int gated,
+                                    int64_t half) {
+    const int64_t total = E * N;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t n = i % N, e = i / N, sn = n;
+        if (gated) {
+            int64_t g = n >> 4, r = n & 15;
+            sn = r < 8 ? g * 8 + r : half + g * 8 + (r - 8);
+        }
+        int64_t s = e * N + sn;
+        dst[i] = src_bf16 ? moe__bf16_to_f32(((const uint16_t *)src)[s]) : ((const float *)src)[s];
+    }
+}
+
+/* ----------------------------------------------------------------- align -- */
+
+#define MOE_FM_ALIGN_THREADS 1024
+
+__global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
+    moe__k_fm_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted,
+                    int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err) {
+    extern __shared__ int moe__fm_sm[];
+    __shared__ int wrow[32], wtile[32];
+    int *cnt = moe__fm_sm, *cur = moe__fm_sm + lc;
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    for (int e = tid; e < lc; e += nt) cnt[e] = 0;
+    __syncthreads();
+    int bad = 0;
+    for (int64_t p = tid; p < P; p += nt) {
+        int id = ids[p];
+        if (id < 0 || id >= E) {
+            bad++;
+            continue;
+        }
+        int le = id - lo;
+        if (le >= 0 && le < lc) atomicAdd(&cnt[le], 1);
+    }
+    if (bad) atomicAdd(err, bad);
+    __syncthreads();
+    /* block-wide exclusive scan of (rows, tiles) over contiguous expert chunks */
+    const int per = (lc + nt - 1) / nt;
+    const int e0 = min(tid * per, lc), e1 = min(e0 + per, lc);
+    int rs = 0, ts = 0;
+    for (int e = e0; e < e1; e++) {
+        rs += cnt[e];
+        ts += (cnt[e] + BM - 1) / BM;
+    }
+    int ri = rs, ti = ts; /* warp inclusive scan */
+    for (int o = 1; o < 32; o <<= 1) {
+        int a = __shfl_up_sync(0xffffffffu, ri, o), b = __shfl_up_sync(0xffffffffu, ti, o);
+        if (lane >= o) {
+            ri += a;
+            ti += b;
+        }
+    }
+    if (lane == 31) {
+        wrow[warp] = ri;
+        wtile[warp] = ti;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = nt >> 5;
+        int a = lane < nw ? wrow[lane] : 0, b = lane < nw ? wtile[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            int x = __shfl_up_sync(0xffffffffu, a, o), y = __shfl_up_sync(0xffffffffu, b, o);
+            if (lane >= o) {
+                a += x;
+                b += y;
+            }
+        }
+        if (lane < nw) {
+            wrow[lane] = a;
+            wtile[lane] = b;
+        }
+    }
+    __syncthreads();
+    int roff = ri - rs + (warp ? wrow[warp - 1] : 0);
+    int toff = ti - ts + (warp ? wtile[warp - 1] : 0);
+    if (tid == nt - 1) *ntiles = toff + ts;
+    for (int e = e0; e < e1; e++) {
+        const int c = cnt[e];
+        cur[e] = roff;
+        for (int j = 0; j * BM < c; j++) {
+            tile_e[toff] = e;
+            tile_r0[toff] = roff + j * BM;
+            tile_n[toff] = min(BM, c - j * BM);
+            toff++;
+        }
+        roff += c;
+    }
+    __syncthreads();
+    for (int64_t p = tid; p < P; p += nt) {
+        int le = ids[p] - lo;
+        if (ids[p] >= 0 && ids[p] < E && le >= 0 && le < lc) sorted[atomicAdd(&cur[le], 1)] = (int32_t)p;
+    }
+}
+
+/* ------------------------------------------------------------------ GEMM -- */
+
+struct moe__fm_gemm_args {
+    const __nv_bfloat16 *A; /* G1: hidden [T, Kd]; G2: intermediate [P, Kd] (sorted order) */
+    const __nv_bfloat16 *W; /* [E, N, Kd] */
+    const float *bias;      /* [E, N] or NULL */
+    const int32_t *sorted, *tile_e, *tile_r0, *tile_n, *ntiles;
+    const float *wts;       /* [P] */
+    int N, Kd, K, lo, act, llama4, I;
+    float alpha, beta, limit;
+    __nv_bfloat16 *inter;   /* G1 output [P, I] */
+    float *y;               /* G2 output [P, N] */
+};
+
+__device__ __forceinline__ float moe__fm_act(int act, float g, float u, float alpha, float beta, float limit) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
+    case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
+    case MOE_ACT_RELU2: {
+        float r = fmaxf(g, 0.0f);
+        return r * r;
+    }
+    default: {
+        float gg = fminf(g, limit), uu = fminf(fmaxf(u, -limit), limit);
+        return gg / (1.0f + expf(-alpha * gg)) * (uu + beta);
+    }
+    }
+}
+
+template <int BM, int BN, int WM, int WN, int STAGES>
+struct moe__fm_cfg {
+    static constexpr int BK = 64;
+    static constexpr int THREADS = WM * WN * 32;
+    static constexpr int SMEM = STAGES * (BM + BN) * BK * 2;
+};
+
+template <int BM, int BN, int WM, int WN, int STAGES, int MINB, bool G1>
+__global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__fm_gemm_args a) {
+    constexpr int BK = 64, NT = WM * WN * 32;
+    constexpr int WTM = BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8;
+    static_assert(NI % 2 == 0, "warp N tile must be a multiple of 16");
+    extern __shared__ __align__(128) unsigned char moe__fm_smem_raw[];
+    __nv_bfloat16 *As = (__nv_bfloat16 *)moe__fm_smem_raw;
+    __nv_bfloat16 *Bs = As + STAGES * BM * BK;
+    __shared__ int rowsrc[BM], rowpair[BM];
+
+    const int tile = blockIdx.x;
+    if (tile >= *a.ntiles) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / WN, wn = warp % WN;
+    const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+    const int64_t e = (int64_t)a.lo + le;
+    const int n0 = blockIdx.y * BN;
+    for (int r = tid; r < BM; r += NT) {
+        if (r < nr) {
+            int p = a.sorted[r0 + r];
+            rowpair[r] = p;
+            rowsrc[r] = G1 ? p / a.K : r0 + r;
+        } else {
+            rowpair[r] = -1;
+            rowsrc[r] = -1;
+        }
+    }
+    __syncthreads();
+    const __nv_bfloat16 *Wb = a.W + (e * a.N + n0) * (int64_t)a.Kd;
+    const int KT = a.Kd / BK;
+
+    auto load = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        __nv_bfloat16 *as = As + stage * BM * BK, *bs = Bs + stage * BN * BK;
+#pragma unroll
+        for (int c = tid; c < BM * 8; c += NT) {
+            const int r = c >> 3, ch = c & 7, src = rowsrc[r];
+            const __nv_bfloat16 *g = src >= 0 ? a.A + (int64_t)src * a.Kd + k0 + ch * 8 : a.A;
+            moe__fm_cp16(moe__fm_smem(as + moe__fm_swz(r, ch)), g, src >= 0 ? 16 : 0);
+        }
+#pragma unroll
+        for (int c = tid; c < BN * 8; c += NT) {
+            const int r = c >> 3, ch = c & 7;
+            moe__fm_cp16(moe__fm_smem(bs + moe__fm_swz(r, ch)), Wb + (int64_t)r * a.Kd + k0 + ch * 8, 16);
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NI; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load(s, s);
+        moe__fm_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        moe__fm_wait<STAGES - 2>();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < KT) load(nk % STAGES, nk);
+        moe__fm_commit();
+        const __nv_bfloat16 *as = As + (kt % STAGES) * BM * BK, *bs = Bs + (kt % STAGES) * BN * BK;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) {
+            uint32_t af[MI][4], bfr[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                const int row = wm * WTM + mi * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
+                moe__fm_ldsm4(af[mi], moe__fm_smem(as + moe__fm_swz(row, ch)));
+            }
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; nj++) {
+                const int q = lane >> 3;
+                const int row = wn * WTN + nj * 16 + (q >> 1) * 8 + (lane & 7), ch = ks * 2 + (q & 1);
+                uint32_t r[4];
+                moe__fm_ldsm4(r, moe__fm_smem(bs + moe__fm_swz(row, ch)));
+                bfr[2 * nj][0] = r[0];
+                bfr[2 * nj][1] = r[1];
+                bfr[2 * nj + 1][0] = r[2];
+                bfr[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) moe__fm_mma(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+        }
+    }
+    moe__fm_wait<0>();
+
+    /* epilogue */
+    const int c2 = (lane & 3) * 2;
+    const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int r = wm * WTM + mi * 16 + (lane >> 2) + hf * 8;
+            if (r >= nr) continue;
+            const int p = rowpair[r];
+            if (G1) {
+                const float sc = a.llama4 ? a.wts[p] : 1.0f;
+                __nv_bfloat16 *orow = a.inter + (int64_t)(r0 + r) * a.I;
+                if (a.act != MOE_ACT_RELU2) {
+#pragma unroll
+                    for (int nj = 0; nj < NI / 2; nj++) {
+                        const int nn = n0 + wn * WTN + nj * 16;
+                        float g0 = acc[mi][2 * nj][hf * 2] * sc, g1 = acc[mi][2 * nj][hf * 2 + 1] * sc;
+                        float u0 = acc[mi][2 * nj + 1][hf * 2] * sc, u1 = acc[mi][2 * nj + 1][hf * 2 + 1] * sc;
+                        if (bias) {
+                            g0 += bias[nn + c2];
+                            g1 += bias[nn + c2 + 1];
+                            u0 += bias[nn + 8 + c2];
+                            u1 += bias[nn + 8 + c2 + 1];
+                        }
+                        const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+                        const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+                        const uint32_t pk = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                        *(uint32_t *)(orow + (nn >> 4) * 8 + c2) = pk;
+                    }
+                } else {
+#pragma unroll
+                    for (int ni = 0; ni < NI; ni++) {
+                        const int nn = n0 + wn * WTN + ni * 8 + c2;
+                        float h0 = acc[mi][ni][hf * 2] * sc, h1 = acc[mi][ni][hf * 2 + 1] * sc;
+                        if (bias) {
+                            h0 += bias[nn];
+                            h1 += bias[nn + 1];
+                        }
+                        const float v0 = moe__fm_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
+                        const float v1 = moe__fm_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
+                        const uint32_t pk = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                        *(uint32_t *)(orow + nn) = pk;
+                    }
+                }
+            } else {
+                const float w = a.llama4 ? 1.0f : a.wts[p];
+                float *yrow = a.y + (int64_t)p * a.N;
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) {
+                    const int nn = n0 + wn * WTN + ni * 8 + c2;
+                    float h0 = acc[mi][ni][hf * 2], h1 = acc[mi][ni][hf * 2 + 1];
+                    if (bias) {
+                        h0 += bias[nn];
+                        h1 += bias[nn + 1];
+                    }
+                    *(float2 *)(yrow + nn) = make_float2(h0 * w, h1 * w);
+                }
+            }
+        }
+}
+
+/* -------------------------------------------------------------- finalize -- */
+
+/* out[t, 8c .. 8c+7] = bf16(sum over local k in order of y[t*K + k, ...]). */
+__global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
+                                   uint16_t *out) {
+    const int H8 = H >> 3;
+    const int64_t units = T * H8;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = u / H8;
+        const int c = (int)(u - t * H8) * 8;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k = 0; k < K; k++) {
+            const int id = ids[t * K + k];
+            if (id < 0 || id >= E || id - lo < 0 || id - lo >= lc) continue;
+            const float4 *src = (const float4 *)(y + (t * K + k) * (int64_t)H + c);
+            const float4 v0 = src[0], v1 = src[1];
+            acc[0] += v0.x;
+            acc[1] += v0.y;
+            acc[2] += v0.z;
+            acc[3] += v0.w;
+            acc[4] += v1.x;
+            acc[5] += v1.y;
+            acc[6] += v1.z;
+            acc[7] += v1.w;
+        }
+        uint4 o;
+        o.x = (uint32_t)moe__f32_to_bf16(acc[0]) | ((uint32_t)moe__f32_to_bf16(acc[1]) << 16);
+        o.y = (uint32_t)moe__f32_to_bf16(acc[2]) | ((uint32_t)moe__f32_to_bf16(acc[3]) << 16);
+        o.z = (uint32_t)moe__f32_to_bf16(acc[4]) | ((uint32_t)moe__f32_to_bf16(acc[5]) << 16);
+        o.w = (uint32_t)moe__f32_to_bf16(acc[6]) | ((uint32_t)moe__f32_to_bf16(acc[7]) << 16);
+        *(uint4 *)(out + t * (int64_t)H + c) = o;
+    }
+}
+
+/* ------------------------------------------------------------ host glue -- */
+
+/* The two tile configurations (the only GEMM instantiations: 2 configs x 2 stages). */
+#define MOE_FM_SMALL 32, 64, 1, 4, 6, 3
+#define MOE_FM_LARGE 128, 128, 2, 4, 3, 2
+typedef moe__fm_cfg<32, 64, 1, 4, 6> moe__fm_small;
+typedef moe__fm_cfg<128, 128, 2, 4, 3> moe__fm_large;
+
+static moe_status moe__fm_attrs(void) {
+    static int done = 0;
+    if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm<MOE_FM_SMALL, true>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, moe__fm_small::SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm<MOE_FM_SMALL, false>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, moe__fm_small::SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm<MOE_FM_LARGE, true>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, moe__fm_large::SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm<MOE_FM_LARGE, false>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, moe__fm_large::SMEM));
+    __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe__cuda_fused_pack(struct moe_experts *ex, const moe_tensor *w13, const moe_tensor *w2,
+                                           const moe_tensor *b13, const moe_tensor *b2) {
+    const char *fn = "moe_experts_new";
+    moe__cuda_guard g(fn, ex->dev.index);
+    MOE_TRY(g.status);
+    MOE_TRY(moe__fm_attrs());
+    const int gated = ex->act != MOE_ACT_RELU2;
+    int64_t s13[3] = {ex->E, ex->N1, ex->H}, s2[3] = {ex->E, ex->H, ex->I};
+    int64_t sb13[2] = {ex->E, ex->N1}, sb2[2] = {ex->E, ex->H};
+    MOE_TRY(moe_tensor_new(&ex->w13, MOE_BF16, 3, s13, ex->dev));
+    MOE_TRY(moe_tensor_new(&ex->w2, MOE_BF16, 3, s2, ex->dev));
+    const int threads = 256;
+    moe__k_fm_pack<<<moe__cuda_grid(g.dev, ex->E * ex->N1 * ex->H, threads), threads, 0, g.stream>>>(
+        moe_tensor_data(w13), w13->dtype == MOE_BF16, (uint16_t *)moe_tensor_data(ex->w13), ex->E, ex->N1, ex->H,
+        gated, ex->I);
+    MOE_CUDA_LAUNCHED(fn);
+    moe__k_fm_pack<<<moe__cuda_grid(g.dev, ex->E * ex->H * ex->I, threads), threads, 0, g.stream>>>(
+        moe_tensor_data(w2), w2->dtype == MOE_BF16, (uint16_t *)moe_tensor_data(ex->w2), ex->E, ex->H, ex->I, 0, 0);
+    MOE_CUDA_LAUNCHED(fn);
+    if (b13) {
+        MOE_TRY(moe_tensor_new(&ex->b13, MOE_F32, 2, sb13, ex->dev));
+        moe__k_fm_pack_bias<<<moe__cuda_grid(g.dev, ex->E * ex->N1, threads), threads, 0, g.stream>>>(
+            moe_tensor_data(b13), b13->dtype == MOE_BF16, (float *)moe_tensor_data(ex->b13), ex->E, ex->N1, gated,
+            ex->I);
+        MOE_CUDA_LAUNCHED(fn);
+    }
+    if (b2) {
+        MOE_TRY(moe_tensor_new(&ex->b2, MOE_F32, 2, sb2, ex->dev));
+        moe__k_fm_pack_bias<<<moe__cuda_grid(g.dev, ex->E * ex->H, threads), threads, 0, g.stream>>>(
+            moe_tensor_data(b2), b2->dtype == MOE_BF16, (float *)moe_tensor_data(ex->b2), ex->E, ex->H, 0, 0);
+        MOE_CUDA_LAUNCHED(fn);
+    }
+    /* the sources may be temporaries freed by the caller right after: finish first */
+    MOE_CUDA_TRY(fn, cudaStreamSynchronize(g.stream));
+    return MOE_OK;
+}
+
+template <int BM, int BN, int WM, int WN, int STAGES, int MINB>
+static moe_status moe__fm_launch(const moe__cuda_guard &g, const moe__fm_gemm_args &a1, const moe__fm_gemm_args &a2,
+                                 int64_t P, int lc) {
+    typedef moe__fm_cfg<BM, BN, WM, WN, STAGES> C;
+    const int64_t tiles = P / BM + (P < lc ? P : lc) + 1;
+    dim3 g1((unsigned)tiles, (unsigned)(a1.N / BN)), g2((unsigned)tiles, (unsigned)(a2.N / BN));
+    moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, true><<<g1, C::THREADS, C::SMEM, g.stream>>>(a1);
+    MOE_CUDA_LAUNCHED(FN);
+    moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, false><<<g2, C::THREADS, C::SMEM, g.stream>>>(a2);
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
+    const struct moe_experts *ex = A->ex;
+    struct moe_workspace *ws = A->ws;
+    moe__cuda_guard g(FN, ex->dev.index);
+    MOE_TRY(g.status);
+    MOE_TRY(moe__fm_attrs());
+    const int64_t T = A->T, P = T * A->K;
+    const int lc = A->local_count, lo = A->local_offset;
+    unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
+    int32_t *sorted = (int32_t *)(base + ws->off_sorted);
+    int32_t *tile_e = (int32_t *)(base + ws->off_tiles);
+    int32_t *tile_r0 = tile_e + ws->max_tiles;
+    int32_t *tile_n = tile_r0 + ws->max_tiles;
+    int32_t *ntiles = (int32_t *)(base + ws->off_ntiles);
+    int32_t *err = (int32_t *)(base + ws->off_err);
+    __nv_bfloat16 *inter = (__nv_bfloat16 *)(base + ws->off_inter);
+    float *y = (float *)(base + ws->off_y);
+    const int32_t *ids = (const int32_t *)moe_tensor_data(A->ids);
+    const float *wts = (const float *)moe_tensor_data(A->wts);
+
+    const bool large = lc > 0 && P >= (int64_t)48 * lc;
+    const int BM = large ? 128 : 32; /* row tile of MOE_FM_LARGE / MOE_FM_SMALL */
+    size_t sm = (size_t)(lc > 0 ? 2 * lc : 1) * sizeof(int);
+    moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0,
+                                                              tile_n, ntiles, err);
+    MOE_CUDA_LAUNCHED(FN);
+
+    moe__fm_gemm_args a1, a2;
+    memset(&a1, 0, sizeof a1);
+    a1.A = (const __nv_bfloat16 *)moe_tensor_data(A->hidden);
+    a1.W = (const __nv_bfloat16 *)moe_tensor_data(ex->w13);
+    a1.bias = ex->b13 ? (const float *)moe_tensor_data(ex->b13) : nullptr;
+    a1.sorted = sorted;
+    a1.tile_e = tile_e;
+    a1.tile_r0 = tile_r0;
+    a1.tile_n = tile_n;
+    a1.ntiles = ntiles;
+    a1.wts = wts;
+    a1.N = (int)ex->N1;
+    a1.Kd = (int)ex->H;
+    a1.K = A->K;
+    a1.lo = lo;
+    a1.act = ex->act;
+    a1.llama4 = A->llama4;
+    a1.I = (int)ex->I;
+    a1.alpha = ex->alpha;
+    a1.beta = ex->beta;
+    a1.limit = ex->limit;
+    a1.inter = inter;
+    a2 = a1;
+    a2.A = inter;
+    a2.W = (const __nv_bfloat16 *)moe_tensor_data(ex->w2);
+    a2.bias = ex->b2 ? (const float *)moe_tensor_data(ex->b2) : nullptr;
+    a2.N = (int)ex->H;
+    a2.Kd = (int)ex->I;
+    a2.y = y;
+    if (lc > 0) {
+        if (large) MOE_TRY((moe__fm_launch<MOE_FM_LARGE>(g, a1, a2, P, lc)));
+        else MOE_TRY((moe__fm_launch<MOE_FM_SMALL>(g, a1, a2, P, lc)));
+    }
+    const int threads = 256;
+    moe__k_fm_finalize<<<moe__cuda_grid(g.dev, T * (ex->H / 8), threads), threads, 0, g.stream>>>(
+        y, ids, T, A->K, (int)ex->H, (int)ex->E, lo, lc, (uint16_t *)moe_tensor_data(A->out));
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}
