@@ -338,7 +338,8 @@ local function legend(s, x, y, items)
 end
 
 -- Bar chart: series = {{name, colour, values}, ...} over categories (x labels).
-local function bar_chart(title, cats, series, xlabel, ylabel, yfmt, scale)
+-- xname/unit only label the tooltips ("router disagreement, layer 3: 12.5%").
+local function bar_chart(title, cats, series, xlabel, ylabel, yfmt, scale, xname, unit)
   local n = #cats
   local pw = math.max(420, math.min(1400, n * 18 * #series))
   local maxlen = 0
@@ -363,7 +364,8 @@ local function bar_chart(title, cats, series, xlabel, ylabel, yfmt, scale)
         local hgt = ph * (v * (scale or 1)) / ymax
         s:rect(cx + slot * 0.1 + (j - 1) * bw, y0 + ph - hgt, bw, hgt, se[2],
                { class = "series-" .. se[1]:gsub("[^%w]", "_"),
-                 tip = string.format("%s %s: %s", se[1], cats[i], string.format(yfmt or "%g", v * (scale or 1))) })
+                 tip = string.format("%s, %s%s: %s%s", se[1], xname and (xname .. " ") or "", cats[i],
+                                     string.format(yfmt or "%g", v * (scale or 1)), unit or "") })
       end
     end
     if (i - 1) % step == 0 then
@@ -469,7 +471,7 @@ function R.write(c, dir, opts)
   end
   put("disagreement.svg", bar_chart("Router disagreement per layer", cats,
     { { "router disagreement", "#d62728", rd }, { "1 - jaccard", "#9467bd", jc } },
-    "MoE layer", "share of tokens (%)", "%.3g", 100))
+    "MoE layer", "share of tokens (%)", "%.3g", 100, "layer", "%"))
   local sa, sb = shares(c.loads.a), shares(c.loads.b)
   local diff = {}
   for l = 1, c.layers do
@@ -484,7 +486,8 @@ function R.write(c, dir, opts)
   fcats[#fcats + 1] = "none"
   fvals[#fvals + 1] = c.tokens_compared - c.tokens_differing
   put("first_diff.svg", bar_chart("First differing layer per token", fcats,
-    { { "tokens", "#2ca02c", fvals } }, "first MoE layer where the top-K sets differ", "tokens", "%d"))
+    { { "tokens", "#2ca02c", fvals } }, "first MoE layer where the top-K sets differ", "tokens", "%d", 1,
+    "first differing layer"))
   local keys = { "max_over_mean", "cv", "jain", "entropy" }
   local va, vb = {}, {}
   for i, k in ipairs(keys) do va[i], vb[i] = c.load.a[k], c.load.b[k] end
