@@ -13,15 +13,6 @@
 
 #define TRACE_FORMAT "moelab-trace/1"
 
-/* TEMPORARY until io_safetensors.c lands: weak references so the library links without it. */
-#pragma weak moe_st_open
-#pragma weak moe_st_get
-#pragma weak moe_st_write
-#define TRACE_NEED_ST(fn)                                                              \
-    do {                                                                               \
-        if (!moe_st_open || !moe_st_get || !moe_st_write)                              \
-            return moe__err(MOE_ERR_UNSUPPORTED, "%s: safetensors I/O not built yet", fn); \
-    } while (0)
 
 static const moe_device HOST = {MOE_DEVICE_CPU, 0};
 
@@ -553,7 +544,6 @@ static moe_status view(moe_tensor **out, void *data, size_t bytes, int dtype, in
 moe_status moe_trace_save_range(const moe_trace *tr, const char *path, int64_t start,
                                 int64_t n) {
     static const char *fn = "moe_trace_save";
-    TRACE_NEED_ST(fn);
     if (!tr) return moe__err(MOE_ERR_ARG, "%s: tr: expected a trace, got NULL", fn);
     if (!path || !*path) return moe__err(MOE_ERR_ARG, "%s: path: expected a file name", fn);
     if (start < 0 || n < 0 || start + n > tr->T)
@@ -755,7 +745,6 @@ static moe_status from_tensors(const char *fn, const char *path, moe_tensor *ids
 
 static moe_status load_st(const char *path, moe_trace **out) {
     static const char *fn = "moe_trace_load";
-    TRACE_NEED_ST(fn);
     moe_st_file *f = NULL;
     MOE_TRY(moe_st_open(path, &f));
     moe_tensor *ids = NULL, *w = NULL, *tok = NULL;
