@@ -1,0 +1,277 @@
+/* quant.cu -- quantisers and dequantisers on CUDA, bit-identical to the CPU reference
+ * (engine/src/cpu/quant_cpu.c): both take every scale and code from quant_math.h, whose
+ * divisions and products are __fdiv_rn / __fmul_rn here (one IEEE rounding, no FMA), and amax
+ * is a maximum of absolute-value bit patterns (exact in any reduction order).
+ *
+ *   fp8, nvfp4 global: k_amax (atomicMax of the bits into the scale / global tensor, zeroed
+ *       first) -> k_fp8_tensor or k_rows (each thread derives the per-matrix scale from the
+ *       amax bits) -> k_finalize (amax bits -> scale, in place).  Stream order does the rest.
+ *   fp8_block 128x128: k_fp8_block128, one 256-thread block per 128x128 block.
+ *   fp8_block 1x128, nvfp4, mxfp4, mxint4: k_rows, a group of lanes per K-block (8 lanes for
+ *       16 columns, 16 for 32, 32 for 128), amax by __shfl_xor_sync within the group; each lane
+ *       writes whole bytes (two nibbles of packed data).
+ *   dequantise: k_dequant, one element per thread (grid-stride).
+ * Validation and allocation: engine/src/quant.c.  No host synchronisation, no allocation. */
+#include "cuda_common.cuh"
+#include "quant_math.h"
+
+namespace {
+
+constexpr int Q_THREADS = 256;
+
+__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v, int width) {
+    for (int o = width / 2; o > 0; o >>= 1) {
+        uint32_t w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+/* amax bits of each matrix m (blockIdx.y) of n_per elements into amax[m] (zeroed before). */
+__global__ void k_amax(const void *src, int dt, int64_t n_per, unsigned int *amax) {
+    int64_t m = blockIdx.y;
+    const int64_t base = m * n_per;
+    uint32_t v = 0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_per; i += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t b = moe__q_absbits(moe__cuda_load_f32(src, dt, base + i));
+        v = b > v ? b : v;
+    }
+    v = warp_max_u32(v, 32);
+    if ((threadIdx.x & 31) == 0 && v != 0) atomicMax(amax + m, v);
+}
+
+/* scales[m] <- fp8 scale (nvfp4 = 0) or nvfp4 global (nvfp4 = 1) of the amax bits in place. */
+__global__ void k_finalize(unsigned int *buf, int64_t n, int nvfp4) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float amax = moe__q_amax(buf[i]);
+    float s = nvfp4 ? moe__q_nvfp4_global(amax) : moe__q_fp8_scale(amax);
+    buf[i] = moe__f32_bits(s);
+}
+
+/* fp8 per matrix: data[i] = e4m3(x / (amax[m] / 448)). */
+__global__ void k_fp8_tensor(const void *src, int dt, int64_t n, int64_t n_per, const unsigned int *amax,
+                             uint8_t *data) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        float s = moe__q_fp8_scale(moe__q_amax(amax[i / n_per]));
+        data[i] = moe__q_fp8_code(moe__cuda_load_f32(src, dt, i), s);
+    }
+}
+
+/* fp8_block weights: block (blockIdx.x, blockIdx.y) = (column block, row block) of matrix
+ * blockIdx.z.  Thread t handles columns (t % 32) * 4 .. +3 of rows t / 32 + 8 i, i < 16. */
+__global__ void __launch_bounds__(Q_THREADS) k_fp8_block128(const void *src, int dt, int64_t N, int64_t K,
+                                                            uint8_t *data, float *scales) {
+    __shared__ uint32_t red[Q_THREADS / 32];
+    int64_t m = blockIdx.z, rb = blockIdx.y, cb = blockIdx.x;
+    int64_t ncb = K / 128;
+    int64_t start = m * N * K + rb * 128 * K + cb * 128;
+    int c0 = (threadIdx.x & 31) * 4, r0 = threadIdx.x >> 5;
+    float x[16][4];
+    uint32_t v = 0;
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            x[i][j] = moe__cuda_load_f32(src, dt, start + (int64_t)(r0 + 8 * i) * K + c0 + j);
+            uint32_t b = moe__q_absbits(x[i][j]);
+            v = b > v ? b : v;
+        }
+    v = warp_max_u32(v, 32);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = 0;
+#pragma unroll
+    for (int w = 0; w < Q_THREADS / 32; w++) v = red[w] > v ? red[w] : v;
+    float s = moe__q_fp8_scale(moe__q_amax(v));
+    if (threadIdx.x == 0) scales[(m * (N / 128) + rb) * ncb + cb] = s;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) word |= (uint32_t)moe__q_fp8_code(x[i][j], s) << (8 * j);
+        *(uint32_t *)(data + start + (int64_t)(r0 + 8 * i) * K + c0) = word;
+    }
+}
+
+/* Per-row K-blocks of B columns: group g (= row * K/B + block) covers flat elements
+ * g*B .. g*B+B-1; L = B / EPL lanes per group, EPL elements per lane. */
+template <int MODE, int B>
+__global__ void __launch_bounds__(Q_THREADS) k_rows(const void *src, int dt, int64_t groups, int64_t n_per,
+                                                    const unsigned int *mat_amax, uint8_t *data, void *scales) {
+    constexpr int EPL = B <= 64 ? 2 : B / 32;
+    constexpr int L = B / EPL;
+    constexpr int GPB = Q_THREADS / L; /* groups per thread block per iteration */
+    const int lane_g = threadIdx.x % L;
+    for (int64_t base = (int64_t)blockIdx.x * GPB; base < groups; base += (int64_t)gridDim.x * GPB) {
+        int64_t g = base + threadIdx.x / L;
+        bool valid = g < groups;
+        int64_t e0 = g * B + (int64_t)lane_g * EPL;
+        float x[EPL];
+        uint32_t v = 0;
+#pragma unroll
+        for (int j = 0; j < EPL; j++) {
+            x[j] = valid ? moe__cuda_load_f32(src, dt, e0 + j) : 0.0f;
+            uint32_t b = moe__q_absbits(x[j]);
+            v = b > v ? b : v;
+        }
+        v = warp_max_u32(v, L); /* every lane takes part; groups are lane-aligned */
+        if (!valid) continue;
+        float amax = moe__q_amax(v);
+        if (MODE == MOE_QUANT_FP8_BLOCK) {
+            float s = moe__q_fp8_scale(amax);
+            if (lane_g == 0) ((float *)scales)[g] = s;
+#pragma unroll
+            for (int j = 0; j < EPL; j++) data[e0 + j] = moe__q_fp8_code(x[j], s);
+        } else if (MODE == MOE_QUANT_NVFP4) {
+            float gs = moe__q_nvfp4_global(moe__q_amax(mat_amax[(g * B) / n_per]));
+            uint8_t code = moe__q_nvfp4_scale(amax, gs);
+            if (lane_g == 0) ((uint8_t *)scales)[g] = code;
+            float s = moe__e4m3_to_f32(code);
+            data[e0 >> 1] = (uint8_t)(moe__q_nvfp4_code(x[0], s, gs) | (moe__q_nvfp4_code(x[1], s, gs) << 4));
+        } else if (MODE == MOE_QUANT_MXFP4) {
+            uint8_t code = moe__q_mx_scale(v);
+            if (lane_g == 0) ((uint8_t *)scales)[g] = code;
+            data[e0 >> 1] = (uint8_t)(moe__q_mx_code(x[0], code) | (moe__q_mx_code(x[1], code) << 4));
+        } else { /* MXINT4 */
+            uint16_t sb = moe__q_int4_scale(amax);
+            if (lane_g == 0) ((uint16_t *)scales)[g] = sb;
+            float s = moe__bf16_to_f32(sb);
+            data[e0 >> 1] = (uint8_t)(moe__q_int4_code(x[0], s) | (moe__q_int4_code(x[1], s) << 4));
+        }
+    }
+}
+
+struct deq_args {
+    const uint8_t *data;
+    const void *scales;
+    const float *global;
+    void *out;
+    int odt, mode, block_rows, block_cols;
+    int64_t n, N, K;
+};
+
+__global__ void k_dequant(deq_args a) {
+    const int64_t NK = a.N * a.K;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t m = i / NK, r = (i / a.K) % a.N, c = i % a.K;
+        float v;
+        switch (a.mode) {
+        case MOE_QUANT_FP8: v = moe__q_deq_fp8(a.data[i], ((const float *)a.scales)[m]); break;
+        case MOE_QUANT_FP8_BLOCK: {
+            int64_t nrb = a.N / a.block_rows, ncb = a.K / a.block_cols;
+            float s = ((const float *)a.scales)[(m * nrb + r / a.block_rows) * ncb + c / a.block_cols];
+            v = moe__q_deq_fp8(a.data[i], s);
+            break;
+        }
+        case MOE_QUANT_NVFP4:
+            v = moe__q_deq_nvfp4((uint8_t)moe__cuda_nibble(a.data, i),
+                                 ((const uint8_t *)a.scales)[(m * a.N + r) * (a.K / 16) + c / 16], a.global[m]);
+            break;
+        case MOE_QUANT_MXFP4:
+            v = moe__q_deq_mxfp4((uint8_t)moe__cuda_nibble(a.data, i),
+                                 ((const uint8_t *)a.scales)[(m * a.N + r) * (a.K / 32) + c / 32]);
+            break;
+        default: /* MXINT4 */
+            v = moe__q_deq_int4((uint8_t)moe__cuda_nibble(a.data, i),
+                                ((const uint16_t *)a.scales)[(m * a.N + r) * (a.K / 32) + c / 32]);
+            break;
+        }
+        moe__cuda_store_code(a.out, a.odt, i, moe__cuda_encode_f32(a.odt, v));
+    }
+}
+
+/* amax bits of every matrix into buf (an f32 tensor of M elements reused as uint32). */
+moe_status launch_amax(const char *fn, const moe__cuda_guard &g, const moe_tensor *src, int64_t M, int64_t n_per,
+                       void *buf) {
+    MOE_CUDA_TRY(fn, cudaMemsetAsync(buf, 0, (size_t)M * 4, g.stream));
+    if (M > 65535)
+        return moe__err(MOE_ERR_UNSUPPORTED, "%s: t: expected at most 65535 matrices on CUDA, got %lld", fn, (long long)M);
+    unsigned gx = moe__cuda_grid(g.dev, n_per, Q_THREADS);
+    unsigned cap = (unsigned)((moe__cuda_sm_count(g.dev) * 16 + M - 1) / M);
+    if (gx > cap) gx = cap < 1 ? 1 : cap;
+    k_amax<<<dim3(gx, (unsigned)M), Q_THREADS, 0, g.stream>>>(moe_tensor_data(src), src->dtype, n_per,
+                                                              (unsigned int *)buf);
+    MOE_CUDA_LAUNCHED(fn);
+    return MOE_OK;
+}
+
+template <int MODE, int B>
+moe_status launch_rows(const char *fn, const moe__cuda_guard &g, const moe_tensor *src, int64_t n, int64_t n_per,
+                       const void *mat_amax, void *data, void *scales) {
+    int64_t groups = n / B;
+    constexpr int L = B / (B <= 64 ? 2 : B / 32);
+    k_rows<MODE, B><<<moe__cuda_grid(g.dev, groups, Q_THREADS / L), Q_THREADS, 0, g.stream>>>(
+        moe_tensor_data(src), src->dtype, groups, n_per, (const unsigned int *)mat_amax, (uint8_t *)data, scales);
+    MOE_CUDA_LAUNCHED(fn);
+    return MOE_OK;
+}
+
+moe_status launch_finalize(const char *fn, const moe__cuda_guard &g, void *buf, int64_t M, int nvfp4) {
+    k_finalize<<<(unsigned)((M + 127) / 128), 128, 0, g.stream>>>((unsigned int *)buf, M, nvfp4);
+    MOE_CUDA_LAUNCHED(fn);
+    return MOE_OK;
+}
+
+} // namespace
+
+extern "C" moe_status moe__cuda_quantize(const moe_tensor *src, moe_qtensor *q) {
+    const char *fn = "moe_quantize";
+    moe__cuda_guard g(fn, src->dev.index);
+    MOE_TRY(g.status);
+    int64_t M = moe__q_mats(q), N = moe__q_rows(q), K = moe__q_cols(q);
+    int64_t NK = N * K, n = M * NK;
+    void *data = moe_tensor_data(q->data);
+    void *scales = q->scales ? moe_tensor_data(q->scales) : nullptr;
+    switch (q->mode) {
+    case MOE_QUANT_FP8: {
+        MOE_TRY(launch_amax(fn, g, src, M, NK, scales));
+        k_fp8_tensor<<<moe__cuda_grid(g.dev, n, Q_THREADS), Q_THREADS, 0, g.stream>>>(
+            moe_tensor_data(src), src->dtype, n, NK, (const unsigned int *)scales, (uint8_t *)data);
+        MOE_CUDA_LAUNCHED(fn);
+        return launch_finalize(fn, g, scales, M, 0);
+    }
+    case MOE_QUANT_FP8_BLOCK:
+        if (q->block_rows == 1) return launch_rows<MOE_QUANT_FP8_BLOCK, 128>(fn, g, src, n, NK, nullptr, data, scales);
+        if (N / 128 > 65535 || M > 65535 || K / 128 > 2147483647LL)
+            return moe__err(MOE_ERR_UNSUPPORTED, "%s: t: shape too large for one CUDA launch (%lld matrices, %lld row blocks)",
+                            fn, (long long)M, (long long)(N / 128));
+        k_fp8_block128<<<dim3((unsigned)(K / 128), (unsigned)(N / 128), (unsigned)M), Q_THREADS, 0, g.stream>>>(
+            moe_tensor_data(src), src->dtype, N, K, (uint8_t *)data, (float *)scales);
+        MOE_CUDA_LAUNCHED(fn);
+        return MOE_OK;
+    case MOE_QUANT_NVFP4: {
+        void *global = moe_tensor_data(q->global);
+        MOE_TRY(launch_amax(fn, g, src, M, NK, global));
+        MOE_TRY((launch_rows<MOE_QUANT_NVFP4, 16>(fn, g, src, n, NK, global, data, scales)));
+        return launch_finalize(fn, g, global, M, 1);
+    }
+    case MOE_QUANT_MXFP4: return launch_rows<MOE_QUANT_MXFP4, 32>(fn, g, src, n, NK, nullptr, data, scales);
+    case MOE_QUANT_MXINT4: return launch_rows<MOE_QUANT_MXINT4, 32>(fn, g, src, n, NK, nullptr, data, scales);
+    default:
+        return moe__err(MOE_ERR_UNSUPPORTED, "%s: mode: %s has no CUDA quantiser", fn, moe_quant_mode_name(q->mode));
+    }
+}
+
+extern "C" moe_status moe__cuda_dequantize(const moe_qtensor *q, moe_tensor *out) {
+    const char *fn = "moe_dequantize";
+    moe__cuda_guard g(fn, out->dev.index);
+    MOE_TRY(g.status);
+    if (q->mode == MOE_QUANT_BF16)
+        return moe__err(MOE_ERR_UNSUPPORTED, "%s: mode: bf16 is dequantised by a cast", fn);
+    deq_args a;
+    a.data = (const uint8_t *)moe_tensor_data(q->data);
+    a.scales = moe_tensor_data(q->scales);
+    a.global = q->global ? (const float *)moe_tensor_data(q->global) : nullptr;
+    a.out = moe_tensor_data(out);
+    a.odt = out->dtype;
+    a.mode = q->mode;
+    a.block_rows = q->block_rows;
+    a.block_cols = q->block_cols;
+    a.N = moe__q_rows(q);
+    a.K = moe__q_cols(q);
+    a.n = moe__q_mats(q) * a.N * a.K;
+    k_dequant<<<moe__cuda_grid(g.dev, a.n, Q_THREADS), Q_THREADS, 0, g.stream>>>(a);
+    MOE_CUDA_LAUNCHED(fn);
+    return MOE_OK;
+}
