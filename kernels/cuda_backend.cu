@@ -489,6 +489,12 @@ extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor
                                       moe_tensor *weights, moe_tensor *replay)
     __attribute__((weak));
 
+/* Fused MoE kernels (fused_moe.cu). */
+extern "C" moe_status moe__cuda_fused_pack(struct moe_experts *ex, const moe_tensor *w13,
+                                           const moe_tensor *w2, const moe_tensor *b13,
+                                           const moe_tensor *b2) __attribute__((weak));
+extern "C" moe_status moe__cuda_fused(const struct moe__fused_args *args) __attribute__((weak));
+
 /* Filled field by field so that slots added to moe_backend later start out NULL (optional). */
 static moe_backend moe__cuda_make_table(void) {
     moe_backend t;
@@ -505,6 +511,8 @@ static moe_backend moe__cuda_make_table(void) {
     t.rand = moe__cuda_rand;
     t.arange = moe__cuda_arange;
     t.route = moe__cuda_route;
+    t.fused_pack = moe__cuda_fused_pack; /* fused_moe.cu */
+    t.fused = moe__cuda_fused;
     return t;
 }
 
