@@ -38,7 +38,20 @@ static void cpu_copy_one(void *ctx, int64_t i, int64_t doff) {
     cpu_copy_ctx *c = (cpu_copy_ctx *)ctx;
     int64_t soff = c->soff;
     int fdst = moe_dtype_is_float(c->ddt), fsrc = moe_dtype_is_float(c->sdt);
-    if (!fdst && !fsrc) moe__store_i64(c->dbase, c->ddt, doff, moe__load_i64(c->sbase, c->sdt, soff));
+    if (c->ddt == c->sdt && fdst) {
+        /* same float dtype: copy the bits (NaN payloads kept, as the contiguous path does) */
+        int bits = moe_dtype_bits(c->ddt);
+        if (bits == 4) {
+            const uint8_t *sb = (const uint8_t *)c->sbase + (soff >> 1);
+            uint8_t v = (soff & 1) ? (uint8_t)(*sb >> 4) : (uint8_t)(*sb & 0xF);
+            uint8_t *db = (uint8_t *)c->dbase + (doff >> 1);
+            if (doff & 1) *db = (uint8_t)((*db & 0x0F) | (v << 4));
+            else *db = (uint8_t)((*db & 0xF0) | v);
+        } else {
+            size_t w = (size_t)bits / 8;
+            memcpy((char *)c->dbase + (size_t)doff * w, (const char *)c->sbase + (size_t)soff * w, w);
+        }
+    } else if (!fdst && !fsrc) moe__store_i64(c->dbase, c->ddt, doff, moe__load_i64(c->sbase, c->sdt, soff));
     else if (fsrc) moe__store_f32(c->dbase, c->ddt, doff, moe__load_f32(c->sbase, c->sdt, soff));
     else moe__store_f32(c->dbase, c->ddt, doff, (float)moe__load_i64(c->sbase, c->sdt, soff));
     /* advance the source index (row-major) */
