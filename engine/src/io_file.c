@@ -1,5 +1,6 @@
 /* io_file.c -- mmap, atomic write (path.tmp + rename) and host staging for file I/O. */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* MAP_NORESERVE */
 #include "io_file.h"
 
 #include <errno.h>
@@ -49,7 +50,14 @@ moe_status moe__file_map(const char *fn, const char *path, moe_storage **out, si
     size_t n = (size_t)sb.st_size;
     moe_status st;
     if (n > 0) {
-        void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+        /* private + writable so that writes into a loaded tensor go to private pages instead
+         * of faulting; MAP_NORESERVE keeps a file larger than RAM + swap mappable under the
+         * default overcommit heuristic (only the pages actually written need memory) */
+        int flags = MAP_PRIVATE;
+#ifdef MAP_NORESERVE
+        flags |= MAP_NORESERVE;
+#endif
+        void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, flags, fd, 0);
         if (p != MAP_FAILED) {
             close(fd);
             st = moe__storage_wrap(out, p, n, cpu_dev, unmap_release, (void *)(uintptr_t)n, 1);
