@@ -401,7 +401,7 @@ function moe.default_device() return moe._device_str(state.default_device) end
 
 -- --------------------------------------------------------------- submodules --
 
-for _, name in ipairs{ "tensor", "graph", "route", "ops", "io", "trace", "fused" } do
+for _, name in ipairs{ "tensor", "graph", "route", "ops", "io", "trace", "fused", "quant" } do
   require("moe." .. name)(moe)
 end
 
