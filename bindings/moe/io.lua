@@ -137,7 +137,7 @@ return function(moe)
         error("moe.save: metadata: expected a table of string = string, got " ..
               describe(metadata), 2)
       end
-      for k, v in pairs(metadata) do
+      for k in pairs(metadata) do
         if type(k) ~= "string" then
           error("moe.save: metadata: expected string keys, got the key " .. describe(k), 2)
         end
