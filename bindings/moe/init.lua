@@ -187,13 +187,29 @@ local function describe(v, depth)
 end
 moe._describe = describe
 
--- Raise the C library's last error for a failed call (level 3: the caller of the API
--- function that called _check).
+-- Level (as error() counts it from the function that calls user_level's caller) of the
+-- first stack frame outside moe's own Lua files: errors point at the user's line however
+-- deep inside the bindings they are raised.
+local function is_binding_source(src)
+  return src:find("[/@]moe/[%w_]+%.lua$") ~= nil
+end
+function moe._user_level()
+  for l = 3, 40 do
+    local info = debug.getinfo(l, "S")
+    if not info then break end
+    if info.what ~= "C" and not is_binding_source(info.source) then return l - 1 end
+  end
+  return 1
+end
+
+-- Raise the C library's last error for a failed call, at the user's line (the level
+-- argument is accepted for compatibility; the first frame outside the bindings is used).
 function moe._check(status, fn, level)
   if status ~= 0 then
     local msg = ffi.string(C.moe_last_error())
     if msg == "" then msg = ffi.string(C.moe_status_str(status)) end
-    error(fn .. ": " .. msg, level or 3)
+    local _ = level
+    error(fn .. ": " .. msg, moe._user_level())
   end
   return status
 end
