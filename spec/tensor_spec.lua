@@ -500,6 +500,11 @@ describe("misuse errors", function()
     local t = moe.zeros({2, 2})
     err = error_of(function() t:select(5, 1) end)
     assert.truthy(err:match("^[^:]*tensor_spec%.lua:%d+: t:select: dim:"), err)
+    -- errors from the engine too
+    err = error_of(function() moe.zeros({3}, {dtype = "e2m1"}) end)
+    assert.truthy(err:match("^[^:]*tensor_spec%.lua:%d+: moe%.zeros: moe_tensor_new: "), err)
+    err = error_of(function() moe.randn({2}, {std = -1}) end)
+    assert.truthy(err:match("^[^:]*tensor_spec%.lua:%d+: moe%.randn: "), err)
   end)
 end)
 
