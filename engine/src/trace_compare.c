@@ -15,6 +15,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define TRACE_SSE2 1
+#endif
+
 /* ------------------------------------------------------------------ helpers -- */
 
 void moe__trace_balance(const int64_t *x, int64_t E, moe_trace_balance *out) {
@@ -163,6 +168,105 @@ static inline void weights_pos(const int16_t *pa, const int16_t *pb, const float
     *pairs += np;
 }
 
+/* 1 when r holds an id < 0 (not captured) in either row. */
+static inline int row_neg(const int16_t *pa, const int16_t *pb, const int K) {
+#ifdef TRACE_SSE2
+    if (K == 8) {
+        __m128i v = _mm_or_si128(_mm_loadu_si128((const __m128i *)pa),
+                                 _mm_loadu_si128((const __m128i *)pb));
+        return (_mm_movemask_epi8(v) & 0xAAAA) != 0; /* sign bits of the high bytes */
+    }
+#endif
+    int16_t neg = 0;
+    for (int k = 0; k < K; k++) neg |= (int16_t)(pa[k] | pb[k]);
+    return neg < 0;
+}
+
+/* 1 when a (non-negative) id of either row is >= E. */
+static inline int row_big(const int16_t *pa, const int16_t *pb, const int K, int64_t E) {
+#ifdef TRACE_SSE2
+    if (K == 8 && E <= 32768) {
+        __m128i lim = _mm_set1_epi16((short)(E - 1));
+        __m128i g = _mm_or_si128(_mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)pa), lim),
+                                 _mm_cmpgt_epi16(_mm_loadu_si128((const __m128i *)pb), lim));
+        return _mm_movemask_epi8(g) != 0;
+    }
+#endif
+    int big = 0;
+    for (int k = 0; k < K; k++) big |= (pa[k] >= E) | (pb[k] >= E);
+    return big;
+}
+
+#ifdef TRACE_SSE2
+/* Rotate the 8 int16 lanes of v by r lanes. */
+#define ROT16(v, r) _mm_or_si128(_mm_srli_si128((v), 2 * (r)), _mm_slli_si128((v), 16 - 2 * (r)))
+
+/* Mask (one bit per byte) of the lanes of a whose value occurs in b (all 8 rotations). */
+static inline int lanes_in8(__m128i a, __m128i b) {
+    __m128i m = _mm_cmpeq_epi16(a, b);
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 1)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 2)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 3)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 4)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 5)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 6)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(a, ROT16(b, 7)));
+    return _mm_movemask_epi8(m);
+}
+
+/* 1 when the 8 lanes of v hold a repeated value (rotations 1..4 cover every pair). */
+static inline int has_dup8(__m128i v) {
+    __m128i m = _mm_cmpeq_epi16(v, ROT16(v, 1));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(v, ROT16(v, 2)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(v, ROT16(v, 3)));
+    m = _mm_or_si128(m, _mm_cmpeq_epi16(v, ROT16(v, 4)));
+    return _mm_movemask_epi8(m) != 0;
+}
+#endif
+
+/* Compare two rows as sets: *exact (same ids in the same order), |A n B|, |A u B|, and
+ * whether the sets differ. */
+static inline void row_sets(const int16_t *pa, const int16_t *pb, const int K, int *exact,
+                            int *inter, int *uni, int *differ) {
+#ifdef TRACE_SSE2
+    if (K == 8) {
+        __m128i va = _mm_loadu_si128((const __m128i *)pa), vb = _mm_loadu_si128((const __m128i *)pb);
+        int eq = _mm_movemask_epi8(_mm_cmpeq_epi16(va, vb)) == 0xFFFF;
+        if (eq && !has_dup8(va)) {
+            *exact = 1;
+            *inter = *uni = 8;
+            *differ = 0;
+            return;
+        }
+        if (!eq && !has_dup8(va) && !has_dup8(vb)) {
+            int n = __builtin_popcount((unsigned)lanes_in8(va, vb)) / 2;
+            *exact = 0;
+            *inter = n;
+            *uni = 16 - n;
+            *differ = n != 8;
+            return;
+        }
+        /* repeated ids: the general code below */
+    }
+#endif
+    if (memcmp(pa, pb, sizeof(int16_t) * (size_t)K) == 0) {
+        *exact = 1;
+        *inter = *uni = distinct(pa, K);
+        *differ = 0;
+        return;
+    }
+    int da = distinct(pa, K), db = distinct(pb, K), n = 0;
+    for (int i = 0; i < K; i++) {
+        int dup = 0;
+        for (int j = 0; j < i; j++) dup |= (pa[j] == pa[i]);
+        n += !dup && in_row(pb, K, pa[i]);
+    }
+    *exact = 0;
+    *inter = n;
+    *uni = da + db - n;
+    *differ = (n != da || n != db);
+}
+
 static inline __attribute__((always_inline)) void cmp_range(cmp_job *J, const int K) {
     const int64_t L = J->L, E = J->E, LK = L * (int64_t)K;
     const int JW = 2 * K + 1, JS = (K + 1) * JW;
@@ -172,18 +276,11 @@ static inline __attribute__((always_inline)) void cmp_range(cmp_job *J, const in
         for (int64_t l = 0; l < L; l++) {
             const int16_t *pa = ra + l * K, *pb = rb + l * K;
             int64_t *cnt = J->cnt + l * NCNT;
-            int16_t neg = 0;
-            uint16_t mx = 0;
-            for (int k = 0; k < K; k++) {
-                neg |= (int16_t)(pa[k] | pb[k]);
-                uint16_t x = (uint16_t)pa[k] > (uint16_t)pb[k] ? (uint16_t)pa[k] : (uint16_t)pb[k];
-                mx = x > mx ? x : mx;
-            }
-            if (neg < 0) {
+            if (row_neg(pa, pb, K)) {
                 cnt[C_SKIPPED]++;
                 continue;
             }
-            if ((int64_t)mx >= E) {
+            if (row_big(pa, pb, K, E)) {
                 for (int k = 0; k < K; k++) {
                     if (pa[k] >= E || pb[k] >= E) {
                         J->bad = 1;
@@ -203,24 +300,13 @@ static inline __attribute__((always_inline)) void cmp_range(cmp_job *J, const in
             }
             ncmp++;
             cnt[C_COMPARED]++;
-            int inter, uni;
-            if (memcmp(pa, pb, sizeof(int16_t) * (size_t)K) == 0) {
-                cnt[C_EXACT]++;
-                inter = uni = distinct(pa, K);
-            } else {
-                int da = distinct(pa, K), db = distinct(pb, K);
-                inter = 0;
-                for (int i = 0; i < K; i++) {
-                    int dup = 0;
-                    for (int j = 0; j < i; j++) dup |= (pa[j] == pa[i]);
-                    inter += !dup && in_row(pb, K, pa[i]);
-                }
-                uni = da + db - inter;
-                if (inter != da || inter != db) {
-                    cnt[C_DIFFERING]++;
-                    ndiff++;
-                    if (first < 0) first = l;
-                }
+            int exact, inter, uni, differ;
+            row_sets(pa, pb, K, &exact, &inter, &uni, &differ);
+            cnt[C_EXACT] += exact;
+            if (differ) {
+                cnt[C_DIFFERING]++;
+                ndiff++;
+                if (first < 0) first = l;
             }
             cnt[C_SHARED] += inter;
             J->jac[l * JS + inter * JW + uni]++;
