@@ -302,6 +302,13 @@ describe("tostring", function()
     assert.truthy(has(u, "[[  0.,  14.,  28., ...,  70.,  84.,  98.],"), u)
     assert.truthy(has(u, "[ 12.,  26.,  40., ...,  82.,  96., 110.]],"), u)
     assert.truthy(has(u, "shape=[2, 7, 8]"), u)
+    -- packed 4-bit tensors: the clipped tail starts in the middle of a byte (7, 8, 9 saturate to 6)
+    assert.equal("tensor([0., 1., 2., ..., 6., 6., 6.], shape=[10], dtype=e2m1, device=cpu)",
+                 tostring(moe.arange(10):to("e2m1")))
+    assert.equal("tensor([[-8, -7, -6, ..., -3, -2, -1],\n        [ 0,  1,  2, ...,  5,  6,  7]], shape=[2, 8], dtype=i4, device=cpu)",
+                 tostring(moe.arange(-8, 8):reshape{2, 8}:to("i4")))
+    assert.equal("tensor([[-8, -6, -4, ...,  2,  4,  6],\n        [-7, -5, -3, ...,  3,  5,  7]], shape=[2, 8], dtype=i4, device=cpu)",
+                 tostring(moe.arange(-8, 8):reshape{8, 2}:to("i4"):transpose()))
   end)
 end)
 
