@@ -38,6 +38,22 @@ local function dirname(path)
   return path:match("^(.*)/[^/]*$") or "."
 end
 
+-- Lexical clean-up of a path ("a/b/../c" -> "a/c"), so that messages show readable paths.
+local function normalize(p)
+  local abs = p:sub(1, 1) == "/"
+  local parts = {}
+  for seg in p:gmatch("[^/]+") do
+    if seg == ".." and #parts > 0 and parts[#parts] ~= ".." then
+      parts[#parts] = nil
+    elseif seg ~= "." then
+      parts[#parts + 1] = seg
+    end
+  end
+  local r = table.concat(parts, "/")
+  if abs then return "/" .. r end
+  return r == "" and "." or r
+end
+
 -- Directory of this file (bindings/moe in a source tree, share/lua/5.1/moe when installed).
 local function this_dir()
   local src = debug.getinfo(1, "S").source
@@ -47,7 +63,7 @@ local function this_dir()
     local pwd = os.getenv("PWD")
     if pwd then dir = pwd .. "/" .. dir end
   end
-  return dir
+  return normalize(dir)
 end
 
 local function shell_quote(s)
@@ -76,14 +92,14 @@ local function find_library(tried)
   end
   local dir = this_dir()
   if dir then
-    local source = dir .. "/../.."            -- bindings/moe -> source root
+    local source = normalize(dir .. "/../..") -- bindings/moe -> source root
     local cand = source .. "/build/libmoe.so"
     tried[#tried + 1] = cand
     if file_exists(cand) then return cand end
     tried[#tried + 1] = source .. "/build-*/libmoe.so"
     local stars = build_star_libs(source)
     if stars[1] then return stars[1] end
-    local prefix = dir .. "/../../../.."        -- share/lua/5.1/moe -> prefix
+    local prefix = normalize(dir .. "/../../../..") -- share/lua/5.1/moe -> prefix
     for _, libdir in ipairs{ "lib", "lib64", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu" } do
       cand = prefix .. "/" .. libdir .. "/libmoe.so"
       tried[#tried + 1] = cand
@@ -106,7 +122,7 @@ local function find_cdef(libpath, tried)
   local cands = {}
   if libpath then cands[#cands + 1] = dirname(libpath) .. "/moe_cdef.h" end
   local dir = this_dir()
-  if dir then cands[#cands + 1] = dir .. "/../../../moelab/moe_cdef.h" end -- share/moelab
+  if dir then cands[#cands + 1] = normalize(dir .. "/../../../moelab/moe_cdef.h") end -- share/moelab
   cands[#cands + 1] = "/usr/local/share/moelab/moe_cdef.h"
   cands[#cands + 1] = "/usr/share/moelab/moe_cdef.h"
   for _, c in ipairs(cands) do
