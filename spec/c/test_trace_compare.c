@@ -172,7 +172,9 @@ static void test_errors(void) {
     moe_trace *X = NULL;
     OK(moe_trace_new(&X, 2, 2, 4, 0));
     CHECK(moe_trace_append_host(X, 1, bad, NULL, NULL) == MOE_ERR_RANGE);
-    CHECK(moe_trace_new(&X, 0, 2, 4, 0) == MOE_ERR_ARG);
+    CHECK(moe_trace_tokens(X) == 0);
+    moe_trace_free(X);
+    CHECK(moe_trace_new(&X, 0, 2, 4, 0) == MOE_ERR_ARG && X == NULL);
     moe_trace_free(A), moe_trace_free(T2), moe_trace_free(L1), moe_trace_free(K1);
     moe_trace_free(E8), moe_trace_free(E0);
     moe_trace_free(X);
