@@ -154,6 +154,13 @@ describe("moe command", function()
       assert.is_true(has(out, "in function 'inner'") or has(out, "in local 'inner'"), out)
     end)
 
+    it("the quickstart tour runs", function()
+      local code, out = sh(MOE .. " run " .. q(SRC .. "/scripts/experiments/quickstart.lua"))
+      assert.equal(0, code, out)
+      assert.is_true(has(out, "== routing"), out)
+      assert.is_true(has(out, "moelab " .. moe.version()), out)
+    end)
+
     it("a missing script exits 2", function()
       local code, out = sh(MOE .. " run /nonexistent.lua")
       assert.equal(2, code)

@@ -1,4 +1,5 @@
--- quickstart: a tour of what moelab can do today (tensors, casts, RNG, files, routing, traces).
+-- quickstart: a tour of what moelab can do today (tensors, casts, RNG, quantisation, files,
+-- routing, traces).
 --
 --   moe run scripts/experiments/quickstart.lua [--device cuda]
 --
@@ -77,6 +78,22 @@ if moe.cuda_available() then
 end
 local u = moe.rand({ 5 }, { seed = 7, lo = -1, hi = 1 })
 print("  uniform on [-1, 1): " .. list(u:totable()))
+
+section("quantisation (weights: quantise, dequantise, compare)")
+if moe.quantize and moe.quant_modes then
+  local w = moe.randn({ 128, 256 }, { seed = 5, device = device })
+  for _, mode in ipairs(moe.quant_modes()) do
+    local name = type(mode) == "table" and (mode.name or mode[1]) or mode
+    local ok, err = pcall(function()
+      local q = moe.quantize(w, name)
+      print(("  %-10s max |w - dequant(quant(w))| = %.3g"):format(name,
+            max_abs_diff(w, q:dequantize("f32"))))
+    end)
+    if not ok then print(("  %-10s %s"):format(tostring(name), tostring(err))) end
+  end
+else
+  not_yet("moe.quantize")
+end
 
 section("files (.npy, .safetensors)")
 if moe.save and moe.load then
