@@ -295,10 +295,20 @@ local function make_help(moe)
                     (info.short_src .. ":" .. tostring(info.linedefined))
       print("no documentation for this function (" .. where .. ")")
     elseif type(x) == "table" then
-      local names = {}
+      local names, methods = {}, {}
       for k in pairs(x) do if type(k) == "string" then names[#names + 1] = k end end
+      local mt = getmetatable(x)
+      if type(mt) == "table" and type(mt.__index) == "table" then
+        for k, v in pairs(mt.__index) do
+          if type(k) == "string" and type(v) == "function" and k:sub(1, 1) ~= "_" then
+            methods[#methods + 1] = k
+          end
+        end
+      end
       table.sort(names)
+      table.sort(methods)
       print("no documentation; fields: " .. table.concat(names, ", "))
+      if #methods > 0 then print("methods: " .. table.concat(methods, ", ")) end
     else
       print("no documentation for a " .. type(x))
     end
