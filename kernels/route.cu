@@ -33,7 +33,9 @@ struct moe__route_args {
     float scale;
     int normalize;
     int bias_bf16, w_bf16;
-    int vec; /* rows are W-aligned: vector loads */
+    int vec;      /* rows are W-aligned: vector loads */
+    int bias_vec; /* bias is W-aligned: vector loads */
+    int gshift;   /* >= 0: groups span 2^gshift whole W-chunks (<= 32): the butterfly path */
 };
 
 /* Element width in bytes of a logits dtype. */
@@ -63,9 +65,12 @@ __device__ __forceinline__ void moe__rt_load(const void *row, int e0, int E, int
         }
         const char *p = (const char *)row + (size_t)e0 * SZ;
         uint32_t w[B >= 4 ? B / 4 : 1];
-        if constexpr (B == 16) {
-            uint4 u = __ldg((const uint4 *)p);
-            w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+        if constexpr (B >= 16) {
+#pragma unroll
+            for (int c = 0; c < B / 16; c++) {
+                uint4 u = __ldg((const uint4 *)p + c);
+                w[4 * c] = u.x; w[4 * c + 1] = u.y; w[4 * c + 2] = u.z; w[4 * c + 3] = u.w;
+            }
         } else if constexpr (B == 8) {
             uint2 u = __ldg((const uint2 *)p);
             w[0] = u.x; w[1] = u.y;
@@ -91,6 +96,15 @@ __device__ __forceinline__ void moe__rt_load(const void *row, int e0, int E, int
             }
         }
     }
+}
+
+/* W bias values at e0 (NaN read as -inf, so that s + b needs no further sanitising). */
+template <int W>
+__device__ __forceinline__ void moe__rt_load_bias(const moe__route_args &a, int e0, float *out) {
+    if (a.bias_bf16) moe__rt_load<MOE_BF16, W>(a.bias, e0, a.E, a.bias_vec, out);
+    else moe__rt_load<MOE_F32, W>(a.bias, e0, a.E, a.bias_vec, out);
+#pragma unroll
+    for (int i = 0; i < W; i++) out[i] = moe__route_sanitize(out[i]);
 }
 
 template <int DT> __device__ __forceinline__ float moe__rt_load1(const void *row, int e) {
@@ -161,19 +175,21 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
 #pragma unroll
     for (int v = 0; v < NV; v++) {
         const int e0 = (v * 32 + lane) * W;
-        float x[W];
+        float x[W], b[W];
         moe__rt_load<DT, W>(row, e0, E, a.vec, x);
+        if (use_bias) {
+            if (a.bias) moe__rt_load_bias<W>(a, e0, b);
+            else {
+#pragma unroll
+                for (int i = 0; i < W; i++) b[i] = 0.0f;
+            }
+        }
 #pragma unroll
         for (int i = 0; i < W; i++) {
             const int e = e0 + i;
             float k = moe__route_sanitize(x[i]);
-            if (use_bias) {
-                float b = 0.0f;
-                if (a.bias && e < E)
-                    b = a.bias_bf16 ? moe__bf16_to_f32(__ldg((const unsigned short *)a.bias + e))
-                                    : __ldg((const float *)a.bias + e);
-                k = moe__route_sanitize(MOE_RADD(moe__route_sigmoid(k), b));
-            }
+            /* s + b: s in [0, 1] and b sanitised, so no NaN and no -0 can come out */
+            if (use_bias) k = MOE_RADD(moe__route_sigmoid(k), b[i]);
             key[v * W + i] = e < E ? moe__route_key(k) : 0u;
         }
     }
@@ -195,7 +211,61 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
     }
 
     /* 2. deepseekv3 groups */
-    if (a.n_group > 1) {
+    if (a.n_group > 1 && a.gshift >= 0) {
+        /* groups of P = 2^gshift whole W-chunks, P <= 32: chunk top-2, butterfly inside the
+         * P-lane segments, every group score gathered in lane g, ranks by broadcast */
+        const int P = 1 << a.gshift;
+        uint32_t t1[NV], t2[NV];
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            uint32_t x1 = 0, x2 = 0;
+#pragma unroll
+            for (int i = 0; i < W; i++) {
+                const uint32_t k = key[v * W + i];
+                x2 = max(x2, min(x1, k));
+                x1 = max(x1, k);
+            }
+            t1[v] = x1;
+            t2[v] = x2;
+        }
+#pragma unroll 1
+        for (int o = 1; o < P; o <<= 1) {
+#pragma unroll
+            for (int v = 0; v < NV; v++) {
+                const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, t1[v], o);
+                const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, t2[v], o);
+                t2[v] = max(max(t2[v], o2), min(t1[v], o1));
+                t1[v] = max(t1[v], o1);
+            }
+        }
+        /* lane g < n_group fetches group g's score from lane (g*P) % 32, chunk v = g*P / 32 */
+        const int src = (lane << a.gshift) & 31, vg = (lane << a.gshift) >> 5;
+        uint32_t gk = 0;
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            float sc = moe__route_unkey(t1[v]);
+            if (a.G > 1) sc = moe__route_sanitize(MOE_RADD(sc, moe__route_unkey(t2[v])));
+            const uint32_t got = __shfl_sync(0xFFFFFFFFu, moe__route_key(sc), src);
+            if (v == vg) gk = got;
+        }
+        if (lane >= a.n_group) gk = 0;
+        /* rank of group `lane`: groups before it (larger score, ties to the lower index) */
+        int rank = 0;
+#pragma unroll 1
+        for (int h = 0; h < a.n_group; h++) {
+            const uint32_t o = __shfl_sync(0xFFFFFFFFu, gk, h);
+            rank += (o > gk) || (o == gk && h < lane);
+        }
+        const unsigned keep = __ballot_sync(0xFFFFFFFFu, lane < a.n_group && rank < a.topk_group);
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            const int q = v * 32 + lane; /* chunk index; its group is q >> gshift */
+            const bool drop = q * W >= E || !((keep >> (q >> a.gshift)) & 1u);
+#pragma unroll
+            for (int i = 0; i < W; i++)
+                if (drop) key[v * W + i] = 0;
+        }
+    } else if (a.n_group > 1) {
         uint32_t gk = (a.G % W == 0) ? moe__rt_group_keys<NPL, W, W>(key, lane, a.G, a.n_group)
                                      : moe__rt_group_keys<NPL, W, 1>(key, lane, a.G, a.n_group);
         unsigned keep = 0;
@@ -258,8 +328,12 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
     float val = moe__route_wsrc(method, x, m, S, moe__route_unkey(key0));
     float sum = 0.0f;
     if (moe__route_needs_sum(method, a.normalize)) {
+        /* butterfly over the next power of two >= K, as moe__route_ksum on the host */
+        sum = lane < K ? val : 0.0f;
+        int P = 1;
+        while (P < K) P <<= 1;
 #pragma unroll 1
-        for (int k = 0; k < K; k++) sum = MOE_RADD(sum, __shfl_sync(0xFFFFFFFFu, val, k));
+        for (int o = P >> 1; o > 0; o >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, o));
     }
     if (lane < K) {
         const float w = moe__route_weight(method, val, sum, a.scale, a.normalize);
@@ -276,6 +350,13 @@ static moe_status moe__rt_launch(const moe__cuda_guard &g, moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v;
     a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
+    a.bias_vec = a.bias && (a.E % W == 0) && ((uintptr_t)a.bias % (W * (a.bias_bf16 ? 2 : 4)) == 0);
+    a.gshift = -1;
+    if (a.n_group > 1 && a.G % W == 0) {
+        const int P = a.G / W;
+        for (int s = 0; s <= 5; s++)
+            if (P == (1 << s)) a.gshift = s;
+    }
     const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS;
     if (blocks > 0x7FFFFFFF) return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected T < 2^33, got %lld", (long long)a.T);
     moe__k_route<NPL, DT><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
@@ -316,6 +397,8 @@ extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor
     a.scale = cfg->scale;
     a.normalize = cfg->normalize;
     a.vec = 0;
+    a.bias_vec = 0;
+    a.gshift = -1;
     switch (logits->dtype) {
     case MOE_F32: return moe__rt_dispatch<MOE_F32>(g, a);
     case MOE_BF16: return moe__rt_dispatch<MOE_BF16>(g, a);

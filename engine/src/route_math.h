@@ -24,11 +24,16 @@
 #define MOE_RSUB(a, b) __fsub_rn((a), (b))
 #define MOE_RMUL(a, b) __fmul_rn((a), (b))
 #define MOE_RDIV(a, b) __fdiv_rn((a), (b))
+#define MOE_RFMA(a, b, c) __fmaf_rn((a), (b), (c))
+#define MOE_RRCP(a) __frcp_rn(a)
 #else
+#include <math.h>
 #define MOE_RADD(a, b) ((a) + (b))
 #define MOE_RSUB(a, b) ((a) - (b))
 #define MOE_RMUL(a, b) ((a) * (b))
 #define MOE_RDIV(a, b) ((a) / (b))
+#define MOE_RFMA(a, b, c) fmaf((a), (b), (c)) /* exactly one rounding, as __fmaf_rn */
+#define MOE_RRCP(a) (1.0f / (a))              /* correctly rounded, as __frcp_rn */
 #endif
 
 #define MOE_ROUTE_EPS 1e-20f
@@ -42,37 +47,56 @@ MOE_HD float moe__route_sanitize(float x) {
 }
 
 /* exp(x) in float, reproducible on host and device.  exp(-inf) = 0, exp(+inf) = +inf,
- * exp(NaN) = NaN; overflow gives +inf, underflow 0 (subnormal results are produced). */
+ * exp(NaN) = NaN; overflow gives +inf, underflow 0 (subnormal results are produced).
+ * Fused multiply-adds are used explicitly (fmaf / __fmaf_rn: one rounding on both sides). */
 MOE_HD float moe__route_expf(float x) {
     if (x != x) return x;
-    if (x > 88.72284f) return moe__route_inf();
-    if (x < -103.97208f) return 0.0f;
-    /* n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |x * log2 e| < 2^22) */
-    float t = MOE_RADD(MOE_RMUL(x, 1.44269502162933349609375f), 12582912.0f);
-    float nf = MOE_RSUB(t, 12582912.0f);
+    x = x < -104.0f ? -104.0f : x; /* exp(-104) rounds to 0 */
+    x = x > 89.0f ? 89.0f : x;     /* exp(89) overflows to +inf */
+    /* n = round(x / ln 2) by the 1.5 * 2^23 trick (|x * log2 e| < 2^22) */
+    float nf = MOE_RSUB(MOE_RFMA(x, 1.44269502162933349609375f, 12582912.0f), 12582912.0f);
     int n = (int)nf;
-    /* r = x - n ln2 with a two-part ln 2 (ln2_hi has 15 significant bits: n*ln2_hi exact) */
-    float r = MOE_RSUB(x, MOE_RMUL(nf, 0.693145751953125f));
-    r = MOE_RSUB(r, MOE_RMUL(nf, 1.428606765330187045e-06f));
+    /* r = x - n ln2 with a two-part ln 2 */
+    float r = MOE_RFMA(nf, -0.693145751953125f, x);
+    r = MOE_RFMA(nf, -1.428606765330187045e-06f, r);
     /* exp(r), |r| <= 0.35: Taylor to degree 7 (truncation < 6e-9 relative), Horner */
-    float p = 1.98412698412698e-04f;               /* 1/5040 */
-    p = MOE_RADD(MOE_RMUL(p, r), 1.38888888888889e-03f); /* 1/720 */
-    p = MOE_RADD(MOE_RMUL(p, r), 8.33333333333333e-03f); /* 1/120 */
-    p = MOE_RADD(MOE_RMUL(p, r), 4.16666666666667e-02f); /* 1/24 */
-    p = MOE_RADD(MOE_RMUL(p, r), 1.66666666666667e-01f); /* 1/6 */
-    p = MOE_RADD(MOE_RMUL(p, r), 0.5f);
-    p = MOE_RADD(MOE_RMUL(p, r), 1.0f);
-    p = MOE_RADD(MOE_RMUL(p, r), 1.0f);
-    /* scale by 2^n, n in [-150, 128] */
-    if (n > 127) return MOE_RMUL(MOE_RMUL(p, moe__exp2i(127)), moe__exp2i(n - 127));
-    if (n < -126) return MOE_RMUL(MOE_RMUL(p, moe__exp2i(n + 64)), moe__exp2i(-64));
-    return MOE_RMUL(p, moe__exp2i(n));
+    float p = 1.98412698412698e-04f;                /* 1/5040 */
+    p = MOE_RFMA(p, r, 1.38888888888889e-03f);      /* 1/720 */
+    p = MOE_RFMA(p, r, 8.33333333333333e-03f);      /* 1/120 */
+    p = MOE_RFMA(p, r, 4.16666666666667e-02f);      /* 1/24 */
+    p = MOE_RFMA(p, r, 1.66666666666667e-01f);      /* 1/6 */
+    p = MOE_RFMA(p, r, 0.5f);
+    p = MOE_RFMA(p, r, 1.0f);
+    p = MOE_RFMA(p, r, 1.0f);
+    /* p * 2^n, n in [-150, 129], in two exact-then-rounded steps: 2^n1 * 2^n2 with
+     * n1 = floor(n/2), n2 = n - n1 both in the normal range */
+    int n1 = n >> 1, n2 = n - n1;
+    return MOE_RMUL(MOE_RMUL(p, moe__bits_f32((uint32_t)(n1 + 127) << 23)),
+                    moe__bits_f32((uint32_t)(n2 + 127) << 23));
 }
 
-/* sigmoid(x) = 1 / (1 + exp(-x)); sigmoid(+inf) = 1, sigmoid(-inf) = 0, NaN stays NaN. */
+/* sigmoid(x) = 1 / (1 + exp(-x)) (a correctly rounded reciprocal); sigmoid(+inf) = 1,
+ * sigmoid(-inf) = 0, NaN stays NaN. */
 MOE_HD float moe__route_sigmoid(float x) {
-    return MOE_RDIV(1.0f, MOE_RADD(1.0f, moe__route_expf(-x)));
+    return MOE_RRCP(MOE_RADD(1.0f, moe__route_expf(-x)));
 }
+
+/* Sum of the K chosen values (K <= 32) in the order the CUDA warp adds them: a butterfly over
+ * the next power of two P >= K (values beyond K are 0), v[i] += v[i ^ o] for o = P/2 .. 1;
+ * every lane ends with the same bits, equal to this.  (Host only: the device uses shuffles.) */
+#ifndef __CUDA_ARCH__
+static inline float moe__route_ksum(const float *v, int K) {
+    float a[32], b[32];
+    int P = 1;
+    while (P < K) P <<= 1;
+    for (int i = 0; i < P; i++) a[i] = i < K ? v[i] : 0.0f;
+    for (int o = P >> 1; o > 0; o >>= 1) {
+        for (int i = 0; i < P; i++) b[i] = MOE_RADD(a[i], a[i ^ o]);
+        memcpy(a, b, sizeof(float) * (size_t)P);
+    }
+    return a[0];
+}
+#endif
 
 /* Orderable bits of a sanitised float: unsigned order == float order. */
 MOE_HD uint32_t moe__route_key(float x) {

@@ -93,11 +93,8 @@ static void rc_route_row(const moe_route_cfg *cfg, const rc_work *w, const void 
         S = (float)acc;
     }
     const float x0 = w->x[ids[0]];
-    float sum = 0.0f;
-    for (int k = 0; k < K; k++) {
-        wout[k] = moe__route_wsrc(method, w->x[ids[k]], m, S, x0);
-        sum = MOE_RADD(sum, wout[k]);
-    }
+    for (int k = 0; k < K; k++) wout[k] = moe__route_wsrc(method, w->x[ids[k]], m, S, x0);
+    const float sum = moe__route_ksum(wout, K);
     for (int k = 0; k < K; k++)
         wout[k] = moe__route_weight(method, wout[k], sum, cfg->scale, cfg->normalize);
 }
