@@ -118,6 +118,17 @@ describe("moe.assert", function()
       assert.matches("shape mismatch: [2] (f32) vs [1, 2] (f32)", msg, 1, true)
     end)
 
+    it("compares 64-bit integers beyond 2^53 exactly", function()
+      local a = moe.zeros({ 2 }, { dtype = "i64" })
+      local b = moe.zeros({ 2 }, { dtype = "i64" })
+      a:data_ptr("int64_t*")[1] = 9007199254740992LL
+      b:data_ptr("int64_t*")[1] = 9007199254740993LL -- the same double
+      local msg = failure(function() assert.tensor_equal(a, b) end)
+      assert.matches("beyond double precision", msg, 1, true)
+      b:data_ptr("int64_t*")[1] = 9007199254740992LL
+      assert.tensor_equal(a, b)
+    end)
+
     it("has a negation", function()
       assert.is_not.tensor_equal(f32({ 1 }), f32({ 2 }))
       local msg = failure(function() assert.is_not.tensor_equal(f32({ 1 }), f32({ 1 })) end)
