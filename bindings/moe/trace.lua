@@ -80,9 +80,7 @@ return function(moe)
   end
 
   local function mkdir_p(dir, fn, level)
-    if os.execute("mkdir -p " .. shell_quote(dir)) ~= 0 then
-      -- LuaJIT returns the status code; true on some builds
-    end
+    os.execute("mkdir -p " .. shell_quote(dir)) -- checked below by writing a probe file
     local f = io.open(dir .. "/.moe_probe", "w")
     if not f then error(string.format("%s: dir: cannot create or write %s", fn, dir), level) end
     f:close()
@@ -226,8 +224,6 @@ return function(moe)
     check(C.moe_trace_resize(h, 0), fn, 4)
   end
 
-  local tok_cache = {}
-
   -- Append the batch of n tokens held in the replay buffers (rows 1..n of every layer) and
   -- reset those rows to -1.  opts.token_ids: tensor or table of n token ids.
   function Trace:commit(n, opts)
@@ -249,7 +245,6 @@ return function(moe)
       end
       tok = moe.tensor(tok, { dtype = "i32", device = "cpu" })
     end
-    tok_cache[1] = tok
     local t0 = C.moe_trace_tokens(h)
     check(C.moe_trace_append(h, n, nil, nil, tok and tok.h or nil), fn)
     for l = 1, #self._replay do
@@ -260,7 +255,6 @@ return function(moe)
         if self._wbuf then self._wbuf[l]:narrow(1, 1, n):fill_(0) end
       end
     end
-    tok_cache[1] = nil
     if self._dir and n > 0 then
       if self._parts then
         local p = chunk_name(self._dir, self._chunk, self._part)
@@ -434,7 +428,9 @@ return function(moe)
 
   function T.load(path, opts)
     local fn = "moe.trace.load"
-    if type(path) ~= "string" then error(fn .. ": path: expected a file or directory name, got " .. describe(path), 2) end
+    if type(path) ~= "string" then
+      error(fn .. ": path: expected a file or directory name, got " .. describe(path), 2)
+    end
     opts = check_opts(opts, fn, { num_experts = true })
     check(C.moe_trace_load(path, trace_box), fn)
     local tr = wrap(trace_box[0])
@@ -482,7 +478,7 @@ return function(moe)
   end
   T._hot = hot
 
-  local function copts(opts, fn)
+  local function copts(opts)
     local o = ffi.new("moe_trace_cmp_opts")
     o.threads = opts.threads or 0
     o.ignore_weights = opts.ignore_weights and 1 or 0
@@ -496,7 +492,7 @@ return function(moe)
     if getmetatable(tr) ~= Trace then error(fn .. ": tr: expected a trace, got " .. describe(tr), 2) end
     local h = H(tr, fn)
     opts = check_opts(opts, fn, { threads = true, hot = true })
-    check(C.moe_trace_stats(h, copts(opts, fn), sum_box), fn)
+    check(C.moe_trace_stats(h, copts(opts), sum_box), fn)
     local s = sum_box[0]
     sum_box[0] = nil
     local L, E = tonumber(s.layers), tonumber(s.num_experts)
@@ -546,7 +542,7 @@ return function(moe)
     opts = check_opts(opts, fn, { threads = true, ignore_weights = true, ignore_token_ids = true,
                                   names = true })
     local ha, hb = H(a, fn), H(b, fn)
-    check(C.moe_trace_compare(ha, hb, copts(opts, fn), cmp_box), fn)
+    check(C.moe_trace_compare(ha, hb, copts(opts), cmp_box), fn)
     local c = cmp_box[0]
     cmp_box[0] = nil
     local r

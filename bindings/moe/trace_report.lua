@@ -3,7 +3,6 @@
 local ffi = require("ffi")
 
 local R = {}
-local NAN = 0 / 0
 
 local function isnan(x) return x ~= x end
 
@@ -307,7 +306,7 @@ function Svg:finish()
 end
 
 local function nice_max(v)
-  if not (v > 0) then return 1 end
+  if not (v > 0) then return 1 end -- luacheck: ignore 581 (also catches NaN)
   local p = 10 ^ math.floor(math.log10(v))
   for _, m in ipairs{ 1, 2, 2.5, 5, 10 } do
     if m * p >= v then return m * p end
@@ -459,10 +458,10 @@ local COL_A, COL_B = "#1f77b4", "#ff7f0e"
 function R.write(c, dir, opts)
   local cats = {}
   for l = 1, c.layers do cats[l] = tostring(l - 1) end
-  local rd, jc, ov = {}, {}, {}
+  local rd, jc = {}, {}
   for l = 1, c.layers do
     local p = c.per_layer[l]
-    rd[l], jc[l], ov[l] = p.router_disagreement, 1 - p.jaccard, 1 - p.overlap
+    rd[l], jc[l] = p.router_disagreement, 1 - p.jaccard
   end
   local files = {}
   local function put(name, text)
@@ -500,7 +499,8 @@ function R.write(c, dir, opts)
   add("")
   add("- **A**: %s", c.names.a)
   add("- **B**: %s", c.names.b)
-  add("- %d tokens x %d MoE layers, top-%d of %d experts; %d positions compared, %d skipped (an id of -1 in either trace)",
+  add("- %d tokens x %d MoE layers, top-%d of %d experts; %d positions compared, %d skipped " ..
+      "(an id of -1 in either trace)",
       c.tokens, c.layers, c.top_k, c.num_experts, c.compared, c.skipped)
   add("")
   add("| metric | value |")

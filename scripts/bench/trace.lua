@@ -92,8 +92,7 @@ local t_gen = now() - t0
 print(string.format("  generated both traces in %.2f s; VmRSS %.2f GB", t_gen, (vm("VmRSS") or 0) / 1e9))
 
 local results = {}
-local nthreads = {}
-if opt.threads > 0 then nthreads = { opt.threads } else nthreads = { 0, 1 } end
+local nthreads = opt.threads > 0 and { opt.threads } or { 0, 1 }
 local c
 for _, th in ipairs(nthreads) do
   local t1 = now()

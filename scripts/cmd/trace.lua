@@ -163,7 +163,8 @@ local ok, res = pcall(function()
       local ids = tr:ids()
       moe._check(moe.C.moe_npy_write(dst, ids.h), "moe trace convert")
       if tr:has_weights() or tr:has_token_ids() then
-        io.stderr:write("moe trace convert: note: .npy holds routed_experts only (weights, token ids and metadata dropped)\n")
+        io.stderr:write("moe trace convert: note: .npy holds routed_experts only " ..
+                        "(weights, token ids and metadata dropped)\n")
       end
     else
       tr:save(dst)
