@@ -269,6 +269,7 @@ describe("recording and files", function()
     -- second batch of 2: layer 2 not routed -> stays -1 (buffers were reset by commit)
     tr:replay(1):narrow(1, 1, 2):copy_(moe.tensor({ { 3, 2 }, { 2, 1 } }, { dtype = "i16" }))
     assert.equal(5, tr:commit(2, { token_ids = { 13, 14 } }))
+    assert.equal(5, tr:commit(0)) -- an empty batch is a no-op
     assert.same({ 1, 2 }, tr:get(2, 1))
     assert.same({ -1, -1 }, tr:get(4, 2))
     local path = dir .. "/t.safetensors"

@@ -665,8 +665,8 @@ static moe_status from_tensors_impl(const char *fn, const char *path, moe_tensor
         *consumed = 1;
         if (w) { tr->w = moe_tensor_data(w); tr->keep[1] = w; }
         if (tok) { tr->tok = moe_tensor_data(tok); tr->keep[2] = tok; }
-        /* validate ids once (range; negatives other than -1 are normalised on copy) */
-        int64_t n = T * L * K, lim = E > 0 ? E : 32768;
+        /* validate the ids once (range); negatives other than -1 are normalised on a copy */
+        int64_t n = T * L * K, lim = E > 0 ? E : 32768, odd_neg = 0;
         for (int64_t i = 0; i < n; i++) {
             if (tr->ids[i] >= lim) {
                 st = moe__err(MOE_ERR_RANGE, "%s: %s: expected expert ids < %lld, got %d at token %lld, layer %lld",
@@ -674,21 +674,25 @@ static moe_status from_tensors_impl(const char *fn, const char *path, moe_tensor
                               (long long)(i / K % L));
                 break;
             }
-            if (tr->ids[i] < -1 && st == MOE_OK) {
-                /* unusual negatives: take an owned copy and normalise */
-                st = own(tr, T, fn);
-                if (st == MOE_OK)
-                    for (int64_t j = i; j < n; j++)
-                        if (tr->ids[j] < 0) tr->ids[j] = -1;
-                break;
-            }
+            odd_neg += tr->ids[i] < -1;
         }
         if (st != MOE_OK) {
-            tr->keep[0] = tr->keep[1] = tr->keep[2] = NULL; /* the wrapper frees them */
+            /* nothing was copied yet: give the tensors back to the wrapper, which frees them */
+            tr->keep[0] = tr->keep[1] = tr->keep[2] = NULL;
             *consumed = 0;
             tr->ids = NULL; tr->w = NULL; tr->tok = NULL; tr->owned = 1; tr->T = 0;
             moe_trace_free(tr);
             return st;
+        }
+        if (odd_neg) {
+            /* own() copies and frees the mapped tensors (they stay consumed) */
+            st = own(tr, T, fn);
+            if (st != MOE_OK) {
+                moe_trace_free(tr); /* frees keep[] too */
+                return st;
+            }
+            for (int64_t i = 0; i < n; i++)
+                if (tr->ids[i] < 0) tr->ids[i] = -1;
         }
         *out = tr;
         return MOE_OK;

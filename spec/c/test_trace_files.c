@@ -153,6 +153,27 @@ static void test_damaged(void) {
     CHECK(moe_trace_load(path("twod.safetensors"), &t) == MOE_ERR_FORMAT && !t);
     CHECK(strstr(moe_last_error(), "3 dims") != NULL);
     moe_tensor_free(x);
+    /* .npy [1, 1, 2] int16 with an unusual negative (-5 -> -1) and an id out of range */
+    int64_t s3[3] = {1, 1, 2};
+    CHECK(moe_tensor_new(&x, MOE_I16, 3, s3, cpu) == MOE_OK);
+    int16_t v[2] = {-5, 3};
+    CHECK(moe_tensor_copy_from_host(x, v, sizeof v) == MOE_OK);
+    CHECK(moe_npy_write(path("neg.npy"), x) == MOE_OK);
+    CHECK(moe_trace_load(path("neg.npy"), &t) == MOE_OK);
+    if (t) {
+        CHECK(moe_trace_ids(t)[0] == -1 && moe_trace_ids(t)[1] == 3);
+        CHECK(moe_trace_set_num_experts(t, 3) == MOE_ERR_RANGE);
+        CHECK(moe_trace_set_num_experts(t, 4) == MOE_OK);
+        moe_trace_free(t);
+        t = NULL;
+    }
+    v[1] = 32767;
+    CHECK(moe_tensor_copy_from_host(x, v, sizeof v) == MOE_OK);
+    CHECK(moe_npy_write(path("big.npy"), x) == MOE_OK);
+    CHECK(moe_trace_load(path("big.npy"), &t) == MOE_OK); /* E unknown: any int16 id >= 0 */
+    moe_trace_free(t);
+    t = NULL;
+    moe_tensor_free(x);
     CHECK(moe_trace_load(path("nothing-here"), &t) == MOE_ERR_IO);
     CHECK(moe_trace_load(dir, &t) == MOE_ERR_IO); /* a directory without chunk files */
 }
