@@ -612,6 +612,9 @@ return function(moe)
   local report = require("moe.trace_report")
   T.heatmap = function(loads, opts) return report.heatmap(moe, loads, opts) end
   Cmp.__tostring = function(self) return report.cmp_text(self) end
+  -- Terminal heatmap of one side's loads or of their difference: which = "a" | "b" | "diff".
+  function Cmp:heatmap(opts) return T.heatmap(self, opts) end
+  function Trace:heatmap(opts) return T.heatmap(self, opts) end
   function Cmp:report(dir, opts)
     if type(dir) ~= "string" then error("cmp:report: dir: expected a directory name, got " .. describe(dir), 2) end
     mkdir_p(dir, "cmp:report", 2)
