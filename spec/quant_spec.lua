@@ -44,11 +44,6 @@ end
 
 local function flat(t) return H.flatten(t:totable()) end
 
-local function f32_bits(x)
-  local b = ffi.new("float[1]", x)
-  return ffi.cast("uint32_t*", b)[0]
-end
-
 local function zeros(n) local z = {} for i = 1, n do z[i] = 0 end return z end
 
 local function err_of(fn, ...) return H.error_of(fn, ...) end
@@ -702,7 +697,8 @@ describe("errors", function()
 
   it("moe.quantize names the argument", function()
     assert.matches("moe.quantize: t: expected a tensor, got 3", err_of(moe.quantize, 3, "fp8"))
-    assert.matches("moe.quantize: mode: expected a quantisation mode %(bf16, fp8, fp8_block, nvfp4, mxfp4, mxint4%), got \"fp4\"",
+    assert.matches("moe.quantize: mode: expected a quantisation mode " ..
+                   "%(bf16, fp8, fp8_block, nvfp4, mxfp4, mxint4%), got \"fp4\"",
                    err_of(moe.quantize, w, "fp4"))
     assert.matches("t: expected dtype f32, bf16 or f16, got i32",
                    err_of(moe.quantize, moe.zeros({ 4, 64 }, { dtype = "i32" }), "fp8"))
@@ -753,7 +749,8 @@ describe("errors", function()
                    fp{ mode = "fp8", data = e4({ 2, 4 }), scales = moe.zeros({}, { dtype = "bf16" }) })
     assert.matches("scales: expected shape %[3%] %(fp8: %[E%] or %[%] %(one f32 per matrix%)%), got %[2%]",
                    fp{ mode = "fp8", data = e4({ 3, 2, 4 }), scales = moe.zeros({ 2 }) })
-    assert.matches("scales: expected shape %[2, 1, 2%] %(fp8_block, block_rows 128: %[E, N/block_rows, K/128%]%), got %[2, 2, 2%]",
+    assert.matches("scales: expected shape %[2, 1, 2%] " ..
+                   "%(fp8_block, block_rows 128: %[E, N/block_rows, K/128%]%), got %[2, 2, 2%]",
                    fp{ mode = "fp8_block", data = e4({ 2, 128, 256 }), scales = moe.zeros({ 2, 2, 2 }) })
     assert.matches("scales: expected shape %[4, 1%] %(nvfp4: %[E, N, K/16%]%), got %[4, 2%]",
                    fp{ mode = "nvfp4", data = moe.zeros({ 4, 16 }, { dtype = "e2m1" }),

@@ -270,7 +270,9 @@ return function(moe)
   function moe.quant_load(path, opts)
     local fn = "moe.quant_load"
     if type(path) ~= "string" then error(fn .. ": path: expected a string, got " .. describe(path), 2) end
-    if opts ~= nil and type(opts) ~= "table" then error(fn .. ": opts: expected a table or nil, got " .. describe(opts), 2) end
+    if opts ~= nil and type(opts) ~= "table" then
+      error(fn .. ": opts: expected a table or nil, got " .. describe(opts), 2)
+    end
     opts = opts or {}
     moe._check(C.moe_st_open(path, st_box), fn)
     local f = ffi.gc(st_box[0], C.moe_st_close)
