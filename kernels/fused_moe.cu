@@ -26,6 +26,8 @@
 
 #include <cuda_bf16.h>
 
+#include <stdlib.h>
+
 #define FN "moe_fused_moe"
 
 /* ------------------------------------------------------------------ pack -- */
@@ -338,6 +340,152 @@ __global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__f
         }
 }
 
+/* Hopper path for the large configuration: 128 x 256 tiles, 2 warpgroups (64 rows each), BK
+ * 64, 4 cp.async stages (A rows are gathered through the permutation, which the bulk tensor
+ * copy engine cannot do), wgmma.m64n256k16 straight from the swizzled shared tiles.  N need
+ * not be a multiple of 256: rows of W past N are zero-filled and their columns not written. */
+#define MOE_FM_WG_BM 128
+#define MOE_FM_WG_BN 256
+#define MOE_FM_WG_STAGES 4
+#define MOE_FM_WG_SMEM (MOE_FM_WG_STAGES * (MOE_FM_WG_BM + MOE_FM_WG_BN) * 64 * 2 + 1024)
+
+template <bool G1>
+__global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_args a) {
+    constexpr int BM = MOE_FM_WG_BM, BN = MOE_FM_WG_BN, BK = 64, NT = 256, STAGES = MOE_FM_WG_STAGES;
+    extern __shared__ unsigned char moe__fm_wg_raw[];
+    __nv_bfloat16 *As = (__nv_bfloat16 *)(((uintptr_t)moe__fm_wg_raw + 1023) & ~(uintptr_t)1023);
+    __nv_bfloat16 *Bs = As + STAGES * BM * BK;
+    __shared__ int rowsrc[BM], rowpair[BM];
+
+    const int tile = blockIdx.x;
+    if (tile >= *a.ntiles) return;
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w4 = (tid >> 5) & 3;
+    const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+    const int64_t e = (int64_t)a.lo + le;
+    const int n0 = blockIdx.y * BN;
+    const int nvalid = min(BN, a.N - n0);
+    for (int r = tid; r < BM; r += NT) {
+        if (r < nr) {
+            int p = a.sorted[r0 + r];
+            rowpair[r] = p;
+            rowsrc[r] = G1 ? p / a.K : r0 + r;
+        } else {
+            rowpair[r] = -1;
+            rowsrc[r] = -1;
+        }
+    }
+    __syncthreads();
+    const __nv_bfloat16 *Wb = a.W + (e * a.N + n0) * (int64_t)a.Kd;
+    const int KT = a.Kd / BK;
+
+    auto load = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        __nv_bfloat16 *as = As + stage * BM * BK, *bs = Bs + stage * BN * BK;
+#pragma unroll
+        for (int i = 0; i < BM * 8 / NT; i++) {
+            const int c = tid + i * NT, r = c >> 3, ch = c & 7, src = rowsrc[r];
+            const __nv_bfloat16 *g = src >= 0 ? a.A + (int64_t)src * a.Kd + k0 + ch * 8 : a.A;
+            moe__fm_cp16(moe__fm_smem(as + moe__fm_swz(r, ch)), g, src >= 0 ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < BN * 8 / NT; i++) {
+            const int c = tid + i * NT, r = c >> 3, ch = c & 7;
+            const bool ok = r < nvalid;
+            moe__fm_cp16(moe__fm_smem(bs + moe__fm_swz(r, ch)), ok ? Wb + (int64_t)r * a.Kd + k0 + ch * 8 : a.W,
+                         ok ? 16 : 0);
+        }
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load(s, s);
+        moe__fm_commit();
+    }
+    for (int kt = 0; kt < KT; kt++) {
+        moe__fm_wait<STAGES - 2>();
+        moe__fm_fence_async();
+        __syncthreads();
+        const int nk = kt + STAGES - 1;
+        if (nk < KT) load(nk % STAGES, nk);
+        moe__fm_commit();
+        const int st = kt % STAGES;
+        const uint64_t da = moe__fm_desc(moe__fm_smem(As + st * BM * BK + wg * 64 * BK));
+        const uint64_t db = moe__fm_desc(moe__fm_smem(Bs + st * BN * BK));
+        moe__fm_wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) moe__fm_wgmma_n256(acc, da + 2 * ks, db + 2 * ks);
+        moe__fm_wg_commit();
+        moe__fm_wg_wait0();
+    }
+    moe__fm_wait<0>();
+
+    /* epilogue: acc[4j + q] is row wg*64 + w4*16 + lane/4 (+8 for q >= 2), column
+     * 8j + 2*(lane%4) (+1 for odd q) */
+    const int c2 = (lane & 3) * 2;
+    const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int r = wg * 64 + w4 * 16 + (lane >> 2) + hf * 8;
+        if (r >= nr) continue;
+        const int p = rowpair[r];
+        if (G1) {
+            const float sc = a.llama4 ? a.wts[p] : 1.0f;
+            __nv_bfloat16 *orow = a.inter + (int64_t)(r0 + r) * a.I;
+            if (a.act != MOE_ACT_RELU2) {
+#pragma unroll
+                for (int nj = 0; nj < 16; nj++) {
+                    const int nn = n0 + nj * 16;
+                    if (nj * 16 >= nvalid) continue;
+                    float g0 = acc[8 * nj + hf * 2] * sc, g1 = acc[8 * nj + hf * 2 + 1] * sc;
+                    float u0 = acc[8 * nj + 4 + hf * 2] * sc, u1 = acc[8 * nj + 4 + hf * 2 + 1] * sc;
+                    if (bias) {
+                        g0 += bias[nn + c2];
+                        g1 += bias[nn + c2 + 1];
+                        u0 += bias[nn + 8 + c2];
+                        u1 += bias[nn + 8 + c2 + 1];
+                    }
+                    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+                    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+                    *(uint32_t *)(orow + (nn >> 4) * 8 + c2) =
+                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 32; j++) {
+                    if (j * 8 >= nvalid) continue;
+                    const int nn = n0 + j * 8 + c2;
+                    float h0 = acc[4 * j + hf * 2] * sc, h1 = acc[4 * j + hf * 2 + 1] * sc;
+                    if (bias) {
+                        h0 += bias[nn];
+                        h1 += bias[nn + 1];
+                    }
+                    const float v0 = moe__fm_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
+                    const float v1 = moe__fm_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
+                    *(uint32_t *)(orow + nn) = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                }
+            }
+        } else {
+            const float w = a.llama4 ? 1.0f : a.wts[p];
+            float *yrow = a.y + (int64_t)p * a.N;
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                if (j * 8 >= nvalid) continue;
+                const int nn = n0 + j * 8 + c2;
+                float h0 = acc[4 * j + hf * 2], h1 = acc[4 * j + hf * 2 + 1];
+                if (bias) {
+                    h0 += bias[nn];
+                    h1 += bias[nn + 1];
+                }
+                *(float2 *)(yrow + nn) = make_float2(h0 * w, h1 * w);
+            }
+        }
+    }
+}
+
 /* -------------------------------------------------------------- finalize -- */
 
 /* out[t, 8c .. 8c+7] = bf16(sum over local k in order of y[t*K + k, ...]). */
@@ -380,6 +528,8 @@ __global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T
 typedef moe__fm_cfg<32, 64, 1, 4, 6> moe__fm_small;
 typedef moe__fm_cfg<128, 128, 2, 4, 3> moe__fm_large;
 
+static int moe__fm_have_wg = 0;
+
 static moe_status moe__fm_attrs(void) {
     static int done = 0;
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
@@ -391,8 +541,26 @@ static moe_status moe__fm_attrs(void) {
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, moe__fm_large::SMEM));
     MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm<MOE_FM_LARGE, false>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, moe__fm_large::SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_wg<true>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WG_SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_wg<false>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WG_SMEM));
+    /* the wgmma kernel has a body only in the sm_90a binary */
+    cudaFuncAttributes fa;
+    int dev = 0, major = 0;
+    MOE_CUDA_TRY("moe_experts_new", cudaGetDevice(&dev));
+    MOE_CUDA_TRY("moe_experts_new", cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncGetAttributes(&fa, moe__k_fm_gemm_wg<true>));
+    moe__fm_have_wg = major == 9 && fa.binaryVersion == 90;
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
+}
+
+/* wgmma path in use: sm_90a binary on a 9.0 device, unless MOE_FUSED_WGMMA=0. */
+static bool moe__fm_use_wg(void) {
+    if (!moe__fm_have_wg) return false;
+    const char *env = getenv("MOE_FUSED_WGMMA");
+    return !(env && env[0] == '0');
 }
 
 extern "C" moe_status moe__cuda_fused_pack(struct moe_experts *ex, const moe_tensor *w13, const moe_tensor *w2,
@@ -501,7 +669,15 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     a2.N = (int)ex->H;
     a2.Kd = (int)ex->I;
     a2.y = y;
-    if (lc > 0) {
+    if (lc > 0 && large && moe__fm_use_wg()) {
+        const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
+        dim3 g1((unsigned)tiles, (unsigned)((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN));
+        dim3 g2((unsigned)tiles, (unsigned)((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN));
+        moe__k_fm_gemm_wg<true><<<g1, 256, MOE_FM_WG_SMEM, g.stream>>>(a1);
+        MOE_CUDA_LAUNCHED(FN);
+        moe__k_fm_gemm_wg<false><<<g2, 256, MOE_FM_WG_SMEM, g.stream>>>(a2);
+        MOE_CUDA_LAUNCHED(FN);
+    } else if (lc > 0) {
         if (large) MOE_TRY((moe__fm_launch<MOE_FM_LARGE>(g, a1, a2, P, lc)));
         else MOE_TRY((moe__fm_launch<MOE_FM_SMALL>(g, a1, a2, P, lc)));
     }

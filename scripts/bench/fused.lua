@@ -1,4 +1,6 @@
--- moe bench fused [--shape NAME[,NAME]] [--t LIST] [--reps N] [--no-torch] [--json PATH]
+-- moe bench fused [--shape NAME[,NAME]] [--t LIST] [--reps N] [--no-torch] [--json PATH] [--compare-mma]
+--
+-- --compare-mma also times the large-tile mma.sync path (MOE_FUSED_WGMMA=0) where the wgmma one runs.
 --
 -- Fused MoE (bf16) on CUDA: per model shape and T, the median time of one moe.fused_moe call
 -- (routing included) from CUDA-graph replays, uniform random routing (renormalize over random
@@ -35,6 +37,7 @@ while i <= #args do
   elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
   elseif a == "--no-torch" then opts.torch = false
   elseif a == "--json" then i = i + 1; opts.json = args[i]
+  elseif a == "--compare-mma" then opts.compare = true
   elseif a == "-h" or a == "--help" then
     print("usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH]")
     print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b")
@@ -140,16 +143,27 @@ for _, s in ipairs(SHAPES) do
       hit = hit + n / nsets
     end
     local calls = T <= 256 and 8 or 2
-    local g = moe.graph.capture(function()
-      for c = 0, calls - 1 do
-        local k = c % nsets + 1
-        moe.fused_moe{ hidden = xs[k], logits = ls[k], experts = ex, method = "renormalize", top_k = K, out = out }
-      end
-    end)
-    local times = g:time(3, opts.reps)
-    g:free()
-    for k = 1, #times do times[k] = times[k] / calls end
-    local us = median(times)
+    local function time_it()
+      local g = moe.graph.capture(function()
+        for c = 0, calls - 1 do
+          local k = c % nsets + 1
+          moe.fused_moe{ hidden = xs[k], logits = ls[k], experts = ex, method = "renormalize", top_k = K, out = out }
+        end
+      end)
+      local times = g:time(3, opts.reps)
+      g:free()
+      for k = 1, #times do times[k] = times[k] / calls end
+      return median(times)
+    end
+    local us = time_it()
+    local us_mma
+    if opts.compare and T * K >= 48 * E then
+      local ffi = require("ffi")
+      pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+      ffi.C.setenv("MOE_FUSED_WGMMA", "0", 1)
+      us_mma = time_it()
+      ffi.C.unsetenv("MOE_FUSED_WGMMA")
+    end
     local bytes = hit * 3 * Hd * I * 2 + T * Hd * 4 + T * E * 4
     local flops = 2 * T * K * 3 * Hd * I
     local floor = math.max(bytes / HBM, flops / PEAK) * 1e6
@@ -158,7 +172,7 @@ for _, s in ipairs(SHAPES) do
       shape = s.name, T = T, us = us, floor = floor, pct_floor = 100 * floor / us,
       tflops = flops / us / 1e6, gbs = bytes / us / 1e3, hit = hit,
       bound = bytes / HBM > flops / PEAK and "mem" or "flop",
-      torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
+      us_mma = us_mma, torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
     }
     xs, ls, out = nil, nil, nil
     collectgarbage("collect")
@@ -179,6 +193,11 @@ for _, r in ipairs(rows) do
                       r.floor, r.pct_floor, r.bound, r.tflops, r.gbs,
                       r.torch and string.format("%.1f%s", r.torch, r.torch_graph and "" or "*") or "-",
                       r.vs_torch and string.format("%.2fx", r.vs_torch) or "-"))
+end
+for _, r in ipairs(rows) do
+  if r.us_mma then
+    print(string.format("  %s T=%d: large-tile mma.sync path %.1f us (default path %.1f us)", r.shape, r.T, r.us_mma, r.us))
+  end
 end
 if torch_note == nil and next(torch) then print("  (* PyTorch timed eagerly: its pipeline could not be captured)") end
 local function bar(ok) return ok and "met" or "MISSED" end
@@ -206,7 +225,7 @@ if opts.json then
     local parts = {}
     for _, r in ipairs(rows) do
       local kv = {}
-      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "torch", "vs_torch" } do
+      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "torch", "vs_torch" } do
         local v = r[k]
         if v ~= nil then
           kv[#kv + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
