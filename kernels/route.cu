@@ -294,30 +294,43 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
         }
     }
 
-    /* 3. top-K */
-    uint32_t bk = 0;
-    int be = 0x7FFFFFFF;
+    /* 3. top-K.  Each lane caches its two best remaining (key, expert) pairs, ordered by key
+     * (descending) then expert (ascending).  A round takes the warp's best head (redux max,
+     * then redux min of the expert among equal keys); the owner promotes its second, and
+     * rescans only when its cache runs dry (for "ranked after the last one it gave up":
+     * every element ranked before that is taken, since rounds go in global rank order). */
+    uint32_t k1 = 0, k2 = 0;
+    int e1 = 0x7FFFFFFF, e2 = 0x7FFFFFFF;
 #pragma unroll
     for (int j = 0; j < NPL; j++) {
         const int e = ((j / W) * 32 + lane) * W + (j % W);
-        if (key[j] > bk) { bk = key[j]; be = e; }
+        const uint32_t k = key[j];
+        /* ascending e with strict > keeps the lower expert first among equal keys */
+        if (k > k1) { k2 = k1; e2 = e1; k1 = k; e1 = e; }
+        else if (k > k2) { k2 = k; e2 = e; }
     }
     int my_id = 0;
     uint32_t my_key = 0, key0 = 0;
 #pragma unroll 1
     for (int r = 0; r < K; r++) {
-        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, bk);
-        const int win = (int)__reduce_min_sync(0xFFFFFFFFu, bk == M ? (unsigned)be : 0x7FFFFFFFu);
+        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, k1);
+        const int win = (int)__reduce_min_sync(0xFFFFFFFFu, k1 == M ? (unsigned)e1 : 0x7FFFFFFFu);
         if (r == 0) key0 = M;
         if (lane == r) { my_id = win; my_key = M; }
-        if (be == win) { /* the owner drops it and finds its next best */
-            bk = 0;
-            be = 0x7FFFFFFF;
+        if (e1 == win && r + 1 < K) { /* the owner gives it up */
+            const uint32_t fk = k1;
+            const int fe = e1;
+            k1 = k2; e1 = e2;
+            k2 = 0; e2 = 0x7FFFFFFF;
+            if (k1 == 0) { /* cache dry: the two best ranked after (fk, fe) */
 #pragma unroll
-            for (int j = 0; j < NPL; j++) {
-                const int e = ((j / W) * 32 + lane) * W + (j % W);
-                if (e == win) key[j] = 0;
-                if (key[j] > bk) { bk = key[j]; be = e; }
+                for (int j = 0; j < NPL; j++) {
+                    const int e = ((j / W) * 32 + lane) * W + (j % W);
+                    const uint32_t k0 = key[j];
+                    const uint32_t k = (k0 < fk || (k0 == fk && e > fe)) ? k0 : 0u;
+                    if (k > k1) { k2 = k1; e2 = e1; k1 = k; e1 = e; }
+                    else if (k > k2) { k2 = k; e2 = e; }
+                }
             }
         }
     }
