@@ -153,6 +153,32 @@ describe("CUDA quantisers equal the CPU reference bit for bit #gpu", function()
     end
   end)
 
+  it("parts on different devices are refused", function()
+    local q = moe.quantize(moe.randn({ 4, 64 }, { seed = 1 }), "nvfp4")
+    local ok, err = pcall(moe.quant_from_parts, { mode = "nvfp4", data = q.data:to("cuda"), scales = q.scales,
+                                                  global_scale = q.global_scale:to("cuda") })
+    assert.is_false(ok)
+    assert.matches("moe_qtensor_from_parts: scales: expected device cuda:0 %(as data%), got cpu", err)
+  end)
+
+  it("throughput (informational)", function()
+    pcall(ffi.cdef, "struct moe_qspec_ts { long s; long ns; }; int clock_gettime(int, struct moe_qspec_ts *);")
+    local ts = ffi.new("struct moe_qspec_ts")
+    local function now() ffi.C.clock_gettime(1, ts) return tonumber(ts.s) + tonumber(ts.ns) * 1e-9 end
+    local w = moe.randn({ 32, 2048, 7168 }, { dtype = "bf16", device = "cuda", seed = 3 })
+    for _, mode in ipairs{ "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" } do
+      local q = moe.quantize(w, mode)          -- warm-up
+      q:free()
+      moe.synchronize("cuda")
+      local t0 = now()
+      for _ = 1, 3 do moe.quantize(w, mode):free() end
+      moe.synchronize("cuda")
+      local dt = (now() - t0) / 3
+      io.write(string.format("\n  [quant] cuda quantize %-9s bf16 [32,2048,7168]: %.3f ms (%.0f GB/s of bf16 read)\n",
+                             mode, dt * 1e3, w:nbytes() / dt / 1e9))
+    end
+  end)
+
   it("empty inputs", function()
     for _, mode in ipairs{ "fp8", "nvfp4", "mxfp4" } do
       local q = moe.quantize(moe.zeros({ 2, 0, 32 }, { device = "cuda" }), mode)
