@@ -137,16 +137,17 @@ return function(moe)
     end
     if cap then
       tr._cap = cap
-      tr._replay, tr._wbuf = {}, opts.weights and {} or nil
-      for l = 1, L do
-        local b = moe.empty({ cap, K }, { dtype = "i16", device = dev })
-        b:fill_(-1)
-        tr._replay[l] = b
-        if tr._wbuf then
-          local w = moe.empty({ cap, K }, { dtype = "f32", device = dev })
-          w:fill_(0)
-          tr._wbuf[l] = w
-        end
+      -- One [L, capacity, K] buffer; layer l's replay buffer is its contiguous slice l, so a
+      -- commit moves all layers with one device-to-host copy and resets them with one fill.
+      tr._all = moe.empty({ L, cap, K }, { dtype = "i16", device = dev })
+      tr._all:fill_(-1)
+      tr._replay = {}
+      for l = 1, L do tr._replay[l] = tr._all:select(1, l) end
+      if opts.weights then
+        tr._wall = moe.empty({ L, cap, K }, { dtype = "f32", device = dev })
+        tr._wall:fill_(0)
+        tr._wbuf = {}
+        for l = 1, L do tr._wbuf[l] = tr._wall:select(1, l) end
       end
     end
     if opts.dir then
@@ -246,14 +247,18 @@ return function(moe)
       tok = moe.tensor(tok, { dtype = "i32", device = "cpu" })
     end
     local t0 = C.moe_trace_tokens(h)
-    check(C.moe_trace_append(h, n, nil, nil, tok and tok.h or nil), fn)
-    for l = 1, #self._replay do
-      local w = self._wbuf and self._wbuf[l].h or nil
-      check(C.moe_trace_set_layer(h, t0, n, l - 1, self._replay[l].h, w), fn)
-      if n > 0 then
-        self._replay[l]:narrow(1, 1, n):fill_(-1)
-        if self._wbuf then self._wbuf[l]:narrow(1, 1, n):fill_(0) end
-      end
+    if n == 0 then
+      check(C.moe_trace_append(h, 0, nil, nil, nil), fn)
+    else
+      -- rows 1..n of every layer: [L, n, K] viewed as [n, L, K]; the engine copies it to the
+      -- host in one transfer and reorders it there.
+      local ids = self._all:narrow(2, 1, n)
+      local w = self._wall and self._wall:narrow(2, 1, n)
+      local ids_t = ids:transpose(1, 2) -- locals keep the views alive during the call
+      local w_t = w and w:transpose(1, 2)
+      check(C.moe_trace_append(h, n, ids_t.h, w_t and w_t.h or nil, tok and tok.h or nil), fn)
+      ids:fill_(-1)
+      if w then w:fill_(0) end
     end
     if self._dir and n > 0 then
       if self._parts then
@@ -301,7 +306,7 @@ return function(moe)
       C.moe_trace_free(h)
       self._h = nil
     end
-    self._replay, self._wbuf = nil, nil
+    self._replay, self._wbuf, self._all, self._wall = nil, nil, nil, nil
   end
 
   -- ------------------------------------------------------------------ access --
