@@ -150,6 +150,23 @@ __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
 
 /* ------------------------------------------------------------------ GEMM -- */
 
+/* Block -> (row tile, column tile) of a grouped GEMM launched as a 1-D grid of
+ * max_tiles x ntn blocks (the row-tile count is only known on the device).  Row tiles go in
+ * groups of 8 with the row tile varying fastest inside a group, so the blocks running at
+ * once share a few A row tiles and a few weight column tiles in L2 instead of streaming
+ * every row tile once per column tile.  false: surplus block. */
+__device__ __forceinline__ bool moe__fm_map(int ntiles, int ntn, int &tile, int &nb) {
+    const int GM = 8;
+    const int64_t b = blockIdx.x;
+    if (b >= (int64_t)ntiles * ntn) return false;
+    const int group = (int)(b / ((int64_t)GM * ntn));
+    const int in = (int)(b - (int64_t)group * GM * ntn);
+    const int gs = min(GM, ntiles - group * GM);
+    tile = group * GM + in % gs;
+    nb = in / gs;
+    return true;
+}
+
 struct moe__fm_gemm_args {
     const __nv_bfloat16 *A; /* G1: hidden [T, Kd]; G2: intermediate [P, Kd] (sorted order) */
     const __nv_bfloat16 *W; /* [E, N, Kd] */
@@ -194,13 +211,13 @@ __global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__f
     __nv_bfloat16 *Bs = As + STAGES * BM * BK;
     __shared__ int rowsrc[BM], rowpair[BM];
 
-    const int tile = blockIdx.x;
-    if (tile >= *a.ntiles) return;
+    int tile, nb;
+    if (!moe__fm_map(*a.ntiles, (a.N + BN - 1) / BN, tile, nb)) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
     const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
     const int64_t e = (int64_t)a.lo + le;
-    const int n0 = blockIdx.y * BN;
+    const int n0 = nb * BN;
     for (int r = tid; r < BM; r += NT) {
         if (r < nr) {
             int p = a.sorted[r0 + r];
@@ -357,12 +374,12 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
     __nv_bfloat16 *Bs = As + STAGES * BM * BK;
     __shared__ int rowsrc[BM], rowpair[BM];
 
-    const int tile = blockIdx.x;
-    if (tile >= *a.ntiles) return;
+    int tile, nb;
+    if (!moe__fm_map(*a.ntiles, (a.N + BN - 1) / BN, tile, nb)) return;
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w4 = (tid >> 5) & 3;
     const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
     const int64_t e = (int64_t)a.lo + le;
-    const int n0 = blockIdx.y * BN;
+    const int n0 = nb * BN;
     const int nvalid = min(BN, a.N - n0);
     for (int r = tid; r < BM; r += NT) {
         if (r < nr) {
@@ -405,13 +422,13 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
         if (s < KT) load(s, s);
         moe__fm_commit();
     }
+    /* per k tile: stage kt landed -> issue its 4 wgmma (async) -> wait until the previous
+     * tile's wgmma are done in both warpgroups -> refill that tile's stage; so the tensor
+     * cores work on tile kt while the barrier, the wait and the next loads go on. */
     for (int kt = 0; kt < KT; kt++) {
         moe__fm_wait<STAGES - 2>();
         moe__fm_fence_async();
         __syncthreads();
-        const int nk = kt + STAGES - 1;
-        if (nk < KT) load(nk % STAGES, nk);
-        moe__fm_commit();
         const int st = kt % STAGES;
         const uint64_t da = moe__fm_desc(moe__fm_smem(As + st * BM * BK + wg * 64 * BK));
         const uint64_t db = moe__fm_desc(moe__fm_smem(Bs + st * BN * BK));
@@ -419,8 +436,13 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ks++) moe__fm_wgmma_n256(acc, da + 2 * ks, db + 2 * ks);
         moe__fm_wg_commit();
-        moe__fm_wg_wait0();
+        moe__fm_wg_wait1();
+        __syncthreads();
+        const int nk = kt + STAGES - 1; /* its stage (kt - 1) % STAGES is free now */
+        if (nk < KT) load(nk % STAGES, nk);
+        moe__fm_commit();
     }
+    moe__fm_wg_wait0();
     moe__fm_wait<0>();
 
     /* epilogue: acc[4j + q] is row wg*64 + w4*16 + lane/4 (+8 for q >= 2), column
@@ -605,7 +627,7 @@ static moe_status moe__fm_launch(const moe__cuda_guard &g, const moe__fm_gemm_ar
                                  int64_t P, int lc) {
     typedef moe__fm_cfg<BM, BN, WM, WN, STAGES> C;
     const int64_t tiles = P / BM + (P < lc ? P : lc) + 1;
-    dim3 g1((unsigned)tiles, (unsigned)(a1.N / BN)), g2((unsigned)tiles, (unsigned)(a2.N / BN));
+    dim3 g1((unsigned)(tiles * (a1.N / BN))), g2((unsigned)(tiles * (a2.N / BN)));
     moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, true><<<g1, C::THREADS, C::SMEM, g.stream>>>(a1);
     MOE_CUDA_LAUNCHED(FN);
     moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, false><<<g2, C::THREADS, C::SMEM, g.stream>>>(a2);
@@ -671,8 +693,8 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     a2.y = y;
     if (lc > 0 && large && moe__fm_use_wg()) {
         const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
-        dim3 g1((unsigned)tiles, (unsigned)((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN));
-        dim3 g2((unsigned)tiles, (unsigned)((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN));
+        dim3 g1((unsigned)(tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));
+        dim3 g2((unsigned)(tiles * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));
         moe__k_fm_gemm_wg<true><<<g1, 256, MOE_FM_WG_SMEM, g.stream>>>(a1);
         MOE_CUDA_LAUNCHED(FN);
         moe__k_fm_gemm_wg<false><<<g2, 256, MOE_FM_WG_SMEM, g.stream>>>(a2);

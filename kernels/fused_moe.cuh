@@ -70,6 +70,11 @@ __device__ __forceinline__ void moe__fm_wg_wait0() {
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+__device__ __forceinline__ void moe__fm_wg_wait1() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#endif
+}
 /* Make this thread's generic-proxy shared-memory writes (cp.async) visible to the async
  * proxy (wgmma operand reads); each writing thread runs it before the barrier. */
 __device__ __forceinline__ void moe__fm_fence_async() {

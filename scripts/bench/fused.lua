@@ -199,7 +199,9 @@ for _, r in ipairs(rows) do
     print(string.format("  %s T=%d: large-tile mma.sync path %.1f us (default path %.1f us)", r.shape, r.T, r.us_mma, r.us))
   end
 end
-if torch_note == nil and next(torch) then print("  (* PyTorch timed eagerly: its pipeline could not be captured)") end
+local eager = false
+for _, r in ipairs(rows) do if r.torch and not r.torch_graph then eager = true end end
+if eager then print("  (* PyTorch timed eagerly: its pipeline could not be captured)") end
 local function bar(ok) return ok and "met" or "MISSED" end
 for _, s in ipairs(SHAPES) do
   local worst, big
