@@ -4,7 +4,7 @@
 # Installs what is missing with apt-get when run as root; otherwise prints the exact command.
 set -euo pipefail
 want=(cmake make gcc luajit libluajit-5.1-dev lua-busted libreadline8 python3)
-[ "${1:-}" = "--ci" ] && want+=(clang libclang-rt-14-dev libxml2-utils)
+[ "${1:-}" = "--ci" ] && want+=(clang libclang-rt-14-dev libxml2-utils lua-check)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
