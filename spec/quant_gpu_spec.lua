@@ -162,9 +162,12 @@ describe("CUDA quantisers equal the CPU reference bit for bit #gpu", function()
   end)
 
   it("throughput (informational)", function()
-    pcall(ffi.cdef, "struct moe_qspec_ts { long s; long ns; }; int clock_gettime(int, struct moe_qspec_ts *);")
-    local ts = ffi.new("struct moe_qspec_ts")
-    local function now() ffi.C.clock_gettime(1, ts) return tonumber(ts.s) + tonumber(ts.ns) * 1e-9 end
+    -- clock_gettime may already be declared by another module with its own timespec type:
+    -- declare it with void * when it is not, and always pass a void * (converts to any pointer)
+    pcall(ffi.cdef, "int clock_gettime(int clk, void *ts);")
+    local ts = ffi.new("int64_t[2]")                  -- struct timespec on 64-bit Linux
+    local tsp = ffi.cast("void *", ts)
+    local function now() ffi.C.clock_gettime(1, tsp) return tonumber(ts[0]) + tonumber(ts[1]) * 1e-9 end
     local w = moe.randn({ 32, 2048, 7168 }, { dtype = "bf16", device = "cuda", seed = 3 })
     for _, mode in ipairs{ "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" } do
       local q = moe.quantize(w, mode)          -- warm-up
