@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
                     int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err) {
     extern __shared__ int moe__fm_sm[];
     __shared__ int wrow[32], wtile[32];
+    moe__fm_pdl_enter();
     int *cnt = moe__fm_sm, *cur = moe__fm_sm + lc;
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
     for (int e = tid; e < lc; e += nt) cnt[e] = 0;
@@ -211,6 +212,7 @@ __global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__f
     __nv_bfloat16 *Bs = As + STAGES * BM * BK;
     __shared__ int rowsrc[BM], rowpair[BM];
 
+    moe__fm_pdl_enter();
     int tile, nb;
     if (!moe__fm_map(*a.ntiles, (a.N + BN - 1) / BN, tile, nb)) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -374,6 +376,7 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
     __nv_bfloat16 *Bs = As + STAGES * BM * BK;
     __shared__ int rowsrc[BM], rowpair[BM];
 
+    moe__fm_pdl_enter();
     int tile, nb;
     if (!moe__fm_map(*a.ntiles, (a.N + BN - 1) / BN, tile, nb)) return;
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, w4 = (tid >> 5) & 3;
@@ -513,6 +516,7 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
 /* out[t, 8c .. 8c+7] = bf16(sum over local k in order of y[t*K + k, ...]). */
 __global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
                                    uint16_t *out) {
+    moe__fm_pdl_enter();
     const int H8 = H >> 3;
     const int64_t units = T * H8;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
@@ -550,7 +554,7 @@ __global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T
 typedef moe__fm_cfg<32, 64, 1, 4, 6> moe__fm_small;
 typedef moe__fm_cfg<128, 128, 2, 4, 3> moe__fm_large;
 
-static int moe__fm_have_wg = 0;
+static int moe__fm_have_wg = 0, moe__fm_have_pdl = 0;
 
 static moe_status moe__fm_attrs(void) {
     static int done = 0;
@@ -574,6 +578,7 @@ static moe_status moe__fm_attrs(void) {
     MOE_CUDA_TRY("moe_experts_new", cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     MOE_CUDA_TRY("moe_experts_new", cudaFuncGetAttributes(&fa, moe__k_fm_gemm_wg<true>));
     moe__fm_have_wg = major == 9 && fa.binaryVersion == 90;
+    moe__fm_have_pdl = major >= 9;
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
 }
@@ -622,16 +627,40 @@ extern "C" moe_status moe__cuda_fused_pack(struct moe_experts *ex, const moe_ten
     return MOE_OK;
 }
 
+/* Launch on the guard's stream, with programmatic stream serialisation when `pdl`. */
+template <typename... Params, typename... Args>
+static moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl,
+                             Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = pdl ? at : nullptr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, args...));
+    return MOE_OK;
+}
+
+/* PDL in use: a 9.0+ device, unless MOE_FUSED_PDL=0. */
+static bool moe__fm_use_pdl(void) {
+    if (!moe__fm_have_pdl) return false;
+    const char *env = getenv("MOE_FUSED_PDL");
+    return !(env && env[0] == '0');
+}
+
 template <int BM, int BN, int WM, int WN, int STAGES, int MINB>
 static moe_status moe__fm_launch(const moe__cuda_guard &g, const moe__fm_gemm_args &a1, const moe__fm_gemm_args &a2,
                                  int64_t P, int lc) {
     typedef moe__fm_cfg<BM, BN, WM, WN, STAGES> C;
     const int64_t tiles = P / BM + (P < lc ? P : lc) + 1;
     dim3 g1((unsigned)(tiles * (a1.N / BN))), g2((unsigned)(tiles * (a2.N / BN)));
-    moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, true><<<g1, C::THREADS, C::SMEM, g.stream>>>(a1);
-    MOE_CUDA_LAUNCHED(FN);
-    moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, false><<<g2, C::THREADS, C::SMEM, g.stream>>>(a2);
-    MOE_CUDA_LAUNCHED(FN);
+    const bool pdl = moe__fm_use_pdl();
+    MOE_TRY(moe__fm_go(moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, true>, g1, C::THREADS, C::SMEM, g.stream, pdl, a1));
+    MOE_TRY(moe__fm_go(moe__k_fm_gemm<BM, BN, WM, WN, STAGES, MINB, false>, g2, C::THREADS, C::SMEM, g.stream, pdl, a2));
     return MOE_OK;
 }
 
@@ -658,9 +687,9 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     const bool large = lc > 0 && P >= (int64_t)48 * lc;
     const int BM = large ? 128 : 32; /* row tile of MOE_FM_LARGE / MOE_FM_SMALL */
     size_t sm = (size_t)(lc > 0 ? 2 * lc : 1) * sizeof(int);
-    moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0,
-                                                              tile_n, ntiles, err);
-    MOE_CUDA_LAUNCHED(FN);
+    const bool pdl = moe__fm_use_pdl();
+    MOE_TRY(moe__fm_go(moe__k_fm_align, dim3(1), MOE_FM_ALIGN_THREADS, sm, g.stream, pdl, ids, P, (int)ex->E, lo, lc, BM,
+                       sorted, tile_e, tile_r0, tile_n, ntiles, err));
 
     moe__fm_gemm_args a1, a2;
     memset(&a1, 0, sizeof a1);
@@ -695,17 +724,15 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
         const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
         dim3 g1((unsigned)(tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));
         dim3 g2((unsigned)(tiles * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));
-        moe__k_fm_gemm_wg<true><<<g1, 256, MOE_FM_WG_SMEM, g.stream>>>(a1);
-        MOE_CUDA_LAUNCHED(FN);
-        moe__k_fm_gemm_wg<false><<<g2, 256, MOE_FM_WG_SMEM, g.stream>>>(a2);
-        MOE_CUDA_LAUNCHED(FN);
+        MOE_TRY(moe__fm_go(moe__k_fm_gemm_wg<true>, g1, 256, MOE_FM_WG_SMEM, g.stream, pdl, a1));
+        MOE_TRY(moe__fm_go(moe__k_fm_gemm_wg<false>, g2, 256, MOE_FM_WG_SMEM, g.stream, pdl, a2));
     } else if (lc > 0) {
         if (large) MOE_TRY((moe__fm_launch<MOE_FM_LARGE>(g, a1, a2, P, lc)));
         else MOE_TRY((moe__fm_launch<MOE_FM_SMALL>(g, a1, a2, P, lc)));
     }
     const int threads = 256;
-    moe__k_fm_finalize<<<moe__cuda_grid(g.dev, T * (ex->H / 8), threads), threads, 0, g.stream>>>(
-        y, ids, T, A->K, (int)ex->H, (int)ex->E, lo, lc, (uint16_t *)moe_tensor_data(A->out));
-    MOE_CUDA_LAUNCHED(FN);
+    MOE_TRY(moe__fm_go(moe__k_fm_finalize, dim3(moe__cuda_grid(g.dev, T * (ex->H / 8), threads)), threads, 0, g.stream,
+                       pdl, (const float *)y, ids, T, (int)A->K, (int)ex->H, (int)ex->E, lo, lc,
+                       (uint16_t *)moe_tensor_data(A->out)));
     return MOE_OK;
 }

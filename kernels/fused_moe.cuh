@@ -38,6 +38,17 @@ __device__ __forceinline__ void moe__fm_mma(float (&d)[4], const uint32_t (&a)[4
  * groups. */
 __device__ __forceinline__ int moe__fm_swz(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
 
+/* Programmatic dependent launch (sm_90): a kernel launched with programmatic stream
+ * serialisation may start while its predecessor drains; griddepcontrol.wait (first thing in
+ * every fused kernel) blocks until the predecessor has completed and its writes are visible,
+ * and launch_dependents lets the next kernel's blocks get scheduled.  No-ops elsewhere. */
+__device__ __forceinline__ void moe__fm_pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 /* ---- Hopper warpgroup MMA (sm_90a only; empty elsewhere: the host never launches the
  * wgmma kernel unless the sm_90a binary is the one loaded) ---- */
 
