@@ -433,7 +433,7 @@ function moe.default_device() return moe._device_str(state.default_device) end
 
 -- --------------------------------------------------------------- submodules --
 
-for _, name in ipairs{ "tensor", "graph", "route", "ops", "io", "trace", "fused", "quant", "model" } do
+for _, name in ipairs{ "tensor", "graph", "route", "ops", "io", "trace", "fused", "quant", "model", "checkpoint" } do
   require("moe." .. name)(moe)
 end
 
