@@ -645,11 +645,13 @@ static moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads, size_
     return MOE_OK;
 }
 
-/* PDL in use: a 9.0+ device, unless MOE_FUSED_PDL=0. */
+/* PDL in use: a 9.0+ device and MOE_FUSED_PDL=1.  Off by default: measured on an H100
+ * (2026-11-26) it made decode slower (Qwen3-30B-A3B T=1: 56.0 us with, 48.3 us without;
+ * Mixtral T=1: 378 vs 324 us) and changed nothing measurable at larger T. */
 static bool moe__fm_use_pdl(void) {
     if (!moe__fm_have_pdl) return false;
     const char *env = getenv("MOE_FUSED_PDL");
-    return !(env && env[0] == '0');
+    return env && env[0] == '1';
 }
 
 template <int BM, int BN, int WM, int WN, int STAGES, int MINB>

@@ -231,16 +231,16 @@ describe("#gpu moe.fused_moe large-tile mma.sync path (MOE_FUSED_WGMMA=0)", func
   end
 end)
 
-describe("#gpu moe.fused_moe without programmatic dependent launch (MOE_FUSED_PDL=0)", function()
+describe("#gpu moe.fused_moe with programmatic dependent launch (MOE_FUSED_PDL=1; off by default)", function()
   local ffi = require("ffi")
   pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
   for _, T in ipairs{ 1, 64, 1000 } do
-    it("swiglu / deepseekv3 / T=" .. T .. " gives the same output as with PDL", function()
+    it("swiglu / deepseekv3 / T=" .. T .. " gives the same output as without PDL", function()
       local ex = experts("swiglu", false)
       local x, L = inputs(T, 5151 + T)
       local m = METHODS.deepseekv3
       local y1 = call(ex, x, L, m, "cuda")
-      ffi.C.setenv("MOE_FUSED_PDL", "0", 1)
+      ffi.C.setenv("MOE_FUSED_PDL", "1", 1)
       local ok, y0 = pcall(call, ex, x, L, m, "cuda")
       ffi.C.unsetenv("MOE_FUSED_PDL")
       assert.is_true(ok, tostring(y0))

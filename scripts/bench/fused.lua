@@ -1,7 +1,7 @@
 -- moe bench fused [--shape NAME[,NAME]] [--t LIST] [--reps N] [--no-torch] [--json PATH] [--compare-mma]
 --
 -- --compare-mma also times the large-tile mma.sync path (MOE_FUSED_WGMMA=0) where the wgmma one runs;
--- --compare-pdl times T <= 256 without programmatic dependent launch (MOE_FUSED_PDL=0).
+-- --compare-pdl times T <= 256 with programmatic dependent launch (MOE_FUSED_PDL=1; off by default).
 --
 -- Fused MoE (bf16) on CUDA: per model shape and T, the median time of one moe.fused_moe call
 -- (routing included) from CUDA-graph replays, uniform random routing (renormalize over random
@@ -166,12 +166,12 @@ for _, s in ipairs(SHAPES) do
       us_mma = time_it()
       ffi.C.unsetenv("MOE_FUSED_WGMMA")
     end
-    local us_nopdl
+    local us_pdl
     if opts.compare_pdl and T <= 256 then
       local ffi = require("ffi")
       pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-      ffi.C.setenv("MOE_FUSED_PDL", "0", 1)
-      us_nopdl = time_it()
+      ffi.C.setenv("MOE_FUSED_PDL", "1", 1)
+      us_pdl = time_it()
       ffi.C.unsetenv("MOE_FUSED_PDL")
     end
     local bytes = hit * 3 * Hd * I * 2 + T * Hd * 4 + T * E * 4
@@ -182,7 +182,7 @@ for _, s in ipairs(SHAPES) do
       shape = s.name, T = T, us = us, floor = floor, pct_floor = 100 * floor / us,
       tflops = flops / us / 1e6, gbs = bytes / us / 1e3, hit = hit,
       bound = bytes / HBM > flops / PEAK and "mem" or "flop",
-      us_mma = us_mma, us_nopdl = us_nopdl, torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
+      us_mma = us_mma, us_pdl = us_pdl, torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
     }
     xs, ls, out = nil, nil, nil
     collectgarbage("collect")
@@ -208,8 +208,8 @@ for _, r in ipairs(rows) do
   if r.us_mma then
     print(string.format("  %s T=%d: large-tile mma.sync path %.1f us (default path %.1f us)", r.shape, r.T, r.us_mma, r.us))
   end
-  if r.us_nopdl then
-    print(string.format("  %s T=%d: without PDL %.1f us (with PDL %.1f us)", r.shape, r.T, r.us_nopdl, r.us))
+  if r.us_pdl then
+    print(string.format("  %s T=%d: with PDL %.1f us (without PDL %.1f us)", r.shape, r.T, r.us_pdl, r.us))
   end
 end
 local eager = false
@@ -240,7 +240,7 @@ if opts.json then
     local parts = {}
     for _, r in ipairs(rows) do
       local kv = {}
-      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "us_nopdl", "torch", "vs_torch" } do
+      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "us_pdl", "torch", "vs_torch" } do
         local v = r[k]
         if v ~= nil then
           kv[#kv + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
