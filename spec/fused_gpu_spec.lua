@@ -106,8 +106,6 @@ describe("#gpu moe.fused_moe routed mode, EP, edge cases", function()
     local x, L = inputs(T, 501)
     local m = METHODS.renormalize
     local full = call(ex, x, L, m, "cuda"):to("cpu"):to("f32")
-    local sum = moe.zeros({ T, HD })
-    local mag = moe.zeros({ T, HD })
     local fa = full:reshape({ T * HD }):totable()
     local acc, am = {}, {}
     for i = 1, T * HD do acc[i], am[i] = 0, math.abs(fa[i]) end
@@ -123,8 +121,6 @@ describe("#gpu moe.fused_moe routed mode, EP, edge cases", function()
       assert.is_true(math.abs(acc[i] - fa[i]) <= 2 ^ -8 * am[i] + 1e-30,
                      string.format("element %d: shards %g, full %g", i, acc[i], fa[i]))
     end
-    assert.is_not_nil(sum)
-    assert.is_not_nil(mag)
   end)
 
   it("T = 0 and all tokens to one expert", function()

@@ -62,13 +62,20 @@ return function(moe)
     end
   end
 
-  local EX_LIST = "gate_up, down, activation, bias_gate_up, bias_down, alpha, beta, limit, device"
+  local EX_LIST = "gate_up, down, activation, bias_gate_up, bias_down, alpha, beta, limit, device, quant"
   local EX_KNOWN = {}
   for k in EX_LIST:gmatch("[%w_]+") do EX_KNOWN[k] = true end
 
   function moe.experts(args)
     local fn = "moe.experts"
     check_known(fn, args, EX_KNOWN, EX_LIST)
+    if args.quant ~= nil and args.quant ~= "bf16" then
+      if type(args.quant) ~= "string" then
+        error(fn .. ": quant: expected a quantisation mode name, got " .. describe(args.quant), 2)
+      end
+      error(fn .. ": quant: only \"bf16\" experts are implemented by the fused MoE kernels so far, got " ..
+            describe(args.quant) .. " (quantised experts: issue 5)", 2)
+    end
     local w13 = tensor_arg(fn, args, "gate_up", true, 3)
     local w2 = tensor_arg(fn, args, "down", true, 3)
     local b13 = tensor_arg(fn, args, "bias_gate_up", false, 3)
@@ -106,6 +113,7 @@ return function(moe)
       H = tonumber(C.moe_experts_hidden(h)),
       I = tonumber(C.moe_experts_intermediate(h)),
       activation = aname,
+      quant = "bf16",
       device = moe._device_str(dev),
       is_cuda = dev.type == CUDA,
       ws = nil, ws_T = 0, ws_K = 0,
