@@ -141,7 +141,7 @@ for _, c in ipairs(CASES) do
       floor = floor, ratio_floor = off / floor,
       torch = tr, speedup_torch = tr and tr / off or nil,
     }
-    sets = nil
+    for s = 1, #sets do sets[s]:free() end
     collectgarbage("collect")
   end
 end
