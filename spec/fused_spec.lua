@@ -388,11 +388,11 @@ describe("moe.fused_moe bad input", function()
       assert.is_not_nil(e)
     end
   end)
-  it("quant: bf16 is accepted, other modes are refused with a message", function()
+  it("quant: modes are accepted by name (numerics: fused_quant_spec.lua), unknown ones refused", function()
     local ex = moe.experts{ gate_up = f.w13, down = f.w2, quant = "bf16" }
     assert.equal("bf16", ex.quant)
-    expect(H.error_of(moe.experts, { gate_up = f.w13, down = f.w2, quant = "fp8" }),
-           "quant: only \"bf16\" experts are implemented")
+    expect(H.error_of(moe.experts, { gate_up = f.w13, down = f.w2, quant = "fp7" }),
+           "expected one of bf16, fp8")
   end)
   it("unknown arguments and activations", function()
     expect(err_of{ topk = 2 }, "unknown argument")

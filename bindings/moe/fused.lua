@@ -69,15 +69,25 @@ return function(moe)
   function moe.experts(args)
     local fn = "moe.experts"
     check_known(fn, args, EX_KNOWN, EX_LIST)
-    if args.quant ~= nil and args.quant ~= "bf16" then
-      if type(args.quant) ~= "string" then
-        error(fn .. ": quant: expected a quantisation mode name, got " .. describe(args.quant), 2)
-      end
-      error(fn .. ": quant: only \"bf16\" experts are implemented by the fused MoE kernels so far, got " ..
-            describe(args.quant) .. " (quantised experts: issue 5)", 2)
+    -- quantised experts (docs/quantization.md, "Fused MoE per mode"): quant = mode, gate_up /
+    -- down f32/bf16 tensors (quantised here) or qtensors of the mode (moe.quantize,
+    -- moe.quant_from_parts); a qtensor alone implies its mode
+    local quant = args.quant
+    if quant ~= nil and type(quant) ~= "string" then
+      error(fn .. ": quant: expected a quantisation mode name (" .. table.concat(moe.quant_modes(), ", ") ..
+            "), got " .. describe(quant), 2)
     end
-    local w13 = tensor_arg(fn, args, "gate_up", true, 3)
-    local w2 = tensor_arg(fn, args, "down", true, 3)
+    local q13, q2
+    for _, key in ipairs({ "gate_up", "down" }) do
+      local v = args[key]
+      if moe.is_qtensor and moe.is_qtensor(v) then
+        if v._h == nil then error(fn .. ": " .. key .. ": quantised tensor was freed", 2) end
+        quant = quant or v.mode
+        if key == "gate_up" then q13 = v else q2 = v end
+      end
+    end
+    local w13 = not q13 and tensor_arg(fn, args, "gate_up", true, 3) or nil
+    local w2 = not q2 and tensor_arg(fn, args, "down", true, 3) or nil
     local b13 = tensor_arg(fn, args, "bias_gate_up", false, 3)
     local b2 = tensor_arg(fn, args, "bias_down", false, 3)
     local cfg = ecfg_box[0]
@@ -98,12 +108,23 @@ return function(moe)
     local dev
     if args.device ~= nil then
       dev = moe._device(args.device, fn, "device")
-    else
+    elseif w13 then
       dev = C.moe_tensor_device(w13.h)
+    else
+      dev = C.moe_qtensor_device(q13._h)
     end
     ex_box[0] = nil
-    local st = C.moe_experts_new(ex_box, ecfg_box, w13.h, w2.h, b13 and b13.h or nil,
-                                 b2 and b2.h or nil, dev)
+    local st
+    if quant ~= nil then
+      local mode = C.moe_quant_mode_from_name(quant)
+      if mode < 0 then moe._check(C.MOE_ERR_ARG, fn) end
+      st = C.moe_experts_new_quant(ex_box, ecfg_box, mode, w13 and w13.h or nil, w2 and w2.h or nil,
+                                   q13 and q13._h or nil, q2 and q2._h or nil, b13 and b13.h or nil,
+                                   b2 and b2.h or nil, dev)
+    else
+      st = C.moe_experts_new(ex_box, ecfg_box, w13.h, w2.h, b13 and b13.h or nil,
+                             b2 and b2.h or nil, dev)
+    end
     local h = ex_box[0]
     ex_box[0] = nil
     moe._check(st, fn)
@@ -113,7 +134,7 @@ return function(moe)
       H = tonumber(C.moe_experts_hidden(h)),
       I = tonumber(C.moe_experts_intermediate(h)),
       activation = aname,
-      quant = "bf16",
+      quant = ffi.string(C.moe_quant_mode_name(C.moe_experts_quant(h))),
       device = moe._device_str(dev),
       is_cuda = dev.type == CUDA,
       ws = nil, ws_T = 0, ws_K = 0,
@@ -130,8 +151,8 @@ return function(moe)
 
   function Experts:__tostring()
     if self.h == nil then return "moe.experts(<freed>)" end
-    return string.format("moe.experts(E=%d, H=%d, I=%d, activation=%s, device=%s, %.1f MB)",
-                         self.E, self.H, self.I, self.activation, self.device,
+    return string.format("moe.experts(E=%d, H=%d, I=%d, activation=%s, quant=%s, device=%s, %.1f MB)",
+                         self.E, self.H, self.I, self.activation, self.quant, self.device,
                          tonumber(C.moe_experts_nbytes(self.h)) / 1e6)
   end
 

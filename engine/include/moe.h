@@ -528,6 +528,22 @@ moe_status moe_experts_new(moe_experts **out, const moe_experts_cfg *cfg,
                            const moe_tensor *gate_up, const moe_tensor *down,
                            const moe_tensor *bias_gate_up, const moe_tensor *bias_down,
                            moe_device dev);
+/* Quantised experts (docs/quantization.md, "Fused MoE per mode"): mode is a moe_quant_mode.
+ * Per matrix give either the f32/bf16 weights (gate_up [E, N1, H], down [E, H, I], quantised
+ * here on `dev` with moe_quantize: fp8 one scale per expert, fp8_block 128x128 blocks, ...)
+ * or an already-quantised qtensor of that mode and shape on `dev` (gate_up_q / down_q, e.g.
+ * from moe_qtensor_from_parts; its storage is shared, not copied), not both.  H and I must
+ * divide by the mode's block (128 fp8_block, 16 nvfp4, 32 mxfp4/mxint4): the activations are
+ * quantised along them too; CUDA needs multiples of 128.  Biases as for moe_experts_new.
+ * Mode bf16 is moe_experts_new (a bf16 qtensor's data is the weight).  moe_fused_moe then
+ * runs the mode's numerics.  Caller owns *out (moe_experts_free). */
+moe_status moe_experts_new_quant(moe_experts **out, const moe_experts_cfg *cfg, int mode,
+                                 const moe_tensor *gate_up, const moe_tensor *down,
+                                 const moe_qtensor *gate_up_q, const moe_qtensor *down_q,
+                                 const moe_tensor *bias_gate_up, const moe_tensor *bias_down,
+                                 moe_device dev);
+/* The experts' moe_quant_mode (MOE_QUANT_BF16 for moe_experts_new). */
+int moe_experts_quant(const moe_experts *ex);
 void moe_experts_free(moe_experts *ex);
 int64_t moe_experts_num(const moe_experts *ex);          /* E */
 int64_t moe_experts_hidden(const moe_experts *ex);       /* H */

@@ -4,6 +4,7 @@
 #include "internal.h"
 #include "backend.h"
 #include "fused.h"
+#include "fused_quant.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -98,6 +99,8 @@ void moe_experts_free(moe_experts *ex) {
     moe_tensor_free(ex->w2);
     moe_tensor_free(ex->b13);
     moe_tensor_free(ex->b2);
+    moe_qtensor_free(ex->q13);
+    moe_qtensor_free(ex->q2);
     free(ex);
 }
 
@@ -192,6 +195,13 @@ int64_t moe_experts_nbytes(const moe_experts *ex) {
     const moe_tensor *ts[4] = {ex->w13, ex->w2, ex->b13, ex->b2};
     for (int i = 0; i < 4; i++)
         if (ts[i]) n += (int64_t)moe_tensor_nbytes(ts[i]);
+    const moe_qtensor *qs[2] = {ex->q13, ex->q2};
+    for (int i = 0; i < 2; i++) {
+        if (!qs[i]) continue;
+        const moe_tensor *ps[3] = {moe_qtensor_data(qs[i]), moe_qtensor_scales(qs[i]), moe_qtensor_global_scale(qs[i])};
+        for (int j = 0; j < 3; j++)
+            if (ps[j]) n += (int64_t)moe_tensor_nbytes(ps[j]);
+    }
     return n;
 }
 
@@ -245,6 +255,11 @@ moe_status moe_workspace_new(moe_workspace **out, moe_device dev, int64_t max_to
         o = moe__align_up(o + (size_t)P * (size_t)ex->I * 2);
         ws->off_y = o;
         o = moe__align_up(o + (size_t)P * (size_t)ex->H * 4);
+        if (ex->quant != MOE_QUANT_BF16) { /* fused_quant.cu's region */
+            ws->off_fq = o;
+            ws->fq_bytes = moe__fused_quant_ws_bytes(max_tokens, top_k, ex->E, ex->H, ex->I);
+            o = moe__align_up(o + ws->fq_bytes);
+        }
     }
     ws->bytes = o;
     int64_t shape[1] = {(int64_t)o};
@@ -467,7 +482,7 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
         args.local_count = lc;
         args.llama4 = cfg->route.method == MOE_ROUTE_LLAMA4;
         args.routed = routed;
-        s = be->fused(&args);
+        s = ex->quant != MOE_QUANT_BF16 ? moe__fused_quant_run(&args) : be->fused(&args);
     }
     moe_tensor_free(tmp_ids);
     moe_tensor_free(tmp_wts);

@@ -22,6 +22,11 @@ struct moe_experts {
     int act;
     float alpha, beta, limit;
     moe_tensor *w13, *w2, *b13, *b2;
+    /* Quantised experts (moe_experts_new_quant; engine/src/fused_quant.c): quant is the
+     * moe_quant_mode (0 = bf16: the fields above only); q13 [E, N1, H] and q2 [E, H, I] in
+     * logical row order on dev.  CPU: w13/w2 then hold their f32 dequantised values. */
+    int quant;
+    struct moe_qtensor *q13, *q2;
 };
 
 /* Scratch of moe_fused_moe: one allocation carved into regions (byte offsets into buf).
@@ -35,6 +40,7 @@ struct moe_workspace {
     int64_t max_tiles;   /* row tiles of the grouped GEMMs (smallest tile height) */
     moe_tensor *buf;     /* u8 [bytes] */
     size_t off_ids, off_wts, off_sorted, off_tiles, off_ntiles, off_err, off_inter, off_y;
+    size_t off_fq, fq_bytes; /* CUDA, quantised experts: region of fused_quant.cu (0 otherwise) */
     size_t bytes;
 };
 
