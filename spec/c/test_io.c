@@ -511,6 +511,34 @@ static void test_st_roundtrip(void) {
     CHECK(moe_st_count(f) == 0 && moe_st_meta_count(f) == 0);
     moe_st_close(f);
 
+    /* byte-identical to the format's reference writer on its own documented examples */
+    {
+        int64_t s123[3] = {1, 2, 3};
+        moe_tensor *a0 = NULL;
+        moe_tensor_new(&a0, MOE_F32, 3, s123, CPU);
+        moe_tensor_arange(a0, 0, 1);
+        const char *nm1[1] = {"attn.0"};
+        const moe_tensor *ta[1] = {a0};
+        CHECK(moe_st_write(tpath("ref.safetensors"), 1, nm1, ta, 0, NULL, NULL) == MOE_OK);
+        static const char hdr[] = "{\"attn.0\":{\"dtype\":\"F32\",\"shape\":[1,2,3],"
+                                  "\"data_offsets\":[0,24]}}";
+        const float vals[6] = {0, 1, 2, 3, 4, 5};
+        unsigned char want[8 + 64 + 24] = {64};
+        CHECK(sizeof hdr - 1 == 64);
+        memcpy(want + 8, hdr, 64);
+        memcpy(want + 72, vals, 24);
+        fb = read_file(tpath("ref.safetensors"), &fn);
+        CHECK(fb && fn == sizeof want && memcmp(fb, want, sizeof want) == 0);
+        free(fb);
+        moe_tensor_free(a0);
+        const char *fk[1] = {"framework"}, *fv[1] = {"pt"};
+        CHECK(moe_st_write(tpath("ref2.safetensors"), 0, NULL, NULL, 1, fk, fv) == MOE_OK);
+        fb = read_file(tpath("ref2.safetensors"), &fn);
+        CHECK(fb && fn == 48 && fb[0] == 40 &&
+              memcmp(fb + 8, "{\"__metadata__\":{\"framework\":\"pt\"}}     ", 40) == 0);
+        free(fb);
+    }
+
     /* writer errors */
     int64_t s1[1] = {4};
     moe_tensor *a = NULL;
