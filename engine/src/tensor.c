@@ -240,13 +240,14 @@ static moe_status moe__check_shape(const char *fn, int dtype, int ndim, const in
     if (ndim < 0 || ndim > MOE_MAX_DIMS)
         return moe__err(MOE_ERR_ARG, "%s: ndim: expected 0..%d, got %d", fn, MOE_MAX_DIMS, ndim);
     if (ndim > 0 && !shape) return moe__err(MOE_ERR_ARG, "%s: shape: expected %d sizes, got NULL", fn, ndim);
-    int64_t n = 1;
+    int64_t n = 1; /* product of the non-zero sizes: bounds the strides even when numel is 0 */
     for (int i = 0; i < ndim; i++) {
         if (shape[i] < 0)
             return moe__err(MOE_ERR_SHAPE, "%s: shape[%d]: expected >= 0, got %" PRId64, fn, i, shape[i]);
-        if (shape[i] > 0 && n > INT64_MAX / 8 / shape[i])
-            return moe__err(MOE_ERR_SHAPE, "%s: shape: expected fewer than 2^60 elements, got more", fn);
-        n *= shape[i];
+        if (shape[i] > 0 && n > ((int64_t)1 << 60) / shape[i])
+            return moe__err(MOE_ERR_SHAPE, "%s: shape: expected at most 2^60 elements (counting non-zero sizes), got more",
+                            fn);
+        if (shape[i] > 0) n *= shape[i];
     }
     if (moe__dtype_packed(dtype) && ndim > 0 && (shape[ndim - 1] % 2) != 0)
         return moe__err(MOE_ERR_SHAPE, "%s: shape[%d]: expected an even size for packed dtype %s, got %" PRId64,

@@ -58,6 +58,9 @@ static void test_new_errors(void) {
     int64_t neg[2] = {2, -3};
     CHECK_ERR(moe_tensor_new(&t, MOE_F32, 2, neg, CPU), MOE_ERR_SHAPE, "shape[1]: expected >= 0, got -3");
     CHECK_ERR(moe_tensor_new(&t, 99, 2, neg, CPU), MOE_ERR_DTYPE, "dtype");
+    /* an empty tensor whose other sizes would overflow the strides is refused too */
+    int64_t huge[4] = {2, 0, INT64_MAX, 12};
+    CHECK_ERR(moe_tensor_new(&t, MOE_F32, 4, huge, CPU), MOE_ERR_SHAPE, "2^60");
     int64_t odd[1] = {3};
     CHECK_ERR(moe_tensor_new(&t, MOE_E2M1, 1, odd, CPU), MOE_ERR_SHAPE, "even");
     moe_device bad = {7, 0};
