@@ -706,7 +706,9 @@ moe_status moe_st_write(const char *path, int n, const char *const *names,
         if (!first) moe__buf_puts(&b, ",");
         first = 0;
         moe__json_put_string(&b, names[i], strlen(names[i]));
-        moe__buf_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", st_dtypes[st_dtype_of_moe(dt)].name);
+        int sdt = st_dtype_of_moe(dt); /* validated above: >= 0 */
+        const char *sname = sdt >= 0 && st_dtypes[sdt].name ? st_dtypes[sdt].name : "?";
+        moe__buf_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", sname);
         for (int d = 0; d < nd; d++) {
             int64_t s = moe_tensor_dim(t, d);
             if (dt == MOE_I4 && d == nd - 1) s /= 2; /* bytes */
