@@ -5,6 +5,8 @@
 -- de-interleaved matrix is built here element by element from the source tables, not by the
 -- loader's code; runs are checked for determinism and for routing that follows the
 -- checkpoint's router (layer 1 recomputed from the raw source tensors).  Every error path.
+-- Also: `moe models` against the preset table of issue 7, and the three experiment scripts
+-- (checkpoint-free) run as child processes with their results recounted here.
 local moe = require("moe")
 local json = require("moe.json")
 local H = package.loaded["spec.helper"]
@@ -25,6 +27,13 @@ end
 teardown(function()
   for _, d in ipairs(made) do os.execute("rm -rf " .. sh(d)) end
 end)
+
+local function read_all_text(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
 
 local function write_all(path, s)
   local f = assert(io.open(path, "wb"))
@@ -590,5 +599,149 @@ describe("load_hf: errors", function()
     assert.is_true(has(error_of(moe.model.load_hf, "/nonexistent", {bogus = 1}), "bogus"))
     assert.is_true(has(error_of(moe.model.load_hf, "/nonexistent", {device = "tpu"}), "opts.device"))
     assert.is_true(has(error_of(moe.model.load_hf, "/nonexistent", 5), "opts"))
+  end)
+end)
+
+-- ------------------------------------------------- `moe models` and the experiment scripts --
+-- They run as child processes (scripts/moe with this build's library), like a user would.
+local MOE = H.source_dir .. "/scripts/moe"
+local function run(cmdline)
+  local p = assert(io.popen("cd " .. sh(H.source_dir) .. " && luajit " .. sh(MOE) .. " " .. cmdline ..
+                            " 2>&1; echo \"__RC=$?\""))
+  local out = p:read("*a")
+  p:close()
+  local rc = tonumber(out:match("__RC=(%d+)%s*$"))
+  return out:gsub("__RC=%d+%s*$", ""), rc
+end
+local function read_json(path)
+  local f = assert(io.open(path, "rb"))
+  local v = json.decode(f:read("*a"))
+  f:close()
+  return v
+end
+
+describe("moe models", function()
+  -- the table of issue 7 (H, I, E, shared, K, method, n_group/topk_group, scale)
+  local WANT = {
+    ["deepseek-v3"] = {7168, 2048, 256, 1, 8, "deepseekv3", 8, 4, 2.5},
+    ["kimi-k2"] = {7168, 2048, 384, 1, 8, "deepseekv3", 1, nil, 2.827},
+    ["glm-4.5"] = {5120, 1536, 160, 1, 8, "deepseekv3", 1, nil, 2.5},
+    ["qwen3-30b-a3b"] = {2048, 768, 128, 0, 8, "renormalize"},
+    ["qwen3-235b-a22b"] = {4096, 1536, 128, 0, 8, "renormalize"},
+    ["mixtral-8x7b"] = {4096, 14336, 8, 0, 2, "renormalize"},
+    ["mixtral-8x22b"] = {6144, 16384, 8, 0, 2, "renormalize"},
+    ["llama4-scout"] = {5120, 8192, 16, 1, 1, "llama4"},
+    ["llama4-maverick"] = {5120, 8192, 128, 1, 1, "llama4"},
+    ["gpt-oss-20b"] = {2880, 2880, 32, 0, 4, "renormalize"},
+    ["gpt-oss-120b"] = {2880, 2880, 128, 0, 4, "renormalize"},
+    ["minimax-m2"] = {3072, 1536, 256, 0, 8, "minimax2"},
+    ["olmoe"] = {2048, 1024, 64, 0, 8, "default"},
+  }
+
+  it("--json lists every preset with the issue's values and the tiny size", function()
+    local out, rc = run("models --json")
+    assert.are.equal(0, rc, out)
+    local rows = json.decode(out)
+    assert.are.equal(13, #rows)
+    for _, r in ipairs(rows) do
+      local w = WANT[r.name]
+      assert.is_not_nil(w, r.name)
+      assert.are.equal(w[1], r.H, r.name .. " H"); assert.are.equal(w[2], r.I, r.name .. " I")
+      assert.are.equal(w[3], r.E, r.name .. " E"); assert.are.equal(w[4], r.shared, r.name .. " shared")
+      assert.are.equal(w[5], r.K, r.name .. " K"); assert.are.equal(w[6], r.method, r.name .. " method")
+      if w[7] then assert.are.equal(w[7], r.n_group, r.name .. " n_group") end
+      if w[8] then assert.are.equal(w[8], r.topk_group, r.name .. " topk_group") end
+      if w[9] then assert.are.equal(w[9], r.scale, r.name .. " scale") end
+      assert.are.equal(r.name:match("^gpt%-oss") and "swiglu_oai" or "swiglu", r.activation)
+      assert.are.equal(256, r.sizes.tiny.H); assert.are.equal(128, r.sizes.tiny.I)
+      assert.are.equal(math.min(4, r.layers), r.sizes.tiny.layers)
+    end
+  end)
+
+  it("prints the table, one preset by name, and refuses an unknown one", function()
+    local out, rc = run("models")
+    assert.are.equal(0, rc, out)
+    assert.is_true(has(out, "deepseek-v3      7168   2048   256+1  8  deepseekv3   8/4, 2.5"), out)
+    out, rc = run("models olmoe")
+    assert.are.equal(0, rc, out)
+    assert.is_true(has(out, "olmoe") and not has(out, "mixtral"), out)
+    out, rc = run("models nope")
+    assert.are.equal(2, rc, out)
+    assert.is_true(has(out, "no preset 'nope'"), out)
+  end)
+end)
+
+describe("experiment scripts", function()
+  it("import_engine_trace: the demo .npy is numpy's format and the disagreement is recounted here", function()
+    local d = tmpdir()
+    local out, rc = run("run scripts/experiments/import_engine_trace.lua --tokens 40 --prefix 4 --flip 0.3 " ..
+                        "--device cpu --out " .. sh(d))
+    assert.are.equal(0, rc, out)
+    local eng = moe.load(d .. "/engine_demo.npy")         -- the engine's .npy reader, i32 [T, L, K]
+    assert.are.equal("i32", eng:dtype())
+    same(eng:shape(), {40, 4, 8}, "demo shape")
+    local e, loc = eng:totable(), moe.trace.load(d .. "/local.safetensors")
+    local differ, compared = 0, 0
+    for t = 1, 40 do
+      for l = 1, 4 do
+        if e[t][l][1] >= 0 then
+          compared = compared + 1
+          local set = {}
+          for _, id in ipairs(loc:get(t, l)) do set[id] = true end
+          local d1 = false
+          for k = 1, 8 do if not set[e[t][l][k]] then d1 = true end end
+          if d1 then differ = differ + 1 end
+        else
+          assert.are.equal(-1, e[t][l][8])
+        end
+      end
+    end
+    assert.are.equal(36 * 4, compared)
+    assert.is_true(differ > 0)
+    local cmp = read_json(d .. "/comparison.json")
+    assert.are.equal(differ / compared, cmp.router_disagreement)
+    assert.are.equal(16, cmp.skipped)
+    assert.is_true(has(out, "router disagreement"), out)
+  end)
+
+  it("replay_output: replays reproduce their native runs bit for bit", function()
+    local d = tmpdir()
+    local out, rc = run("run scripts/experiments/replay_output.lua --preset olmoe --tokens 24 --layers 2 " ..
+                        "--quants fp8 --device cpu --out " .. sh(d))
+    assert.are.equal(0, rc, out)
+    local s = read_json(d .. "/summary.json")
+    assert.are.equal(0, s.native_vs_model_run_router_disagreement)
+    assert.is_true(s.modes[1].replay_same_mode.bit_identical)
+    assert.are.equal(0, s.modes[1].replay_same_mode.rel_l2)
+    local tr = moe.trace.load(d .. "/routing_bf16.safetensors")
+    assert.is_true(tr:has_weights())
+    assert.are.equal(24, tr:tokens())
+  end)
+
+  it("preset_balance: Jain's index equals the mean over layers recomputed from the saved trace", function()
+    local d = tmpdir()
+    local out, rc = run("run scripts/experiments/preset_balance.lua --presets mixtral-8x7b,olmoe --tokens 32 " ..
+                        "--device cpu --out " .. sh(d))
+    assert.are.equal(0, rc, out)
+    local s = read_json(d .. "/balance.json")
+    assert.are.equal(2, #s.models)
+    for _, r in ipairs(s.models) do
+      local tr = moe.trace.load(r.trace)
+      local E, L, K = r.E, tr:layers(), tr:top_k()
+      local jain = 0
+      for l = 1, L do
+        local x = {}
+        for ee = 0, E - 1 do x[ee] = 0 end
+        for t = 1, tr:tokens() do
+          for _, id in ipairs(tr:get(t, l)) do x[id] = x[id] + 1 end
+        end
+        local s1, s2 = 0, 0
+        for ee = 0, E - 1 do s1, s2 = s1 + x[ee], s2 + x[ee] * x[ee] end
+        assert.are.equal(32 * K, s1)
+        jain = jain + s1 * s1 / (E * s2) / L
+      end
+      assert.is_true(math.abs(jain - r.jain) < 1e-12, r.model .. ": " .. jain .. " vs " .. r.jain)
+    end
+    assert.is_true(has(read_all_text(d .. "/balance.md"), "| mixtral-8x7b | 8 | 2 | renormalize |"))
   end)
 end)
