@@ -290,6 +290,76 @@ describe("load_hf: DeepSeek-V3 layout (2 shards + index, dense first layer)", fu
   end)
 end)
 
+-- ------------------------------------------------------- FP8 (block-scaled) --
+describe("load_hf: FP8 checkpoints (e4m3 codes + weight_scale_inv 128x128 blocks, or weight_scale)", function()
+  local Hd, I, E, K = 256, 128, 2, 1
+  local dir = tmpdir()
+  local src, want_gu, want_dn = {}, {}, {}
+  local config = {model_type = "deepseek_v3", hidden_size = Hd, moe_intermediate_size = I, n_routed_experts = E,
+                  num_experts_per_tok = K, n_group = 1, topk_group = 1, routed_scaling_factor = 1,
+                  n_shared_experts = 0, first_k_dense_replace = 0, num_hidden_layers = 1}
+  -- codes and scales chosen here; the expected value of each element is code * its block's scale,
+  -- rounded to bf16
+  local function fp8_matrix(name, N, Kd, per_tensor)
+    local codes = rnd({N, Kd}, "f8_e4m3", 40)
+    src[name] = codes
+    local c = tab(codes)
+    local sc
+    if per_tensor then
+      sc = {{0.03125}}
+      src[name .. "_scale"] = moe.tensor({0.03125}, {dtype = "f32"})
+    else
+      sc = {}
+      for a = 1, N / 128 do
+        sc[a] = {}
+        for b = 1, Kd / 128 do sc[a][b] = 2 ^ -(a + 2 * b) * 1.5 end
+      end
+      src[name .. "_scale_inv"] = moe.tensor(sc, {dtype = "f32"})
+    end
+    local want = {}
+    for r = 1, N do
+      want[r] = {}
+      for k = 1, Kd do
+        local s = per_tensor and sc[1][1] or sc[math.floor((r - 1) / 128) + 1][math.floor((k - 1) / 128) + 1]
+        want[r][k] = c[r][k] * s
+      end
+    end
+    return tab(moe.tensor(want, {dtype = "bf16"})) -- round to bf16 (a cast, not the dequantiser)
+  end
+  local p = "model.layers.0.mlp."
+  src[p .. "gate.weight"] = rnd({E, Hd}, "bf16", 1)
+  for e = 0, E - 1 do
+    local q = p .. "experts." .. e .. "."
+    local g = fp8_matrix(q .. "gate_proj.weight", I, Hd, e == 1)
+    local u = fp8_matrix(q .. "up_proj.weight", I, Hd)
+    local d = fp8_matrix(q .. "down_proj.weight", Hd, I)
+    want_gu[e + 1], want_dn[e + 1] = {}, d
+    for r = 1, I do want_gu[e + 1][r] = g[r] end
+    for r = 1, I do want_gu[e + 1][I + r] = u[r] end
+  end
+  write_ckpt(dir, config, src, function() return "model-fp8.safetensors" end)
+
+  it("dequantises every block with its own scale (and a per-tensor scale)", function()
+    local w = moe.model.load_hf(dir):layer_weights(1, "cpu")
+    assert.are.equal("bf16", w.gate_up:dtype())
+    same(tab(w.gate_up), want_gu, "gate_up")
+    same(tab(w.down), want_dn, "down")
+  end)
+
+  it("names an FP8 tensor without scales", function()
+    local d2 = tmpdir()
+    local s2 = {}
+    for k, v in pairs(src) do s2[k] = v end
+    s2[p .. "experts.0.up_proj.weight_scale_inv"] = nil
+    write_ckpt(d2, config, s2)
+    local m = moe.model.load_hf(d2)
+    local err = error_of(m.layer_weights, m, 1, "cpu")
+    assert.is_true(has(err, p .. "experts.0.up_proj.weight"), err)
+    assert.is_true(has(err, "weight_scale_inv"), err)
+    assert.is_true(has(err, "FP8"), err)
+  end)
+end)
+
 -- --------------------------------------------------------------- Qwen3-MoE --
 describe("load_hf: Qwen3-MoE layout (one model.safetensors)", function()
   local Hd, I, E, K = 16, 8, 6, 2

@@ -315,6 +315,42 @@ return function(moe)
     return t
   end
 
+  -- A weight matrix as a tensor of real values: FP8 checkpoints store e4m3 codes with either
+  -- 128x128 block scales `<name>_scale_inv` (DeepSeek-V3 / Kimi K2 / Qwen3-FP8 / GLM-FP8:
+  -- w = code * scale_inv per block) or a per-tensor `<name>_scale` (compressed-tensors); both
+  -- are dequantised here (to bf16) with the engine's fp8_block / fp8 dequantiser.
+  function Source:get_weight(name, shape, what)
+    local t = self:get(name, shape, what)
+    if t:dtype() ~= "f8_e4m3" then return t end
+    local block, per_tensor = name .. "_scale_inv", name .. "_scale"
+    local mode, sname
+    if self:has(block) then
+      mode, sname = "fp8_block", block
+    elseif self:has(per_tensor) then
+      mode, sname = "fp8", per_tensor
+    else
+      t:free()
+      error(string.format("%s: tensor %s (%s) is FP8 (e4m3) but neither %s nor %s is in the checkpoint", FN, name,
+                          what, block, per_tensor), 0)
+    end
+    local sc = self:get(sname, nil, "scales of " .. name)
+    local s32 = sc:to("f32")
+    sc:free()
+    if mode == "fp8" and s32:numel() == 1 then
+      local r = s32:reshape({})
+      s32:free()
+      s32 = r
+    end
+    local ok, q = pcall(moe.quant_from_parts, {mode = mode, data = t, scales = s32})
+    if not ok then
+      t:free(); s32:free()
+      error(string.format("%s: tensor %s (%s) with scales %s: %s", FN, name, what, sname, tostring(q)), 0)
+    end
+    local w = q:dequantize("bf16")
+    q:free(); t:free(); s32:free()
+    return w
+  end
+
   -- Copy a source tensor into dst (a view) and free the source view.
   local function fill(dst, src)
     dst:copy_(src)
@@ -353,7 +389,7 @@ return function(moe)
 
   -- Router and routing bias (f32, on dev).
   local function load_router(src, c, names, dev, w)
-    local r = src:get(names.router, {c.E, c.H}, "router weight [E, H]")
+    local r = src:get_weight(names.router, {c.E, c.H}, "router weight [E, H]")
     w.router = r:to(dev, "f32")
     r:free()
     if c.method == "deepseekv3" or c.method == "minimax2" then
@@ -370,9 +406,9 @@ return function(moe)
 
   -- One gated MLP [rows of gate; rows of up] into dst [2I, H] and down into ddst [H, I].
   local function load_mlp(src, gname, uname, dname, I, H, what, dst, ddst)
-    fill(dst:narrow(1, 1, I), src:get(gname, {I, H}, what .. " gate projection [I, H]"))
-    fill(dst:narrow(1, I + 1, I), src:get(uname, {I, H}, what .. " up projection [I, H]"))
-    fill(ddst, src:get(dname, {H, I}, what .. " down projection [H, I]"))
+    fill(dst:narrow(1, 1, I), src:get_weight(gname, {I, H}, what .. " gate projection [I, H]"))
+    fill(dst:narrow(1, I + 1, I), src:get_weight(uname, {I, H}, what .. " up projection [I, H]"))
+    fill(ddst, src:get_weight(dname, {H, I}, what .. " down projection [H, I]"))
   end
 
   -- Per-expert layouts (DeepSeek / Qwen / GLM / OLMoE, Mixtral / MiniMax).
