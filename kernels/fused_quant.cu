@@ -1,0 +1,652 @@
+/* fused_quant.cu -- the fused MoE in the quantisation modes on CUDA (fp8, fp8_block, nvfp4,
+ * mxfp4, mxint4), matching the CPU reference (engine/src/cpu/fused_quant_cpu.c) up to f32
+ * accumulation order.  Numerics: docs/quantization.md, "Fused MoE per mode".
+ *
+ * One call = routing (moe_route, by the core) + on the moelab stream, no allocation and no
+ * host synchronisation (graph-capturable; grids are upper bounds from T):
+ *   1. fp8 / fp8_block / nvfp4: the GEMM1 input x quantised by moe__cuda_quantize into the
+ *      workspace (fp8: amax over T x H; fp8_block: per (token, 128); nvfp4: global + per 16);
+ *   2. k_align (one block): local pairs per expert, tile table, expert-sorted pair order;
+ *   3. k_gemm<G1>: grouped GEMM over experts; the weights' codes (e4m3, e2m1, int4 nibbles)
+ *      and, for W8A8/W4A4, the activations' codes are read from global memory and turned
+ *      into bf16 in registers on their way into shared memory -- e4m3 values, e2m1 x e4m3
+ *      products (nvfp4) and e2m1 x 2^k (mxfp4) are exact in bf16, int4 values too -- so
+ *      `mma.sync.m16n8k16` bf16 -> f32 multiplies exactly the codes; the scales that do not
+ *      fold exactly are applied to f32 partial sums: per 128-column group (fp8_block: a_scale
+ *      x w_scale), per 32-column group (mxint4: the bf16 weight scale), per tensor in the
+ *      epilogue (fp8: sx x sw[e]; nvfp4: the two global scales).  No weight tensor is ever
+ *      dequantised in memory.  Epilogue: llama4 weight, bias, activation, bf16 intermediate;
+ *   4. fp8 / fp8_block / nvfp4: the intermediate quantised like x (per-tensor modes zero it
+ *      first so rows past the local pairs do not enter the amax);
+ *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
+ *   6. k_finalize: out[t] = bf16(sum over local k, in order).
+ * Tiles: BN 64, BK 32, 4 warps, two stages (register prefetch of the next step's codes while
+ * the current one multiplies); small BM 16 (decode), large BM 64 (>= 32 rows per expert). */
+#include "cuda_common.cuh"
+#include "fused_quant.h"
+#include "quant_math.h"
+
+#include <string.h>
+
+#define FN "moe_fused_moe"
+
+namespace {
+
+/* ---------------------------------------------------------------- PTX -- */
+
+__device__ __forceinline__ uint32_t fq_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void fq_ldsm4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void fq_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* ------------------------------------------------------------- align -- */
+
+constexpr int ALIGN_THREADS = 1024;
+
+__global__ void __launch_bounds__(ALIGN_THREADS)
+    k_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted, int32_t *tile_e,
+            int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err) {
+    extern __shared__ int fq_sm[];
+    int *cnt = fq_sm, *cur = fq_sm + lc;
+    const int tid = threadIdx.x;
+    for (int e = tid; e < lc; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    int bad = 0;
+    for (int64_t p = tid; p < P; p += blockDim.x) {
+        const int id = ids[p];
+        if (id < 0 || id >= E) {
+            bad++;
+            continue;
+        }
+        if (id - lo >= 0 && id - lo < lc) atomicAdd(&cnt[id - lo], 1);
+    }
+    if (bad) atomicAdd(err, bad);
+    __syncthreads();
+    if (tid < 32) { /* one warp: serial chunks, then a warp scan */
+        const int per = (lc + 31) / 32, e0 = min(tid * per, lc), e1 = min(e0 + per, lc);
+        int rs = 0, ts = 0;
+        for (int e = e0; e < e1; e++) {
+            rs += cnt[e];
+            ts += (cnt[e] + BM - 1) / BM;
+        }
+        int ri = rs, ti = ts;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int a = __shfl_up_sync(0xffffffffu, ri, o), b = __shfl_up_sync(0xffffffffu, ti, o);
+            if (tid >= o) {
+                ri += a;
+                ti += b;
+            }
+        }
+        int roff = ri - rs, toff = ti - ts;
+        if (tid == 31) *ntiles = ti;
+        for (int e = e0; e < e1; e++) {
+            const int c = cnt[e];
+            cur[e] = roff;
+            for (int j = 0; j * BM < c; j++) {
+                tile_e[toff] = e;
+                tile_r0[toff] = roff + j * BM;
+                tile_n[toff] = min(BM, c - j * BM);
+                toff++;
+            }
+            roff += c;
+        }
+    }
+    __syncthreads();
+    for (int64_t p = tid; p < P; p += blockDim.x) {
+        const int id = ids[p];
+        if (id >= 0 && id < E && id - lo >= 0 && id - lo < lc) sorted[atomicAdd(&cur[id - lo], 1)] = (int32_t)p;
+    }
+}
+
+/* -------------------------------------------------------------- GEMM -- */
+
+struct gemm_args {
+    /* A: G1 x (bf16 [T, Kd] for mxfp4/mxint4, else codes), G2 the intermediate likewise */
+    const uint16_t *A_bf16;
+    const uint8_t *A_codes;    /* e4m3 [rows, Kd] or e2m1 packed [rows, Kd/2] */
+    const void *A_scales;      /* fp8_block f32 [rows, Kd/128]; nvfp4 e4m3 [rows, Kd/16] */
+    const float *A_tensor;     /* fp8: the per-tensor scale; nvfp4: the global scale */
+    const uint8_t *W;          /* codes [E, N, Kd] (e4m3) or packed [E, N, Kd/2] */
+    const void *W_scales;      /* per mode, logical row order */
+    const float *W_tensor;     /* fp8 scales [E]; nvfp4 global [E] */
+    const float *bias;         /* [E, N] logical order, or NULL */
+    const int32_t *sorted, *tile_e, *tile_r0, *tile_n, *ntiles;
+    const float *wts;          /* [P] */
+    int N, Kd, K, lo, act, llama4, I, gated;
+    float alpha, beta, limit;
+    uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
+    float *y;                  /* G2 output f32 [P, N] (pair rows) */
+};
+
+__device__ __forceinline__ float fq_act(int act, float g, float u, float alpha, float beta, float limit) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
+    case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
+    case MOE_ACT_RELU2: {
+        float r = fmaxf(g, 0.0f);
+        return r * r;
+    }
+    default: {
+        float gg = fminf(g, limit), uu = fminf(fmaxf(u, -limit), limit);
+        return gg / (1.0f + expf(-alpha * gg)) * (uu + beta);
+    }
+    }
+}
+
+constexpr int BN = 64, BK = 32, SROW = 40; /* shared rows of 32 bf16 + 8 pad (80 bytes) */
+
+/* Raw codes of one thread's 16 consecutive K elements of one row, kept in registers
+ * between the global load and the conversion. */
+struct raw16 {
+    uint4 v[2]; /* bf16: 32 bytes; e4m3: v[0]; packed nibbles: v[0].x, v[0].y */
+    uint32_t sc; /* scale code (e4m3 / ue8m0 byte, bf16 bits) */
+    float fs;    /* f32 group scale */
+};
+
+__device__ __forceinline__ uint32_t fq_pack2(float a, float b) {
+    /* exact values: the bf16 bits are the f32's top half */
+    return (__float_as_uint(a) >> 16) | (__float_as_uint(b) & 0xFFFF0000u);
+}
+
+/* 16 codes -> 16 bf16 in dst (two 16-byte shared stores). */
+template <int MODE>
+__device__ __forceinline__ void fq_convert(const raw16 &r, bool bf16_src, const float *lut8, const float *lut4,
+                                           uint16_t *dst) {
+    uint4 o0, o1;
+    if (bf16_src) {
+        o0 = r.v[0];
+        o1 = r.v[1];
+    } else if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK) {
+        uint32_t w[4] = {r.v[0].x, r.v[0].y, r.v[0].z, r.v[0].w};
+        uint32_t o[8];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = fq_pack2(lut8[w[i] & 0xFF], lut8[(w[i] >> 8) & 0xFF]);
+            o[2 * i + 1] = fq_pack2(lut8[(w[i] >> 16) & 0xFF], lut8[w[i] >> 24]);
+        }
+        o0 = make_uint4(o[0], o[1], o[2], o[3]);
+        o1 = make_uint4(o[4], o[5], o[6], o[7]);
+    } else {
+        float s;
+        if (MODE == MOE_QUANT_NVFP4) s = lut8[r.sc & 0xFF];
+        else if (MODE == MOE_QUANT_MXFP4) s = moe__ue8m0_to_f32((uint8_t)r.sc);
+        else s = 1.0f; /* mxint4: the scale is applied per 32-column group */
+        uint32_t w[2] = {r.v[0].x, r.v[0].y};
+        uint32_t o[8];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t b = (w[i] >> (8 * j)) & 0xFF;
+                float lo, hi;
+                if (MODE == MOE_QUANT_MXINT4) {
+                    lo = (float)((int)((b & 0xF) ^ 8) - 8);
+                    hi = (float)((int)((b >> 4) ^ 8) - 8);
+                } else {
+                    lo = lut4[b & 0xF] * s;
+                    hi = lut4[b >> 4] * s;
+                }
+                o[i * 4 + j] = fq_pack2(lo, hi);
+            }
+        o0 = make_uint4(o[0], o[1], o[2], o[3]);
+        o1 = make_uint4(o[4], o[5], o[6], o[7]);
+    }
+    *(uint4 *)dst = o0;
+    *(uint4 *)(dst + 8) = o1;
+}
+
+template <int MODE, int BM, int WM, bool G1>
+__global__ void __launch_bounds__(128) k_gemm(const gemm_args a) {
+    constexpr int WN = 4 / WM, WTM = BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8;
+    static_assert(NI % 2 == 0 && MI >= 1, "warp tile");
+    /* K groups whose scale does not fold into bf16 exactly */
+    constexpr int GSTEPS = MODE == MOE_QUANT_FP8_BLOCK ? 128 / BK : (MODE == MOE_QUANT_MXINT4 ? 1 : 0);
+    constexpr bool A_BF16 = MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
+    constexpr bool PACKED = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
+    __shared__ __align__(16) uint16_t As[2][BM * SROW];
+    __shared__ __align__(16) uint16_t Bs[2][BN * SROW];
+    __shared__ float sA[2][BM], sB[2][BN];
+    __shared__ float lut8[256], lut4[16];
+    __shared__ int rowsrc[BM], rowpair[BM];
+    __shared__ float Cs[G1 ? BM : 1][BN + 4];
+
+    const int ntn = a.N / BN;
+    const int tile = blockIdx.x / ntn, nb = blockIdx.x % ntn;
+    if (tile >= *a.ntiles) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / WN, wn = warp % WN;
+    for (int i = tid; i < 256; i += 128) lut8[i] = moe__e4m3_to_f32((uint8_t)i);
+    if (tid < 16) lut4[tid] = moe__e2m1_to_f32((uint8_t)tid);
+    const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+    const int64_t e = (int64_t)a.lo + le;
+    for (int r = tid; r < BM; r += 128) {
+        if (r < nr) {
+            const int p = a.sorted[r0 + r];
+            rowpair[r] = p;
+            rowsrc[r] = G1 ? p / a.K : r0 + r;
+        } else {
+            rowpair[r] = -1;
+            rowsrc[r] = -1;
+        }
+    }
+    __syncthreads();
+
+    /* this thread's load slots: row ld_r, 16 columns from ld_c */
+    const int ld_r = tid >> 1, ld_c = (tid & 1) * 16;
+    const bool a_slot = ld_r < BM;
+    const int a_src = a_slot ? rowsrc[ld_r] : -1;
+    /* B row (logical weight row) of tile row ld_r: gated G1 tiles hold 32 gate + 32 up rows */
+    int64_t wrow;
+    if (G1 && a.gated) wrow = ld_r < 32 ? (int64_t)nb * 32 + ld_r : (int64_t)a.I + nb * 32 + (ld_r - 32);
+    else wrow = (int64_t)nb * BN + ld_r;
+    const int64_t wbase = e * a.N + wrow; /* row index into [E, N, .] */
+    const int KT = a.Kd / BK;
+
+    raw16 ra, rb;
+    auto load = [&](int kt) {
+        const int k = kt * BK + ld_c;
+        /* B */
+        if (PACKED) {
+            const uint2 v = *(const uint2 *)(a.W + (wbase * a.Kd + k) / 2);
+            rb.v[0] = make_uint4(v.x, v.y, 0, 0);
+            if (MODE == MOE_QUANT_NVFP4) rb.sc = ((const uint8_t *)a.W_scales)[wbase * (a.Kd / 16) + k / 16];
+            else if (MODE == MOE_QUANT_MXFP4) rb.sc = ((const uint8_t *)a.W_scales)[wbase * (a.Kd / 32) + k / 32];
+            else rb.fs = moe__bf16_to_f32(((const uint16_t *)a.W_scales)[wbase * (a.Kd / 32) + k / 32]);
+        } else {
+            rb.v[0] = *(const uint4 *)(a.W + wbase * a.Kd + k);
+            if (MODE == MOE_QUANT_FP8_BLOCK)
+                rb.fs = ((const float *)a.W_scales)[(e * (a.N / 128) + wrow / 128) * (a.Kd / 128) + k / 128];
+        }
+        /* A */
+        if (a_slot) {
+            if (a_src < 0) {
+                ra.v[0] = ra.v[1] = make_uint4(0, 0, 0, 0);
+                ra.sc = 0;
+                ra.fs = 0.0f;
+            } else if (A_BF16) {
+                const uint4 *g = (const uint4 *)(a.A_bf16 + (int64_t)a_src * a.Kd + k);
+                ra.v[0] = g[0];
+                ra.v[1] = g[1];
+            } else if (PACKED) {
+                const uint2 v = *(const uint2 *)(a.A_codes + ((int64_t)a_src * a.Kd + k) / 2);
+                ra.v[0] = make_uint4(v.x, v.y, 0, 0);
+                ra.sc = ((const uint8_t *)a.A_scales)[(int64_t)a_src * (a.Kd / 16) + k / 16];
+            } else {
+                ra.v[0] = *(const uint4 *)(a.A_codes + (int64_t)a_src * a.Kd + k);
+                if (MODE == MOE_QUANT_FP8_BLOCK)
+                    ra.fs = ((const float *)a.A_scales)[(int64_t)a_src * (a.Kd / 128) + k / 128];
+            }
+        }
+    };
+    auto store = [&](int st) {
+        fq_convert<MODE>(rb, false, lut8, lut4, &Bs[st][ld_r * SROW + ld_c]);
+        if (ld_c == 0) sB[st][ld_r] = rb.fs;
+        if (a_slot) {
+            if (a_src < 0) {
+                *(uint4 *)&As[st][ld_r * SROW + ld_c] = make_uint4(0, 0, 0, 0);
+                *(uint4 *)&As[st][ld_r * SROW + ld_c + 8] = make_uint4(0, 0, 0, 0);
+            } else {
+                fq_convert<MODE>(ra, A_BF16, lut8, lut4, &As[st][ld_r * SROW + ld_c]);
+            }
+            if (ld_c == 0) sA[st][ld_r] = ra.fs;
+        }
+    };
+
+    float acc[MI][NI][4], part[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NI; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = part[i][j][q] = 0.0f;
+
+    rb.fs = 1.0f;
+    ra.fs = 1.0f;
+    ra.sc = rb.sc = 0;
+    load(0);
+    __syncthreads(); /* LUTs */
+    store(0);
+    __syncthreads();
+    for (int kt = 0; kt < KT; kt++) {
+        const int st = kt & 1;
+        if (kt + 1 < KT) load(kt + 1);
+        const uint16_t *as = As[st], *bs = Bs[st];
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) {
+            uint32_t af[MI][4], bfr[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                const int row = wm * WTM + mi * 16 + (lane & 15), col = ks * 16 + (lane >> 4) * 8;
+                fq_ldsm4(af[mi], fq_smem(as + row * SROW + col));
+            }
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; nj++) {
+                const int q = lane >> 3;
+                const int row = wn * WTN + nj * 16 + (q >> 1) * 8 + (lane & 7), col = ks * 16 + (q & 1) * 8;
+                uint32_t r[4];
+                fq_ldsm4(r, fq_smem(bs + row * SROW + col));
+                bfr[2 * nj][0] = r[0];
+                bfr[2 * nj][1] = r[1];
+                bfr[2 * nj + 1][0] = r[2];
+                bfr[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) {
+                    if (GSTEPS) fq_mma(part[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                    else fq_mma(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                }
+        }
+        if (GSTEPS && (kt % (GSTEPS ? GSTEPS : 1)) == (GSTEPS ? GSTEPS : 1) - 1) {
+            /* end of a scale group: acc += part * scale(row, col) */
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const int r = wm * WTM + mi * 16 + (lane >> 2) + (q >> 1) * 8;
+                        const int c = wn * WTN + ni * 8 + (lane & 3) * 2 + (q & 1);
+                        const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[st][r] * sB[st][c] : sB[st][c];
+                        acc[mi][ni][q] += part[mi][ni][q] * s;
+                        part[mi][ni][q] = 0.0f;
+                    }
+        }
+        if (kt + 1 < KT) store(st ^ 1);
+        __syncthreads();
+    }
+
+    /* epilogue */
+    float ts = 1.0f;
+    if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) ts = a.A_tensor[0] * a.W_tensor[e];
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int r = wm * WTM + mi * 16 + (lane >> 2) + hf * 8;
+            if (G1) {
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) {
+                    const int c = wn * WTN + ni * 8 + (lane & 3) * 2;
+                    Cs[r][c] = acc[mi][ni][hf * 2] * ts;
+                    Cs[r][c + 1] = acc[mi][ni][hf * 2 + 1] * ts;
+                }
+            } else if (r < nr) {
+                const int p = rowpair[r];
+                const float w = a.llama4 ? 1.0f : a.wts[p];
+                float *yrow = a.y + (int64_t)p * a.N + nb * BN;
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) {
+                    const int c = wn * WTN + ni * 8 + (lane & 3) * 2;
+                    float h0 = acc[mi][ni][hf * 2] * ts, h1 = acc[mi][ni][hf * 2 + 1] * ts;
+                    if (a.bias) {
+                        h0 += a.bias[e * a.N + nb * BN + c];
+                        h1 += a.bias[e * a.N + nb * BN + c + 1];
+                    }
+                    *(float2 *)(yrow + c) = make_float2(h0 * w, h1 * w);
+                }
+            }
+        }
+    if (G1) {
+        __syncthreads();
+        const int cols = a.gated ? BN / 2 : BN;
+        for (int i = tid; i < BM * cols; i += 128) {
+            const int r = i / cols, j = i % cols;
+            if (r >= nr) continue;
+            const int p = rowpair[r];
+            const float c1 = a.llama4 ? a.wts[p] : 1.0f;
+            float v;
+            if (a.gated) {
+                const int ng = nb * 32 + j;
+                float g = Cs[r][j], u = Cs[r][32 + j];
+                if (a.llama4) {
+                    g *= c1;
+                    u *= c1;
+                }
+                if (a.bias) {
+                    g += a.bias[e * a.N + ng];
+                    u += a.bias[e * a.N + a.I + ng];
+                }
+                v = fq_act(a.act, g, u, a.alpha, a.beta, a.limit);
+                a.inter[(int64_t)(r0 + r) * a.I + ng] = moe__f32_to_bf16(v);
+            } else {
+                const int n = nb * BN + j;
+                float h = Cs[r][j];
+                if (a.llama4) h *= c1;
+                if (a.bias) h += a.bias[e * a.N + n];
+                v = fq_act(MOE_ACT_RELU2, h, 0.0f, 0, 0, 0);
+                a.inter[(int64_t)(r0 + r) * a.I + n] = moe__f32_to_bf16(v);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------- finalize -- */
+
+__global__ void k_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
+                           uint16_t *out) {
+    const int H4 = H >> 2;
+    const int64_t units = T * H4;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = u / H4;
+        const int c = (int)(u - t * H4) * 4;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int k = 0; k < K; k++) {
+            const int id = ids[t * K + k];
+            if (id < 0 || id >= E || id - lo < 0 || id - lo >= lc) continue;
+            const float4 v = *(const float4 *)(y + (t * K + k) * (int64_t)H + c);
+            s0 += v.x;
+            s1 += v.y;
+            s2 += v.z;
+            s3 += v.w;
+        }
+        uint2 o;
+        o.x = (uint32_t)moe__f32_to_bf16(s0) | ((uint32_t)moe__f32_to_bf16(s1) << 16);
+        o.y = (uint32_t)moe__f32_to_bf16(s2) | ((uint32_t)moe__f32_to_bf16(s3) << 16);
+        *(uint2 *)(out + t * (int64_t)H + c) = o;
+    }
+}
+
+/* --------------------------------------------------------- host glue -- */
+
+/* A tensor view of `dtype` and shape at byte offset `off` of the workspace buffer. */
+moe_status fq_view(moe_tensor **out, const moe_workspace *ws, size_t off, int dtype, int ndim, const int64_t *shape) {
+    const int bits = moe_dtype_bits(dtype);
+    const int64_t byte = ws->buf->offset + (int64_t)off;
+    const int64_t el = bits == 4 ? byte * 2 : byte / (bits / 8);
+    return moe__tensor_wrap(out, ws->buf->st, dtype, ndim, shape, NULL, el);
+}
+
+/* Quantise `src` ([rows, cols] bf16, contiguous) as activations of `mode` into workspace
+ * views: codes at off_c, scales at off_s, the per-tensor scale / global at off_t. */
+moe_status fq_quant_act(const moe_workspace *ws, int mode, const moe_tensor *src, int64_t rows, int64_t cols,
+                        size_t off_c, size_t off_s, size_t off_t) {
+    struct moe_qtensor q;
+    memset(&q, 0, sizeof q);
+    q.mode = mode;
+    q.ndim = 2;
+    q.shape[0] = rows;
+    q.shape[1] = cols;
+    int64_t one[1] = {1};
+    moe_status s = MOE_OK;
+    if (mode == MOE_QUANT_FP8) {
+        q.block_rows = (int)rows;
+        q.block_cols = (int)cols;
+        s = fq_view(&q.data, ws, off_c, MOE_F8E4M3, 2, q.shape);
+        if (s == MOE_OK) s = fq_view(&q.scales, ws, off_t, MOE_F32, 1, one);
+    } else if (mode == MOE_QUANT_FP8_BLOCK) {
+        q.block_rows = 1;
+        q.block_cols = 128;
+        int64_t ss[2] = {rows, cols / 128};
+        s = fq_view(&q.data, ws, off_c, MOE_F8E4M3, 2, q.shape);
+        if (s == MOE_OK) s = fq_view(&q.scales, ws, off_s, MOE_F32, 2, ss);
+    } else { /* nvfp4 */
+        q.block_rows = 1;
+        q.block_cols = 16;
+        int64_t ss[2] = {rows, cols / 16};
+        s = fq_view(&q.data, ws, off_c, MOE_E2M1, 2, q.shape);
+        if (s == MOE_OK) s = fq_view(&q.scales, ws, off_s, MOE_F8E4M3, 2, ss);
+        if (s == MOE_OK) s = fq_view(&q.global, ws, off_t, MOE_F32, 1, one);
+    }
+    if (s == MOE_OK) s = moe__cuda_quantize(src, &q);
+    moe_tensor_free(q.data);
+    moe_tensor_free(q.scales);
+    moe_tensor_free(q.global);
+    return s;
+}
+
+template <int MODE, int BM, int WM>
+moe_status fq_gemms(cudaStream_t st, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
+                    const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs, size_t off_gt,
+                    int64_t I) {
+    const int64_t tiles = P / BM + (P < lc ? P : lc) + 1;
+    k_gemm<MODE, BM, WM, true><<<(unsigned)(tiles * (a1.N / BN)), 128, 0, st>>>(a1);
+    MOE_CUDA_LAUNCHED(FN);
+    if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
+        MOE_TRY(fq_quant_act(ws, MODE, inter, P, I, off_gc, off_gs, off_gt));
+    k_gemm<MODE, BM, WM, false><<<(unsigned)(tiles * (a2.N / BN)), 128, 0, st>>>(a2);
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}
+
+template <int MODE>
+moe_status fq_mode(cudaStream_t st, bool large, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
+                   const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs, size_t off_gt,
+                   int64_t I) {
+    if (large) return fq_gemms<MODE, 64, 2>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
+    return fq_gemms<MODE, 16, 1>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
+}
+
+} // namespace
+
+extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
+    const struct moe_experts *ex = A->ex;
+    struct moe_workspace *ws = A->ws;
+    moe__cuda_guard g(FN, ex->dev.index);
+    MOE_TRY(g.status);
+    const int mode = ex->quant;
+    const int64_t T = A->T, P = T * A->K, H = ex->H, I = ex->I;
+    const int lc = A->local_count, lo = A->local_offset;
+    unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
+
+    /* region layout: as moe__fused_quant_ws_bytes, from the workspace's own sizes */
+    const int64_t WP = ws->max_pairs, WT = ws->max_tokens;
+    const int64_t wtiles = WP / MOE__FQ_MIN_BM + (WP < ws->E ? WP : ws->E) + 1;
+    size_t o = ws->off_fq;
+#define FQ_NEXT(var, n) \
+    const size_t var = o; \
+    o += ((size_t)(n) + 255) & ~(size_t)255
+    FQ_NEXT(off_misc, 64);
+    FQ_NEXT(off_tiles, wtiles * 12);
+    FQ_NEXT(off_xc, WT * ws->H);
+    FQ_NEXT(off_xs, WT * (ws->H / 16) + 16);
+    FQ_NEXT(off_gc, WP * ws->I);
+    FQ_NEXT(off_gs, WP * (ws->I / 16) + 16);
+#undef FQ_NEXT
+    int32_t *ntiles = (int32_t *)(base + off_misc);
+    const size_t off_xt = off_misc + 16, off_gt = off_misc + 32;
+    int32_t *tile_e = (int32_t *)(base + off_tiles);
+    int32_t *tile_r0 = tile_e + wtiles, *tile_n = tile_r0 + wtiles;
+    int32_t *sorted = (int32_t *)(base + ws->off_sorted);
+    int32_t *err = (int32_t *)(base + ws->off_err);
+    uint16_t *inter = (uint16_t *)(base + ws->off_inter);
+    float *y = (float *)(base + ws->off_y);
+    const int32_t *ids = (const int32_t *)moe_tensor_data(A->ids);
+    const float *wts = (const float *)moe_tensor_data(A->wts);
+    const bool wq = mode != MOE_QUANT_MXFP4 && mode != MOE_QUANT_MXINT4; /* activations quantised */
+
+    if (lc > 0) {
+        /* 1. x */
+        if (wq) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
+        /* 2. align */
+        const bool large = P >= (int64_t)32 * lc;
+        const int BM = large ? 64 : 16;
+        const size_t sm = (size_t)2 * lc * sizeof(int);
+        k_align<<<1, ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n,
+                                                    ntiles, err);
+        MOE_CUDA_LAUNCHED(FN);
+        /* per-tensor modes: rows past the local pairs must not enter the intermediate amax */
+        if (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_NVFP4)
+            MOE_CUDA_TRY(FN, cudaMemsetAsync(inter, 0, (size_t)P * (size_t)I * 2, g.stream));
+        gemm_args a1;
+        memset(&a1, 0, sizeof a1);
+        a1.A_bf16 = (const uint16_t *)moe_tensor_data(A->hidden);
+        a1.A_codes = base + off_xc;
+        a1.A_scales = base + off_xs;
+        a1.A_tensor = (const float *)(base + off_xt);
+        a1.W = (const uint8_t *)moe_tensor_data(moe_qtensor_data(ex->q13));
+        a1.W_scales = moe_tensor_data(moe_qtensor_scales(ex->q13));
+        a1.W_tensor = mode == MOE_QUANT_FP8 ? (const float *)a1.W_scales
+                      : mode == MOE_QUANT_NVFP4 ? (const float *)moe_tensor_data(moe_qtensor_global_scale(ex->q13))
+                                                : nullptr;
+        a1.bias = ex->b13 ? (const float *)moe_tensor_data(ex->b13) : nullptr;
+        a1.sorted = sorted;
+        a1.tile_e = tile_e;
+        a1.tile_r0 = tile_r0;
+        a1.tile_n = tile_n;
+        a1.ntiles = ntiles;
+        a1.wts = wts;
+        a1.N = (int)ex->N1;
+        a1.Kd = (int)H;
+        a1.K = A->K;
+        a1.lo = lo;
+        a1.act = ex->act;
+        a1.llama4 = A->llama4;
+        a1.I = (int)I;
+        a1.gated = ex->act != MOE_ACT_RELU2;
+        a1.alpha = ex->alpha;
+        a1.beta = ex->beta;
+        a1.limit = ex->limit;
+        a1.inter = inter;
+        gemm_args a2 = a1;
+        a2.A_bf16 = inter;
+        a2.A_codes = base + off_gc;
+        a2.A_scales = base + off_gs;
+        a2.A_tensor = (const float *)(base + off_gt);
+        a2.W = (const uint8_t *)moe_tensor_data(moe_qtensor_data(ex->q2));
+        a2.W_scales = moe_tensor_data(moe_qtensor_scales(ex->q2));
+        a2.W_tensor = mode == MOE_QUANT_FP8 ? (const float *)a2.W_scales
+                      : mode == MOE_QUANT_NVFP4 ? (const float *)moe_tensor_data(moe_qtensor_global_scale(ex->q2))
+                                                : nullptr;
+        a2.bias = ex->b2 ? (const float *)moe_tensor_data(ex->b2) : nullptr;
+        a2.N = (int)H;
+        a2.Kd = (int)I;
+        a2.gated = 0;
+        a2.y = y;
+        /* 3-5. GEMM1, intermediate quantisation, GEMM2 */
+        moe_tensor *iv = NULL;
+        int64_t ishape[2] = {P, I};
+        if (wq) MOE_TRY(fq_view(&iv, ws, ws->off_inter, MOE_BF16, 2, ishape));
+        moe_status s;
+        switch (mode) {
+        case MOE_QUANT_FP8: s = fq_mode<MOE_QUANT_FP8>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_FP8_BLOCK:
+            s = fq_mode<MOE_QUANT_FP8_BLOCK>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I);
+            break;
+        case MOE_QUANT_NVFP4: s = fq_mode<MOE_QUANT_NVFP4>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_MXFP4: s = fq_mode<MOE_QUANT_MXFP4>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_MXINT4: s = fq_mode<MOE_QUANT_MXINT4>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        default: s = moe__err(MOE_ERR_UNSUPPORTED, FN ": experts: quantisation mode %d has no CUDA kernels", mode);
+        }
+        moe_tensor_free(iv);
+        MOE_TRY(s);
+    }
+    /* 6. combine */
+    const int threads = 256;
+    k_finalize<<<moe__cuda_grid(g.dev, T * (H / 4), threads), threads, 0, g.stream>>>(
+        y, ids, T, A->K, (int)H, (int)ex->E, lo, lc, (uint16_t *)moe_tensor_data(A->out));
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}

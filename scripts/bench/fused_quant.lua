@@ -1,0 +1,241 @@
+-- moe bench fused_quant [--quant MODE[,MODE]] [--shape NAME[,NAME]] [--t LIST] [--reps N] [--json PATH]
+--
+-- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
+-- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
+-- CUDA-graph replays, uniform random routing (renormalize over random normal logits), next to
+-- each mode's own floor on the H100 datasheet:
+--   bytes = distinct experts hit x (the mode's weight bytes of 3*H*I values, scales included)
+--           + x and out (T*H*2 each) + logits (T*E*4), at 3.35 TB/s;
+--   FLOPs = 2*T*K*3*H*I at the mode's tensor-core peak: 1979 TFLOP/s for the modes with
+--           8/4-bit activations (fp8, fp8_block, nvfp4: an fp8 path exists), 989 for the
+--           W4A16 modes (mxfp4, mxint4: bf16 MMAs) and bf16;
+--   floor = the larger of the two times.
+-- bf16 (moe.experts without quant) is timed in the same run as the baseline.  Bars of issue 5:
+-- T <= 64: fp8 and fp8_block <= 2x the fp8 floor; nvfp4, mxfp4, mxint4 <= the fp8_block time
+-- (same shape and T); T = 4096: fp8_block >= 1.3x faster than bf16 for DeepSeek-V3.
+local moe = require("moe")
+
+local HBM = 3.35e12
+local PEAK = { bf16 = 989e12, fp8 = 1979e12, fp8_block = 1979e12, nvfp4 = 1979e12, mxfp4 = 989e12,
+               mxint4 = 989e12 }
+-- bytes per weight value, scales included (fp8: one f32 per matrix, negligible)
+local WBYTES = { bf16 = 2, fp8 = 1, fp8_block = 1 + 4 / (128 * 128), nvfp4 = 0.5 + 1 / 16,
+                 mxfp4 = 0.5 + 1 / 32, mxint4 = 0.5 + 2 / 32 }
+
+local SHAPES = {
+  { name = "deepseek-v3", H = 7168, I = 2048, E = 256, K = 8 },
+  { name = "qwen3-30b-a3b", H = 2048, I = 768, E = 128, K = 8 },
+  { name = "mixtral-8x7b", H = 4096, I = 14336, E = 8, K = 2 },
+}
+local TS = { 1, 16, 64, 256, 1024, 4096 }
+local QUANTS = { "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" }
+
+local opts = { reps = 20 }
+local args = { ... }
+local i = 1
+local function split(s)
+  local r = {}
+  for x in s:gmatch("[^,]+") do r[#r + 1] = x end
+  return r
+end
+while i <= #args do
+  local a = args[i]
+  if a == "--shape" then i = i + 1; opts.shape = args[i]
+  elseif a == "--quant" then i = i + 1; opts.quant = args[i]
+  elseif a == "--t" or a == "--T" then i = i + 1; opts.t = args[i]
+  elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
+  elseif a == "--json" then i = i + 1; opts.json = args[i]
+  elseif a == "-h" or a == "--help" then
+    print("usage: moe bench fused_quant [--quant fp8,fp8_block,nvfp4,mxfp4,mxint4] [--shape NAME[,NAME]] " ..
+          "[--t 1,16,...] [--reps N] [--json PATH]")
+    print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b; bf16 is always timed as the baseline")
+    return 0
+  else
+    io.stderr:write("moe bench fused_quant: unknown option " .. a .. "\n")
+    return 2
+  end
+  i = i + 1
+end
+if opts.shape then
+  local want, keep = {}, {}
+  for _, n in ipairs(split(opts.shape)) do want[n] = true end
+  for _, s in ipairs(SHAPES) do if want[s.name] then keep[#keep + 1] = s end end
+  if #keep == 0 then
+    io.stderr:write("moe bench fused_quant: --shape: unknown shape " .. opts.shape .. "\n")
+    return 2
+  end
+  SHAPES = keep
+end
+if opts.quant then
+  QUANTS = split(opts.quant)
+  for _, q in ipairs(QUANTS) do
+    if not PEAK[q] or q == "bf16" then
+      io.stderr:write("moe bench fused_quant: --quant: expected fp8, fp8_block, nvfp4, mxfp4 or mxint4, got " .. q .. "\n")
+      return 2
+    end
+  end
+end
+if opts.t then
+  TS = {}
+  for _, x in ipairs(split(opts.t)) do TS[#TS + 1] = tonumber(x) end
+end
+local MODES = { "bf16" }
+for _, q in ipairs(QUANTS) do MODES[#MODES + 1] = q end
+
+if not moe.cuda_available() then
+  io.stderr:write("moe bench fused_quant: no CUDA device (" .. moe.build_info() .. ")\n")
+  return 77
+end
+
+local function median(t)
+  table.sort(t)
+  local n = #t
+  if n % 2 == 1 then return t[(n + 1) / 2] end
+  return 0.5 * (t[n / 2] + t[n / 2 + 1])
+end
+
+local rows = {}
+for _, s in ipairs(SHAPES) do
+  local Hd, I, E, K = s.H, s.I, s.E, s.K
+  -- source weights: a block of B random experts copied to all E (values do not change the
+  -- timing; generating 22 GB of normals would)
+  local B = math.min(E, 8)
+  local w13 = moe.empty({ E, 2 * I, Hd }, { dtype = "bf16", device = "cuda" })
+  local w2 = moe.empty({ E, Hd, I }, { dtype = "bf16", device = "cuda" })
+  do
+    local b13 = moe.randn({ B, 2 * I, Hd }, { dtype = "bf16", device = "cuda", seed = 1, std = 0.02 })
+    local b2 = moe.randn({ B, Hd, I }, { dtype = "bf16", device = "cuda", seed = 2, std = 0.02 })
+    for e0 = 1, E, B do
+      w13:narrow(1, e0, B):copy_(b13)
+      w2:narrow(1, e0, B):copy_(b2)
+    end
+    b13:free(); b2:free()
+  end
+  -- inputs and the experts hit, per T (shared by every mode)
+  local inp = {}
+  for _, T in ipairs(TS) do
+    local xs, ls = {}, {}
+    for k = 1, 4 do
+      xs[k] = moe.randn({ T, Hd }, { dtype = "bf16", device = "cuda", seed = 100 * T + k })
+      ls[k] = moe.randn({ T, E }, { device = "cuda", seed = 100 * T + k + 50 })
+    end
+    local hit = 0
+    for k = 1, 4 do
+      local r = moe.route{ logits = ls[k], method = "renormalize", top_k = K }
+      local seen, n = {}, 0
+      for _, row in ipairs(r.ids:to("cpu"):totable()) do
+        for _, id in ipairs(row) do if not seen[id] then seen[id] = true; n = n + 1 end end
+      end
+      hit = hit + n / 4
+    end
+    inp[T] = { xs = xs, ls = ls, hit = hit }
+  end
+  for _, mode in ipairs(MODES) do
+    local ex = moe.experts{ gate_up = w13, down = w2, device = "cuda", quant = mode ~= "bf16" and mode or nil }
+    moe.synchronize("cuda")
+    for _, T in ipairs(TS) do
+      local xs, ls = inp[T].xs, inp[T].ls
+      local out = moe.empty({ T, Hd }, { dtype = "bf16", device = "cuda" })
+      ex:reserve(T, K)
+      moe.fused_moe{ hidden = xs[1], logits = ls[1], experts = ex, method = "renormalize", top_k = K, out = out }
+      local calls = T <= 256 and 8 or 2
+      local g = moe.graph.capture(function()
+        for c = 0, calls - 1 do
+          local k = c % 4 + 1
+          moe.fused_moe{ hidden = xs[k], logits = ls[k], experts = ex, method = "renormalize", top_k = K, out = out }
+        end
+      end)
+      local times = g:time(3, opts.reps)
+      g:free()
+      for k = 1, #times do times[k] = times[k] / calls end
+      local us = median(times)
+      local hit = inp[T].hit
+      local bytes = hit * 3 * Hd * I * WBYTES[mode] + T * Hd * 4 + T * E * 4
+      local flops = 2 * T * K * 3 * Hd * I
+      local floor = math.max(bytes / HBM, flops / PEAK[mode]) * 1e6
+      rows[#rows + 1] = { shape = s.name, mode = mode, T = T, us = us, floor = floor, pct_floor = 100 * floor / us,
+                          tflops = flops / us / 1e6, gbs = bytes / us / 1e3, hit = hit,
+                          bound = bytes / HBM > flops / PEAK[mode] and "mem" or "flop" }
+      out = nil
+      collectgarbage("collect")
+    end
+    ex:free()
+    collectgarbage("collect")
+  end
+  w13:free(); w2:free()
+  for _, v in pairs(inp) do
+    for k = 1, 4 do v.xs[k]:free(); v.ls[k]:free() end
+  end
+  collectgarbage("collect")
+end
+
+-- ----------------------------------------------------------------- output --
+local gpu = moe.cuda_device_info(0)
+print(string.format("moe bench fused_quant -- %s, %s UTC, median of %d CUDA-graph replays, uniform routing",
+                    gpu, os.date("!%Y-%m-%d %H:%M"), opts.reps))
+local function find(shape, mode, T)
+  for _, r in ipairs(rows) do
+    if r.shape == shape and r.mode == mode and r.T == T then return r end
+  end
+end
+print(string.format("%-14s %-10s %5s %6s %10s %10s %7s %5s %8s %8s %8s", "shape", "mode", "T", "hit", "us", "floor",
+                    "%floor", "bound", "TFLOP/s", "GB/s", "vs bf16"))
+for _, r in ipairs(rows) do
+  local b = find(r.shape, "bf16", r.T)
+  print(string.format("%-14s %-10s %5d %6.1f %10.1f %10.1f %6.1f%% %5s %8.1f %8.0f %8s", r.shape, r.mode, r.T, r.hit,
+                      r.us, r.floor, r.pct_floor, r.bound, r.tflops, r.gbs,
+                      b and string.format("%.2fx", b.us / r.us) or "-"))
+end
+local function bar(ok) return ok and "met" or "MISSED" end
+for _, s in ipairs(SHAPES) do
+  for _, q in ipairs{ "fp8", "fp8_block" } do
+    local worst
+    for _, T in ipairs(TS) do
+      local r, f8 = find(s.name, q, T), find(s.name, "fp8", T)
+      if r and f8 and T <= 64 then
+        local x = r.us / f8.floor
+        if not worst or x > worst then worst = x end
+      end
+    end
+    if worst then
+      print(string.format("bar %-14s %-9s T <= 64 within 2x of the fp8 floor: worst %.2fx -> %s", s.name, q, worst,
+                          bar(worst <= 2)))
+    end
+  end
+  for _, q in ipairs{ "nvfp4", "mxfp4", "mxint4" } do
+    local worst, wT
+    for _, T in ipairs(TS) do
+      local r, fb = find(s.name, q, T), find(s.name, "fp8_block", T)
+      if r and fb then
+        local x = r.us / fb.us
+        if not worst or x > worst then worst, wT = x, T end
+      end
+    end
+    if worst then
+      print(string.format("bar %-14s %-9s <= the fp8_block time: worst %.2fx (T=%d) -> %s", s.name, q, worst, wT,
+                          bar(worst <= 1)))
+    end
+  end
+  local fb, b = find(s.name, "fp8_block", 4096), find(s.name, "bf16", 4096)
+  if fb and b and s.name == "deepseek-v3" then
+    print(string.format("bar %-14s fp8_block T = 4096 >= 1.3x faster than bf16: %.2fx -> %s", s.name, b.us / fb.us,
+                        bar(b.us / fb.us >= 1.3)))
+  end
+end
+if opts.json then
+  local f = io.open(opts.json, "w")
+  if f then
+    local parts = {}
+    for _, r in ipairs(rows) do
+      local kv = {}
+      for _, k in ipairs{ "shape", "mode", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound" } do
+        local v = r[k]
+        kv[#kv + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
+      end
+      parts[#parts + 1] = "  {" .. table.concat(kv, ", ") .. "}"
+    end
+    f:write(string.format('{"gpu": %q, "rows": [\n%s\n]}\n', gpu, table.concat(parts, ",\n")))
+    f:close()
+  end
+end
+return 0
