@@ -595,6 +595,9 @@ describe("load_hf: Llama 4 layout (text_config, language_model. prefix, fused ga
     src[p .. "shared_expert.up_proj.weight"] = rnd({I, Hd})
     src[p .. "shared_expert.down_proj.weight"] = rnd({Hd, I})
   end
+  -- the vision tower has layers too (a shorter prefix): the language model's must be found
+  src["vision_model.model.layers.0.mlp.fc1.weight"] = rnd({8, 8})
+  src["vision_model.model.layers.1.mlp.fc1.weight"] = rnd({8, 8})
   write_ckpt(dir, config, src)
 
   it("finds the MoE layers and the prefix, splits gate/up halves", function()

@@ -520,14 +520,25 @@ return function(moe)
   local LOADERS = {per_expert = load_per_expert, mixtral = load_per_expert, gpt_oss = load_gpt_oss,
                    llama4 = load_llama4}
 
-  -- Common prefix before "layers.N." in the tensor names ("model.", "language_model.model.").
-  local function layer_prefix(src)
-    local best
+  -- Router tensor of a layer (relative to "<prefix>layers.N."), per layout: finds the prefix.
+  local ROUTER = {per_expert = "mlp.gate.weight", mixtral = "block_sparse_moe.gate.weight",
+                  gpt_oss = "mlp.router.weight", llama4 = "feed_forward.router.weight"}
+
+  -- The prefix before "layers.N." of the language model's tensors ("model.",
+  -- "language_model.model.", ...): among the prefixes seen in the names, the one under which
+  -- the first MoE layer's router exists (a vision tower's "vision_model.model.layers.N." does
+  -- not have one); "model." when none does (the missing-tensor error then names it).
+  local function layer_prefix(src, layout, first)
+    local seen, list = {}, {}
     for _, n in ipairs(src:names()) do
       local p = n:match("^(.-)layers%.%d+%.")
-      if p and (not best or #p < #best) then best = p end
+      if p and not seen[p] then seen[p] = true; list[#list + 1] = p end
     end
-    return best or "model."
+    table.sort(list, function(a, b) return #a < #b or (#a == #b and a < b) end)
+    for _, p in ipairs(list) do
+      if src:has(p .. "layers." .. first .. "." .. ROUTER[layout]) then return p end
+    end
+    return "model."
   end
 
   -- logits[t, :] += bias for every row t of logits [n, E] (GPT-OSS router bias; moe.route has no
@@ -627,7 +638,7 @@ return function(moe)
 
     local sok, src = pcall(open_source, dir)
     if not sok then error(src, 2) end
-    c.prefix = layer_prefix(src)
+    c.prefix = layer_prefix(src, c.layout, ids[1])
     c.is_moe = nil
     c.layer_ids = ids
     c.layers = #ids
