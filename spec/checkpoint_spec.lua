@@ -646,6 +646,23 @@ describe("load_hf: errors", function()
     assert.is_true(has(err, "qwen3_moe"), err)
   end)
 
+  it("refuses DeepSeek-style configs the deepseekv3 method does not compute", function()
+    local d = tmpdir()
+    local base = {model_type = "deepseek_v3", hidden_size = 8, num_hidden_layers = 2, moe_intermediate_size = 8,
+                  n_routed_experts = 4, num_experts_per_tok = 2}
+    base.scoring_func = "softmax"
+    write_all(d .. "/config.json", json.encode(base))
+    local err = error_of(moe.model.load_hf, d)
+    assert.is_true(has(err, "scoring_func \"softmax\""), err)
+    base.scoring_func, base.norm_topk_prob = "sigmoid", false
+    write_all(d .. "/config.json", json.encode(base))
+    err = error_of(moe.model.load_hf, d)
+    assert.is_true(has(err, "norm_topk_prob false"), err)
+    write_all(d .. "/config.json", json.encode({model_type = "deepseek_v2", hidden_size = 8}))
+    err = error_of(moe.model.load_hf, d)
+    assert.is_true(has(err, "unknown model_type \"deepseek_v2\""), err)
+  end)
+
   it("names a config field that is missing or invalid JSON", function()
     local d = tmpdir()
     write_all(d .. "/config.json", json.encode({model_type = "mixtral", hidden_size = 8, num_hidden_layers = 2,

@@ -65,12 +65,12 @@ return function(moe)
     llama4 = {method = "llama4", layout = "llama4", E = "num_local_experts", I = "intermediate_size"},
   }
   local MODEL_TYPES = {
-    deepseek_v3 = "deepseek", deepseek_v2 = "deepseek", kimi_k2 = "deepseek", glm4_moe = "deepseek",
+    deepseek_v3 = "deepseek", kimi_k2 = "deepseek", glm4_moe = "deepseek",
     qwen3_moe = "qwen_moe", qwen2_moe = "qwen_moe", mixtral = "mixtral", gpt_oss = "gpt_oss",
     llama4 = "llama4", llama4_text = "llama4", minimax_m2 = "minimax", minimax = "minimax", olmoe = "olmoe",
   }
   local ARCHITECTURES = {
-    DeepseekV3ForCausalLM = "deepseek_v3", DeepseekV2ForCausalLM = "deepseek_v2", Glm4MoeForCausalLM = "glm4_moe",
+    DeepseekV3ForCausalLM = "deepseek_v3", Glm4MoeForCausalLM = "glm4_moe",
     Qwen3MoeForCausalLM = "qwen3_moe", Qwen2MoeForCausalLM = "qwen2_moe", MixtralForCausalLM = "mixtral",
     GptOssForCausalLM = "gpt_oss", Llama4ForConditionalGeneration = "llama4", Llama4ForCausalLM = "llama4_text",
     MiniMaxM2ForCausalLM = "minimax_m2", OlmoeForCausalLM = "olmoe",
@@ -190,6 +190,17 @@ return function(moe)
       if ns > 0 then c.shared, c.shared_I = ns, ns * c.I end
       c.first_k_dense_replace = int_field(cfg, "first_k_dense_replace", path, 0)
       c.norm_topk_prob = bool_field(cfg, "norm_topk_prob", true)
+      -- moelab's deepseekv3 method is sigmoid scoring with normalised weights (DeepSeek-V3's
+      -- noaux_tc); softmax scoring (DeepSeek-V2's greedy / group_limited_greedy) is another router
+      local sf = cfg.scoring_func
+      if sf ~= nil and sf ~= json.null and sf ~= "sigmoid" then
+        error(string.format("%s: config: %s: scoring_func %s: the deepseekv3 method scores with sigmoid; " ..
+                            "softmax routers (DeepSeek-V2 style) are not mapped", FN, path, describe(sf)), 0)
+      end
+      if not c.norm_topk_prob then
+        error(string.format("%s: config: %s: norm_topk_prob false: the deepseekv3 method always normalises " ..
+                            "the chosen weights", FN, path), 0)
+      end
     elseif fam == "qwen_moe" or fam == "olmoe" then
       c.norm_topk_prob = bool_field(cfg, "norm_topk_prob", false)
       c.method = c.norm_topk_prob and "renormalize" or "default"
