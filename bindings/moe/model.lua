@@ -279,6 +279,7 @@ return function(moe)
     moe.rmsnorm(x, nil, {eps = 1e-6, out = h})          -- bf16 normalised hidden states
     local logits = st.logits:narrow(1, 1, n)
     moe.matmul_nt(h, w.router, {out = logits})          -- router GEMM, f32
+    if w.router_bias then M.add_logits_bias(logits, w.router_bias) end -- GPT-OSS router bias
     local replay = st.trace:replay(l):narrow(1, r0, n)
     local y = st.y:narrow(1, 1, n)
     moe.fused_moe{hidden = h, logits = logits, bias = w.bias, experts = st.ex, method = c.method,
