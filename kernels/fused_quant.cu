@@ -20,8 +20,11 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. k_finalize: out[t] = bf16(sum over local k, in order).
- * Tiles: BN 64, BK 32, 4 warps, two stages (register prefetch of the next step's codes while
- * the current one multiplies); small BM 16 (decode), large BM 64 (>= 32 rows per expert). */
+ * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
+ * weight bytes per thread in flight), medium 64 x 64 x 64, large 128 x 128 x 32 (8 warps);
+ * two shared stages, the next step's codes prefetched into registers while the current one
+ * multiplies.  Gated GEMM1 tiles interleave gate and up rows by 8 (no repacking: the tile's
+ * row map does it), so the activation runs on the accumulators. */
 #include "cuda_common.cuh"
 #include "fused_quant.h"
 #include "quant_math.h"
@@ -144,14 +147,12 @@ __device__ __forceinline__ float fq_act(int act, float g, float u, float alpha, 
     }
 }
 
-constexpr int BN = 64, BK = 32, SROW = 40; /* shared rows of 32 bf16 + 8 pad (80 bytes) */
-
-/* Raw codes of one thread's 16 consecutive K elements of one row, kept in registers
- * between the global load and the conversion. */
+/* Raw codes of one 16-element chunk of one row, kept in registers between the global load
+ * and the conversion. */
 struct raw16 {
     uint4 v[2]; /* bf16: 32 bytes; e4m3: v[0]; packed nibbles: v[0].x, v[0].y */
-    uint32_t sc; /* scale code (e4m3 / ue8m0 byte, bf16 bits) */
-    float fs;    /* f32 group scale */
+    uint32_t sc; /* scale code (e4m3 / ue8m0 byte) */
+    float fs;    /* f32 group scale (fp8_block, mxint4) */
 };
 
 __device__ __forceinline__ uint32_t fq_pack2(float a, float b) {
@@ -206,31 +207,43 @@ __device__ __forceinline__ void fq_convert(const raw16 &r, bool bf16_src, const 
     *(uint4 *)(dst + 8) = o1;
 }
 
-template <int MODE, int BM, int WM, bool G1>
-__global__ void __launch_bounds__(128) k_gemm(const gemm_args a) {
-    constexpr int WN = 4 / WM, WTM = BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8;
-    static_assert(NI % 2 == 0 && MI >= 1, "warp tile");
+/* Grouped GEMM tile BM x BN x BK, WM x WN warps.  Shared tiles are bf16 rows of BK + 8
+ * (the pad spreads ldmatrix rows over the banks), two stages; each thread owns CA chunks of
+ * A and CB of B (16 consecutive K elements of one row each), loads the next step's codes
+ * into registers before multiplying the current step, converts and stores them after.
+ * Gated GEMM1 tiles hold BN/2 gate and BN/2 up rows interleaved by 8 (tile row 16g + r is
+ * gate row 8g + r for r < 8, up row 8g + r - 8 otherwise), so each thread's accumulators
+ * hold matching gate and up columns and the activation runs on registers. */
+template <int MODE, int BM, int BN, int BK, int WM, int WN, bool G1>
+__global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
+    constexpr int NT = WM * WN * 32, SROW = BK + 8;
+    constexpr int WTM = BM / WM, WTN = BN / WN, MI = WTM / 16, NI = WTN / 8;
+    constexpr int CPR = BK / 16;                                  /* chunks per row */
+    constexpr int CB = BN * CPR / NT, CA = (BM * CPR + NT - 1) / NT;
+    static_assert(NI % 2 == 0 && MI >= 1 && CB >= 1 && (BN * CPR) % NT == 0, "tile");
     /* K groups whose scale does not fold into bf16 exactly */
-    constexpr int GSTEPS = MODE == MOE_QUANT_FP8_BLOCK ? 128 / BK : (MODE == MOE_QUANT_MXINT4 ? 1 : 0);
+    constexpr int GCOLS = MODE == MOE_QUANT_FP8_BLOCK ? 128 : (MODE == MOE_QUANT_MXINT4 ? 32 : 0);
+    constexpr int GDIV = GCOLS ? GCOLS : 1;
+    constexpr int GSPAN = (GCOLS && GCOLS < BK) ? GCOLS : BK;       /* columns per scale slot */
+    constexpr int SG = BK / GSPAN;                                  /* scale groups per step */
     constexpr bool A_BF16 = MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
     constexpr bool PACKED = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
     __shared__ __align__(16) uint16_t As[2][BM * SROW];
     __shared__ __align__(16) uint16_t Bs[2][BN * SROW];
-    __shared__ float sA[2][BM], sB[2][BN];
+    __shared__ float sA[2][BM], sB[2][BN][SG];
     __shared__ float lut8[256], lut4[16];
     __shared__ int rowsrc[BM], rowpair[BM];
-    __shared__ float Cs[G1 ? BM : 1][BN + 4];
 
     const int ntn = a.N / BN;
     const int tile = blockIdx.x / ntn, nb = blockIdx.x % ntn;
     if (tile >= *a.ntiles) return;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
-    for (int i = tid; i < 256; i += 128) lut8[i] = moe__e4m3_to_f32((uint8_t)i);
+    for (int i = tid; i < 256; i += NT) lut8[i] = moe__e4m3_to_f32((uint8_t)i);
     if (tid < 16) lut4[tid] = moe__e2m1_to_f32((uint8_t)tid);
     const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
     const int64_t e = (int64_t)a.lo + le;
-    for (int r = tid; r < BM; r += 128) {
+    for (int r = tid; r < BM; r += NT) {
         if (r < nr) {
             const int p = a.sorted[r0 + r];
             rowpair[r] = p;
@@ -241,65 +254,91 @@ __global__ void __launch_bounds__(128) k_gemm(const gemm_args a) {
         }
     }
     __syncthreads();
-
-    /* this thread's load slots: row ld_r, 16 columns from ld_c */
-    const int ld_r = tid >> 1, ld_c = (tid & 1) * 16;
-    const bool a_slot = ld_r < BM;
-    const int a_src = a_slot ? rowsrc[ld_r] : -1;
-    /* B row (logical weight row) of tile row ld_r: gated G1 tiles hold 32 gate + 32 up rows */
-    int64_t wrow;
-    if (G1 && a.gated) wrow = ld_r < 32 ? (int64_t)nb * 32 + ld_r : (int64_t)a.I + nb * 32 + (ld_r - 32);
-    else wrow = (int64_t)nb * BN + ld_r;
-    const int64_t wbase = e * a.N + wrow; /* row index into [E, N, .] */
+    const bool gated = G1 && a.gated;
     const int KT = a.Kd / BK;
 
-    raw16 ra, rb;
+    /* per-chunk slots: (row, column) */
+    int b_row[CB], b_col[CB];
+    int64_t b_w[CB], b_lrow[CB];
+#pragma unroll
+    for (int i = 0; i < CB; i++) {
+        const int c = tid + i * NT;
+        b_row[i] = c / CPR;
+        b_col[i] = (c % CPR) * 16;
+        const int j = b_row[i];
+        int64_t wr;
+        if (gated) wr = (j & 8) ? (int64_t)a.I + (int64_t)nb * (BN / 2) + (j >> 4) * 8 + (j & 7)
+                                : (int64_t)nb * (BN / 2) + (j >> 4) * 8 + (j & 7);
+        else wr = (int64_t)nb * BN + j;
+        b_lrow[i] = wr;
+        b_w[i] = e * a.N + wr;
+    }
+    int a_row[CA], a_col[CA], a_src[CA];
+#pragma unroll
+    for (int i = 0; i < CA; i++) {
+        const int c = tid + i * NT;
+        a_row[i] = c < BM * CPR ? c / CPR : -1;
+        a_col[i] = (c % CPR) * 16;
+        a_src[i] = a_row[i] >= 0 ? rowsrc[a_row[i]] : -1;
+    }
+
+    raw16 ra[CA], rb[CB];
     auto load = [&](int kt) {
-        const int k = kt * BK + ld_c;
-        /* B */
-        if (PACKED) {
-            const uint2 v = *(const uint2 *)(a.W + (wbase * a.Kd + k) / 2);
-            rb.v[0] = make_uint4(v.x, v.y, 0, 0);
-            if (MODE == MOE_QUANT_NVFP4) rb.sc = ((const uint8_t *)a.W_scales)[wbase * (a.Kd / 16) + k / 16];
-            else if (MODE == MOE_QUANT_MXFP4) rb.sc = ((const uint8_t *)a.W_scales)[wbase * (a.Kd / 32) + k / 32];
-            else rb.fs = moe__bf16_to_f32(((const uint16_t *)a.W_scales)[wbase * (a.Kd / 32) + k / 32]);
-        } else {
-            rb.v[0] = *(const uint4 *)(a.W + wbase * a.Kd + k);
-            if (MODE == MOE_QUANT_FP8_BLOCK)
-                rb.fs = ((const float *)a.W_scales)[(e * (a.N / 128) + wrow / 128) * (a.Kd / 128) + k / 128];
-        }
-        /* A */
-        if (a_slot) {
-            if (a_src < 0) {
-                ra.v[0] = ra.v[1] = make_uint4(0, 0, 0, 0);
-                ra.sc = 0;
-                ra.fs = 0.0f;
-            } else if (A_BF16) {
-                const uint4 *g = (const uint4 *)(a.A_bf16 + (int64_t)a_src * a.Kd + k);
-                ra.v[0] = g[0];
-                ra.v[1] = g[1];
-            } else if (PACKED) {
-                const uint2 v = *(const uint2 *)(a.A_codes + ((int64_t)a_src * a.Kd + k) / 2);
-                ra.v[0] = make_uint4(v.x, v.y, 0, 0);
-                ra.sc = ((const uint8_t *)a.A_scales)[(int64_t)a_src * (a.Kd / 16) + k / 16];
+#pragma unroll
+        for (int i = 0; i < CB; i++) {
+            const int k = kt * BK + b_col[i];
+            const int64_t wb = b_w[i];
+            if (PACKED) {
+                const uint2 v = *(const uint2 *)(a.W + (wb * a.Kd + k) / 2);
+                rb[i].v[0] = make_uint4(v.x, v.y, 0, 0);
+                if (MODE == MOE_QUANT_NVFP4) rb[i].sc = ((const uint8_t *)a.W_scales)[wb * (a.Kd / 16) + k / 16];
+                else if (MODE == MOE_QUANT_MXFP4) rb[i].sc = ((const uint8_t *)a.W_scales)[wb * (a.Kd / 32) + k / 32];
+                else rb[i].fs = moe__bf16_to_f32(((const uint16_t *)a.W_scales)[wb * (a.Kd / 32) + k / 32]);
             } else {
-                ra.v[0] = *(const uint4 *)(a.A_codes + (int64_t)a_src * a.Kd + k);
+                rb[i].v[0] = *(const uint4 *)(a.W + wb * a.Kd + k);
                 if (MODE == MOE_QUANT_FP8_BLOCK)
-                    ra.fs = ((const float *)a.A_scales)[(int64_t)a_src * (a.Kd / 128) + k / 128];
+                    rb[i].fs = ((const float *)a.W_scales)[(e * (a.N / 128) + b_lrow[i] / 128) * (a.Kd / 128) + k / 128];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < CA; i++) {
+            if (a_row[i] < 0) continue;
+            const int k = kt * BK + a_col[i];
+            const int src = a_src[i];
+            if (src < 0) {
+                ra[i].fs = 0.0f;
+            } else if (A_BF16) {
+                const uint4 *g = (const uint4 *)(a.A_bf16 + (int64_t)src * a.Kd + k);
+                ra[i].v[0] = g[0];
+                ra[i].v[1] = g[1];
+            } else if (PACKED) {
+                const uint2 v = *(const uint2 *)(a.A_codes + ((int64_t)src * a.Kd + k) / 2);
+                ra[i].v[0] = make_uint4(v.x, v.y, 0, 0);
+                ra[i].sc = ((const uint8_t *)a.A_scales)[(int64_t)src * (a.Kd / 16) + k / 16];
+            } else {
+                ra[i].v[0] = *(const uint4 *)(a.A_codes + (int64_t)src * a.Kd + k);
+                if (MODE == MOE_QUANT_FP8_BLOCK)
+                    ra[i].fs = ((const float *)a.A_scales)[(int64_t)src * (a.Kd / 128) + k / 128];
             }
         }
     };
     auto store = [&](int st) {
-        fq_convert<MODE>(rb, false, lut8, lut4, &Bs[st][ld_r * SROW + ld_c]);
-        if (ld_c == 0) sB[st][ld_r] = rb.fs;
-        if (a_slot) {
-            if (a_src < 0) {
-                *(uint4 *)&As[st][ld_r * SROW + ld_c] = make_uint4(0, 0, 0, 0);
-                *(uint4 *)&As[st][ld_r * SROW + ld_c + 8] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int i = 0; i < CB; i++) {
+            fq_convert<MODE>(rb[i], false, lut8, lut4, &Bs[st][b_row[i] * SROW + b_col[i]]);
+            if (GCOLS && b_col[i] % GSPAN == 0) sB[st][b_row[i]][b_col[i] / GSPAN] = rb[i].fs;
+        }
+#pragma unroll
+        for (int i = 0; i < CA; i++) {
+            if (a_row[i] < 0) continue;
+            uint16_t *d = &As[st][a_row[i] * SROW + a_col[i]];
+            if (a_src[i] < 0) {
+                *(uint4 *)d = make_uint4(0, 0, 0, 0);
+                *(uint4 *)(d + 8) = make_uint4(0, 0, 0, 0);
             } else {
-                fq_convert<MODE>(ra, A_BF16, lut8, lut4, &As[st][ld_r * SROW + ld_c]);
+                fq_convert<MODE>(ra[i], A_BF16, lut8, lut4, d);
             }
-            if (ld_c == 0) sA[st][ld_r] = ra.fs;
+            if (MODE == MOE_QUANT_FP8_BLOCK && a_col[i] == 0) sA[st][a_row[i]] = ra[i].fs;
         }
     };
 
@@ -310,12 +349,18 @@ __global__ void __launch_bounds__(128) k_gemm(const gemm_args a) {
         for (int j = 0; j < NI; j++)
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[i][j][q] = part[i][j][q] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < CB; i++) {
+        rb[i].fs = 1.0f;
+        rb[i].sc = 0;
+    }
+#pragma unroll
+    for (int i = 0; i < CA; i++) {
+        ra[i].fs = 1.0f;
+        ra[i].sc = 0;
+    }
 
-    rb.fs = 1.0f;
-    ra.fs = 1.0f;
-    ra.sc = rb.sc = 0;
     load(0);
-    __syncthreads(); /* LUTs */
     store(0);
     __syncthreads();
     for (int kt = 0; kt < KT; kt++) {
@@ -345,30 +390,31 @@ __global__ void __launch_bounds__(128) k_gemm(const gemm_args a) {
             for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                 for (int ni = 0; ni < NI; ni++) {
-                    if (GSTEPS) fq_mma(part[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                    if (GCOLS) fq_mma(part[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
                     else fq_mma(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
                 }
-        }
-        if (GSTEPS && (kt % (GSTEPS ? GSTEPS : 1)) == (GSTEPS ? GSTEPS : 1) - 1) {
             /* end of a scale group: acc += part * scale(row, col) */
+            if (GCOLS && ((ks + 1) * 16) % GSPAN == 0 && (GCOLS <= BK || ((kt + 1) * BK) % GDIV == 0)) {
+                const int sg = (ks * 16) / GSPAN;
 #pragma unroll
-            for (int mi = 0; mi < MI; mi++)
+                for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                for (int ni = 0; ni < NI; ni++)
+                    for (int ni = 0; ni < NI; ni++)
 #pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        const int r = wm * WTM + mi * 16 + (lane >> 2) + (q >> 1) * 8;
-                        const int c = wn * WTN + ni * 8 + (lane & 3) * 2 + (q & 1);
-                        const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[st][r] * sB[st][c] : sB[st][c];
-                        acc[mi][ni][q] += part[mi][ni][q] * s;
-                        part[mi][ni][q] = 0.0f;
-                    }
+                        for (int q = 0; q < 4; q++) {
+                            const int r = wm * WTM + mi * 16 + (lane >> 2) + (q >> 1) * 8;
+                            const int c = wn * WTN + ni * 8 + (lane & 3) * 2 + (q & 1);
+                            const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[st][r] * sB[st][c][sg] : sB[st][c][sg];
+                            acc[mi][ni][q] += part[mi][ni][q] * s;
+                            part[mi][ni][q] = 0.0f;
+                        }
+            }
         }
         if (kt + 1 < KT) store(st ^ 1);
         __syncthreads();
     }
 
-    /* epilogue */
+    /* epilogue, from registers */
     float ts = 1.0f;
     if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) ts = a.A_tensor[0] * a.W_tensor[e];
 #pragma unroll
@@ -376,61 +422,71 @@ __global__ void __launch_bounds__(128) k_gemm(const gemm_args a) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
             const int r = wm * WTM + mi * 16 + (lane >> 2) + hf * 8;
-            if (G1) {
-#pragma unroll
-                for (int ni = 0; ni < NI; ni++) {
-                    const int c = wn * WTN + ni * 8 + (lane & 3) * 2;
-                    Cs[r][c] = acc[mi][ni][hf * 2] * ts;
-                    Cs[r][c + 1] = acc[mi][ni][hf * 2 + 1] * ts;
-                }
-            } else if (r < nr) {
-                const int p = rowpair[r];
-                const float w = a.llama4 ? 1.0f : a.wts[p];
-                float *yrow = a.y + (int64_t)p * a.N + nb * BN;
-#pragma unroll
-                for (int ni = 0; ni < NI; ni++) {
-                    const int c = wn * WTN + ni * 8 + (lane & 3) * 2;
-                    float h0 = acc[mi][ni][hf * 2] * ts, h1 = acc[mi][ni][hf * 2 + 1] * ts;
-                    if (a.bias) {
-                        h0 += a.bias[e * a.N + nb * BN + c];
-                        h1 += a.bias[e * a.N + nb * BN + c + 1];
-                    }
-                    *(float2 *)(yrow + c) = make_float2(h0 * w, h1 * w);
-                }
-            }
-        }
-    if (G1) {
-        __syncthreads();
-        const int cols = a.gated ? BN / 2 : BN;
-        for (int i = tid; i < BM * cols; i += 128) {
-            const int r = i / cols, j = i % cols;
             if (r >= nr) continue;
             const int p = rowpair[r];
-            const float c1 = a.llama4 ? a.wts[p] : 1.0f;
-            float v;
-            if (a.gated) {
-                const int ng = nb * 32 + j;
-                float g = Cs[r][j], u = Cs[r][32 + j];
-                if (a.llama4) {
-                    g *= c1;
-                    u *= c1;
+            const int c2 = (lane & 3) * 2;
+            if (G1) {
+                const float c1 = a.llama4 ? a.wts[p] : 1.0f;
+                uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
+                if (gated) {
+#pragma unroll
+                    for (int nj = 0; nj < NI / 2; nj++) {
+                        /* blocks 2nj (gate) and 2nj+1 (up) cover intermediate columns ng .. ng+7 */
+                        const int ng = nb * (BN / 2) + ((wn * WTN + nj * 16) >> 4) * 8 + c2;
+                        float g0 = acc[mi][2 * nj][hf * 2] * ts, g1 = acc[mi][2 * nj][hf * 2 + 1] * ts;
+                        float u0 = acc[mi][2 * nj + 1][hf * 2] * ts, u1 = acc[mi][2 * nj + 1][hf * 2 + 1] * ts;
+                        if (a.llama4) {
+                            g0 *= c1;
+                            g1 *= c1;
+                            u0 *= c1;
+                            u1 *= c1;
+                        }
+                        if (a.bias) {
+                            const float *b = a.bias + e * a.N;
+                            g0 += b[ng];
+                            g1 += b[ng + 1];
+                            u0 += b[a.I + ng];
+                            u1 += b[a.I + ng + 1];
+                        }
+                        const float v0 = fq_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+                        const float v1 = fq_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+                        *(uint32_t *)(orow + ng) =
+                            (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                    }
+                } else {
+#pragma unroll
+                    for (int ni = 0; ni < NI; ni++) {
+                        const int n = nb * BN + wn * WTN + ni * 8 + c2;
+                        float h0 = acc[mi][ni][hf * 2] * ts, h1 = acc[mi][ni][hf * 2 + 1] * ts;
+                        if (a.llama4) {
+                            h0 *= c1;
+                            h1 *= c1;
+                        }
+                        if (a.bias) {
+                            h0 += a.bias[e * a.N + n];
+                            h1 += a.bias[e * a.N + n + 1];
+                        }
+                        const float v0 = fq_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
+                        const float v1 = fq_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
+                        *(uint32_t *)(orow + n) =
+                            (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                    }
                 }
-                if (a.bias) {
-                    g += a.bias[e * a.N + ng];
-                    u += a.bias[e * a.N + a.I + ng];
-                }
-                v = fq_act(a.act, g, u, a.alpha, a.beta, a.limit);
-                a.inter[(int64_t)(r0 + r) * a.I + ng] = moe__f32_to_bf16(v);
             } else {
-                const int n = nb * BN + j;
-                float h = Cs[r][j];
-                if (a.llama4) h *= c1;
-                if (a.bias) h += a.bias[e * a.N + n];
-                v = fq_act(MOE_ACT_RELU2, h, 0.0f, 0, 0, 0);
-                a.inter[(int64_t)(r0 + r) * a.I + n] = moe__f32_to_bf16(v);
+                const float w = a.llama4 ? 1.0f : a.wts[p];
+                float *yrow = a.y + (int64_t)p * a.N;
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) {
+                    const int n = nb * BN + wn * WTN + ni * 8 + c2;
+                    float h0 = acc[mi][ni][hf * 2] * ts, h1 = acc[mi][ni][hf * 2 + 1] * ts;
+                    if (a.bias) {
+                        h0 += a.bias[e * a.N + n];
+                        h1 += a.bias[e * a.N + n + 1];
+                    }
+                    *(float2 *)(yrow + n) = make_float2(h0 * w, h1 * w);
+                }
             }
         }
-    }
 }
 
 /* ---------------------------------------------------------- finalize -- */
@@ -507,26 +563,41 @@ moe_status fq_quant_act(const moe_workspace *ws, int mode, const moe_tensor *src
     return s;
 }
 
-template <int MODE, int BM, int WM>
+/* Tile configurations: small (decode: few rows per expert; BK 128 keeps 64 weight bytes per
+ * thread in flight), medium, large (prefill). */
+#define FQ_SMALL 16, 64, 128, 1, 4
+#define FQ_MEDIUM 64, 64, 64, 2, 2
+#define FQ_LARGE 128, 128, 32, 2, 4
+
+template <int MODE, int BM, int BN, int BK, int WM, int WN>
 moe_status fq_gemms(cudaStream_t st, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
                     const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs, size_t off_gt,
                     int64_t I) {
     const int64_t tiles = P / BM + (P < lc ? P : lc) + 1;
-    k_gemm<MODE, BM, WM, true><<<(unsigned)(tiles * (a1.N / BN)), 128, 0, st>>>(a1);
+    k_gemm<MODE, BM, BN, BK, WM, WN, true><<<(unsigned)(tiles * (a1.N / BN)), WM * WN * 32, 0, st>>>(a1);
     MOE_CUDA_LAUNCHED(FN);
     if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
         MOE_TRY(fq_quant_act(ws, MODE, inter, P, I, off_gc, off_gs, off_gt));
-    k_gemm<MODE, BM, WM, false><<<(unsigned)(tiles * (a2.N / BN)), 128, 0, st>>>(a2);
+    k_gemm<MODE, BM, BN, BK, WM, WN, false><<<(unsigned)(tiles * (a2.N / BN)), WM * WN * 32, 0, st>>>(a2);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }
 
+/* Row tile of each configuration, chosen from the average rows per local expert. */
+int fq_config(int64_t P, int lc) {
+    if (P < (int64_t)24 * lc) return 0;
+    if (P < (int64_t)96 * lc) return 1;
+    return 2;
+}
+const int fq_bm[3] = {16, 64, 128};
+
 template <int MODE>
-moe_status fq_mode(cudaStream_t st, bool large, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
+moe_status fq_mode(cudaStream_t st, int cfg, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
                    const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs, size_t off_gt,
                    int64_t I) {
-    if (large) return fq_gemms<MODE, 64, 2>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
-    return fq_gemms<MODE, 16, 1>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
+    if (cfg == 2) return fq_gemms<MODE, FQ_LARGE>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
+    if (cfg == 1) return fq_gemms<MODE, FQ_MEDIUM>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
+    return fq_gemms<MODE, FQ_SMALL>(st, a1, a2, P, lc, ws, inter, off_gc, off_gs, off_gt, I);
 }
 
 } // namespace
@@ -571,8 +642,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         /* 1. x */
         if (wq) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
         /* 2. align */
-        const bool large = P >= (int64_t)32 * lc;
-        const int BM = large ? 64 : 16;
+        const int cfg = fq_config(P, lc);
+        const int BM = fq_bm[cfg];
         const size_t sm = (size_t)2 * lc * sizeof(int);
         k_align<<<1, ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n,
                                                     ntiles, err);
@@ -631,13 +702,13 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         if (wq) MOE_TRY(fq_view(&iv, ws, ws->off_inter, MOE_BF16, 2, ishape));
         moe_status s;
         switch (mode) {
-        case MOE_QUANT_FP8: s = fq_mode<MOE_QUANT_FP8>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_FP8: s = fq_mode<MOE_QUANT_FP8>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
         case MOE_QUANT_FP8_BLOCK:
-            s = fq_mode<MOE_QUANT_FP8_BLOCK>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I);
+            s = fq_mode<MOE_QUANT_FP8_BLOCK>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I);
             break;
-        case MOE_QUANT_NVFP4: s = fq_mode<MOE_QUANT_NVFP4>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
-        case MOE_QUANT_MXFP4: s = fq_mode<MOE_QUANT_MXFP4>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
-        case MOE_QUANT_MXINT4: s = fq_mode<MOE_QUANT_MXINT4>(g.stream, large, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_NVFP4: s = fq_mode<MOE_QUANT_NVFP4>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_MXFP4: s = fq_mode<MOE_QUANT_MXFP4>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
+        case MOE_QUANT_MXINT4: s = fq_mode<MOE_QUANT_MXINT4>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
         default: s = moe__err(MOE_ERR_UNSUPPORTED, FN ": experts: quantisation mode %d has no CUDA kernels", mode);
         }
         moe_tensor_free(iv);
