@@ -24,6 +24,8 @@
 #include "fused.h"
 #include "fused_moe.cuh"
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <stdlib.h>
@@ -178,6 +180,14 @@ struct moe__fm_gemm_args {
     float alpha, beta, limit;
     __nv_bfloat16 *inter;   /* G1 output [P, I] */
     float *y;               /* G2 output [P, N] */
+    /* fold (small tiles, few pairs): G1 does k_align's work in each block's prologue and
+     * writes the tables below for G2; G2 does k_finalize's work (last arriver per token and
+     * column tile, counters cnt [T, N/BN] zero between calls) */
+    int fold, E, lc;
+    int64_t P, T;
+    const int32_t *ids;     /* [P] routing used */
+    int32_t *sorted_w, *tile_e_w, *tile_r0_w, *tile_n_w, *ntiles_w, *err, *cnt;
+    uint16_t *out;          /* bf16 [T, N] (G2) */
 };
 
 __device__ __forceinline__ float moe__fm_act(int act, float g, float u, float alpha, float beta, float limit) {
@@ -192,6 +202,185 @@ __device__ __forceinline__ float moe__fm_act(int act, float g, float u, float al
         float gg = fminf(g, limit), uu = fminf(fmaxf(u, -limit), limit);
         return gg / (1.0f + expf(-alpha * gg)) * (uu + beta);
     }
+    }
+}
+
+/* k_align inside a small-tile G1 block (a.fold): count the local pairs per expert, scan rows
+ * and row tiles, find this block's tile, and gather its pairs in ascending pair order (the
+ * order within an expert does not change any value).  The block with column tile 0 of each
+ * row tile writes its table entry and sorted ids for G2; block 0 writes the tile count and
+ * counts out-of-range ids.  Costs each block a pass over the P ids (P <= MOE_FM_FOLD_MAXP).
+ * false: surplus block. */
+#define MOE_FM_FOLD_MAXE 512
+#define MOE_FM_FOLD_MAXP 1024
+
+template <int NT, int BM>
+__device__ __forceinline__ bool moe__fm_fold_align(const moe__fm_gemm_args &a, int ntn, int &tile, int &nb, int &le,
+                                                int &r0, int &nr, int *rowsrc, int *rowpair) {
+    constexpr int NW = NT / 32;
+    __shared__ int cnt[MOE_FM_FOLD_MAXE];
+    __shared__ int wr[NW], wt[NW], wc[NW], info[4];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, lc = a.lc;
+    for (int e = tid; e < lc; e += NT) cnt[e] = 0;
+    __syncthreads();
+    int bad = 0;
+    for (int64_t p = tid; p < a.P; p += NT) {
+        const int id = a.ids[p];
+        if (id < 0 || id >= a.E) {
+            bad++;
+            continue;
+        }
+        const int l = id - a.lo;
+        if (l >= 0 && l < lc) atomicAdd(&cnt[l], 1);
+    }
+    if (bad && blockIdx.x == 0) atomicAdd(a.err, bad);
+    __syncthreads();
+    const int per = (lc + NT - 1) / NT;
+    const int e0 = min(tid * per, lc), e1 = min(e0 + per, lc);
+    int rs = 0, ts = 0;
+    for (int e = e0; e < e1; e++) {
+        rs += cnt[e];
+        ts += (cnt[e] + BM - 1) / BM;
+    }
+    int ri = rs, ti = ts;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int x = __shfl_up_sync(0xffffffffu, ri, o), y = __shfl_up_sync(0xffffffffu, ti, o);
+        if (lane >= o) {
+            ri += x;
+            ti += y;
+        }
+    }
+    if (lane == 31) {
+        wr[warp] = ri;
+        wt[warp] = ti;
+    }
+    __syncthreads();
+    int roff = ri - rs, toff = ti - ts, ttot = 0;
+    for (int w = 0; w < NW; w++) {
+        if (w < warp) {
+            roff += wr[w];
+            toff += wt[w];
+        }
+        ttot += wt[w];
+    }
+    if (blockIdx.x == 0 && tid == 0) *a.ntiles_w = ttot;
+    if (!moe__fm_map(ttot, ntn, tile, nb)) return false; /* ttot is the same in every thread */
+    for (int e = e0; e < e1; e++) {
+        const int c = cnt[e], te = (c + BM - 1) / BM;
+        if (tile >= toff && tile < toff + te) {
+            const int j = tile - toff;
+            info[0] = e;
+            info[1] = roff + j * BM;
+            info[2] = min(BM, c - j * BM);
+            info[3] = j * BM;
+        }
+        toff += te;
+        roff += c;
+    }
+    for (int r = tid; r < BM; r += NT) {
+        rowsrc[r] = -1;
+        rowpair[r] = -1;
+    }
+    __syncthreads();
+    le = info[0];
+    r0 = info[1];
+    nr = info[2];
+    const int k0 = info[3], want = a.lo + le;
+    const bool tab = nb == 0;
+    if (tab && tid == 0) {
+        a.tile_e_w[tile] = le;
+        a.tile_r0_w[tile] = r0;
+        a.tile_n_w[tile] = nr;
+    }
+    int run = 0; /* pairs of this expert before the current chunk (the same in every thread) */
+    for (int64_t base = 0; base < a.P && run < k0 + nr; base += NT) {
+        const int64_t p = base + tid;
+        const bool m = p < a.P && a.ids[p] == want;
+        const unsigned bal = __ballot_sync(0xffffffffu, m);
+        if (lane == 0) wc[warp] = __popc(bal);
+        __syncthreads();
+        int wb = run, tot = 0;
+        for (int w = 0; w < NW; w++) {
+            if (w < warp) wb += wc[w];
+            tot += wc[w];
+        }
+        if (m) {
+            const int rank = wb + __popc(bal & ((1u << lane) - 1u));
+            if (rank >= k0 && rank < k0 + nr) {
+                rowpair[rank - k0] = (int)p;
+                rowsrc[rank - k0] = (int)(p / a.K);
+                if (tab) a.sorted_w[r0 + rank - k0] = (int32_t)p;
+            }
+        }
+        run += tot;
+        __syncthreads();
+    }
+    return true;
+}
+
+/* k_finalize inside a small-tile G2 block (a.fold), after its y rows are written: per row,
+ * one arrival on the counter of (token, column tile); the block bringing it to the token's
+ * number of local pairs sums the token's y rows over k in order (bit-identical to
+ * k_finalize) for its BN columns, writes them as bf16 and zeroes the counter. */
+template <int NT, int BM, int BN>
+__device__ __forceinline__ void moe__fm_fold_finalize(const moe__fm_gemm_args &a, int nb, int nr, const int *rowpair) {
+    __shared__ int last[BM];
+    const int tid = threadIdx.x;
+    const int ntn = a.N / BN, n0 = nb * BN;
+    __threadfence();
+    __syncthreads();
+    for (int r = tid; r < BM; r += NT) {
+        int flag = -1;
+        if (r < nr) {
+            const int64_t t = rowpair[r] / a.K;
+            int kl = 0;
+            for (int k = 0; k < a.K; k++) {
+                const int id = a.ids[t * a.K + k];
+                kl += id >= 0 && id < a.E && id - a.lo >= 0 && id - a.lo < a.lc;
+            }
+            int *c = a.cnt + t * ntn + nb;
+            if (atomicAdd(c, 1) == kl - 1) {
+                atomicExch(c, 0);
+                flag = (int)t;
+            }
+        }
+        last[r] = flag;
+    }
+    __syncthreads();
+    __threadfence();
+    constexpr int C4 = BN / 4;
+    for (int u = tid; u < BM * C4; u += NT) {
+        const int r = u / C4, c = (u - r * C4) * 4;
+        const int64_t t = last[r];
+        if (t < 0) continue;
+        float acc[4] = {0, 0, 0, 0};
+        for (int k = 0; k < a.K; k++) {
+            const int id = a.ids[t * a.K + k];
+            if (id < 0 || id >= a.E || id - a.lo < 0 || id - a.lo >= a.lc) continue;
+            const float4 v = __ldcg((const float4 *)(a.y + (t * a.K + k) * (int64_t)a.N + n0 + c));
+            acc[0] += v.x;
+            acc[1] += v.y;
+            acc[2] += v.z;
+            acc[3] += v.w;
+        }
+        uint2 o;
+        o.x = (uint32_t)moe__f32_to_bf16(acc[0]) | ((uint32_t)moe__f32_to_bf16(acc[1]) << 16);
+        o.y = (uint32_t)moe__f32_to_bf16(acc[2]) | ((uint32_t)moe__f32_to_bf16(acc[3]) << 16);
+        *(uint2 *)(a.out + t * a.N + n0 + c) = o;
+    }
+}
+
+/* Block 0 of a folded G2: tokens with no local pair get zeros (k_finalize writes them). */
+template <int NT>
+__device__ __forceinline__ void moe__fm_fold_zero(const moe__fm_gemm_args &a) {
+    for (int64_t t = threadIdx.x; t < a.T; t += NT) {
+        int kl = 0;
+        for (int k = 0; k < a.K; k++) {
+            const int id = a.ids[t * a.K + k];
+            kl += id >= 0 && id < a.E && id - a.lo >= 0 && id - a.lo < a.lc;
+        }
+        if (kl) continue;
+        for (int c = 0; c < a.N; c += 8) *(uint4 *)(a.out + t * a.N + c) = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -213,24 +402,33 @@ __global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__f
     __shared__ int rowsrc[BM], rowpair[BM];
 
     moe__fm_pdl_enter();
-    int tile, nb;
-    if (!moe__fm_map(*a.ntiles, (a.N + BN - 1) / BN, tile, nb)) return;
+    constexpr bool FOLDABLE = BM == 32; /* the small configuration only */
+    int tile, nb, le, r0, nr;
+    if (FOLDABLE && !G1 && a.fold && blockIdx.x == 0) moe__fm_fold_zero<NT>(a);
+    if (FOLDABLE && G1 && a.fold) {
+        if (!moe__fm_fold_align<NT, BM>(a, a.N / BN, tile, nb, le, r0, nr, rowsrc, rowpair)) return;
+    } else {
+        if (!moe__fm_map(*a.ntiles, (a.N + BN - 1) / BN, tile, nb)) return;
+        const int tid = threadIdx.x;
+        le = a.tile_e[tile];
+        r0 = a.tile_r0[tile];
+        nr = a.tile_n[tile];
+        for (int r = tid; r < BM; r += NT) {
+            if (r < nr) {
+                int p = a.sorted[r0 + r];
+                rowpair[r] = p;
+                rowsrc[r] = G1 ? p / a.K : r0 + r;
+            } else {
+                rowpair[r] = -1;
+                rowsrc[r] = -1;
+            }
+        }
+        __syncthreads();
+    }
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
-    const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
     const int64_t e = (int64_t)a.lo + le;
     const int n0 = nb * BN;
-    for (int r = tid; r < BM; r += NT) {
-        if (r < nr) {
-            int p = a.sorted[r0 + r];
-            rowpair[r] = p;
-            rowsrc[r] = G1 ? p / a.K : r0 + r;
-        } else {
-            rowpair[r] = -1;
-            rowsrc[r] = -1;
-        }
-    }
-    __syncthreads();
     const __nv_bfloat16 *Wb = a.W + (e * a.N + n0) * (int64_t)a.Kd;
     const int KT = a.Kd / BK;
 
@@ -357,6 +555,75 @@ __global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__f
                 }
             }
         }
+    if (FOLDABLE && !G1 && a.fold) moe__fm_fold_finalize<NT, BM, BN>(a, nb, nr, rowpair);
+}
+
+/* Epilogue of the wgmma kernels: acc[4j + q] of warp w4 in warpgroup wg is tile row
+ * wg*64 + w4*16 + lane/4 (+8 for q >= 2), column 8j + 2*(lane%4) (+1 for odd q); rp[r] is the
+ * pair id of tile row r < nr (shared or global memory). */
+template <bool G1>
+__device__ __forceinline__ void moe__fm_wg_epi(const moe__fm_gemm_args &a, const float (&acc)[128], int wg, int w4,
+                                               int lane, int64_t e, int r0, int nr, int n0, int nvalid,
+                                               const int *rp) {
+    const int c2 = (lane & 3) * 2;
+    const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int r = wg * 64 + w4 * 16 + (lane >> 2) + hf * 8;
+        if (r >= nr) continue;
+        const int p = rp[r];
+        if (G1) {
+            const float sc = a.llama4 ? a.wts[p] : 1.0f;
+            __nv_bfloat16 *orow = a.inter + (int64_t)(r0 + r) * a.I;
+            if (a.act != MOE_ACT_RELU2) {
+#pragma unroll
+                for (int nj = 0; nj < 16; nj++) {
+                    const int nn = n0 + nj * 16;
+                    if (nj * 16 >= nvalid) continue;
+                    float g0 = acc[8 * nj + hf * 2] * sc, g1 = acc[8 * nj + hf * 2 + 1] * sc;
+                    float u0 = acc[8 * nj + 4 + hf * 2] * sc, u1 = acc[8 * nj + 4 + hf * 2 + 1] * sc;
+                    if (bias) {
+                        g0 += bias[nn + c2];
+                        g1 += bias[nn + c2 + 1];
+                        u0 += bias[nn + 8 + c2];
+                        u1 += bias[nn + 8 + c2 + 1];
+                    }
+                    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+                    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+                    *(uint32_t *)(orow + (nn >> 4) * 8 + c2) =
+                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 32; j++) {
+                    if (j * 8 >= nvalid) continue;
+                    const int nn = n0 + j * 8 + c2;
+                    float h0 = acc[4 * j + hf * 2] * sc, h1 = acc[4 * j + hf * 2 + 1] * sc;
+                    if (bias) {
+                        h0 += bias[nn];
+                        h1 += bias[nn + 1];
+                    }
+                    const float v0 = moe__fm_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
+                    const float v1 = moe__fm_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
+                    *(uint32_t *)(orow + nn) = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                }
+            }
+        } else {
+            const float w = a.llama4 ? 1.0f : a.wts[p];
+            float *yrow = a.y + (int64_t)p * a.N;
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                if (j * 8 >= nvalid) continue;
+                const int nn = n0 + j * 8 + c2;
+                float h0 = acc[4 * j + hf * 2], h1 = acc[4 * j + hf * 2 + 1];
+                if (bias) {
+                    h0 += bias[nn];
+                    h1 += bias[nn + 1];
+                }
+                *(float2 *)(yrow + nn) = make_float2(h0 * w, h1 * w);
+            }
+        }
+    }
 }
 
 /* Hopper path for the large configuration: 128 x 256 tiles, 2 warpgroups (64 rows each), BK
@@ -448,67 +715,127 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
     moe__fm_wg_wait0();
     moe__fm_wait<0>();
 
-    /* epilogue: acc[4j + q] is row wg*64 + w4*16 + lane/4 (+8 for q >= 2), column
-     * 8j + 2*(lane%4) (+1 for odd q) */
-    const int c2 = (lane & 3) * 2;
-    const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+    moe__fm_wg_epi<G1>(a, acc, wg, w4, lane, e, r0, nr, n0, nvalid, rowpair);
+}
+
+/* Hopper warp-specialised version of the large configuration (the default on sm_90a):
+ * persistent (one CTA per SM walks the tiles in the grouped order of moe__fm_map), 384
+ * threads = 1 producer warpgroup + 2 consumer warpgroups (64 x 256 of the 128 x 256 tile
+ * each), 4 shared-memory stages on mbarriers.  The producer loads the weight tile (256 x 64)
+ * with one bulk tensor copy (128-byte swizzle, completing on the stage's "full" barrier with
+ * its byte count) and gathers the 128 A rows through the permutation with cp.async (16 bytes,
+ * zero-filled past the tile's rows); it keeps two stages of cp.async in flight and marks a
+ * stage full only after its own copies landed and it fenced them for the async proxy (the
+ * same discipline as the kernel above).  The consumers run wgmma.m64n256k16 on a full stage,
+ * keep one stage of wgmma in flight, release the previous stage to the producer ("empty"
+ * barrier), and write the epilogue while the producer already fills the next tile's stages.
+ * setmaxnreg moves registers from the producer (72) to the consumers (216).  Rows of W past
+ * N (N not a multiple of 256) are whatever the copy reads there (the next expert's rows, or
+ * zeros past the tensor): their columns are not written. */
+#define MOE_FM_WS_STAGES 4
+#define MOE_FM_WS_LAG 2
+#define MOE_FM_WS_SMEM (MOE_FM_WS_STAGES * (MOE_FM_WG_BM + MOE_FM_WG_BN) * 64 * 2 + 1024 + 2 * MOE_FM_WS_STAGES * 8)
+
+template <bool G1>
+__global__ void __launch_bounds__(384, 1)
+    moe__k_fm_gemm_ws(const moe__fm_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BM = MOE_FM_WG_BM, BN = MOE_FM_WG_BN, BK = 64, S = MOE_FM_WS_STAGES, LAG = MOE_FM_WS_LAG;
+    extern __shared__ unsigned char moe__fm_ws_raw[];
+    __nv_bfloat16 *As = (__nv_bfloat16 *)(((uintptr_t)moe__fm_ws_raw + 1023) & ~(uintptr_t)1023);
+    __nv_bfloat16 *Bs = As + S * BM * BK;
+    const uint32_t bar0 = moe__fm_smem(Bs + S * BN * BK); /* full[s] at bar0 + 8s, empty[s] at bar0 + 8(S + s) */
+    const int tid = threadIdx.x;
+    moe__fm_pdl_enter();
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            moe__fm_mbar_init(bar0 + 8 * s, 128 + 1);  /* 128 producer arrivals + the expect_tx one */
+            moe__fm_mbar_init(bar0 + 8 * (S + s), 8); /* one per consumer warp */
+        }
+        moe__fm_mbar_init_fence();
+    }
+    __syncthreads();
+    const int ntiles = *a.ntiles, ntn = (a.N + BN - 1) / BN;
+    const int64_t total = (int64_t)ntiles * ntn;
+    const int KT = a.Kd / BK;
+    const int GM = 8;
+
+    if (tid < 128) {
+        /* ---------------- producer ---------------- */
+        moe__fm_setmaxnreg_dec<72>();
+        const int ch = tid & 7, rb = tid >> 3; /* rows rb + 16i, 16-byte chunk ch */
+        int it = 0;
+        for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
+            const int group = (int)(b / ((int64_t)GM * ntn));
+            const int in = (int)(b - (int64_t)group * GM * ntn);
+            const int gs = min(GM, ntiles - group * GM);
+            const int tile = group * GM + in % gs, nb = in / gs;
+            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+            const int wrow = (int)(((int64_t)a.lo + le) * a.N) + nb * BN;
+            int src[BM / 16];
 #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int r = wg * 64 + w4 * 16 + (lane >> 2) + hf * 8;
-        if (r >= nr) continue;
-        const int p = rowpair[r];
-        if (G1) {
-            const float sc = a.llama4 ? a.wts[p] : 1.0f;
-            __nv_bfloat16 *orow = a.inter + (int64_t)(r0 + r) * a.I;
-            if (a.act != MOE_ACT_RELU2) {
-#pragma unroll
-                for (int nj = 0; nj < 16; nj++) {
-                    const int nn = n0 + nj * 16;
-                    if (nj * 16 >= nvalid) continue;
-                    float g0 = acc[8 * nj + hf * 2] * sc, g1 = acc[8 * nj + hf * 2 + 1] * sc;
-                    float u0 = acc[8 * nj + 4 + hf * 2] * sc, u1 = acc[8 * nj + 4 + hf * 2 + 1] * sc;
-                    if (bias) {
-                        g0 += bias[nn + c2];
-                        g1 += bias[nn + c2 + 1];
-                        u0 += bias[nn + 8 + c2];
-                        u1 += bias[nn + 8 + c2 + 1];
-                    }
-                    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
-                    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
-                    *(uint32_t *)(orow + (nn >> 4) * 8 + c2) =
-                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < 32; j++) {
-                    if (j * 8 >= nvalid) continue;
-                    const int nn = n0 + j * 8 + c2;
-                    float h0 = acc[4 * j + hf * 2] * sc, h1 = acc[4 * j + hf * 2 + 1] * sc;
-                    if (bias) {
-                        h0 += bias[nn];
-                        h1 += bias[nn + 1];
-                    }
-                    const float v0 = moe__fm_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
-                    const float v1 = moe__fm_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
-                    *(uint32_t *)(orow + nn) = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
-                }
+            for (int i = 0; i < BM / 16; i++) {
+                const int r = rb + 16 * i;
+                src[i] = r < nr ? (G1 ? a.sorted[r0 + r] / a.K : r0 + r) : -1;
             }
-        } else {
-            const float w = a.llama4 ? 1.0f : a.wts[p];
-            float *yrow = a.y + (int64_t)p * a.N;
-#pragma unroll
-            for (int j = 0; j < 32; j++) {
-                if (j * 8 >= nvalid) continue;
-                const int nn = n0 + j * 8 + c2;
-                float h0 = acc[4 * j + hf * 2], h1 = acc[4 * j + hf * 2 + 1];
-                if (bias) {
-                    h0 += bias[nn];
-                    h1 += bias[nn + 1];
+            for (int kt = 0; kt < KT; kt++, it++) {
+                const int s = it % S;
+                moe__fm_mbar_wait(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
+                if (tid == 0) {
+                    moe__fm_mbar_arrive_tx(bar0 + 8 * s, BN * BK * 2);
+                    moe__fm_tma2d(moe__fm_smem(Bs + s * BN * BK), &tmw, kt * BK, wrow, bar0 + 8 * s);
                 }
-                *(float2 *)(yrow + nn) = make_float2(h0 * w, h1 * w);
+                __nv_bfloat16 *as = As + s * BM * BK;
+#pragma unroll
+                for (int i = 0; i < BM / 16; i++) {
+                    const int r = rb + 16 * i;
+                    const __nv_bfloat16 *g = src[i] >= 0 ? a.A + (int64_t)src[i] * a.Kd + kt * BK + ch * 8 : a.A;
+                    moe__fm_cp16(moe__fm_smem(as + moe__fm_swz(r, ch)), g, src[i] >= 0 ? 16 : 0);
+                }
+                moe__fm_commit();
+                if (it >= LAG) {
+                    moe__fm_wait<LAG>();
+                    moe__fm_fence_async();
+                    moe__fm_mbar_arrive(bar0 + 8 * ((it - LAG) % S));
+                }
             }
         }
+        moe__fm_wait<0>();
+        moe__fm_fence_async();
+        for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; j++) moe__fm_mbar_arrive(bar0 + 8 * (j % S));
+    } else {
+        /* ---------------- consumers ---------------- */
+        moe__fm_setmaxnreg_inc<216>();
+        const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
+        int it = 0;
+        float acc[128];
+        for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
+            const int group = (int)(b / ((int64_t)GM * ntn));
+            const int in = (int)(b - (int64_t)group * GM * ntn);
+            const int gs = min(GM, ntiles - group * GM);
+            const int tile = group * GM + in % gs, nb = in / gs;
+            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+            const int n0 = nb * BN, nvalid = min(BN, a.N - n0);
+#pragma unroll
+            for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                const int s = it % S;
+                moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
+                const uint64_t da = moe__fm_desc(moe__fm_smem(As + s * BM * BK + wg * 64 * BK));
+                const uint64_t db = moe__fm_desc(moe__fm_smem(Bs + s * BN * BK));
+                moe__fm_wg_fence();
+#pragma unroll
+                for (int ks = 0; ks < BK / 16; ks++) moe__fm_wgmma_n256(acc, da + 2 * ks, db + 2 * ks);
+                moe__fm_wg_commit();
+                moe__fm_wg_wait1();
+                if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it - 1) % S));
+            }
+            moe__fm_wg_wait0();
+            if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it - 1) % S));
+            moe__fm_wg_epi<G1>(a, acc, wg, w4, lane, (int64_t)a.lo + le, r0, nr, n0, nvalid, a.sorted + r0);
+        }
     }
+#endif
 }
 
 /* -------------------------------------------------------------- finalize -- */
@@ -555,6 +882,8 @@ typedef moe__fm_cfg<32, 64, 1, 4, 6> moe__fm_small;
 typedef moe__fm_cfg<128, 128, 2, 4, 3> moe__fm_large;
 
 static int moe__fm_have_wg = 0, moe__fm_have_pdl = 0;
+static PFN_cuTensorMapEncodeTiled_v12000 moe__fm_encode = nullptr;
+static int moe__fm_small_occ = 1; /* resident small-tile GEMM1 blocks per SM */
 
 static moe_status moe__fm_attrs(void) {
     static int done = 0;
@@ -571,6 +900,10 @@ static moe_status moe__fm_attrs(void) {
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WG_SMEM));
     MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_wg<false>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WG_SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<true>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WS_SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<false>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WS_SMEM));
     /* the wgmma kernel has a body only in the sm_90a binary */
     cudaFuncAttributes fa;
     int dev = 0, major = 0;
@@ -579,15 +912,49 @@ static moe_status moe__fm_attrs(void) {
     MOE_CUDA_TRY("moe_experts_new", cudaFuncGetAttributes(&fa, moe__k_fm_gemm_wg<true>));
     moe__fm_have_wg = major == 9 && fa.binaryVersion == 90;
     moe__fm_have_pdl = major >= 9;
+    MOE_CUDA_TRY("moe_experts_new", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                        &moe__fm_small_occ, moe__k_fm_gemm<MOE_FM_SMALL, true>,
+                                        moe__fm_small::THREADS, moe__fm_small::SMEM));
+    if (moe__fm_small_occ < 1) moe__fm_small_occ = 1;
+    if (moe__fm_have_wg) {
+        /* the tensor-map encoder lives in the driver: fetched once, without linking libcuda */
+        void *fp = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fp, 12000, cudaEnableDefault, &q) ==
+                cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            moe__fm_encode = (PFN_cuTensorMapEncodeTiled_v12000)fp;
+        (void)cudaGetLastError();
+    }
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
 }
 
-/* wgmma path in use: sm_90a binary on a 9.0 device, unless MOE_FUSED_WGMMA=0. */
-static bool moe__fm_use_wg(void) {
-    if (!moe__fm_have_wg) return false;
+/* Large-tile path: 2 = warp-specialised wgmma with bulk tensor copies (default on sm_90a with
+ * the driver's tensor-map encoder), 1 = wgmma with cp.async only (MOE_FUSED_WGMMA=1),
+ * 0 = mma.sync (MOE_FUSED_WGMMA=0, and every non-sm_90a build). */
+static int moe__fm_wg_mode(void) {
+    if (!moe__fm_have_wg) return 0;
     const char *env = getenv("MOE_FUSED_WGMMA");
-    return !(env && env[0] == '0');
+    if (env && env[0] == '0') return 0;
+    if (env && env[0] == '1') return 1;
+    return moe__fm_encode ? 2 : 1;
+}
+
+/* Tensor map of a bf16 row-major [rows, cols] matrix, boxes of 64 columns x box_rows rows,
+ * 128-byte swizzle (the layout moe__fm_swz / moe__fm_desc describe). */
+static moe_status moe__fm_tmap(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int box_rows) {
+    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+    cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
+    cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+    cuuint32_t es[2] = {1, 1};
+    CUresult r = moe__fm_encode(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, es,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+        return moe__err(MOE_ERR_CUDA, FN ": cuTensorMapEncodeTiled failed (CUresult %d) for a [%lld, %lld] weight", (int)r,
+                        (long long)rows, (long long)cols);
+    return MOE_OK;
 }
 
 extern "C" moe_status moe__cuda_fused_pack(struct moe_experts *ex, const moe_tensor *w13, const moe_tensor *w2,
@@ -654,6 +1021,16 @@ static bool moe__fm_use_pdl(void) {
     return env && env[0] == '1';
 }
 
+/* Decode folds (align into G1, finalize into G2; small tiles, P <= MOE_FM_FOLD_MAXP pairs):
+ * 1 (default) while GEMM1's grid fits in one wave, 2 (MOE_FUSED_FOLD=2) whenever allowed,
+ * 0 (MOE_FUSED_FOLD=0) never. */
+static int moe__fm_fold_mode(void) {
+    const char *env = getenv("MOE_FUSED_FOLD");
+    if (env && env[0] == '0') return 0;
+    if (env && env[0] == '2') return 2;
+    return 1;
+}
+
 template <int BM, int BN, int WM, int WN, int STAGES, int MINB>
 static moe_status moe__fm_launch(const moe__cuda_guard &g, const moe__fm_gemm_args &a1, const moe__fm_gemm_args &a2,
                                  int64_t P, int lc) {
@@ -690,8 +1067,16 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     const int BM = large ? 128 : 32; /* row tile of MOE_FM_LARGE / MOE_FM_SMALL */
     size_t sm = (size_t)(lc > 0 ? 2 * lc : 1) * sizeof(int);
     const bool pdl = moe__fm_use_pdl();
-    MOE_TRY(moe__fm_go(moe__k_fm_align, dim3(1), MOE_FM_ALIGN_THREADS, sm, g.stream, pdl, ids, P, (int)ex->E, lo, lc, BM,
-                       sorted, tile_e, tile_r0, tile_n, ntiles, err));
+    /* the folds only while GEMM1's grid fits in one wave: each block's align prologue
+     * costs ~1.5 us, paid once per wave (measured on an H100, Qwen3-30B-A3B: T=1 46.2 ->
+     * 43.8 us with the folds, but T=16 294 -> 302 and T=64 445 -> 465 us in 5-8 waves) */
+    const int64_t g1_blocks = (P / 32 + (P < lc ? P : lc) + 1) * (ex->N1 / 64);
+    const int fmode = moe__fm_fold_mode();
+    const bool fold = lc > 0 && !large && P <= MOE_FM_FOLD_MAXP && lc <= MOE_FM_FOLD_MAXE && fmode > 0 &&
+                      (fmode == 2 || g1_blocks <= (int64_t)moe__cuda_sm_count(g.dev) * moe__fm_small_occ);
+    if (!fold)
+        MOE_TRY(moe__fm_go(moe__k_fm_align, dim3(1), MOE_FM_ALIGN_THREADS, sm, g.stream, pdl, ids, P, (int)ex->E, lo, lc,
+                           BM, sorted, tile_e, tile_r0, tile_n, ntiles, err));
 
     moe__fm_gemm_args a1, a2;
     memset(&a1, 0, sizeof a1);
@@ -715,6 +1100,20 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     a1.beta = ex->beta;
     a1.limit = ex->limit;
     a1.inter = inter;
+    a1.fold = fold;
+    a1.E = (int)ex->E;
+    a1.lc = lc;
+    a1.P = P;
+    a1.T = T;
+    a1.ids = ids;
+    a1.sorted_w = sorted;
+    a1.tile_e_w = tile_e;
+    a1.tile_r0_w = tile_r0;
+    a1.tile_n_w = tile_n;
+    a1.ntiles_w = ntiles;
+    a1.err = err;
+    a1.cnt = (int32_t *)(base + ws->off_cnt);
+    a1.out = (uint16_t *)moe_tensor_data(A->out);
     a2 = a1;
     a2.A = inter;
     a2.W = (const __nv_bfloat16 *)moe_tensor_data(ex->w2);
@@ -722,7 +1121,20 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     a2.N = (int)ex->H;
     a2.Kd = (int)ex->I;
     a2.y = y;
-    if (lc > 0 && large && moe__fm_use_wg()) {
+    const int wgm = lc > 0 && large ? moe__fm_wg_mode() : 0;
+    if (wgm == 2) {
+        CUtensorMap t1, t2;
+        MOE_TRY(moe__fm_tmap(&t1, a1.W, ex->E * ex->N1, ex->H, MOE_FM_WG_BN));
+        MOE_TRY(moe__fm_tmap(&t2, a2.W, ex->E * ex->H, ex->I, MOE_FM_WG_BN));
+        const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
+        const int64_t sms = moe__cuda_sm_count(g.dev);
+        const int64_t n1 = tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
+        const int64_t n2 = tiles * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
+        MOE_TRY(moe__fm_go(moe__k_fm_gemm_ws<true>, dim3((unsigned)(n1 < sms ? n1 : sms)), 384, MOE_FM_WS_SMEM, g.stream,
+                           pdl, a1, t1));
+        MOE_TRY(moe__fm_go(moe__k_fm_gemm_ws<false>, dim3((unsigned)(n2 < sms ? n2 : sms)), 384, MOE_FM_WS_SMEM, g.stream,
+                           pdl, a2, t2));
+    } else if (wgm == 1) {
         const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
         dim3 g1((unsigned)(tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));
         dim3 g2((unsigned)(tiles * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));
@@ -732,6 +1144,7 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
         if (large) MOE_TRY((moe__fm_launch<MOE_FM_LARGE>(g, a1, a2, P, lc)));
         else MOE_TRY((moe__fm_launch<MOE_FM_SMALL>(g, a1, a2, P, lc)));
     }
+    if (fold) return MOE_OK; /* G2 wrote out */
     const int threads = 256;
     MOE_TRY(moe__fm_go(moe__k_fm_finalize, dim3(moe__cuda_grid(g.dev, T * (ex->H / 8), threads)), threads, 0, g.stream,
                        pdl, (const float *)y, ids, T, (int)A->K, (int)ex->H, (int)ex->E, lo, lc,

@@ -109,4 +109,67 @@ __device__ __forceinline__ void moe__fm_wgmma_n256(float (&d)[128], uint64_t da,
 #endif
 }
 
+/* ---- mbarriers, bulk tensor copies, register reallocation (sm_90a; empty elsewhere) ---- */
+
+__device__ __forceinline__ void moe__fm_mbar_init(uint32_t bar, int count) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+/* Make the barrier initialisations visible (to the async proxy too) before first use. */
+__device__ __forceinline__ void moe__fm_mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/* Block until the phase of parity `parity` has completed. */
+__device__ __forceinline__ void moe__fm_mbar_wait(uint32_t bar, int parity) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    uint32_t ok = 0;
+    do {
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(ok)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!ok);
+#endif
+}
+__device__ __forceinline__ void moe__fm_mbar_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+/* One arrival that also announces `bytes` of bulk-copy transactions for this phase. */
+__device__ __forceinline__ void moe__fm_mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+/* 2-D bulk tensor copy global -> shared (box of the tensor map at (c0 innermost, c1)),
+ * completing on the mbarrier with its byte count. */
+__device__ __forceinline__ void moe__fm_tma2d(uint32_t dst, const void *tmap, int c0, int c1, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(tmap), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void moe__fm_setmaxnreg_dec() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N> __device__ __forceinline__ void moe__fm_setmaxnreg_inc() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
 #endif

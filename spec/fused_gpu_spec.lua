@@ -246,3 +246,76 @@ describe("#gpu moe.fused_moe with programmatic dependent launch (MOE_FUSED_PDL=1
     end)
   end
 end)
+
+describe("#gpu moe.fused_moe decode folds (forced on with MOE_FUSED_FOLD=2, off with 0)", function()
+  local ffi = require("ffi")
+  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  local function both(f)
+    ffi.C.setenv("MOE_FUSED_FOLD", "2", 1)
+    local ok1, y1 = pcall(f)
+    ffi.C.unsetenv("MOE_FUSED_FOLD")
+    assert.is_true(ok1, tostring(y1))
+    ffi.C.setenv("MOE_FUSED_FOLD", "0", 1)
+    local ok, y0 = pcall(f)
+    ffi.C.unsetenv("MOE_FUSED_FOLD")
+    assert.is_true(ok, tostring(y0))
+    return y1, y0
+  end
+  for _, c in ipairs{ { 1, "deepseekv3" }, { 5, "renormalize" }, { 64, "deepseekv3" }, { 300, "llama4" },
+                      { 180, "deepseekv3" } } do
+    local T, mname = c[1], c[2]
+    it(string.format("swiglu / %s / T=%d: same bits with and without the folds, twice in a row", mname, T), function()
+      local ex = experts("swiglu", false)
+      local x, L = inputs(T, 6161 + T)
+      local m = METHODS[mname]
+      local y1, y0 = both(function() return call(ex, x, L, m, "cuda") end)
+      local t1 = y1:to("cpu"):totable()
+      assert.same(t1, y0:to("cpu"):totable())
+      ffi.C.setenv("MOE_FUSED_FOLD", "2", 1)
+      local ok, y2 = pcall(call, ex, x, L, m, "cuda")
+      ffi.C.unsetenv("MOE_FUSED_FOLD")
+      assert.is_true(ok, tostring(y2))
+      assert.same(t1, y2:to("cpu"):totable()) -- counters back at zero
+      assert.same(t1, call(ex, x, L, m, "cuda"):to("cpu"):totable()) -- the default policy
+      assert.is_true(rel_l2(y1, call(ex, x, L, m, "cpu")) <= 1e-2)
+    end)
+  end
+  it("an expert shard with tokens that have no local pair: zeros there, same bits without the folds", function()
+    local ex = experts("relu2", false)
+    local T = 40
+    local x, L = inputs(T, 7171)
+    local m = METHODS.renormalize
+    local more = { local_offset = 3, local_count = 2 }
+    local y1, y0 = both(function() return call(ex, x, L, m, "cuda", more) end)
+    assert.same(y1:to("cpu"):totable(), y0:to("cpu"):totable())
+    assert.is_true(rel_l2(y1, call(ex, x, L, m, "cpu", more)) <= 1e-2)
+  end)
+end)
+
+describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)", function()
+  local ffi = require("ffi")
+  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  local function with(v, f)
+    ffi.C.setenv("MOE_FUSED_WGMMA", v, 1)
+    local ok, y = pcall(f)
+    ffi.C.unsetenv("MOE_FUSED_WGMMA")
+    assert.is_true(ok, tostring(y))
+    return y
+  end
+  for _, c in ipairs{ { "swiglu", 4000, "renormalize" }, { "relu2", 3000, "deepseekv3" }, { "geglu", 2500, "llama4" } } do
+    local act, T, mname = c[1], c[2], c[3]
+    it(string.format("%s / %s / T=%d (many tiles per CTA) agrees with the cp.async wgmma and mma.sync paths", act,
+                     mname, T), function()
+      local ex = experts(act, act == "geglu")
+      local x, L = inputs(T, 8181 + T)
+      local m = METHODS[mname]
+      local y2 = call(ex, x, L, m, "cuda")
+      local y1 = with("1", function() return call(ex, x, L, m, "cuda") end)
+      local y0 = with("0", function() return call(ex, x, L, m, "cuda") end)
+      local e21, e20 = rel_l2(y2, y1), rel_l2(y2, y0)
+      assert.is_true(e21 <= 1e-5, "vs cp.async wgmma: relative L2 " .. e21)
+      assert.is_true(e20 <= 1e-2, "vs mma.sync: relative L2 " .. e20)
+      assert.same(y2:to("cpu"):totable(), call(ex, x, L, m, "cuda"):to("cpu"):totable())
+    end)
+  end
+end)

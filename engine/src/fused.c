@@ -247,6 +247,8 @@ moe_status moe_workspace_new(moe_workspace **out, moe_device dev, int64_t max_to
     if (dev.type == MOE_DEVICE_CUDA) {
         ws->off_ntiles = o;
         o = moe__align_up(o + 16);
+        ws->off_cnt = o;
+        o = moe__align_up(o + (size_t)max_tokens * (size_t)((ex->H + 63) / 64) * 4);
         ws->off_sorted = o;
         o = moe__align_up(o + (size_t)P * 4);
         ws->off_tiles = o; /* 3 arrays: expert, first row, rows */

@@ -38,6 +38,7 @@ struct moe_workspace {
     int64_t E, H, I;
     int64_t max_pairs;   /* max_tokens * top_k */
     int64_t max_tiles;   /* row tiles of the grouped GEMMs (smallest tile height) */
+    size_t off_cnt;      /* CUDA: i32 [max_tokens, H/64] arrival counters of the folded finalize, 0 between calls */
     moe_tensor *buf;     /* u8 [bytes] */
     size_t off_ids, off_wts, off_sorted, off_tiles, off_ntiles, off_err, off_inter, off_y;
     size_t off_fq, fq_bytes; /* CUDA, quantised experts: region of fused_quant.cu (0 otherwise) */

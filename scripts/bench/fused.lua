@@ -1,7 +1,10 @@
 -- moe bench fused [--shape NAME[,NAME]] [--t LIST] [--reps N] [--no-torch] [--json PATH] [--compare-mma]
 --
 -- --compare-mma also times the large-tile mma.sync path (MOE_FUSED_WGMMA=0) where the wgmma one runs;
--- --compare-pdl times T <= 256 with programmatic dependent launch (MOE_FUSED_PDL=1; off by default).
+-- --compare-pdl times T <= 256 with programmatic dependent launch (MOE_FUSED_PDL=1; off by default);
+-- --compare-env NAME=VALUE times every case again with that environment variable set (e.g.
+-- MOE_FUSED_FOLD=0: decode without the align/finalize folds; MOE_FUSED_WGMMA=1: the cp.async wgmma
+-- kernel instead of the warp-specialised one).
 --
 -- Fused MoE (bf16) on CUDA: per model shape and T, the median time of one moe.fused_moe call
 -- (routing included) from CUDA-graph replays, uniform random routing (renormalize over random
@@ -40,6 +43,14 @@ while i <= #args do
   elseif a == "--json" then i = i + 1; opts.json = args[i]
   elseif a == "--compare-mma" then opts.compare = true
   elseif a == "--compare-pdl" then opts.compare_pdl = true
+  elseif a == "--compare-env" then
+    i = i + 1
+    local k, v = (args[i] or ""):match("^([%w_]+)=(.*)$")
+    if not k then
+      io.stderr:write("moe bench fused: --compare-env: expected NAME=VALUE\n")
+      return 2
+    end
+    opts.env_k, opts.env_v = k, v
   elseif a == "-h" or a == "--help" then
     print("usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH]")
     print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b")
@@ -174,6 +185,15 @@ for _, s in ipairs(SHAPES) do
       us_pdl = time_it()
       ffi.C.unsetenv("MOE_FUSED_PDL")
     end
+    local us_env, us_again
+    if opts.env_k then
+      local ffi = require("ffi")
+      pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+      ffi.C.setenv(opts.env_k, opts.env_v, 1)
+      us_env = time_it()
+      ffi.C.unsetenv(opts.env_k)
+      us_again = time_it() -- the default again, after: the spread between the two is the noise
+    end
     local bytes = hit * 3 * Hd * I * 2 + T * Hd * 4 + T * E * 4
     local flops = 2 * T * K * 3 * Hd * I
     local floor = math.max(bytes / HBM, flops / PEAK) * 1e6
@@ -182,7 +202,7 @@ for _, s in ipairs(SHAPES) do
       shape = s.name, T = T, us = us, floor = floor, pct_floor = 100 * floor / us,
       tflops = flops / us / 1e6, gbs = bytes / us / 1e3, hit = hit,
       bound = bytes / HBM > flops / PEAK and "mem" or "flop",
-      us_mma = us_mma, us_pdl = us_pdl, torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
+      us_mma = us_mma, us_pdl = us_pdl, us_env = us_env, us_again = us_again, torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
     }
     xs, ls, out = nil, nil, nil
     collectgarbage("collect")
@@ -210,6 +230,10 @@ for _, r in ipairs(rows) do
   end
   if r.us_pdl then
     print(string.format("  %s T=%d: with PDL %.1f us (without PDL %.1f us)", r.shape, r.T, r.us_pdl, r.us))
+  end
+  if r.us_env then
+    print(string.format("  %s T=%d: with %s=%s %.1f us (default %.1f us, again after %.1f us)", r.shape, r.T,
+                        opts.env_k, opts.env_v, r.us_env, r.us, r.us_again))
   end
 end
 local eager = false
@@ -240,7 +264,7 @@ if opts.json then
     local parts = {}
     for _, r in ipairs(rows) do
       local kv = {}
-      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "us_pdl", "torch", "vs_torch" } do
+      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "us_pdl", "us_env", "us_again", "torch", "vs_torch" } do
         local v = r[k]
         if v ~= nil then
           kv[#kv + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
