@@ -20,10 +20,10 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. k_finalize: out[t] = bf16(sum over local k, in order).
- * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
- * weight bytes per thread in flight), medium 64 x 64 x 64, large 128 x 128 x 32 (8 warps);
- * two shared stages, the next step's codes prefetched into registers while the current one
- * multiplies.  Gated GEMM1 tiles interleave gate and up rows by 8 (no repacking: the tile's
+ * Tiles (per call, from the average rows per local expert): small 16 x 64 x 256 (decode: 128
+ * fp8 / 64 fp4 weight bytes per thread in flight), medium 64 x 64 x 128, large 128 x 128 x 64
+ * (8 warps); one shared stage, the next step's codes prefetched into registers while the
+ * current one multiplies.  Gated GEMM1 tiles interleave gate and up rows by 8 (no repacking: the tile's
  * row map does it), so the activation runs on the accumulators. */
 #include "cuda_common.cuh"
 #include "fused_quant.h"
@@ -160,6 +160,22 @@ __device__ __forceinline__ uint32_t fq_pack2(float a, float b) {
     return (__float_as_uint(a) >> 16) | (__float_as_uint(b) & 0xFFFF0000u);
 }
 
+/* Four e4m3 codes (one word, byte i = element i) -> two bf16x2 words, exactly: the code's 7
+ * magnitude bits placed at bf16 bit 4 read as 2^(E-127) (1 + M/8) (or the subnormal
+ * (M/8) 2^-126 when E = 0), times 2^120 = the e4m3 value; the sign bit is or-ed back.  (The
+ * e4m3 NaN code 0x7F becomes 480: only NaN inputs produce it.) */
+__device__ __forceinline__ void fq_e4m3x4(uint32_t w, uint32_t &lo, uint32_t &hi) {
+    const uint32_t xl = ((w & 0x7Fu) << 4) | ((w & 0x7F00u) << 12);
+    const uint32_t sl = ((w & 0x80u) << 8) | ((w & 0x8000u) << 16);
+    const uint32_t xh = ((w >> 12) & 0x7F0u) | ((w >> 4) & 0x07F00000u);
+    const uint32_t sh = ((w >> 8) & 0x8000u) | (w & 0x80000000u);
+    uint32_t ml, mh;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(ml) : "r"(xl), "r"(0x7B807B80u), "r"(0u));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(mh) : "r"(xh), "r"(0x7B807B80u), "r"(0u));
+    lo = ml | sl;
+    hi = mh | sh;
+}
+
 /* 16 codes -> 16 bf16 in dst (two 16-byte shared stores). */
 template <int MODE>
 __device__ __forceinline__ void fq_convert(const raw16 &r, bool bf16_src, const float *lut8, const float *lut4,
@@ -172,10 +188,7 @@ __device__ __forceinline__ void fq_convert(const raw16 &r, bool bf16_src, const 
         uint32_t w[4] = {r.v[0].x, r.v[0].y, r.v[0].z, r.v[0].w};
         uint32_t o[8];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            o[2 * i] = fq_pack2(lut8[w[i] & 0xFF], lut8[(w[i] >> 8) & 0xFF]);
-            o[2 * i + 1] = fq_pack2(lut8[(w[i] >> 16) & 0xFF], lut8[w[i] >> 24]);
-        }
+        for (int i = 0; i < 4; i++) fq_e4m3x4(w[i], o[2 * i], o[2 * i + 1]);
         o0 = make_uint4(o[0], o[1], o[2], o[3]);
         o1 = make_uint4(o[4], o[5], o[6], o[7]);
     } else {
@@ -208,9 +221,10 @@ __device__ __forceinline__ void fq_convert(const raw16 &r, bool bf16_src, const 
 }
 
 /* Grouped GEMM tile BM x BN x BK, WM x WN warps.  Shared tiles are bf16 rows of BK + 8
- * (the pad spreads ldmatrix rows over the banks), two stages; each thread owns CA chunks of
- * A and CB of B (16 consecutive K elements of one row each), loads the next step's codes
- * into registers before multiplying the current step, converts and stores them after.
+ * (the pad spreads ldmatrix rows over the banks), one stage: each thread owns CA chunks of A
+ * and CB of B (16 consecutive K elements of one row each), loads the next step's codes into
+ * registers before multiplying the current step, and converts and stores them after it (the
+ * register set is the second stage).
  * Gated GEMM1 tiles hold BN/2 gate and BN/2 up rows interleaved by 8 (tile row 16g + r is
  * gate row 8g + r for r < 8, up row 8g + r - 8 otherwise), so each thread's accumulators
  * hold matching gate and up columns and the activation runs on registers. */
@@ -228,9 +242,9 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
     constexpr int SG = BK / GSPAN;                                  /* scale groups per step */
     constexpr bool A_BF16 = MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
     constexpr bool PACKED = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
-    __shared__ __align__(16) uint16_t As[2][BM * SROW];
-    __shared__ __align__(16) uint16_t Bs[2][BN * SROW];
-    __shared__ float sA[2][BM], sB[2][BN][SG];
+    __shared__ __align__(16) uint16_t As[BM * SROW];
+    __shared__ __align__(16) uint16_t Bs[BN * SROW];
+    __shared__ float sA[BM], sB[BN][SG];
     __shared__ float lut8[256], lut4[16];
     __shared__ int rowsrc[BM], rowpair[BM];
 
@@ -322,23 +336,23 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
             }
         }
     };
-    auto store = [&](int st) {
+    auto store = [&]() {
 #pragma unroll
         for (int i = 0; i < CB; i++) {
-            fq_convert<MODE>(rb[i], false, lut8, lut4, &Bs[st][b_row[i] * SROW + b_col[i]]);
-            if (GCOLS && b_col[i] % GSPAN == 0) sB[st][b_row[i]][b_col[i] / GSPAN] = rb[i].fs;
+            fq_convert<MODE>(rb[i], false, lut8, lut4, &Bs[b_row[i] * SROW + b_col[i]]);
+            if (GCOLS && b_col[i] % GSPAN == 0) sB[b_row[i]][b_col[i] / GSPAN] = rb[i].fs;
         }
 #pragma unroll
         for (int i = 0; i < CA; i++) {
             if (a_row[i] < 0) continue;
-            uint16_t *d = &As[st][a_row[i] * SROW + a_col[i]];
+            uint16_t *d = &As[a_row[i] * SROW + a_col[i]];
             if (a_src[i] < 0) {
                 *(uint4 *)d = make_uint4(0, 0, 0, 0);
                 *(uint4 *)(d + 8) = make_uint4(0, 0, 0, 0);
             } else {
                 fq_convert<MODE>(ra[i], A_BF16, lut8, lut4, d);
             }
-            if (MODE == MOE_QUANT_FP8_BLOCK && a_col[i] == 0) sA[st][a_row[i]] = ra[i].fs;
+            if (MODE == MOE_QUANT_FP8_BLOCK && a_col[i] == 0) sA[a_row[i]] = ra[i].fs;
         }
     };
 
@@ -361,12 +375,11 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
     }
 
     load(0);
-    store(0);
+    store();
     __syncthreads();
     for (int kt = 0; kt < KT; kt++) {
-        const int st = kt & 1;
         if (kt + 1 < KT) load(kt + 1);
-        const uint16_t *as = As[st], *bs = Bs[st];
+        const uint16_t *as = As, *bs = Bs;
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ks++) {
             uint32_t af[MI][4], bfr[NI][2];
@@ -404,13 +417,16 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
                         for (int q = 0; q < 4; q++) {
                             const int r = wm * WTM + mi * 16 + (lane >> 2) + (q >> 1) * 8;
                             const int c = wn * WTN + ni * 8 + (lane & 3) * 2 + (q & 1);
-                            const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[st][r] * sB[st][c][sg] : sB[st][c][sg];
+                            const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[r] * sB[c][sg] : sB[c][sg];
                             acc[mi][ni][q] += part[mi][ni][q] * s;
                             part[mi][ni][q] = 0.0f;
                         }
             }
         }
-        if (kt + 1 < KT) store(st ^ 1);
+        if (kt + 1 < KT) {
+            __syncthreads(); /* everyone is done with this step's tiles */
+            store();
+        }
         __syncthreads();
     }
 
@@ -563,11 +579,11 @@ moe_status fq_quant_act(const moe_workspace *ws, int mode, const moe_tensor *src
     return s;
 }
 
-/* Tile configurations: small (decode: few rows per expert; BK 128 keeps 64 weight bytes per
- * thread in flight), medium, large (prefill). */
-#define FQ_SMALL 16, 64, 128, 1, 4
-#define FQ_MEDIUM 64, 64, 64, 2, 2
-#define FQ_LARGE 128, 128, 32, 2, 4
+/* Tile configurations: small (decode: few rows per expert; BK 256 keeps 128 fp8 / 64 fp4
+ * weight bytes per thread in flight), medium, large (prefill). */
+#define FQ_SMALL 16, 64, 256, 1, 4
+#define FQ_MEDIUM 64, 64, 128, 2, 2
+#define FQ_LARGE 128, 128, 64, 2, 4
 
 template <int MODE, int BM, int BN, int BK, int WM, int WN>
 moe_status fq_gemms(cudaStream_t st, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
