@@ -247,7 +247,8 @@ moe_status moe_mem_stats(moe_mem_info *out);
 /* ---------------------------------------------------------------- file I/O -- */
 
 /* .npy (format 1.0-3.0, C order, little-endian): f32, f16, i8, i16, i32, i64, u8, bool.
- * bf16 is written as '<u2' with the header key 'moe_dtype': 'bf16' and read back as bf16;
+ * bf16 is written as '<u2' marked by the header comment "# moe_dtype: bf16" (numpy loads it as
+ * uint16) and read back as bf16;
  * other dtypes are refused by the writer with MOE_ERR_DTYPE.  Reader: caller owns *out
  * (a host tensor). */
 moe_status moe_npy_read(const char *path, moe_tensor **out);

@@ -5,7 +5,8 @@
  * padded with spaces and a newline, then the raw C-order data.
  *
  * dtypes (docs/io.md):  '<f4' f32, '<f2' f16, '|i1' i8, '<i2' i16, '<i4' i32, '<i8' i64,
- * '|u1' u8, '|b1' bool; '<u2' with the extra key 'moe_dtype': 'bf16' is bf16.
+ * '|u1' u8, '|b1' bool; '<u2' marked with the header comment "# moe_dtype: bf16" (or, as older
+ * moelab files have it, the extra key 'moe_dtype': 'bf16') is bf16.
  * Widened on read into a fresh tensor: plain '<u2' -> i32, '<u4' -> i64, '<u8' -> i64
  * (values over INT64_MAX refused), '<f8' -> f32 (round to nearest even).
  * Refused: big-endian, fortran order, structured/object/complex/string dtypes. */
@@ -284,6 +285,19 @@ static moe_status npy_header(const char *fn, const char *name, const unsigned ch
         return hfail(&h, "expected ',' or '}'");
     }
     hws(&h);
+    /* A trailing Python comment is legal (numpy parses the header as a literal).  moelab marks
+     * bf16 arrays with "# moe_dtype: bf16" there, so that numpy still loads them (as uint16). */
+    if (h.i < h.n && h.s[h.i] == '#') {
+        static const char mark[] = "# moe_dtype: bf16";
+        size_t ml = sizeof mark - 1;
+        if (h.n - h.i >= ml && memcmp(h.s + h.i, mark, ml) == 0) {
+            if (mdt) return hfail(&h, "bf16 marked twice");
+            mdt = mark + 13;
+            mdt_len = 4;
+        }
+        while (h.i < h.n && h.s[h.i] != '\n') h.i++;
+        hws(&h);
+    }
     if (h.i != h.n) return hfail(&h, "unexpected bytes after the dict");
     if (!descr || !have_fortran || !have_shape)
         return moe__err(MOE_ERR_FORMAT, "%s: %s: header dict: missing key '%s'", fn, name,
@@ -458,8 +472,8 @@ moe_status moe_npy_write(const char *path, const moe_tensor *t) {
     for (int d = 0; d < ndim; d++)
         k += (size_t)snprintf(hdr + k, sizeof hdr - k, "%s%" PRId64, d ? ", " : "",
                               moe_tensor_dim(t, d));
-    k += (size_t)snprintf(hdr + k, sizeof hdr - k, "%s), %s}", ndim == 1 ? "," : "",
-                          dtype == MOE_BF16 ? "'moe_dtype': 'bf16', " : "");
+    k += (size_t)snprintf(hdr + k, sizeof hdr - k, "%s), }%s", ndim == 1 ? "," : "",
+                          dtype == MOE_BF16 ? " # moe_dtype: bf16" : "");
     /* pad with spaces and end with '\n' so that 10 + header length is a multiple of 64 */
     size_t total = 10 + k + 1;
     size_t pad = (64 - total % 64) % 64;

@@ -169,7 +169,9 @@ static void test_npy_roundtrip(void) {
                 CHECK(strstr(hdr, cases[c].descr) != NULL);
                 CHECK(strstr(hdr, "'fortran_order': False") != NULL);
                 CHECK(strstr(hdr, shapes[s].text) != NULL);
-                CHECK((strstr(hdr, "'moe_dtype': 'bf16'") != NULL) == (cases[c].dtype == MOE_BF16));
+                /* bf16 is marked by a trailing comment, so the dict keeps numpy's three keys */
+                CHECK((strstr(hdr, "} # moe_dtype: bf16") != NULL) == (cases[c].dtype == MOE_BF16));
+                CHECK(strstr(hdr, "'moe_dtype'") == NULL);
                 CHECK(memcmp(fb + 10 + hl, want, n) == 0);
                 free(hdr);
             }
@@ -260,6 +262,25 @@ static void test_npy_parse_variants(void) {
         CHECK(moe_tensor_dtype(t) == MOE_BF16);
         CHECK(moe_tensor_read_f64(t, v, 2) == MOE_OK && v[0] == 1.0 && v[1] == -2.0);
     }
+    moe_tensor_free(t);
+    t = NULL;
+    free(p);
+
+    /* the same marked by a trailing comment (what moelab writes; numpy ignores it) */
+    p = npy_bytes(1, "{'descr': '<u2', 'fortran_order': False, 'shape': (1, 2), } # moe_dtype: bf16",
+                  b16, 4, &n);
+    CHECK(moe_npy_parse(p, n, &t) == MOE_OK);
+    if (t) {
+        CHECK(moe_tensor_dtype(t) == MOE_BF16);
+        CHECK(moe_tensor_read_f64(t, v, 2) == MOE_OK && v[0] == 1.0 && v[1] == -2.0);
+    }
+    moe_tensor_free(t);
+    t = NULL;
+    free(p);
+    /* any other comment is ignored: plain '<u2' -> i32 */
+    p = npy_bytes(1, "{'descr': '<u2', 'fortran_order': False, 'shape': (2,), } # made by hand", b16, 4, &n);
+    CHECK(moe_npy_parse(p, n, &t) == MOE_OK);
+    if (t) CHECK(moe_tensor_dtype(t) == MOE_I32);
     moe_tensor_free(t);
     t = NULL;
     free(p);
