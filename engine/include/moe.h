@@ -262,7 +262,7 @@ moe_status moe_npy_parse(const void *data, size_t size, moe_tensor **out);
  * are widened on moe_st_get into a fresh tensor (U16 -> i32, U32 -> i64, F64 -> f32 with
  * round-to-nearest-even) or refused with MOE_ERR_DTYPE (U64 values over INT64_MAX, F6_*).
  * i4 tensors are written as U8 bytes (two nibbles each, last dimension halved) with the
- * metadata key "moe_dtype.<name>" = "i4", which the reader honours.  docs/tensors.md has
+ * metadata key "moe_dtype.<name>" = "i4", which the reader honours.  docs/io.md has
  * the table. */
 typedef struct moe_st_file moe_st_file; /* an opened, mmapped safetensors file */
 
