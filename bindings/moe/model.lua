@@ -428,7 +428,7 @@ return function(moe)
   local MODE_COLOURS = {fp8 = "#1f77b4", fp8_block = "#2ca02c", nvfp4 = "#d62728", mxfp4 = "#9467bd",
                         mxint4 = "#ff7f0e", bf16 = "#7f7f7f"}
 
-  --- moe.experiment{model = m | "preset", size = "tiny", layers =, quants = {...}, tokens = T,
+  --- moe.experiment{model = m | "preset", size = "tiny", layers =, quants = {...}, tokens = T, hidden = x,
   ---                batch =, device =, seed = 0, out = dir, quiet = false}
   --- Runs every mode on the same tokens, compares each mode's trace with the bf16 one and
   --- writes dir/report.md, dir/summary.json, dir/router_disagreement.svg, dir/traces/*.safetensors
@@ -436,12 +436,12 @@ return function(moe)
   function moe.experiment(opts)
     local fn = "moe.experiment"
     if type(opts) ~= "table" then error(fn .. ": opts: expected a table, got " .. moe._describe(opts), 2) end
-    local known = {model = 1, size = 1, layers = 1, quants = 1, tokens = 1, batch = 1, device = 1, seed = 1,
-                   out = 1, quiet = 1}
+    local known = {model = 1, size = 1, layers = 1, quants = 1, tokens = 1, hidden = 1, batch = 1, device = 1,
+                   seed = 1, out = 1, quiet = 1}
     for k in pairs(opts) do
       if not known[k] then
         error(fn .. ": " .. moe._describe(k) .. ": unknown option (known: model, size, layers, quants, tokens, " ..
-              "batch, device, seed, out, quiet)", 2)
+              "hidden, batch, device, seed, out, quiet)", 2)
       end
     end
     local m = opts.model or "qwen3-30b-a3b"
@@ -463,7 +463,8 @@ return function(moe)
       error(fn .. ": out: expected a directory name, got " .. moe._describe(out), 2)
     end
     local dev = opts.device or default_device()
-    local traces, secs, states = m:run_modes{quants = list, tokens = opts.tokens or 512, batch = opts.batch,
+    local traces, secs, states = m:run_modes{quants = list, tokens = opts.tokens or 512, hidden = opts.hidden,
+                                             batch = opts.batch,
                                              device = dev, seed = opts.seed, quiet = opts.quiet, _fn = fn}
     local ref = traces.bf16
     local final = {}

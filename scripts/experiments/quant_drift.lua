@@ -20,6 +20,8 @@ options:
   --size SIZE      full | small | tiny (default: full on a GPU, tiny on the CPU)
   --layers N       number of MoE layers (default: the size's)
   --tokens T       tokens (default: 4096 on a GPU, 512 on the CPU)
+  --hidden FILE    token hidden states [T, H] from a .npy or .safetensors file (first tensor)
+                   instead of synthetic ones
   --batch B        tokens per batch (default: min(T, 4096))
   --quants LIST    comma-separated modes compared with bf16
                    (default fp8,fp8_block,nvfp4,mxfp4,mxint4)
@@ -51,6 +53,7 @@ while i <= #args do
   elseif a == "--size" then opts.size = value(a)
   elseif a == "--layers" then opts.layers = tonumber(value(a))
   elseif a == "--tokens" then opts.tokens = tonumber(value(a))
+  elseif a == "--hidden" then opts.hidden = value(a)
   elseif a == "--batch" then opts.batch = tonumber(value(a))
   elseif a == "--quants" then
     opts.quants = {}
@@ -74,9 +77,21 @@ local model = opts.model or "qwen3-30b-a3b"
 local quants = opts.quants or {"fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4"}
 local out = opts.out or string.format("results/quant_drift-%s-%s-%s", model, size, device:gsub(":", ""))
 
+local hidden
+if opts.hidden then
+  local t = moe.load(opts.hidden)
+  if not moe.is_tensor(t) then
+    local names = {}
+    for k in pairs(t) do names[#names + 1] = k end
+    table.sort(names)
+    t = t[names[1]]
+  end
+  hidden = t:to(device):to("bf16")
+end
+
 local t0 = moe.model.now()
 local s = moe.experiment{model = model, size = size, layers = opts.layers, quants = quants,
-                         tokens = opts.tokens or (on_gpu and 4096 or 512), batch = opts.batch,
+                         tokens = opts.tokens or (on_gpu and 4096 or 512), hidden = hidden, batch = opts.batch,
                          device = device, seed = opts.seed or 0, out = out, quiet = opts.quiet}
 print(s.text)
 print(string.format("report: %s  (total %.1f s)", s.report, moe.model.now() - t0))
