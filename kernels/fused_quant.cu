@@ -20,8 +20,8 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. k_finalize: out[t] = bf16(sum over local k, in order).
- * Tiles (per call, from the average rows per local expert): small 16 x 64 x 256 (decode: 128
- * fp8 / 64 fp4 weight bytes per thread in flight), medium 64 x 64 x 128, large 128 x 128 x 64
+ * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
+ * fp8 / 32 fp4 weight bytes per thread in flight), medium 64 x 64 x 128, large 128 x 128 x 64
  * (8 warps); one shared stage, the next step's codes prefetched into registers while the
  * current one multiplies.  Gated GEMM1 tiles interleave gate and up rows by 8 (no repacking: the tile's
  * row map does it), so the activation runs on the accumulators. */
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
     constexpr bool PACKED = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
     __shared__ __align__(16) uint16_t As[BM * SROW];
     __shared__ __align__(16) uint16_t Bs[BN * SROW];
-    __shared__ float sA[BM], sB[BN][SG];
+    __shared__ float sA[BM][SG], sB[BN][SG];
     __shared__ float lut8[256], lut4[16];
     __shared__ int rowsrc[BM], rowpair[BM];
 
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
             } else {
                 fq_convert<MODE>(ra[i], A_BF16, lut8, lut4, d);
             }
-            if (MODE == MOE_QUANT_FP8_BLOCK && a_col[i] == 0) sA[a_row[i]] = ra[i].fs;
+            if (MODE == MOE_QUANT_FP8_BLOCK && a_col[i] % GSPAN == 0) sA[a_row[i]][a_col[i] / GSPAN] = ra[i].fs;
         }
     };
 
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
                         for (int q = 0; q < 4; q++) {
                             const int r = wm * WTM + mi * 16 + (lane >> 2) + (q >> 1) * 8;
                             const int c = wn * WTN + ni * 8 + (lane & 3) * 2 + (q & 1);
-                            const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[r] * sB[c][sg] : sB[c][sg];
+                            const float s = MODE == MOE_QUANT_FP8_BLOCK ? sA[r][sg] * sB[c][sg] : sB[c][sg];
                             acc[mi][ni][q] += part[mi][ni][q] * s;
                             part[mi][ni][q] = 0.0f;
                         }
@@ -579,9 +579,11 @@ moe_status fq_quant_act(const moe_workspace *ws, int mode, const moe_tensor *src
     return s;
 }
 
-/* Tile configurations: small (decode: few rows per expert; BK 256 keeps 128 fp8 / 64 fp4
- * weight bytes per thread in flight), medium, large (prefill). */
-#define FQ_SMALL 16, 64, 256, 1, 4
+/* Tile configurations: small (decode: few rows per expert; BK 128 keeps 64 fp8 / 32 fp4
+ * weight bytes per thread in flight), medium, large (prefill).  BK must divide H and I, which
+ * are only guaranteed to be multiples of 128 (a BK 256 small tile measured faster for decode
+ * but needs a K tail; not done). */
+#define FQ_SMALL 16, 64, 128, 1, 4
 #define FQ_MEDIUM 64, 64, 128, 2, 2
 #define FQ_LARGE 128, 128, 64, 2, 4
 
@@ -589,6 +591,9 @@ template <int MODE, int BM, int BN, int BK, int WM, int WN>
 moe_status fq_gemms(cudaStream_t st, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
                     const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs, size_t off_gt,
                     int64_t I) {
+    if (a1.Kd % BK != 0 || a2.Kd % BK != 0 || a1.N % BN != 0 || a2.N % BN != 0)
+        return moe__err(MOE_ERR_UNSUPPORTED, FN ": experts: expected H and I multiples of %d for the %dx%dx%d tiles, got H %d, I %d",
+                        BK, BM, BN, BK, a1.Kd, a2.Kd);
     const int64_t tiles = P / BM + (P < lc ? P : lc) + 1;
     k_gemm<MODE, BM, BN, BK, WM, WN, true><<<(unsigned)(tiles * (a1.N / BN)), WM * WN * 32, 0, st>>>(a1);
     MOE_CUDA_LAUNCHED(FN);
