@@ -184,6 +184,7 @@ struct moe__fm_gemm_args {
      * writes the tables below for G2; G2 does k_finalize's work (last arriver per token and
      * column tile, counters cnt [T, N/BN] zero between calls) */
     int fold, E, lc;
+    int cs;                 /* warp-specialised kernel: CTAs per cluster (1 or 2) */
     int64_t P, T;
     const int32_t *ids;     /* [P] routing used */
     int32_t *sorted_w, *tile_e_w, *tile_r0_w, *tile_n_w, *ntiles_w, *err, *cnt;
@@ -741,36 +742,59 @@ __global__ void __launch_bounds__(384, 1)
     moe__k_fm_gemm_ws(const moe__fm_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int BM = MOE_FM_WG_BM, BN = MOE_FM_WG_BN, BK = 64, S = MOE_FM_WS_STAGES, LAG = MOE_FM_WS_LAG;
+    constexpr int HB = BN / 2; /* the weight tile is loaded as two 128-row boxes */
     extern __shared__ unsigned char moe__fm_ws_raw[];
     __nv_bfloat16 *As = (__nv_bfloat16 *)(((uintptr_t)moe__fm_ws_raw + 1023) & ~(uintptr_t)1023);
     __nv_bfloat16 *Bs = As + S * BM * BK;
     const uint32_t bar0 = moe__fm_smem(Bs + S * BN * BK); /* full[s] at bar0 + 8s, empty[s] at bar0 + 8(S + s) */
     const int tid = threadIdx.x;
+    const int cs = a.cs; /* CTAs per cluster: 1, or 2 sharing (multicasting) the weight tile */
+    const uint32_t rank = cs == 2 ? (blockIdx.x & 1) : 0;
+    const int cid = blockIdx.x / cs, ncl = gridDim.x / cs;
     moe__fm_pdl_enter();
     if (tid == 0) {
         for (int s = 0; s < S; s++) {
-            moe__fm_mbar_init(bar0 + 8 * s, 128 + 1);  /* 128 producer arrivals + the expect_tx one */
-            moe__fm_mbar_init(bar0 + 8 * (S + s), 8); /* one per consumer warp */
+            moe__fm_mbar_init(bar0 + 8 * s, 128 + 1);       /* 128 producer arrivals + the expect_tx one */
+            moe__fm_mbar_init(bar0 + 8 * (S + s), 8 * cs); /* one per consumer warp of the cluster */
         }
         moe__fm_mbar_init_fence();
     }
-    __syncthreads();
+    if (cs == 2) moe__fm_cluster_sync(); /* the peer multicasts into our stages and barriers */
+    else __syncthreads();
+    /* work items: groups of cs consecutive row tiles (CTA `rank` takes tile cs*pair + rank) x
+     * column tiles, in the grouped order of moe__fm_map (8 row tiles per group) */
     const int ntiles = *a.ntiles, ntn = (a.N + BN - 1) / BN;
-    const int64_t total = (int64_t)ntiles * ntn;
+    const int npairs = (ntiles + cs - 1) / cs, GMp = 8 / cs;
+    const int64_t total = (int64_t)npairs * ntn;
     const int KT = a.Kd / BK;
-    const int GM = 8;
+    auto item = [&](int64_t w, int &le, int &r0, int &nr, int &nb, bool &shared) {
+        const int group = (int)(w / ((int64_t)GMp * ntn));
+        const int in = (int)(w - (int64_t)group * GMp * ntn);
+        const int gs = min(GMp, npairs - group * GMp);
+        const int t0 = (group * GMp + in % gs) * cs, tile = t0 + (int)rank;
+        nb = in / gs;
+        const int le0 = a.tile_e[t0];
+        shared = cs == 2 && t0 + 1 < ntiles && a.tile_e[t0 + 1] == le0;
+        if (tile < ntiles) {
+            le = a.tile_e[tile];
+            r0 = a.tile_r0[tile];
+            nr = a.tile_n[tile];
+        } else { /* odd tile count: the second CTA runs an empty tile in step */
+            le = le0;
+            r0 = 0;
+            nr = 0;
+        }
+    };
 
     if (tid < 128) {
         /* ---------------- producer ---------------- */
         moe__fm_setmaxnreg_dec<72>();
         const int ch = tid & 7, rb = tid >> 3; /* rows rb + 16i, 16-byte chunk ch */
         int it = 0;
-        for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
-            const int group = (int)(b / ((int64_t)GM * ntn));
-            const int in = (int)(b - (int64_t)group * GM * ntn);
-            const int gs = min(GM, ntiles - group * GM);
-            const int tile = group * GM + in % gs, nb = in / gs;
-            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+        for (int64_t w = cid; w < total; w += ncl) {
+            int le, r0, nr, nb;
+            bool shared;
+            item(w, le, r0, nr, nb, shared);
             const int wrow = (int)(((int64_t)a.lo + le) * a.N) + nb * BN;
             int src[BM / 16];
 #pragma unroll
@@ -780,10 +804,17 @@ __global__ void __launch_bounds__(384, 1)
             }
             for (int kt = 0; kt < KT; kt++, it++) {
                 const int s = it % S;
-                moe__fm_mbar_wait(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
+                moe__fm_mbar_wait_cl(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
                 if (tid == 0) {
+                    const uint32_t bs = moe__fm_smem(Bs + s * BN * BK);
                     moe__fm_mbar_arrive_tx(bar0 + 8 * s, BN * BK * 2);
-                    moe__fm_tma2d(moe__fm_smem(Bs + s * BN * BK), &tmw, kt * BK, wrow, bar0 + 8 * s);
+                    if (shared) {
+                        moe__fm_tma2d_mc(bs + rank * HB * BK * 2, &tmw, kt * BK, wrow + (int)rank * HB, bar0 + 8 * s,
+                                         (uint16_t)3);
+                    } else {
+                        moe__fm_tma2d(bs, &tmw, kt * BK, wrow, bar0 + 8 * s);
+                        moe__fm_tma2d(bs + HB * BK * 2, &tmw, kt * BK, wrow + HB, bar0 + 8 * s);
+                    }
                 }
                 __nv_bfloat16 *as = As + s * BM * BK;
 #pragma unroll
@@ -809,18 +840,16 @@ __global__ void __launch_bounds__(384, 1)
         const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
         int it = 0;
         float acc[128];
-        for (int64_t b = blockIdx.x; b < total; b += gridDim.x) {
-            const int group = (int)(b / ((int64_t)GM * ntn));
-            const int in = (int)(b - (int64_t)group * GM * ntn);
-            const int gs = min(GM, ntiles - group * GM);
-            const int tile = group * GM + in % gs, nb = in / gs;
-            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+        for (int64_t w = cid; w < total; w += ncl) {
+            int le, r0, nr, nb;
+            bool shared;
+            item(w, le, r0, nr, nb, shared);
             const int n0 = nb * BN, nvalid = min(BN, a.N - n0);
 #pragma unroll
             for (int i = 0; i < 128; i++) acc[i] = 0.0f;
             for (int kt = 0; kt < KT; kt++, it++) {
                 const int s = it % S;
-                moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
+                moe__fm_mbar_wait_cl(bar0 + 8 * s, (it / S) & 1);
                 const uint64_t da = moe__fm_desc(moe__fm_smem(As + s * BM * BK + wg * 64 * BK));
                 const uint64_t db = moe__fm_desc(moe__fm_smem(Bs + s * BN * BK));
                 moe__fm_wg_fence();
@@ -828,13 +857,22 @@ __global__ void __launch_bounds__(384, 1)
                 for (int ks = 0; ks < BK / 16; ks++) moe__fm_wgmma_n256(acc, da + 2 * ks, db + 2 * ks);
                 moe__fm_wg_commit();
                 moe__fm_wg_wait1();
-                if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it - 1) % S));
+                if (kt > 0 && lane == 0) {
+                    const uint32_t eb = bar0 + 8 * (S + (it - 1) % S);
+                    moe__fm_mbar_arrive(eb);
+                    if (cs == 2) moe__fm_mbar_arrive_remote(eb, rank ^ 1);
+                }
             }
             moe__fm_wg_wait0();
-            if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it - 1) % S));
+            if (lane == 0) {
+                const uint32_t eb = bar0 + 8 * (S + (it - 1) % S);
+                moe__fm_mbar_arrive(eb);
+                if (cs == 2) moe__fm_mbar_arrive_remote(eb, rank ^ 1);
+            }
             moe__fm_wg_epi<G1>(a, acc, wg, w4, lane, (int64_t)a.lo + le, r0, nr, n0, nvalid, a.sorted + r0);
         }
     }
+    if (cs == 2) moe__fm_cluster_sync(); /* no CTA leaves while its peer may still reach its memory */
 #endif
 }
 
@@ -884,6 +922,7 @@ typedef moe__fm_cfg<128, 128, 2, 4, 3> moe__fm_large;
 static int moe__fm_have_wg = 0, moe__fm_have_pdl = 0;
 static PFN_cuTensorMapEncodeTiled_v12000 moe__fm_encode = nullptr;
 static int moe__fm_small_occ = 1; /* resident small-tile GEMM1 blocks per SM */
+static int moe__fm_ws_ncl = 0;    /* resident 2-CTA clusters of the warp-specialised kernel (0: none) */
 
 static moe_status moe__fm_attrs(void) {
     static int done = 0;
@@ -917,6 +956,22 @@ static moe_status moe__fm_attrs(void) {
                                         moe__fm_small::THREADS, moe__fm_small::SMEM));
     if (moe__fm_small_occ < 1) moe__fm_small_occ = 1;
     if (moe__fm_have_wg) {
+        cudaLaunchConfig_t cfg = {};
+        cudaLaunchAttribute at[1];
+        at[0].id = cudaLaunchAttributeClusterDimension;
+        at[0].val.clusterDim.x = 2;
+        at[0].val.clusterDim.y = 1;
+        at[0].val.clusterDim.z = 1;
+        cfg.gridDim = dim3(2 * 66);
+        cfg.blockDim = dim3(384);
+        cfg.dynamicSmemBytes = MOE_FM_WS_SMEM;
+        cfg.attrs = at;
+        cfg.numAttrs = 1;
+        int ncl = 0;
+        if (cudaOccupancyMaxActiveClusters(&ncl, moe__k_fm_gemm_ws<true>, &cfg) == cudaSuccess) moe__fm_ws_ncl = ncl;
+        (void)cudaGetLastError();
+    }
+    if (moe__fm_have_wg) {
         /* the tensor-map encoder lives in the driver: fetched once, without linking libcuda */
         void *fp = nullptr;
         cudaDriverEntryPointQueryResult q;
@@ -939,6 +994,13 @@ static int moe__fm_wg_mode(void) {
     if (env && env[0] == '0') return 0;
     if (env && env[0] == '1') return 1;
     return moe__fm_encode ? 2 : 1;
+}
+
+/* Resident 2-CTA clusters when the warp-specialised kernel runs as clusters multicasting
+ * the weight tile (MOE_FUSED_CLUSTER=1), else 0. */
+static int moe__fm_ws_clusters(void) {
+    const char *env = getenv("MOE_FUSED_CLUSTER");
+    return env && env[0] == '1' ? moe__fm_ws_ncl : 0;
 }
 
 /* Tensor map of a bf16 row-major [rows, cols] matrix, boxes of 64 columns x box_rows rows,
@@ -1009,6 +1071,32 @@ static moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads, size_
     cfg.attrs = pdl ? at : nullptr;
     cfg.numAttrs = pdl ? 1 : 0;
     MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, args...));
+    return MOE_OK;
+}
+
+/* The warp-specialised kernel, as `cs`-CTA clusters when cs is 2. */
+static moe_status moe__fm_go_ws(void (*k)(const moe__fm_gemm_args, const CUtensorMap), unsigned grid, int cs,
+                                cudaStream_t stream, bool pdl, const moe__fm_gemm_args &a, const CUtensorMap &t) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = MOE_FM_WS_SMEM;
+    cfg.stream = stream;
+    cudaLaunchAttribute at[2];
+    int n = 0;
+    if (pdl) {
+        at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cs == 2) {
+        at[n].id = cudaLaunchAttributeClusterDimension;
+        at[n].val.clusterDim.x = 2;
+        at[n].val.clusterDim.y = 1;
+        at[n++].val.clusterDim.z = 1;
+    }
+    cfg.attrs = n ? at : nullptr;
+    cfg.numAttrs = n;
+    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, a, t));
     return MOE_OK;
 }
 
@@ -1124,16 +1212,18 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     const int wgm = lc > 0 && large ? moe__fm_wg_mode() : 0;
     if (wgm == 2) {
         CUtensorMap t1, t2;
-        MOE_TRY(moe__fm_tmap(&t1, a1.W, ex->E * ex->N1, ex->H, MOE_FM_WG_BN));
-        MOE_TRY(moe__fm_tmap(&t2, a2.W, ex->E * ex->H, ex->I, MOE_FM_WG_BN));
-        const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
-        const int64_t sms = moe__cuda_sm_count(g.dev);
-        const int64_t n1 = tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
-        const int64_t n2 = tiles * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
-        MOE_TRY(moe__fm_go(moe__k_fm_gemm_ws<true>, dim3((unsigned)(n1 < sms ? n1 : sms)), 384, MOE_FM_WS_SMEM, g.stream,
-                           pdl, a1, t1));
-        MOE_TRY(moe__fm_go(moe__k_fm_gemm_ws<false>, dim3((unsigned)(n2 < sms ? n2 : sms)), 384, MOE_FM_WS_SMEM, g.stream,
-                           pdl, a2, t2));
+        MOE_TRY(moe__fm_tmap(&t1, a1.W, ex->E * ex->N1, ex->H, MOE_FM_WG_BN / 2));
+        MOE_TRY(moe__fm_tmap(&t2, a2.W, ex->E * ex->H, ex->I, MOE_FM_WG_BN / 2));
+        const int cs = moe__fm_ws_clusters() > 0 ? 2 : 1;
+        a1.cs = a2.cs = cs;
+        const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1, pairs = (tiles + cs - 1) / cs;
+        const int64_t slots = cs == 2 ? moe__fm_ws_clusters() : moe__cuda_sm_count(g.dev); /* resident clusters */
+        const int64_t n1 = pairs * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
+        const int64_t n2 = pairs * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
+        MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<true>, (unsigned)((n1 < slots ? n1 : slots) * cs), cs, g.stream, pdl,
+                              a1, t1));
+        MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<false>, (unsigned)((n2 < slots ? n2 : slots) * cs), cs, g.stream, pdl,
+                              a2, t2));
     } else if (wgm == 1) {
         const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
         dim3 g1((unsigned)(tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));

@@ -172,4 +172,53 @@ template <int N> __device__ __forceinline__ void moe__fm_setmaxnreg_inc() {
 #endif
 }
 
+/* Cluster-scope variants (2-CTA clusters sharing the weight tile). */
+__device__ __forceinline__ void moe__fm_mbar_wait_cl(uint32_t bar, int parity) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    uint32_t ok = 0;
+    do {
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(ok)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!ok);
+#endif
+}
+/* Arrive on the barrier at the same shared-memory offset in CTA `rank` of the cluster. */
+__device__ __forceinline__ void moe__fm_mbar_arrive_remote(uint32_t bar, uint32_t rank) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n"
+        ".reg .b32 ra;\n"
+        "mapa.shared::cluster.u32 ra, %0, %1;\n"
+        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n"
+        "}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+#endif
+}
+/* The bulk tensor copy, written to the same offset in every CTA of `mask` and completing on
+ * the barrier at the same offset in each. */
+__device__ __forceinline__ void moe__fm_tma2d_mc(uint32_t dst, const void *tmap, int c0, int c1, uint32_t bar,
+                                                 uint16_t mask) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+        "%3}], [%4], %5;\n" ::"r"(dst),
+        "l"(tmap), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+        : "memory");
+#endif
+}
+__device__ __forceinline__ void moe__fm_cluster_sync() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
 #endif

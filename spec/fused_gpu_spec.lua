@@ -312,6 +312,15 @@ describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)",
       local y2 = call(ex, x, L, m, "cuda")
       local y1 = with("1", function() return call(ex, x, L, m, "cuda") end)
       local y0 = with("0", function() return call(ex, x, L, m, "cuda") end)
+      local prev = os.getenv("MOE_FUSED_CLUSTER") -- both settings explicitly, then restored
+      for _, v in ipairs{ "0", "1" } do
+        ffi.C.setenv("MOE_FUSED_CLUSTER", v, 1)
+        local okc, yc = pcall(call, ex, x, L, m, "cuda")
+        if prev then ffi.C.setenv("MOE_FUSED_CLUSTER", prev, 1) else ffi.C.unsetenv("MOE_FUSED_CLUSTER") end
+        assert.is_true(okc, tostring(yc))
+        local e = rel_l2(y2, yc)
+        assert.is_true(e <= 1e-5, "MOE_FUSED_CLUSTER=" .. v .. ": relative L2 " .. e)
+      end
       local e21, e20 = rel_l2(y2, y1), rel_l2(y2, y0)
       assert.is_true(e21 <= 1e-5, "vs cp.async wgmma: relative L2 " .. e21)
       assert.is_true(e20 <= 1e-2, "vs mma.sync: relative L2 " .. e20)
