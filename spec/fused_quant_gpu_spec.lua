@@ -100,6 +100,25 @@ describe("#gpu quantised fused MoE: CUDA vs the CPU reference", function()
     end
   end)
 
+  it("H 512, I 256 (multiples of 256: every K-step size divides them), every mode, T=1 and 64", function()
+    local w = {
+      w13 = moe.randn({ 8, 512, 512 }, { dtype = "bf16", seed = 41, std = 0.05 }),
+      w2 = moe.randn({ 8, 512, 256 }, { dtype = "bf16", seed = 42, std = 0.05 }),
+      act = "swiglu", ex = {},
+    }
+    for _, mode in ipairs(MODES) do
+      for _, T in ipairs{ 1, 64 } do
+        local x = moe.randn({ T, 512 }, { dtype = "bf16", seed = 43 + T })
+        local L = moe.randn({ T, 8 }, { seed = 44 + T })
+        local yc = moe.fused_moe{ hidden = x, logits = L, experts = experts(w, mode, "cpu"), top_k = 2 }
+        local yg = moe.fused_moe{ hidden = x:to("cuda"), logits = L:to("cuda"), experts = experts(w, mode, "cuda"),
+                                  top_k = 2 }
+        local err = rel_l2(yg, yc)
+        assert.is_true(err <= 1e-3, mode .. " T=" .. T .. ": " .. err)
+      end
+    end
+  end)
+
   it("fp8_block / relu2 with biases and nvfp4 / swiglu_oai with biases (T=300)", function()
     for _, c in ipairs{ { "fp8_block", "relu2" }, { "nvfp4", "swiglu_oai" } } do
       local w = weights(c[2], true)
