@@ -11,6 +11,8 @@
  *   3. k_gemm<G2>: intermediate . W2^T (+ b2), times the routing weight (1 for llama4),
  *      written in f32 per pair (no atomics: deterministic);
  *   4. k_finalize: out[t] = bf16(sum over local k, in order, of y[t, k]).
+ * Decode folds (few pairs, GEMM1 grid within one wave): 1 runs in every GEMM1 block's
+ * prologue and 4 in GEMM2 (last arriver per token and column tile), so 2 launches remain.
  * Grid sizes come from T on the host (upper bounds; surplus blocks exit), so nothing waits
  * for the device and nothing is allocated: the whole call is graph-capturable.
  *
@@ -18,7 +20,9 @@
  * 128-byte swizzled shared rows, BK = 64):
  *   small: 32 x 64, 4 warps (1 x 4), 6 stages -- decode / few rows per expert: many CTAs
  *          split along N so every weight byte is read once with 16-byte loads;
- *   large: 128 x 128, 8 warps (2 x 4), 3 stages -- prefill.
+ *   large: 128 x 128, 8 warps (2 x 4), 3 stages -- prefill without sm_90a;
+ *   large on sm_90a: 128 x 256 wgmma, warp-specialised with bulk tensor copies
+ *          (moe__k_fm_gemm_ws; MOE_FUSED_WGMMA=1: the cp.async wgmma kernel).
  * Chosen per call from the average rows per local expert. */
 #include "cuda_common.cuh"
 #include "fused.h"

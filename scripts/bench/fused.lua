@@ -202,7 +202,8 @@ for _, s in ipairs(SHAPES) do
       shape = s.name, T = T, us = us, floor = floor, pct_floor = 100 * floor / us,
       tflops = flops / us / 1e6, gbs = bytes / us / 1e3, hit = hit,
       bound = bytes / HBM > flops / PEAK and "mem" or "flop",
-      us_mma = us_mma, us_pdl = us_pdl, us_env = us_env, us_again = us_again, torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
+      us_mma = us_mma, us_pdl = us_pdl, us_env = us_env, us_again = us_again,
+      torch = tr and tr.us, torch_graph = tr and tr.graph, vs_torch = tr and tr.us / us,
     }
     xs, ls, out = nil, nil, nil
     collectgarbage("collect")
@@ -264,7 +265,8 @@ if opts.json then
     local parts = {}
     for _, r in ipairs(rows) do
       local kv = {}
-      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "us_pdl", "us_env", "us_again", "torch", "vs_torch" } do
+      for _, k in ipairs{ "shape", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_mma", "us_pdl",
+                          "us_env", "us_again", "torch", "vs_torch" } do
         local v = r[k]
         if v ~= nil then
           kv[#kv + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
