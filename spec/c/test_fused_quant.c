@@ -1,0 +1,136 @@
+/* test_fused_quant.c -- C API of quantised experts on the CPU: moe_experts_new_quant's
+ * argument rules (tensor or qtensor per matrix, not both, not neither; the qtensor's mode and
+ * shape; block divisibility), bf16 delegation, moe_experts_quant, a quantised fused call whose
+ * output differs from bf16's and equals the same call with qtensor parts, and no leaks. */
+#include "moe.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static int failures, checks;
+
+#define CHECK(cond)                                                             \
+    do {                                                                        \
+        checks++;                                                               \
+        if (!(cond)) {                                                          \
+            failures++;                                                         \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                       \
+    } while (0)
+
+#define CHECK_ERR(expr, code, needle)                                                   \
+    do {                                                                                \
+        int st_ = (expr);                                                               \
+        checks++;                                                                       \
+        if (st_ != (code) || !strstr(moe_last_error(), needle)) {                       \
+            failures++;                                                                 \
+            fprintf(stderr, "%s:%d: expected %s containing '%s', got %s: '%s'\n", __FILE__, \
+                    __LINE__, moe_status_name(code), needle, moe_status_name(st_),      \
+                    moe_last_error());                                                  \
+        }                                                                               \
+    } while (0)
+
+static const moe_device CPU = {MOE_DEVICE_CPU, 0};
+
+static moe_tensor *randn(int dtype, int ndim, const int64_t *shape, uint64_t seed, double std) {
+    moe_tensor *t = NULL;
+    if (moe_tensor_new(&t, dtype, ndim, shape, CPU) != MOE_OK) return NULL;
+    if (moe_tensor_rand_normal(t, seed, 0.0, std) != MOE_OK) {
+        moe_tensor_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+/* bf16 output of one routed call with ids [t % E, (t + 1) % E] and weights 0.75 / 0.25. */
+static moe_tensor *run(const moe_experts *ex, const moe_tensor *x, int64_t T, int64_t E) {
+    int64_t s[2] = {T, 2};
+    moe_tensor *ids = NULL, *w = NULL, *y = NULL;
+    moe_tensor_new(&ids, MOE_I32, 2, s, CPU);
+    moe_tensor_new(&w, MOE_F32, 2, s, CPU);
+    int32_t *ip = (int32_t *)moe_tensor_data(ids);
+    float *wp = (float *)moe_tensor_data(w);
+    for (int64_t t = 0; t < T; t++) {
+        ip[2 * t] = (int32_t)(t % E);
+        ip[2 * t + 1] = (int32_t)((t + 1) % E);
+        wp[2 * t] = 0.75f;
+        wp[2 * t + 1] = 0.25f;
+    }
+    moe_fused_cfg fc = moe_fused_cfg_default();
+    if (moe_fused_moe(&fc, ex, x, NULL, NULL, ids, w, NULL, &y, NULL, NULL, NULL) != MOE_OK) {
+        fprintf(stderr, "moe_fused_moe: %s\n", moe_last_error());
+        y = NULL;
+    }
+    moe_tensor_free(ids);
+    moe_tensor_free(w);
+    return y;
+}
+
+static int same_bytes(const moe_tensor *a, const moe_tensor *b) {
+    return a && b && moe_tensor_nbytes(a) == moe_tensor_nbytes(b) &&
+           memcmp(moe_tensor_data(a), moe_tensor_data(b), moe_tensor_nbytes(a)) == 0;
+}
+
+int main(void) {
+    moe_mem_info m0, m1;
+    CHECK(moe_mem_stats(&m0) == MOE_OK);
+    const int64_t E = 3, H = 128, I = 128, T = 4;
+    int64_t s13[3] = {E, 2 * I, H}, s2[3] = {E, H, I}, sx[2] = {T, H}, sbad[3] = {E, H, 96};
+    moe_tensor *w13 = randn(MOE_F32, 3, s13, 1, 0.1), *w2 = randn(MOE_F32, 3, s2, 2, 0.1);
+    moe_tensor *x = randn(MOE_BF16, 2, sx, 3, 1.0), *w2bad = randn(MOE_F32, 3, sbad, 4, 0.1);
+    moe_experts_cfg cfg = moe_experts_cfg_default();
+    moe_experts *ex = NULL;
+
+    /* argument rules */
+    moe_qtensor *q13 = NULL, *q2 = NULL, *q2fp8 = NULL;
+    CHECK(moe_quantize(w13, MOE_QUANT_NVFP4, NULL, &q13) == MOE_OK);
+    CHECK(moe_quantize(w2, MOE_QUANT_NVFP4, NULL, &q2) == MOE_OK);
+    CHECK(moe_quantize(w2, MOE_QUANT_FP8, NULL, &q2fp8) == MOE_OK);
+    CHECK_ERR(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_NVFP4, w13, w2, q13, NULL, NULL, NULL, CPU), MOE_ERR_ARG,
+              "gate_up: expected an f32/bf16 tensor or a qtensor, got both");
+    CHECK_ERR(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_NVFP4, w13, NULL, NULL, NULL, NULL, NULL, CPU), MOE_ERR_ARG,
+              "down: expected an f32/bf16 tensor or a nvfp4 qtensor, got neither");
+    CHECK_ERR(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_NVFP4, w13, NULL, NULL, q2fp8, NULL, NULL, CPU), MOE_ERR_ARG,
+              "down: expected a qtensor of mode nvfp4, got mode fp8");
+    CHECK_ERR(moe_experts_new_quant(&ex, &cfg, 17, w13, w2, NULL, NULL, NULL, NULL, CPU), MOE_ERR_ARG,
+              "mode: expected a moe_quant_mode");
+    CHECK_ERR(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_MXINT4, w13, w2bad, NULL, NULL, NULL, NULL, CPU),
+              MOE_ERR_SHAPE, "gate_up: expected shape [3, 192, 128]");
+    CHECK(ex == NULL);
+
+    /* bf16 is moe_experts_new */
+    CHECK(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_BF16, w13, w2, NULL, NULL, NULL, NULL, CPU) == MOE_OK);
+    CHECK(moe_experts_quant(ex) == MOE_QUANT_BF16);
+    moe_tensor *yb = run(ex, x, T, E);
+    moe_experts_free(ex);
+    ex = NULL;
+
+    /* nvfp4 from weights, and from the same qtensors */
+    CHECK(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_NVFP4, w13, w2, NULL, NULL, NULL, NULL, CPU) == MOE_OK);
+    CHECK(moe_experts_quant(ex) == MOE_QUANT_NVFP4);
+    CHECK(moe_experts_nbytes(ex) > 0);
+    moe_tensor *yq = run(ex, x, T, E);
+    moe_experts_free(ex);
+    ex = NULL;
+    CHECK(moe_experts_new_quant(&ex, &cfg, MOE_QUANT_NVFP4, NULL, NULL, q13, q2, NULL, NULL, CPU) == MOE_OK);
+    moe_qtensor_free(q13); /* the experts hold their own references */
+    moe_qtensor_free(q2);
+    moe_tensor *yp = run(ex, x, T, E);
+    moe_experts_free(ex);
+    CHECK(yb && yq && yp);
+    CHECK(same_bytes(yq, yp));
+    CHECK(!same_bytes(yq, yb)); /* the mode's numerics differ from bf16 */
+
+    moe_qtensor_free(q2fp8);
+    moe_tensor_free(yb);
+    moe_tensor_free(yq);
+    moe_tensor_free(yp);
+    moe_tensor_free(w13);
+    moe_tensor_free(w2);
+    moe_tensor_free(x);
+    moe_tensor_free(w2bad);
+    CHECK(moe_mem_stats(&m1) == MOE_OK);
+    CHECK(m1.live_tensors == m0.live_tensors && m1.host_bytes == m0.host_bytes);
+    printf("test_fused_quant: %d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}
