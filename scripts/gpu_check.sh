@@ -15,10 +15,11 @@ cmake -S . -B build-gpu -DMOE_CUDA=ON -DCMAKE_BUILD_TYPE=Release >/dev/null &&
 echo "build: $(( $(date +%s) - t0 )) s"
 (cd build-gpu && ctest --output-on-failure -j4 2>&1 | tee "$OUT/ctest.log" | tail -25)
 export MOE_LIB=$PWD/build-gpu/libmoe.so MOE_CDEF=$PWD/build-gpu/moe_cdef.h
-s=$(date +%s.%N)
+s=$(date +%s%N)
 luajit scripts/moe run scripts/experiments/quant_drift.lua --out "$OUT/quant_drift" 2>"$OUT/main_progress.log" |
   tee "$OUT/main.log"
-echo "main job wall (process start to end): $(echo "$(date +%s.%N) - $s" | bc) s" | tee -a "$OUT/main.log"
+echo "main job wall (process start to end): $(( ($(date +%s%N) - s) / 1000000 )) ms" | tee -a "$OUT/main.log"
+if [ "${1:-}" = "--bench-only" ]; then :; fi
 if [ "${1:-}" != "--no-bench" ]; then
   luajit scripts/moe bench route 2>&1 | tee "$OUT/bench_route.log" | tail -35
   luajit scripts/moe bench fused 2>&1 | tee "$OUT/bench_fused.log" | tail -40
