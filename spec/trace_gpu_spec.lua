@@ -46,4 +46,54 @@ describe("#gpu trace recording on CUDA", function()
     assert.equal(5, tr:tokens())
     assert.same({ 1, 0 }, tr:get(5, 2))
   end)
+
+  it("commits without stalling: the next batch reuses the buffers while the copy is in flight", function()
+    -- three batches routed into the same replay buffers; each commit only queues the copy
+    local T, K, E, L, B = 512, 8, 128, 4, 3
+    local tr = moe.trace.new{ layers = L, top_k = K, num_experts = E, capacity = T, weights = true,
+                              device = "cuda" }
+    local ref = moe.trace.new{ layers = L, top_k = K, num_experts = E, capacity = T, weights = true,
+                               device = "cpu" }
+    for b = 1, B do
+      for l = 1, L do
+        local logits = moe.randn({ T, E }, { seed = 1000 * b + l })
+        local r = moe.route{ logits = logits:to("cuda"), method = "renormalize", top_k = K,
+                             replay = tr:replay(l) }
+        tr:record_weights(l, r.weights)
+        local rc = moe.route{ logits = logits, method = "renormalize", top_k = K, replay = ref:replay(l) }
+        ref:record_weights(l, rc.weights)
+      end
+      assert.equal(b * T, tr:commit(T))
+      assert.is_table(tr._pending) -- the host copy is still owed: it is finished on the next access
+      ref:commit(T)
+    end
+    assert.equal(B * T, tr:tokens()) -- drains the last batch
+    assert.is_nil(tr._pending)
+    local c = moe.trace.compare(ref, tr)
+    assert.equal(0, c.router_disagreement)
+    assert.equal(1, c.exact_agreement)
+    assert.equal(0, c.skipped)
+    assert.is_true(c.weights.abs_diff <= 1e-6)
+    -- the device buffers were reset after the last commit
+    assert.same({ -1, -1, -1, -1, -1, -1, -1, -1 }, tr:replay(1):narrow(1, 1, 1):to("cpu"):totable()[1])
+  end)
+
+  it("copies to pinned host memory asynchronously through the C API", function()
+    local ffi = require("ffi")
+    local C = moe.C
+    local src = moe.arange(1000, { dtype = "f32" }):to("cuda")
+    local box = ffi.new("moe_tensor*[1]")
+    local shape = ffi.new("int64_t[1]", 1000)
+    assert.equal(0, C.moe_tensor_new_pinned(box, C.MOE_F32, 1, shape))
+    local dst = moe._wrap(box[0])
+    local ev = ffi.new("moe_event*[1]")
+    assert.equal(0, C.moe_tensor_copy_to_host_async(dst.h, src.h, ev))
+    assert.equal(0, C.moe_event_wait(ev[0]))
+    assert.equal(1, C.moe_event_done(ev[0]))
+    C.moe_event_free(ev[0])
+    assert.same(moe.arange(1000, { dtype = "f32" }):totable(), dst:totable())
+    -- a device destination is refused with a message
+    assert.equal(C.MOE_ERR_DEVICE, C.moe_tensor_copy_to_host_async(src.h, src.h, ev))
+    assert.matches("dst: expected a host tensor", ffi.string(C.moe_last_error()))
+  end)
 end)

@@ -38,12 +38,15 @@ return function(moe)
     return setmetatable({ _h = ffi.gc(h, C.moe_trace_free) }, Trace)
   end
 
+  local drain -- finishes a commit whose host copy is still in flight (defined below)
+
   local function H(self, fn)
     if getmetatable(self) ~= Trace then
       error(string.format("%s: self: expected a trace (call it as tr:%s(...)), got %s", fn,
                           fn:match("[:.](.*)$") or fn, describe(self)), 3)
     end
     if self._h == nil then error(fn .. ": trace was freed", 3) end
+    if self._pending then drain(self, fn) end
     return self._h
   end
 
@@ -88,6 +91,19 @@ return function(moe)
   end
 
   -- ------------------------------------------------------------ construction --
+
+  local pin_box = ffi.new("moe_tensor*[1]")
+  local ev_box = ffi.new("moe_event*[1]")
+  local pshape = ffi.new("int64_t[1]")
+
+  -- A 1-D host tensor in pinned memory (plain host memory without a CUDA device).
+  local function pinned(shape, dtype)
+    pshape[0] = shape[1]
+    check(C.moe_tensor_new_pinned(pin_box, moe._dtype(dtype), 1, pshape), "moe.trace.new", 4)
+    local h = pin_box[0]
+    pin_box[0] = nil
+    return moe._wrap(h)
+  end
 
   local NEW_OPTS = { layers = true, top_k = true, num_experts = true, capacity = true,
                      weights = true, meta = true, device = true, dir = true,
@@ -148,6 +164,17 @@ return function(moe)
         tr._wall:fill_(0)
         tr._wbuf = {}
         for l = 1, L do tr._wbuf[l] = tr._wall:select(1, l) end
+      end
+      if dev.type == C.MOE_DEVICE_CUDA then
+        -- Asynchronous commits: the batch is copied on the device into a staging buffer, the
+        -- replay buffers are reset, and the staging buffer goes to pinned host memory on a side
+        -- stream while the next batch runs; the host side is appended at the next access.
+        tr._stage = moe.empty({ L * cap * K }, { dtype = "i16", device = dev })
+        tr._host = pinned({ L * cap * K }, "i16")
+        if opts.weights then
+          tr._wstage = moe.empty({ L * cap * K }, { dtype = "f32", device = dev })
+          tr._whost = pinned({ L * cap * K }, "f32")
+        end
       end
     end
     if opts.dir then
@@ -227,6 +254,41 @@ return function(moe)
 
   -- Append the batch of n tokens held in the replay buffers (rows 1..n of every layer) and
   -- reset those rows to -1.  opts.token_ids: tensor or table of n token ids.
+  -- Parts and chunks of a streamed trace after tokens t0.. were appended.
+  local function after_append(self, fn, t0, n)
+    local h = self._h
+    if self._dir and n > 0 then
+      if self._parts then
+        local p = chunk_name(self._dir, self._chunk, self._part)
+        check(C.moe_trace_save_range(h, p, t0, n), fn, 4)
+        self._part_files[#self._part_files + 1] = p
+        self._part = self._part + 1
+      end
+      if C.moe_trace_tokens(h) >= self._chunk_tokens then flush_chunk(self, fn) end
+    end
+  end
+
+  -- Wait for the in-flight host copy of the last commit and append it to the trace.
+  drain = function(self, fn)
+    local p = self._pending
+    self._pending = nil
+    local h = self._h
+    local st = C.moe_event_wait(p.ev)
+    C.moe_event_free(ffi.gc(p.ev, nil))
+    if st ~= 0 then check(st, fn, 4) end
+    local L, K, n = p.L, p.K, p.n
+    -- host staging holds [L, n, K]; the trace wants [n, L, K]
+    local ids = self._host:narrow(1, 1, L * n * K):reshape({ L, n, K }):transpose(1, 2)
+    local w = p.w and self._whost:narrow(1, 1, L * n * K):reshape({ L, n, K }):transpose(1, 2)
+    local t0 = C.moe_trace_tokens(h)
+    check(C.moe_trace_append(h, n, ids.h, w and w.h or nil, p.tok and p.tok.h or nil), fn, 4)
+    after_append(self, fn, t0, n)
+  end
+
+  -- Append the batch of n tokens held in the replay buffers (rows 1..n of every layer) and
+  -- reset those rows to -1.  opts.token_ids: tensor or table of n token ids.  On CUDA the copy
+  -- to the host runs beside the next batch (see moe.trace.new); it is finished on the next
+  -- access to the trace.
   function Trace:commit(n, opts)
     local fn = "tr:commit"
     local h = H(self, fn)
@@ -249,27 +311,45 @@ return function(moe)
     local t0 = C.moe_trace_tokens(h)
     if n == 0 then
       check(C.moe_trace_append(h, 0, nil, nil, nil), fn)
-    else
-      -- rows 1..n of every layer: [L, n, K] viewed as [n, L, K]; the engine copies it to the
-      -- host in one transfer and reorders it there.
-      local ids = self._all:narrow(2, 1, n)
-      local w = self._wall and self._wall:narrow(2, 1, n)
-      local ids_t = ids:transpose(1, 2) -- locals keep the views alive during the call
-      local w_t = w and w:transpose(1, 2)
-      check(C.moe_trace_append(h, n, ids_t.h, w_t and w_t.h or nil, tok and tok.h or nil), fn)
+      return self:total_tokens()
+    end
+    local ids = self._all:narrow(2, 1, n)
+    local w = self._wall and self._wall:narrow(2, 1, n)
+    if self._stage then
+      local L, K = self._all:shape()[1], self._all:shape()[3]
+      local sv = self._stage:narrow(1, 1, L * n * K):reshape({ L, n, K })
+      sv:copy_(ids)                    -- device to device, queued on the moelab stream
       ids:fill_(-1)
-      if w then w:fill_(0) end
-    end
-    if self._dir and n > 0 then
-      if self._parts then
-        local p = chunk_name(self._dir, self._chunk, self._part)
-        check(C.moe_trace_save_range(h, p, t0, n), fn)
-        self._part_files[#self._part_files + 1] = p
-        self._part = self._part + 1
+      local hv = self._host:narrow(1, 1, L * n * K)
+      check(C.moe_tensor_copy_to_host_async(hv.h, sv:reshape({ L * n * K }).h, ev_box), fn)
+      local pend = { n = n, L = L, K = K, tok = tok, ev = ffi.gc(ev_box[0], C.moe_event_free) }
+      ev_box[0] = nil
+      if w then
+        local wv = self._wstage:narrow(1, 1, L * n * K):reshape({ L, n, K })
+        wv:copy_(w)
+        w:fill_(0)
+        -- the weights copy is queued after the ids copy on the same side stream: one event
+        -- (the later one) covers both
+        C.moe_event_free(ffi.gc(pend.ev, nil))
+        local st1 = C.moe_tensor_copy_to_host_async(self._whost:narrow(1, 1, L * n * K).h,
+                                                    wv:reshape({ L * n * K }).h, ev_box)
+        if st1 ~= 0 then check(st1, fn) end
+        pend.ev = ffi.gc(ev_box[0], C.moe_event_free)
+        ev_box[0] = nil
+        pend.w = true
       end
-      if C.moe_trace_tokens(h) >= self._chunk_tokens then flush_chunk(self, fn) end
+      self._pending = pend
+      return (self._written or 0) + tonumber(t0) + n
     end
-    return self:tokens()
+    -- rows 1..n of every layer: [L, n, K] viewed as [n, L, K]; the engine copies it to the
+    -- host in one transfer and reorders it there.
+    local ids_t = ids:transpose(1, 2) -- locals keep the views alive during the call
+    local w_t = w and w:transpose(1, 2)
+    check(C.moe_trace_append(h, n, ids_t.h, w_t and w_t.h or nil, tok and tok.h or nil), fn)
+    ids:fill_(-1)
+    if w then w:fill_(0) end
+    after_append(self, fn, t0, n)
+    return self:total_tokens()
   end
 
   -- Append tokens from a tensor [n, L, K] (or a nested table) of ids; opts.weights
@@ -306,7 +386,12 @@ return function(moe)
       C.moe_trace_free(h)
       self._h = nil
     end
+    if self._pending then
+      C.moe_event_free(ffi.gc(self._pending.ev, nil))
+      self._pending = nil
+    end
     self._replay, self._wbuf, self._all, self._wall = nil, nil, nil, nil
+    self._stage, self._host, self._wstage, self._whost = nil, nil, nil, nil
   end
 
   -- ------------------------------------------------------------------ access --

@@ -291,6 +291,26 @@ moe_status moe_st_write(const char *path, int n, const char *const *names,
                         const moe_tensor *const *tensors, int n_meta,
                         const char *const *meta_keys, const char *const *meta_values);
 
+/* ------------------------------------------------- asynchronous host copies -- */
+
+typedef struct moe_event moe_event; /* opaque: completion of an asynchronous copy */
+
+/* New host tensor in page-locked (pinned) memory, so device-to-host copies into it can run
+ * asynchronously; plain host memory when moelab has no CUDA device.  Caller owns *out. */
+moe_status moe_tensor_new_pinned(moe_tensor **out, int dtype, int ndim, const int64_t *shape);
+/* Queue a copy of contiguous src (any device) into contiguous host tensor dst (same dtype and
+ * numel) without waiting: for CUDA src it runs on a side stream after all work queued so far on
+ * the moelab stream, so later work on the moelab stream overlaps it.  *ev completes when dst
+ * holds the data; dst and src must stay alive until then.  CPU src: copied at once.  Refused
+ * during graph capture.  Caller owns *ev (moe_event_free). */
+moe_status moe_tensor_copy_to_host_async(moe_tensor *dst, const moe_tensor *src, moe_event **ev);
+/* Block until the event's copy is done. */
+moe_status moe_event_wait(moe_event *ev);
+/* 1 when done (or ev is NULL), 0 while running, negative status on error. */
+int moe_event_done(moe_event *ev);
+/* Waits for the copy, then frees the event.  NULL is a no-op. */
+void moe_event_free(moe_event *ev);
+
 /* ----------------------------------------------------------- CUDA graphs -- */
 
 typedef struct moe_graph moe_graph; /* opaque */

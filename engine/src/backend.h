@@ -71,6 +71,13 @@ int moe__cuda_graph_capturing(void);
 moe_status moe__cuda_graph_replay(void *graph_exec);
 void moe__cuda_graph_free(void *graph_exec);
 moe_status moe__cuda_graph_time(void *graph_exec, int warmup, int n, float *times_us);
+/* kernels/async_copy.cu: pinned host memory and asynchronous device-to-host copies */
+moe_status moe__cuda_host_alloc(size_t bytes, void **out);
+void moe__cuda_host_free(void *p);
+moe_status moe__cuda_d2h_async(int dev, void *dst, const void *src, size_t bytes, void **event);
+moe_status moe__cuda_event_wait(void *event);
+int moe__cuda_event_query(void *event);
+void moe__cuda_event_free(void *event);
 /* kernels/ops.cu: dense math (validated by engine/src/ops.c) */
 moe_status moe__cuda_matmul_nt(const moe_tensor *a, const moe_tensor *b, moe_tensor *out);
 moe_status moe__cuda_rmsnorm(const moe_tensor *x, const moe_tensor *w, double eps, moe_tensor *out);

@@ -213,12 +213,37 @@ static void test_rng_and_mem(void) {
     CHECK(m2.peak_host_bytes >= m1.host_bytes);
 }
 
+static void test_async_copy(void) {
+    int64_t shape[1] = {5};
+    moe_tensor *src = mk(MOE_F32, 1, shape), *dst = NULL, *bad = NULL;
+    CHECK(moe_tensor_arange(src, 1, 2) == MOE_OK);
+    CHECK(moe_tensor_new_pinned(&dst, MOE_F32, 1, shape) == MOE_OK);
+    moe_event *ev = NULL;
+    CHECK(moe_tensor_copy_to_host_async(dst, src, &ev) == MOE_OK && ev != NULL);
+    CHECK(moe_event_wait(ev) == MOE_OK && moe_event_done(ev) == 1);
+    moe_event_free(ev);
+    double v[5];
+    CHECK(moe_tensor_read_f64(dst, v, 5) == MOE_OK && v[0] == 1 && v[4] == 9);
+    int64_t s4[1] = {4};
+    CHECK(moe_tensor_new_pinned(&bad, MOE_F32, 1, s4) == MOE_OK);
+    CHECK_ERR(moe_tensor_copy_to_host_async(bad, src, &ev), MOE_ERR_SHAPE, "expected 4 elements");
+    CHECK(ev == NULL);
+    moe_tensor_free(bad);
+    CHECK(moe_tensor_new_pinned(&bad, MOE_I32, 1, shape) == MOE_OK);
+    CHECK_ERR(moe_tensor_copy_to_host_async(bad, src, &ev), MOE_ERR_DTYPE, "src: expected dtype i32");
+    moe_tensor_free(bad);
+    moe_event_free(NULL);
+    moe_tensor_free(src);
+    moe_tensor_free(dst);
+}
+
 int main(void) {
     test_status();
     test_new_errors();
     test_views();
     test_casts();
     test_rng_and_mem();
+    test_async_copy();
     printf("test_core: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
