@@ -8,32 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures, checks;
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        checks++;                                                                    \
-        if (!(cond)) {                                                               \
-            failures++;                                                              \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, \
-                    #cond, moe_last_error());                                        \
-        }                                                                            \
-    } while (0)
+#include "check.h"
 
 #define OK(expr) CHECK((expr) == MOE_OK)
 
-#define CHECK_ERR(expr, code, needle)                                                      \
-    do {                                                                                   \
-        int st_ = (expr);                                                                  \
-        checks++;                                                                          \
-        if (st_ != (code) || !strstr(moe_last_error(), needle)) {                          \
-            failures++;                                                                    \
-            fprintf(stderr, "%s:%d: expected %s containing '%s', got %s: '%s'\n", __FILE__, \
-                    __LINE__, moe_status_name(code), needle, moe_status_name(st_),         \
-                    moe_last_error());                                                     \
-        }                                                                                  \
-    } while (0)
 
 static const moe_device CPU = {MOE_DEVICE_CPU, 0};
 static const moe_device GPU = {MOE_DEVICE_CUDA, 0};

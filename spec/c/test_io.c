@@ -11,29 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-static int failures, checks;
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        checks++;                                                                    \
-        if (!(cond)) {                                                               \
-            failures++;                                                              \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-        }                                                                            \
-    } while (0)
-
-#define CHECK_ERR(expr, code, needle)                                                       \
-    do {                                                                                    \
-        int st_ = (expr);                                                                   \
-        checks++;                                                                           \
-        if (st_ != (code) || !strstr(moe_last_error(), needle)) {                           \
-            failures++;                                                                     \
-            fprintf(stderr, "%s:%d: expected %s containing '%s', got %s: '%s'\n", __FILE__, \
-                    __LINE__, moe_status_name(code), needle, moe_status_name(st_),          \
-                    moe_last_error());                                                      \
-        }                                                                                   \
-    } while (0)
+#include "check.h"
 
 static const moe_device CPU = {MOE_DEVICE_CPU, 0};
 static char dir[256];
