@@ -338,7 +338,7 @@ function M.main(opts)
   local interactive = opts.input == nil and stdin_is_tty()
   local rl = (interactive and not os.getenv("MOE_REPL_NO_READLINE")) and load_readline() or nil
   local history = (os.getenv("HOME") or ".") .. "/.moelab_history"
-  local keep = {} -- cdata that must stay alive (callback, readline name)
+  local keep = {} -- luacheck: ignore 241 (holds cdata that must stay alive: callback, readline name)
 
   if rl then
     rl.read_history(history)
@@ -437,7 +437,7 @@ function M.main(opts)
           println("timing " .. (show_time and "on (commands over 10 ms)" or "off"))
         elseif cmd == "help" then println(REPL_HELP)
         else println("unknown command :" .. cmd .. " (:help lists them)") end
-      elseif buffer == nil and not line:match("%S") then
+      elseif buffer == nil and not line:match("%S") then -- luacheck: ignore 542
         -- empty line: nothing to do
       else
         local src = buffer and (buffer .. "\n" .. line) or line

@@ -98,6 +98,7 @@ describe("moe command", function()
       assert.equal(3, code, out)
       assert.is_true(has(out, "hello\thello.lua\ta\tb"), out)
       code, out = sh("luajit " .. q(d .. "/bin/moe") .. " --help")
+      assert.equal(0, code, out)
       assert.is_true(has(out, "hello     says hello"), out)
     end)
 

@@ -264,7 +264,7 @@ return function(moe)
     return moe.experts(args)
   end
 
-  local function make_shared(c, w, quant, dev)
+  local function make_shared(w, quant, dev)
     if not w.shared_gate_up then return nil end
     local args = {gate_up = w.shared_gate_up, down = w.shared_down, activation = "swiglu", device = dev}
     if quant ~= "bf16" then args.quant = quant end
@@ -359,7 +359,7 @@ return function(moe)
       local w = self:layer_weights(l, dev)
       for _, st in ipairs(states) do
         st.ex = make_experts(c, w, st.quant, dev)
-        st.shared = make_shared(c, w, st.quant, dev)
+        st.shared = make_shared(w, st.quant, dev)
         for r0 = 1, T, batch do
           layer_forward(c, w, st, l, r0, math.min(batch, T - r0 + 1))
         end
@@ -498,7 +498,8 @@ return function(moe)
                                 "Each mode runs the same tokens through the same synthetic weights; its routing " ..
                                 "trace is compared with the bf16 run's.\n", summary.tokens, c.layers, c.H, c.I, c.E,
                                 c.K, c.method, dev, summary.seed),
-                  "| mode | router disagreement | token disagreement | mean layers differing | Jaccard | overlap@K | output rel. L2 vs bf16 | details |",
+                  "| mode | router disagreement | token disagreement | mean layers differing | Jaccard | overlap@K " ..
+                  "| output rel. L2 vs bf16 | details |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"}
       for _, r in ipairs(rows) do
         md[#md + 1] = string.format("| %s | %.2f%% | %.2f%% | %.3f | %.4f | %.4f | %.3e | [%s/report.md](%s/report.md) |",
