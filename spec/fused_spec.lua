@@ -191,6 +191,23 @@ describe("moe.fused_moe (CPU) against a float64 Lua reference", function()
   end)
 end)
 
+describe("moe.experts / moe.fused_moe tensor arguments", function()
+  it("a missing, bad or freed tensor is named and blamed on the caller's line", function()
+    local ok, e = pcall(function() local _ = moe.experts{ down = moe.zeros({1, 4, 4}) } end)
+    assert.is_false(ok)
+    assert.matches("fused_spec%.lua:%d+: moe%.experts: gate_up: expected a tensor, got nil$", e)
+    local ex = moe.experts{ gate_up = moe.zeros({1, 8, 4}), down = moe.zeros({1, 4, 4}) }
+    ok, e = pcall(function() local _ = moe.fused_moe{ experts = ex, hidden = 7 } end)
+    assert.is_false(ok)
+    assert.matches("fused_spec%.lua:%d+: moe%.fused_moe: hidden: expected a tensor, got 7$", e)
+    local x = moe.zeros({1, 4}, { dtype = "bf16" })
+    x:free()
+    ok, e = pcall(function() local _ = moe.fused_moe{ experts = ex, hidden = x } end)
+    assert.is_false(ok)
+    assert.matches("fused_spec%.lua:%d+: moe%.fused_moe: hidden: tensor was freed$", e)
+  end)
+end)
+
 describe("moe.fused_moe routed mode and replay", function()
   it("reproduces the native output bit for bit; the replay buffers are identical", function()
     for _, mname in ipairs{ "renormalize", "deepseekv3", "llama4" } do

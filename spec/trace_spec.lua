@@ -226,6 +226,15 @@ describe("moe.trace.compare", function()
   end)
 end)
 
+describe("trace options", function()
+  it("names an unknown option and lists the known ones", function()
+    local ok, err = pcall(function() local _ = moe.trace.new{ layers = 1, top_k = 1, topk = 2 } end)
+    assert.is_false(ok)
+    assert.matches('trace_spec%.lua:%d+: moe%.trace%.new: opts: unknown option "topk" %(known: capacity, ' ..
+                   'chunk_tokens, device, dir, layers, meta, num_experts, parts, top_k, weights%)$', err)
+  end)
+end)
+
 describe("moe.trace.stats", function()
   it("gives per-layer loads over captured positions, balance and hot experts", function()
     -- A1: layer 0 captured t1, t2, t4 -> [1,2,2,1]; layer 1 all four: {2,3} {3,0} {0,1} {1,2}

@@ -28,16 +28,11 @@ return function(moe)
   local Experts = {}
   Experts.__index = Experts
 
+  -- args[key] as a tensor (nil when absent and not required); level as error() counts it here.
   local function tensor_arg(fn, args, key, required, level)
     local v = args[key]
-    if v == nil then
-      if required then error(fn .. ": " .. key .. ": expected a tensor, got nil", level or 4) end
-      return nil
-    end
-    if not moe.is_tensor(v) then
-      error(fn .. ": " .. key .. ": expected a tensor, got " .. describe(v), level or 4)
-    end
-    if v.h == nil then error(fn .. ": " .. key .. ": tensor was freed", level or 4) end
+    if v == nil and not required then return nil end
+    moe._tensor_arg(v, fn, key, (level or 4) + 1)
     return v
   end
 

@@ -203,6 +203,37 @@ local function describe(v, depth)
 end
 moe._describe = describe
 
+-- Shared argument checks of the submodules (level: as error() counts it from the function
+-- that calls these, 3 = its caller's caller, i.e. the user's line for a public function).
+-- opts must be nil or a table whose keys are all in `allowed` (a set); returns opts or {}.
+function moe._check_opts(opts, fn, allowed, level)
+  level = level or 3
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error(string.format("%s: opts: expected a table or nil, got %s", fn, describe(opts)), level)
+  end
+  for k in pairs(opts) do
+    if not allowed[k] then
+      local names = {}
+      for name in pairs(allowed) do names[#names + 1] = name end
+      table.sort(names)
+      error(string.format("%s: opts: unknown option %s (known: %s)", fn, describe(k),
+                          table.concat(names, ", ")), level)
+    end
+  end
+  return opts
+end
+
+-- The C handle of tensor argument x (named arg of fn); raises for a non-tensor or a freed one.
+function moe._tensor_arg(x, fn, arg, level)
+  level = level or 3
+  if not moe.is_tensor(x) then
+    error(string.format("%s: %s: expected a tensor, got %s", fn, arg, describe(x)), level)
+  end
+  if x.h == nil then error(string.format("%s: %s: tensor was freed", fn, arg), level) end
+  return x.h
+end
+
 -- Level (as error() counts it from the function that calls user_level's caller) of the
 -- first stack frame outside moe's own Lua files: errors point at the user's line however
 -- deep inside the bindings they are raised.

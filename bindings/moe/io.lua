@@ -36,14 +36,7 @@ return function(moe)
                         fn, path), 3)
   end
 
-  local function handle(x, fn, arg)
-    if not moe.is_tensor(x) then
-      error(string.format("%s: %s: expected a tensor, got %s", fn, arg, describe(x)), 3)
-    end
-    local h = x.h
-    if h == nil then error(string.format("%s: %s: tensor was freed", fn, arg), 3) end
-    return h
-  end
+  local handle = moe._tensor_arg
 
   -- Open a safetensors file, read every entry, close it; returns tensors, metadata or
   -- nil, message.

@@ -6,13 +6,7 @@ return function(moe)
   local C = moe.C
   local out_box = ffi.new("moe_tensor*[1]")
 
-  local function handle(x, fn, arg)
-    if not moe.is_tensor(x) then
-      error(string.format("%s: %s: expected a tensor, got %s", fn, arg, moe._describe(x)), 3)
-    end
-    if x.h == nil then error(fn .. ": " .. arg .. ": tensor was freed", 3) end
-    return x.h
-  end
+  local handle = moe._tensor_arg
 
   -- out[M, N] = a[M, K] . b[N, K]^T in f32 (the router GEMM: logits = x . W^T).
   -- opts.out: an f32/bf16 [M, N] tensor to write into.

@@ -48,28 +48,10 @@ return function(moe)
                         table.concat(MODES, ", "), describe(x)), 3)
   end
 
-  local function handle(x, fn, arg)
-    if not moe.is_tensor(x) then
-      error(string.format("%s: %s: expected a tensor, got %s", fn, arg, describe(x)), 3)
-    end
-    if x.h == nil then error(fn .. ": " .. arg .. ": tensor was freed", 3) end
-    return x.h
-  end
+  local handle = moe._tensor_arg
 
   local function fill_opts(opts, fn, allowed)
-    if opts == nil then opts = {} end
-    if type(opts) ~= "table" then
-      error(fn .. ": opts: expected a table or nil, got " .. describe(opts), 3)
-    end
-    for k in pairs(opts) do
-      if not allowed[k] then
-        local names = {}
-        for name in pairs(allowed) do names[#names + 1] = name end
-        table.sort(names)
-        error(string.format("%s: opts: unknown option %s (known: %s)", fn, describe(k),
-                            table.concat(names, ", ")), 3)
-      end
-    end
+    opts = moe._check_opts(opts, fn, allowed, 4)
     local br = opts.block_rows
     if br ~= nil and not (type(br) == "number" and br % 1 == 0) then
       error(fn .. ": opts.block_rows: expected an integer (128, 1 or 0), got " .. describe(br), 3)

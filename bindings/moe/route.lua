@@ -77,14 +77,8 @@ return function(moe)
 
   local function tensor_arg(args, key, required)
     local v = args[key]
-    if v == nil then
-      if required then error("moe.route: " .. key .. ": expected a tensor, got nil", 4) end
-      return nil
-    end
-    if not moe.is_tensor(v) then
-      error("moe.route: " .. key .. ": expected a tensor, got " .. describe(v), 4)
-    end
-    if v.h == nil then error("moe.route: " .. key .. ": tensor was freed", 4) end
+    if v == nil and not required then return nil end
+    moe._tensor_arg(v, "moe.route", key, 4) -- 4: the caller of moe.route
     return v
   end
 
@@ -92,7 +86,7 @@ return function(moe)
     local v = args[key]
     if v == nil then return default end
     if type(v) ~= "number" or v % 1 ~= 0 or v < -2 ^ 31 or v >= 2 ^ 31 then
-      error("moe.route: " .. key .. ": expected an integer, got " .. describe(v), 4)
+      error("moe.route: " .. key .. ": expected an integer, got " .. describe(v), 3)
     end
     return v
   end

@@ -73,23 +73,7 @@ return function(moe)
     return n, copy
   end
 
-  local function check_opts(opts, fn, allowed, level)
-    level = level or 3
-    if opts == nil then return {} end
-    if type(opts) ~= "table" then
-      error(string.format("%s: opts: expected a table or nil, got %s", fn, describe(opts)), level)
-    end
-    for k in pairs(opts) do
-      if not allowed[k] then
-        local names = {}
-        for name in pairs(allowed) do names[#names + 1] = name end
-        table.sort(names)
-        error(string.format("%s: opts: unknown option %s (known: %s)", fn, describe(k),
-                            table.concat(names, ", ")), level)
-      end
-    end
-    return opts
-  end
+  local check_opts = moe._check_opts
 
   local function check_number(v, fn, arg)
     if type(v) == "boolean" then return v and 1 or 0 end

@@ -52,23 +52,7 @@ return function(moe)
 
   function T.is_trace(x) return getmetatable(x) == Trace end
 
-  local function check_opts(opts, fn, allowed, level)
-    level = level or 3
-    if opts == nil then return {} end
-    if type(opts) ~= "table" then
-      error(string.format("%s: opts: expected a table or nil, got %s", fn, describe(opts)), level)
-    end
-    for k in pairs(opts) do
-      if not allowed[k] then
-        local names = {}
-        for n in pairs(allowed) do names[#names + 1] = n end
-        table.sort(names)
-        error(string.format("%s: opts: unknown option %s (expected one of %s)", fn,
-                            describe(k), table.concat(names, ", ")), level)
-      end
-    end
-    return opts
-  end
+  local check_opts = moe._check_opts
 
   local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 

@@ -68,13 +68,8 @@ static moe_status moe__fused_float_arg(const char *fn, const char *arg, const mo
     for (int d = 0; ok && d < ndim; d++) ok = t->shape[d] == shape[d];
     if (!ok) {
         char want[96];
-        int n = 0;
-        n += snprintf(want + n, sizeof want - (size_t)n, "[");
-        for (int d = 0; d < ndim; d++)
-            n += snprintf(want + n, sizeof want - (size_t)n, "%s%" PRId64, d ? ", " : "", shape[d]);
-        snprintf(want + n, sizeof want - (size_t)n, "]");
-        return moe__err(MOE_ERR_SHAPE, "%s: %s: expected shape %s (%s), got %s", fn, arg, want, what,
-                        moe__shape_str(t, a, sizeof a));
+        return moe__err(MOE_ERR_SHAPE, "%s: %s: expected shape %s (%s), got %s", fn, arg,
+                        moe__dims_str(ndim, shape, want, sizeof want), what, moe__shape_str(t, a, sizeof a));
     }
     return MOE_OK;
 }
@@ -90,6 +85,36 @@ static moe_status moe__on_device(const moe_tensor *src, moe_device dev, const mo
         MOE_TRY(moe_tensor_contiguous(tmp, src));
     }
     if (*tmp) *use = *tmp;
+    return MOE_OK;
+}
+
+moe_status moe__experts_check_cfg(const char *fn, const moe_experts_cfg *cfg) {
+    if (cfg->activation < 0 || cfg->activation >= MOE_ACTIVATION_COUNT)
+        return moe__err(MOE_ERR_ARG, "%s: activation: expected 0..%d (a moe_activation), got %d", fn,
+                        MOE_ACTIVATION_COUNT - 1, cfg->activation);
+    if (!isfinite(cfg->alpha) || !isfinite(cfg->beta) || !(cfg->limit > 0.0f) || !isfinite(cfg->limit))
+        return moe__err(MOE_ERR_ARG, "%s: alpha/beta/limit: expected finite numbers with limit > 0, got %g/%g/%g", fn,
+                        (double)cfg->alpha, (double)cfg->beta, (double)cfg->limit);
+    return MOE_OK;
+}
+
+moe_status moe__experts_record(const char *fn, const moe_experts_cfg *cfg, moe_device dev, int64_t E, int64_t H,
+                               int64_t I, int64_t N1, moe_experts **out) {
+    if (dev.type == MOE_DEVICE_CUDA && (H % 128 != 0 || I % 128 != 0))
+        return moe__err(MOE_ERR_UNSUPPORTED, "%s: down: expected H and I multiples of 128 on CUDA, got H %" PRId64
+                        ", I %" PRId64, fn, H, I);
+    moe_experts *ex = (moe_experts *)calloc(1, sizeof *ex);
+    if (!ex) return moe__err(MOE_ERR_NOMEM, "%s: out of host memory", fn);
+    ex->dev = dev;
+    ex->E = E;
+    ex->H = H;
+    ex->I = I;
+    ex->N1 = N1;
+    ex->act = cfg->activation;
+    ex->alpha = cfg->alpha;
+    ex->beta = cfg->beta;
+    ex->limit = cfg->limit;
+    *out = ex;
     return MOE_OK;
 }
 
@@ -112,12 +137,7 @@ moe_status moe_experts_new(moe_experts **out, const moe_experts_cfg *cfg, const 
     *out = NULL;
     moe_experts_cfg defc = moe_experts_cfg_default();
     if (!cfg) cfg = &defc;
-    if (cfg->activation < 0 || cfg->activation >= MOE_ACTIVATION_COUNT)
-        return moe__err(MOE_ERR_ARG, FNE ": activation: expected 0..%d (a moe_activation), got %d",
-                        MOE_ACTIVATION_COUNT - 1, cfg->activation);
-    if (!isfinite(cfg->alpha) || !isfinite(cfg->beta) || !(cfg->limit > 0.0f) || !isfinite(cfg->limit))
-        return moe__err(MOE_ERR_ARG, FNE ": alpha/beta/limit: expected finite numbers with limit > 0, got %g/%g/%g",
-                        (double)cfg->alpha, (double)cfg->beta, (double)cfg->limit);
+    MOE_TRY(moe__experts_check_cfg(FNE, cfg));
     if (!gate_up) return moe__err(MOE_ERR_ARG, FNE ": gate_up: expected a tensor [E, 2I, H], got NULL");
     if (!down) return moe__err(MOE_ERR_ARG, FNE ": down: expected a tensor [E, H, I], got NULL");
     const int gated = cfg->activation != MOE_ACT_RELU2;
@@ -148,20 +168,8 @@ moe_status moe_experts_new(moe_experts **out, const moe_experts_cfg *cfg, const 
         return moe__err(MOE_ERR_UNSUPPORTED, FNE ": dev: expected a device with fused MoE kernels, got %s (backend %s has none)",
                         moe__device_str(dev, d, sizeof d), be->name);
     }
-    if (dev.type == MOE_DEVICE_CUDA && (H % 128 != 0 || I % 128 != 0))
-        return moe__err(MOE_ERR_UNSUPPORTED, FNE ": down: expected H and I multiples of 128 on CUDA, got H %" PRId64
-                        ", I %" PRId64, H, I);
-    moe_experts *ex = (moe_experts *)calloc(1, sizeof *ex);
-    if (!ex) return moe__err(MOE_ERR_NOMEM, FNE ": out of host memory");
-    ex->dev = dev;
-    ex->E = E;
-    ex->H = H;
-    ex->I = I;
-    ex->N1 = N1;
-    ex->act = cfg->activation;
-    ex->alpha = cfg->alpha;
-    ex->beta = cfg->beta;
-    ex->limit = cfg->limit;
+    moe_experts *ex = NULL;
+    MOE_TRY(moe__experts_record(FNE, cfg, dev, E, H, I, N1, &ex));
     const moe_tensor *u13, *u2, *ub13, *ub2;
     moe_tensor *t13 = NULL, *t2 = NULL, *tb13 = NULL, *tb2 = NULL;
     moe_status s = moe__on_device(gate_up, dev, &u13, &t13);

@@ -45,6 +45,13 @@ struct moe_workspace {
     size_t bytes;
 };
 
+/* Shared by moe_experts_new and moe_experts_new_quant (fn names the caller in messages):
+ * check the activation parameters of cfg; make the record (checks the CUDA tile rule on H
+ * and I first; the weight fields stay NULL, quant 0). */
+moe_status moe__experts_check_cfg(const char *fn, const moe_experts_cfg *cfg);
+moe_status moe__experts_record(const char *fn, const moe_experts_cfg *cfg, moe_device dev, int64_t E, int64_t H,
+                               int64_t I, int64_t N1, moe_experts **out);
+
 /* Smallest row tile of the CUDA grouped GEMMs (sizes max_tiles). */
 #define MOE__FUSED_MIN_BM 32
 

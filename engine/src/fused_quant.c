@@ -171,12 +171,7 @@ moe_status moe_experts_new_quant(moe_experts **out, const moe_experts_cfg *cfg, 
     }
     moe_experts_cfg defc = moe_experts_cfg_default();
     if (!cfg) cfg = &defc;
-    if (cfg->activation < 0 || cfg->activation >= MOE_ACTIVATION_COUNT)
-        return moe__err(MOE_ERR_ARG, FNQ ": activation: expected 0..%d (a moe_activation), got %d",
-                        MOE_ACTIVATION_COUNT - 1, cfg->activation);
-    if (!isfinite(cfg->alpha) || !isfinite(cfg->beta) || !(cfg->limit > 0.0f) || !isfinite(cfg->limit))
-        return moe__err(MOE_ERR_ARG, FNQ ": alpha/beta/limit: expected finite numbers with limit > 0, got %g/%g/%g",
-                        (double)cfg->alpha, (double)cfg->beta, (double)cfg->limit);
+    MOE_TRY(moe__experts_check_cfg(FNQ, cfg));
     const char *mname = moe_quant_mode_name(mode);
     const int gated = cfg->activation != MOE_ACT_RELU2;
     int64_t s13[3], s2[3];
@@ -211,20 +206,8 @@ moe_status moe_experts_new_quant(moe_experts **out, const moe_experts_cfg *cfg, 
         return moe__err(MOE_ERR_UNSUPPORTED, FNQ ": dev: expected a device with fused MoE kernels, got %s",
                         moe__device_str(dev, d, sizeof d));
     }
-    if (dev.type == MOE_DEVICE_CUDA && (H % 128 != 0 || I % 128 != 0))
-        return moe__err(MOE_ERR_UNSUPPORTED, FNQ ": down: expected H and I multiples of 128 on CUDA, got H %" PRId64
-                        ", I %" PRId64, H, I);
-    moe_experts *ex = (moe_experts *)calloc(1, sizeof *ex);
-    if (!ex) return moe__err(MOE_ERR_NOMEM, FNQ ": out of host memory");
-    ex->dev = dev;
-    ex->E = E;
-    ex->H = H;
-    ex->I = I;
-    ex->N1 = N1;
-    ex->act = cfg->activation;
-    ex->alpha = cfg->alpha;
-    ex->beta = cfg->beta;
-    ex->limit = cfg->limit;
+    moe_experts *ex = NULL;
+    MOE_TRY(moe__experts_record(FNQ, cfg, dev, E, H, I, N1, &ex));
     ex->quant = mode;
     moe_status s = moe__fq_make("gate_up", mode, gate_up, gate_up_q, dev, &ex->q13);
     if (s == MOE_OK) s = moe__fq_make("down", mode, down, down_q, dev, &ex->q2);

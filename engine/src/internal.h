@@ -57,8 +57,9 @@ int moe__same_shape(const moe_tensor *a, const moe_tensor *b);
 int moe__same_device(moe_device a, moe_device b);
 /* "cpu" / "cuda:0" into buf. */
 const char *moe__device_str(moe_device d, char *buf, size_t n);
-/* "[4, 16]" into buf. */
+/* "[4, 16]" into buf: the shape of t, or ndim sizes from shape. */
 const char *moe__shape_str(const moe_tensor *t, char *buf, size_t n);
+const char *moe__dims_str(int ndim, const int64_t *shape, char *buf, size_t n);
 
 /* ----------------------------------------------------------------- errors -- */
 

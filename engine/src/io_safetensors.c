@@ -250,14 +250,17 @@ static moe_status parse_entry(const char *fn, const char *lab, moe_st_file *f, s
         return FMT_ERR("%s: %s: entry '%s': data_offsets end %" PRIu64
                        " is beyond the data size %zu (out of range)",
                        fn, lab, nm, e->end, data_size);
-    uint64_t bits = numel * (uint64_t)st_dtypes[e->dtype].bits; /* numel <= 2^60, bits <= 64 */
-    if (bits % 8 != 0)
+    /* numel <= 2^60 and bits <= 64: numel * bits could wrap, so split it (numel / 8 * bits
+     * <= 2^63) */
+    const uint64_t bits = (uint64_t)st_dtypes[e->dtype].bits;
+    if (numel % 8 * bits % 8 != 0)
         return FMT_ERR("%s: %s: entry '%s': %" PRIu64 " elements of %s do not fill whole bytes",
                        fn, lab, nm, numel, st_dtypes[e->dtype].name);
-    if (e->end - e->begin != bits / 8)
+    const uint64_t need = numel / 8 * bits + numel % 8 * bits / 8;
+    if (e->end - e->begin != need)
         return FMT_ERR("%s: %s: entry '%s': byte count mismatch: data_offsets span %" PRIu64
                        " bytes, shape x %s needs %" PRIu64,
-                       fn, lab, nm, e->end - e->begin, st_dtypes[e->dtype].name, bits / 8);
+                       fn, lab, nm, e->end - e->begin, st_dtypes[e->dtype].name, need);
     (void)f;
     return MOE_OK;
 }

@@ -57,15 +57,6 @@ typedef struct moe__q_layout {
     int64_t global_shape[1];
 } moe__q_layout;
 
-static const char *moe__q_shape_str(int ndim, const int64_t *shape, char *buf, size_t n) {
-    size_t used = 0;
-    used += (size_t)snprintf(buf + used, n - used, "[");
-    for (int i = 0; i < ndim && used < n; i++)
-        used += (size_t)snprintf(buf + used, n - used, "%s%" PRId64, i ? ", " : "", shape[i]);
-    if (used < n) snprintf(buf + used, n - used, "]");
-    return buf;
-}
-
 /* Resolve opts.block_rows for `mode` (want: the caller's value, 0 = default). */
 static moe_status moe__q_block_rows(const char *fn, int mode, int want, int *rows) {
     if (mode == MOE_QUANT_FP8_BLOCK) {
@@ -352,7 +343,7 @@ moe_status moe_qtensor_from_parts(moe_qtensor **out, int mode, const moe_tensor 
     } else {
         if (!scales)
             return moe__err(MOE_ERR_ARG, "%s: scales: expected a %s tensor %s for mode %s, got NULL", fn,
-                            moe_dtype_name(moe__q_scale_dt[mode]), moe__q_shape_str(L.scale_ndim, L.scale_shape, e1, sizeof e1),
+                            moe_dtype_name(moe__q_scale_dt[mode]), moe__dims_str(L.scale_ndim, L.scale_shape, e1, sizeof e1),
                             mname);
         int sdt = moe__q_scale_dt[mode];
         if (scales->dtype != sdt && !(sdt == MOE_UE8M0 && scales->dtype == MOE_U8))
@@ -364,10 +355,10 @@ moe_status moe_qtensor_from_parts(moe_qtensor **out, int mode, const moe_tensor 
         if (!ok) {
             if (mode == MOE_QUANT_FP8_BLOCK)
                 return moe__err(MOE_ERR_SHAPE, "%s: scales: expected shape %s (fp8_block, block_rows %d: %s), got %s", fn,
-                                moe__q_shape_str(L.scale_ndim, L.scale_shape, e1, sizeof e1), rows,
+                                moe__dims_str(L.scale_ndim, L.scale_shape, e1, sizeof e1), rows,
                                 moe__q_scale_desc[mode], moe__shape_str(scales, e2, sizeof e2));
             return moe__err(MOE_ERR_SHAPE, "%s: scales: expected shape %s (%s: %s), got %s", fn,
-                            moe__q_shape_str(L.scale_ndim, L.scale_shape, e1, sizeof e1), mname,
+                            moe__dims_str(L.scale_ndim, L.scale_shape, e1, sizeof e1), mname,
                             moe__q_scale_desc[mode], moe__shape_str(scales, e2, sizeof e2));
         }
         MOE_TRY(moe__q_check_part_dev(fn, "scales", data, scales));
@@ -381,7 +372,7 @@ moe_status moe_qtensor_from_parts(moe_qtensor **out, int mode, const moe_tensor 
     } else {
         if (!global)
             return moe__err(MOE_ERR_ARG, "%s: global_scale: expected an f32 tensor %s for mode nvfp4, got NULL", fn,
-                            moe__q_shape_str(L.global_ndim, L.global_shape, e1, sizeof e1));
+                            moe__dims_str(L.global_ndim, L.global_shape, e1, sizeof e1));
         if (global->dtype != MOE_F32)
             return moe__err(MOE_ERR_DTYPE, "%s: global_scale: expected dtype f32, got %s", fn, moe_dtype_name(global->dtype));
         int64_t one = 1;
@@ -389,7 +380,7 @@ moe_status moe_qtensor_from_parts(moe_qtensor **out, int mode, const moe_tensor 
                  (L.global_ndim == 0 && moe__q_shape_eq(global, 1, &one));
         if (!ok)
             return moe__err(MOE_ERR_SHAPE, "%s: global_scale: expected shape %s (one f32 per matrix), got %s", fn,
-                            moe__q_shape_str(L.global_ndim, L.global_shape, e1, sizeof e1),
+                            moe__dims_str(L.global_ndim, L.global_shape, e1, sizeof e1),
                             moe__shape_str(global, e2, sizeof e2));
         MOE_TRY(moe__q_check_part_dev(fn, "global_scale", data, global));
     }

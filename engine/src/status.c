@@ -39,17 +39,14 @@ moe_status moe__err(moe_status status, const char *fmt, ...) {
 
 const char *moe_version(void) { return MOE_VERSION_STRING; }
 
+/* One string literal, built at compile time: no lazily filled static buffer that two
+ * threads calling this for the first time at once could race on. */
 const char *moe_build_info(void) {
-    static char buf[256];
-    if (!buf[0]) {
 #ifdef MOE_HAVE_CUDA
-        snprintf(buf, sizeof buf,
-                 "moelab %s; C compiler %s; CUDA backend: yes (nvcc %s; sm_90a + compute_80 PTX)",
-                 MOE_VERSION_STRING, MOE_C_COMPILER_ID, MOE_CUDA_VERSION_STRING);
+    return "moelab " MOE_VERSION_STRING "; C compiler " MOE_C_COMPILER_ID "; CUDA backend: yes (nvcc "
+           MOE_CUDA_VERSION_STRING "; sm_90a + compute_80 PTX)";
 #else
-        snprintf(buf, sizeof buf, "moelab %s; C compiler %s; CUDA backend: no (built without CUDA support)",
-                 MOE_VERSION_STRING, MOE_C_COMPILER_ID);
+    return "moelab " MOE_VERSION_STRING "; C compiler " MOE_C_COMPILER_ID
+           "; CUDA backend: no (built without CUDA support)";
 #endif
-    }
-    return buf;
 }

@@ -8,8 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-int moe__dtype_packed(int dtype);
-
 /* ------------------------------------------------------------- accounting -- */
 
 static int64_t moe__stat_tensors, moe__stat_storages, moe__stat_host, moe__stat_dev;
@@ -197,8 +195,9 @@ int64_t moe__numel(int ndim, const int64_t *shape) {
 }
 
 size_t moe__dtype_nbytes(int dtype, int64_t numel) {
-    int bits = moe_dtype_bits(dtype);
-    return (size_t)((numel * bits + 7) / 8);
+    /* split so that numel * bits cannot overflow (numel may be up to 2^60, bits up to 64) */
+    size_t bits = (size_t)moe_dtype_bits(dtype), n = (size_t)numel;
+    return n / 8 * bits + (n % 8 * bits + 7) / 8;
 }
 
 static void moe__contig_strides(int ndim, const int64_t *shape, int64_t *stride) {
@@ -249,6 +248,9 @@ static moe_status moe__check_shape(const char *fn, int dtype, int ndim, const in
                             fn);
         if (shape[i] > 0) n *= shape[i];
     }
+    if (moe__dtype_nbytes(dtype, moe__numel(ndim, shape)) > ((size_t)1 << 60))
+        return moe__err(MOE_ERR_SHAPE, "%s: shape: expected at most 2^60 bytes of %s, got %" PRId64 " elements", fn,
+                        moe_dtype_name(dtype), moe__numel(ndim, shape));
     if (moe__dtype_packed(dtype) && ndim > 0 && (shape[ndim - 1] % 2) != 0)
         return moe__err(MOE_ERR_SHAPE, "%s: shape[%d]: expected an even size for packed dtype %s, got %" PRId64,
                         fn, ndim - 1, moe_dtype_name(dtype), shape[ndim - 1]);
@@ -326,13 +328,17 @@ int moe__same_shape(const moe_tensor *a, const moe_tensor *b) {
     return 1;
 }
 
-const char *moe__shape_str(const moe_tensor *t, char *buf, size_t n) {
+const char *moe__dims_str(int ndim, const int64_t *shape, char *buf, size_t n) {
     size_t k = 0;
     k += (size_t)snprintf(buf + k, n - k, "[");
-    for (int i = 0; i < t->ndim && k < n; i++)
-        k += (size_t)snprintf(buf + k, n - k, i ? ", %" PRId64 : "%" PRId64, t->shape[i]);
+    for (int i = 0; i < ndim && k < n; i++)
+        k += (size_t)snprintf(buf + k, n - k, i ? ", %" PRId64 : "%" PRId64, shape[i]);
     if (k < n) snprintf(buf + k, n - k, "]");
     return buf;
+}
+
+const char *moe__shape_str(const moe_tensor *t, char *buf, size_t n) {
+    return moe__dims_str(t->ndim, t->shape, buf, n);
 }
 
 moe_status moe__check_tensor(const char *fn, const char *arg, const moe_tensor *t, int dtype, int ndim) {
@@ -392,7 +398,7 @@ moe_status moe_tensor_narrow(moe_tensor **out, const moe_tensor *t, int dim, int
     MOE_TRY(moe__norm_dim(fn, t, &dim));
     if (start < 0 || start > t->shape[dim])
         return moe__err(MOE_ERR_RANGE, "%s: start: expected 0..%" PRId64 ", got %" PRId64, fn, t->shape[dim], start);
-    if (length < 0 || start + length > t->shape[dim])
+    if (length < 0 || length > t->shape[dim] - start)
         return moe__err(MOE_ERR_RANGE, "%s: length: expected 0..%" PRId64 ", got %" PRId64, fn,
                         t->shape[dim] - start, length);
     int64_t shape[MOE_MAX_DIMS];
@@ -463,6 +469,8 @@ moe_status moe_tensor_reshape(moe_tensor **out, const moe_tensor *t, int ndim, c
         } else if (shape[i] < 0) {
             return moe__err(MOE_ERR_SHAPE, "%s: shape[%d]: expected >= 0 or -1, got %" PRId64, fn, i, shape[i]);
         } else {
+            if (shape[i] > 0 && known > INT64_MAX / shape[i])
+                return moe__err(MOE_ERR_SHAPE, "%s: shape: expected at most 2^63 elements, got more", fn);
             known *= shape[i];
         }
     }

@@ -357,9 +357,9 @@ moe_status moe_trace_set_layer(moe_trace *tr, int64_t start, int64_t n, int64_t 
     if (layer < 0 || layer >= tr->L)
         return moe__err(MOE_ERR_RANGE, "%s: layer: expected 0..%lld, got %lld", fn,
                         (long long)(tr->L - 1), (long long)layer);
-    if (n < 0 || start < 0 || start + n > tr->T)
-        return moe__err(MOE_ERR_RANGE, "%s: start/n: expected a token range within 0..%lld, got %lld..%lld",
-                        fn, (long long)tr->T, (long long)start, (long long)(start + n));
+    if (n < 0 || start < 0 || n > tr->T - start)
+        return moe__err(MOE_ERR_RANGE, "%s: start/n: expected a token range within 0..%lld, got start %lld, n %lld",
+                        fn, (long long)tr->T, (long long)start, (long long)n);
     if (weights && !tr->with_weights)
         return moe__err(MOE_ERR_ARG, "%s: weights: expected NULL (trace made without weights), got a tensor", fn);
     MOE_TRY(check_ids_dtype(fn, "ids", ids));
@@ -420,9 +420,9 @@ moe_status moe_trace_append_trace(moe_trace *dst, const moe_trace *src, int64_t 
     if (src->E > 0 && dst->E > 0 && src->E != dst->E)
         return moe__err(MOE_ERR_SHAPE, "%s: src: expected num_experts %lld, got %lld", fn,
                         (long long)dst->E, (long long)src->E);
-    if (start < 0 || n < 0 || start + n > src->T)
-        return moe__err(MOE_ERR_RANGE, "%s: start/n: expected a range within 0..%lld, got %lld..%lld",
-                        fn, (long long)src->T, (long long)start, (long long)(start + n));
+    if (start < 0 || n < 0 || n > src->T - start)
+        return moe__err(MOE_ERR_RANGE, "%s: start/n: expected a range within 0..%lld, got start %lld, n %lld",
+                        fn, (long long)src->T, (long long)start, (long long)n);
     if (src->tok && n) MOE_TRY(ensure_tok(dst, fn));
     int64_t row = src->L * src->K;
     MOE_TRY(grow(dst, n, fn));
@@ -464,7 +464,8 @@ static char *dupstr(const char *s) {
 moe_status moe_trace_set_meta(moe_trace *tr, const char *key, const char *value) {
     static const char *fn = "moe_trace_set_meta";
     if (!tr) return moe__err(MOE_ERR_ARG, "%s: tr: expected a trace, got NULL", fn);
-    if (!key || !*key) return moe__err(MOE_ERR_ARG, "%s: key: expected a non-empty string", fn);
+    if (!key || !*key)
+        return moe__err(MOE_ERR_ARG, "%s: key: expected a non-empty string, got %s", fn, key ? "\"\"" : "NULL");
     int i = meta_index(tr, key);
     if (!value) {
         if (i >= 0) {
@@ -545,10 +546,11 @@ moe_status moe_trace_save_range(const moe_trace *tr, const char *path, int64_t s
                                 int64_t n) {
     static const char *fn = "moe_trace_save";
     if (!tr) return moe__err(MOE_ERR_ARG, "%s: tr: expected a trace, got NULL", fn);
-    if (!path || !*path) return moe__err(MOE_ERR_ARG, "%s: path: expected a file name", fn);
-    if (start < 0 || n < 0 || start + n > tr->T)
-        return moe__err(MOE_ERR_RANGE, "%s: start/n: expected a range within 0..%lld, got %lld..%lld",
-                        fn, (long long)tr->T, (long long)start, (long long)(start + n));
+    if (!path || !*path)
+        return moe__err(MOE_ERR_ARG, "%s: path: expected a file name, got %s", fn, path ? "\"\"" : "NULL");
+    if (start < 0 || n < 0 || n > tr->T - start)
+        return moe__err(MOE_ERR_RANGE, "%s: start/n: expected a range within 0..%lld, got start %lld, n %lld",
+                        fn, (long long)tr->T, (long long)start, (long long)n);
     int64_t row = tr->L * tr->K;
     int64_t shape[3] = {n, tr->L, tr->K};
     moe_tensor *ts[3] = {NULL, NULL, NULL};
@@ -900,7 +902,8 @@ moe_status moe_trace_load(const char *path, moe_trace **out) {
     static const char *fn = "moe_trace_load";
     if (!out) return moe__err(MOE_ERR_ARG, "%s: out: expected a pointer, got NULL", fn);
     *out = NULL;
-    if (!path || !*path) return moe__err(MOE_ERR_ARG, "%s: path: expected a file name", fn);
+    if (!path || !*path)
+        return moe__err(MOE_ERR_ARG, "%s: path: expected a file name, got %s", fn, path ? "\"\"" : "NULL");
     struct stat sb;
     if (stat(path, &sb) != 0)
         return moe__err(MOE_ERR_IO, "%s: %s: %s", fn, path, strerror(errno));

@@ -365,18 +365,19 @@ static int job_alloc(cmp_job *J) {
     return J->loads_a && J->loads_b && J->cnt && J->jac && J->wsum && J->first;
 }
 
-/* Run the jobs: thread 0 is the caller.  Returns 0 or -1 when no thread could start
- * (then everything ran on the caller). */
-static void run_jobs(cmp_job *jobs, int n, void (*fn)(cmp_job *), void *(*tfn)(void *)) {
+/* Run n (<= 16) jobs of `size` bytes each from the array `jobs` with tfn: job 0 on the
+ * caller, the others on threads; a job whose thread cannot start runs on the caller. */
+static void run_jobs(void *jobs, size_t size, int n, void *(*tfn)(void *)) {
     pthread_t th[16];
     int started[16] = {0};
-    for (int i = 1; i < n; i++) started[i] = pthread_create(&th[i], NULL, tfn, &jobs[i]) == 0;
-    fn(&jobs[0]);
+    char *base = (char *)jobs;
+    for (int i = 1; i < n; i++) started[i] = pthread_create(&th[i], NULL, tfn, base + (size_t)i * size) == 0;
+    (void)tfn(base);
     for (int i = 1; i < n; i++) {
         if (started[i])
             pthread_join(th[i], NULL);
         else
-            fn(&jobs[i]);
+            (void)tfn(base + (size_t)i * size);
     }
 }
 
@@ -478,7 +479,7 @@ moe_status moe_trace_compare(const moe_trace *a, const moe_trace *b,
     moe_trace_cmp *c = NULL;
     int64_t *sum_buf = NULL;
     if (st != MOE_OK) goto done;
-    run_jobs(jobs, nth, cmp_range_any, cmp_thread);
+    run_jobs(jobs, sizeof jobs[0], nth, cmp_thread);
     for (int i = 0; i < nth; i++) {
         if (jobs[i].bad) {
             st = moe__err(MOE_ERR_RANGE,
@@ -681,19 +682,7 @@ moe_status moe_trace_stats(const moe_trace *tr, const moe_trace_cmp_opts *opts,
         if (!J->loads) st = moe__err(MOE_ERR_NOMEM, "%s: out of host memory", fn);
     }
     if (st != MOE_OK) goto done;
-    {
-        pthread_t th[16];
-        int started[16] = {0};
-        for (int i = 1; i < nth; i++)
-            started[i] = pthread_create(&th[i], NULL, stat_thread, &jobs[i]) == 0;
-        stat_range(&jobs[0]);
-        for (int i = 1; i < nth; i++) {
-            if (started[i])
-                pthread_join(th[i], NULL);
-            else
-                stat_range(&jobs[i]);
-        }
-    }
+    run_jobs(jobs, sizeof jobs[0], nth, stat_thread);
     for (int i = 0; i < nth; i++)
         if (jobs[i].bad) {
             st = moe__err(MOE_ERR_RANGE,

@@ -53,6 +53,33 @@ static void test_new_errors(void) {
     moe_tensor_free(NULL); /* no-op */
 }
 
+/* Sizes near the int64 limits: refused with a message, never wrapped into a small buffer. */
+static void test_size_overflow(void) {
+    moe_tensor *t = NULL, *v = NULL;
+    /* 2^59 i64 elements: under the 2^60-element cap, but 2^62 bytes (numel * 64 bits wrapped) */
+    int64_t big[1] = {(int64_t)1 << 59};
+    CHECK_ERR(moe_tensor_new(&t, MOE_I64, 1, big, CPU), MOE_ERR_SHAPE, "shape: expected at most 2^60 bytes of i64");
+    CHECK(t == NULL);
+    int64_t big2[2] = {(int64_t)1 << 57, 8}; /* 2^60 elements, 2^62 bytes */
+    CHECK_ERR(moe_tensor_new(&t, MOE_F32, 2, big2, CPU), MOE_ERR_SHAPE, "2^60 bytes");
+    int64_t s4[1] = {4};
+    CHECK(moe_tensor_new(&t, MOE_F32, 1, s4, CPU) == MOE_OK);
+    CHECK(moe_tensor_nbytes(t) == 16);
+    /* narrow: start + length would overflow */
+    CHECK_ERR(moe_tensor_narrow(&v, t, 0, 1, INT64_MAX), MOE_ERR_RANGE, "length: expected 0..3, got");
+    CHECK(v == NULL);
+    /* reshape: the product of the sizes would overflow */
+    int64_t wide[3] = {(int64_t)1 << 40, (int64_t)1 << 40, 0};
+    CHECK_ERR(moe_tensor_reshape(&v, t, 2, wide), MOE_ERR_SHAPE, "shape: expected at most 2^63 elements");
+    CHECK_ERR(moe_tensor_reshape(&v, t, 3, wide), MOE_ERR_SHAPE, "shape: expected at most 2^63 elements");
+    CHECK(v == NULL);
+    moe_tensor_free(t);
+    int64_t e6[1] = {6};
+    CHECK(moe_tensor_new(&t, MOE_E2M1, 1, e6, CPU) == MOE_OK);
+    CHECK(moe_tensor_nbytes(t) == 3);
+    moe_tensor_free(t);
+}
+
 static void test_views(void) {
     int64_t shape[2] = {3, 4};
     moe_tensor *a = mk(MOE_F32, 2, shape);
@@ -218,6 +245,7 @@ static void test_async_copy(void) {
 int main(void) {
     test_status();
     test_new_errors();
+    test_size_overflow();
     test_views();
     test_casts();
     test_rng_and_mem();

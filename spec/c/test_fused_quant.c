@@ -59,6 +59,21 @@ int main(void) {
     moe_experts_cfg cfg = moe_experts_cfg_default();
     moe_experts *ex = NULL;
 
+    /* activation parameters: one shared check, named after the entry point called */
+    moe_experts_cfg badc = cfg;
+    badc.activation = 9;
+    CHECK_ERR(moe_experts_new(&ex, &badc, w13, w2, NULL, NULL, CPU), MOE_ERR_ARG,
+              "moe_experts_new: activation: expected 0..3 (a moe_activation), got 9");
+    CHECK_ERR(moe_experts_new_quant(&ex, &badc, MOE_QUANT_NVFP4, w13, w2, NULL, NULL, NULL, NULL, CPU), MOE_ERR_ARG,
+              "moe_experts_new_quant: activation: expected 0..3 (a moe_activation), got 9");
+    badc = cfg;
+    badc.limit = 0.0f;
+    CHECK_ERR(moe_experts_new(&ex, &badc, w13, w2, NULL, NULL, CPU), MOE_ERR_ARG,
+              "moe_experts_new: alpha/beta/limit: expected finite numbers with limit > 0, got 1.702/1/0");
+    CHECK_ERR(moe_experts_new_quant(&ex, &badc, MOE_QUANT_FP8, w13, w2, NULL, NULL, NULL, NULL, CPU), MOE_ERR_ARG,
+              "moe_experts_new_quant: alpha/beta/limit: expected finite numbers with limit > 0");
+    CHECK(ex == NULL);
+
     /* argument rules */
     moe_qtensor *q13 = NULL, *q2 = NULL, *q2fp8 = NULL;
     CHECK(moe_quantize(w13, MOE_QUANT_NVFP4, NULL, &q13) == MOE_OK);

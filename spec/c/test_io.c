@@ -681,6 +681,10 @@ static void test_st_malformed(void) {
     st_bad("{" E("a", "F4", "[3]", 0, 1) "}", 8, F, "whole bytes");
     st_bad("{" E("a", "F32", "[1099511627776,1099511627776,1099511627776]", 0, 8) "}", 8, F, "too many elements");
     st_bad("{" E("a", "F32", "[0,9223372036854775807,12]", 0, 0) "}", 8, F, "too many elements");
+    /* 2^60 elements x 16 bits = 2^64: the byte count must not wrap to the 0 bytes given */
+    st_bad("{" E("a", "I16", "[1152921504606846976]", 0, 0) "}", 8, F,
+           "byte count mismatch: data_offsets span 0 bytes, shape x I16 needs 2305843009213693952");
+    st_bad("{" E("a", "I64", "[4,288230376151711744]", 0, 0) "}", 8, F, "needs 9223372036854775808");
     st_bad("{" E("a", "F32", "[1]", 0, 4) "," E("a", "F32", "[1]", 4, 8) "}", 8, F, "duplicate name 'a'");
     st_bad("{\"__metadata__\":{},\"__metadata__\":{}}", 0, F, "duplicate name");
     st_bad("{\"__metadata__\":{\"k\":1}}", 0, F, "must be a string");

@@ -7,16 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "check.h"
 
-static int failures = 0;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 #define NEAR(a, b) CHECK(fabs((double)(a) - (double)(b)) < 1e-12)
 #define OK(expr)                                                                           \
     do {                                                                                   \
@@ -245,6 +237,20 @@ static void test_random(void) {
         CHECK(memcmp(c1->first_diff_hist, c2->first_diff_hist, sizeof(int64_t) * L) == 0);
         CHECK(c1->js_divergence == c2->js_divergence);
     }
+    /* stats: the same answer on 1 and 3 threads (T >= 4096 splits the tokens) */
+    moe_trace_summary *s1 = NULL, *s3 = NULL;
+    o.threads = 1;
+    OK(moe_trace_stats(A, &o, &s1));
+    o.threads = 3;
+    OK(moe_trace_stats(A, &o, &s3));
+    if (s1 && s3) {
+        CHECK(s1->captured == s3->captured && s1->skipped == s3->skipped);
+        CHECK(s1->captured + s1->skipped == T * L);
+        CHECK(memcmp(s1->loads, s3->loads, sizeof(int64_t) * L * E) == 0);
+        CHECK(s1->balance.cv == s3->balance.cv);
+    }
+    moe_trace_summary_free(s1);
+    moe_trace_summary_free(s3);
     moe_trace_cmp_free(c1);
     moe_trace_cmp_free(c2);
     moe_trace_free(A);

@@ -9,16 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int failures = 0;
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        if (!(cond)) {                                                                   \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, \
-                    #cond, moe_last_error());                                            \
-            failures++;                                                                  \
-        }                                                                                \
-    } while (0)
+#include "check.h"
 
 static char dir[256];
 
@@ -57,6 +48,32 @@ static moe_trace *sample(void) {
     CHECK(moe_trace_append_host(tr, 3, ids, w, tok) == MOE_OK);
     CHECK(moe_trace_set_meta(tr, "model", "toy") == MOE_OK);
     return tr;
+}
+
+/* Token ranges whose end would overflow int64 are refused, and NULL names say so. */
+static void test_bad_ranges(void) {
+    moe_trace *tr = sample(), *dst = NULL;
+    CHECK_ERR(moe_trace_save_range(tr, path("r.safetensors"), 1, INT64_MAX), MOE_ERR_RANGE,
+              "moe_trace_save: start/n: expected a range within 0..3, got start 1, n 9223372036854775807");
+    CHECK(moe_trace_new(&dst, 2, 2, 4, 1) == MOE_OK);
+    CHECK_ERR(moe_trace_append_trace(dst, tr, 2, INT64_MAX), MOE_ERR_RANGE, "got start 2, n 9223372036854775807");
+    CHECK(moe_trace_tokens(dst) == 0);
+    moe_trace_free(dst);
+    dst = NULL;
+    int64_t s[2] = {1, 2};
+    moe_tensor *ids = NULL;
+    moe_device cpu = {MOE_DEVICE_CPU, 0};
+    CHECK(moe_tensor_new(&ids, MOE_I16, 2, s, cpu) == MOE_OK);
+    CHECK_ERR(moe_trace_set_layer(tr, 1, INT64_MAX, 0, ids, NULL), MOE_ERR_RANGE,
+              "start/n: expected a token range within 0..3, got start 1, n 9223372036854775807");
+    CHECK_ERR(moe_trace_save(tr, NULL), MOE_ERR_ARG, "moe_trace_save: path: expected a file name, got NULL");
+    CHECK_ERR(moe_trace_save(tr, ""), MOE_ERR_ARG, "path: expected a file name, got \"\"");
+    CHECK_ERR(moe_trace_load(NULL, &dst), MOE_ERR_ARG, "moe_trace_load: path: expected a file name, got NULL");
+    CHECK(dst == NULL);
+    CHECK_ERR(moe_trace_set_meta(tr, NULL, "v"), MOE_ERR_ARG, "key: expected a non-empty string, got NULL");
+    CHECK_ERR(moe_trace_set_meta(tr, "", "v"), MOE_ERR_ARG, "key: expected a non-empty string, got \"\"");
+    moe_tensor_free(ids);
+    moe_trace_free(tr);
 }
 
 static void test_round_trip(void) {
@@ -185,6 +202,7 @@ int main(void) {
         return 1;
     }
     test_round_trip();
+    test_bad_ranges();
     test_damaged();
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);

@@ -9,7 +9,7 @@
 
 static moe_status cpu_alloc(int dev, size_t bytes, void **out) {
     size_t n = (bytes + 63) & ~(size_t)63;
-    void *p = aligned_alloc(64, n);
+    void *p = n >= bytes ? aligned_alloc(64, n) : NULL; /* n < bytes: the rounding wrapped */
     if (!p) return moe__err(MOE_ERR_NOMEM, "moe_tensor_new: cannot allocate %zu bytes of host memory", bytes);
     *out = p;
     return MOE_OK;
