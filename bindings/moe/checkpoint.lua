@@ -46,11 +46,7 @@ return function(moe)
 
   local function basename(p) return (p:gsub("/+$", ""):match("([^/]*)$")) end
 
-  local function shape_str(s)
-    local p = {}
-    for i = 1, #s do p[i] = tostring(s[i]) end
-    return "[" .. table.concat(p, ", ") .. "]"
-  end
+  local shape_str = moe._shape_str
 
   -- --------------------------------------------------------- config mapping --
   -- Each family: method, the config keys of E, K, I, and which decoder layers are MoE.

@@ -224,6 +224,13 @@ function moe._check_opts(opts, fn, allowed, level)
   return opts
 end
 
+-- "[2, 3]" for a shape table {2, 3}.
+function moe._shape_str(s)
+  local p = {}
+  for i = 1, #s do p[i] = tostring(s[i]) end
+  return "[" .. table.concat(p, ", ") .. "]"
+end
+
 -- The C handle of tensor argument x (named arg of fn); raises for a non-tensor or a freed one.
 function moe._tensor_arg(x, fn, arg, level)
   level = level or 3

@@ -154,11 +154,7 @@ return function(moe)
     end
   end
 
-  local function shape_str(s)
-    local p = {}
-    for i, v in ipairs(s) do p[i] = tostring(v) end
-    return "[" .. table.concat(p, ", ") .. "]"
-  end
+  local shape_str = moe._shape_str
 
   local function part_str(t)
     return t:dtype() .. " " .. shape_str(t:shape())

@@ -683,11 +683,7 @@ return function(moe)
     return values, shown, is_clipped
   end
 
-  local function shape_str(s)
-    local p = {}
-    for i = 1, #s do p[i] = tostring(s[i]) end
-    return "[" .. table.concat(p, ", ") .. "]"
-  end
+  local shape_str = moe._shape_str
 
   function M.__tostring(self)
     if not moe.is_tensor(self) then return tostring(self) end

@@ -52,6 +52,14 @@ moe_status moe__experts_check_cfg(const char *fn, const moe_experts_cfg *cfg);
 moe_status moe__experts_record(const char *fn, const moe_experts_cfg *cfg, moe_device dev, int64_t E, int64_t H,
                                int64_t I, int64_t N1, moe_experts **out);
 
+/* CPU reference pieces shared by cpu/fused_cpu.c and cpu/fused_quant_cpu.c: the dot product
+ * in a fixed order (8 interleaved partial sums, combined pairwise, then the tail), the
+ * activation of ex on gate g and up u, and the combine (per token, f32 over k in order of
+ * the pairs with has[p], one rounding to bf16 into out [T, H]). */
+float moe__cpu_fdot(const float *a, const float *b, int64_t n);
+float moe__cpu_fact(const struct moe_experts *ex, float g, float u);
+void moe__cpu_fcombine(int64_t T, int64_t H, int K, const unsigned char *has, const float *ypair, uint16_t *out);
+
 /* Smallest row tile of the CUDA grouped GEMMs (sizes max_tiles). */
 #define MOE__FUSED_MIN_BM 32
 

@@ -56,7 +56,7 @@ moe_status moe__cpu_fused_pack(struct moe_experts *ex, const moe_tensor *w13, co
 
 /* Dot product in a fixed order: 8 interleaved partial sums, combined pairwise, then the
  * tail.  No FMA contraction (the library is built with -ffp-contract=off). */
-static float fc_dot(const float *a, const float *b, int64_t n) {
+float moe__cpu_fdot(const float *a, const float *b, int64_t n) {
     float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -66,7 +66,7 @@ static float fc_dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-static float fc_act(const struct moe_experts *ex, float g, float u) {
+float moe__cpu_fact(const struct moe_experts *ex, float g, float u) {
     switch (ex->act) {
     case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
     case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
@@ -81,6 +81,19 @@ static float fc_act(const struct moe_experts *ex, float g, float u) {
         return gg / (1.0f + expf(-ex->alpha * gg)) * (uu + ex->beta);
     }
     }
+}
+
+void moe__cpu_fcombine(int64_t T, int64_t H, int K, const unsigned char *has, const float *ypair, uint16_t *out) {
+    /* f32 over k in order, one rounding */
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) {
+                int64_t p = t * K + k;
+                if (has[p]) acc += ypair[p * H + h];
+            }
+            out[t * H + h] = moe__f32_to_bf16(acc);
+        }
 }
 
 moe_status moe__cpu_fused(const moe__fused_args *A) {
@@ -158,13 +171,13 @@ moe_status moe__cpu_fused(const moe__fused_args *A) {
         const float *w13 = W13 + e * N1 * H;
         for (int64_t n = 0; n < N1; n++) {
             float bn = B13 ? B13[e * N1 + n] : 0.0f;
-            for (int64_t r = 0; r < nr; r++) Hb[r * N1 + n] = fc_dot(X + r * H, w13 + n * H, H) + bn;
+            for (int64_t r = 0; r < nr; r++) Hb[r * N1 + n] = moe__cpu_fdot(X + r * H, w13 + n * H, H) + bn;
         }
         /* activation, intermediate rounded to bf16 */
         for (int64_t r = 0; r < nr; r++)
             for (int64_t i = 0; i < I; i++) {
                 float g = Hb[r * N1 + i], u = gated ? Hb[r * N1 + I + i] : 0.0f;
-                G[r * I + i] = fc_bf16r(fc_act(ex, g, u));
+                G[r * I + i] = fc_bf16r(moe__cpu_fact(ex, g, u));
             }
         /* GEMM2 + combine weight */
         const float *w2 = W2 + e * H * I;
@@ -172,21 +185,12 @@ moe_status moe__cpu_fused(const moe__fused_args *A) {
             float bh = B2 ? B2[e * H + h] : 0.0f;
             for (int64_t r = 0; r < nr; r++) {
                 int64_t p = order[r0 + r];
-                float y = fc_dot(G + r * I, w2 + h * I, I) + bh;
+                float y = moe__cpu_fdot(G + r * I, w2 + h * I, I) + bh;
                 ypair[p * H + h] = A->llama4 ? y : wts[p] * y;
             }
         }
     }
-    /* combine: f32 over k in order, one rounding */
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < H; h++) {
-            float acc = 0.0f;
-            for (int k = 0; k < K; k++) {
-                int64_t p = t * K + k;
-                if (has[p]) acc += ypair[p * H + h];
-            }
-            out[t * H + h] = moe__f32_to_bf16(acc);
-        }
+    moe__cpu_fcombine(T, H, K, has, ypair, out);
     free(X), free(Hb), free(G), free(start), free(order), free(ypair), free(has);
     return MOE_OK;
 }

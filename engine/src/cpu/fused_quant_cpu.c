@@ -29,33 +29,6 @@
 
 #define FN "moe_fused_moe"
 
-static float fq_dot(const float *a, const float *b, int64_t n) {
-    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) p[j] += a[i + j] * b[i + j];
-    float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static float fq_act(const struct moe_experts *ex, float g, float u) {
-    switch (ex->act) {
-    case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
-    case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
-    case MOE_ACT_RELU2: {
-        float r = g > 0.0f ? g : 0.0f;
-        return r * r;
-    }
-    default: {
-        float L = ex->limit;
-        float gg = g < L ? g : L;
-        float uu = u < -L ? -L : (u > L ? L : u);
-        return gg / (1.0f + expf(-ex->alpha * gg)) * (uu + ex->beta);
-    }
-    }
-}
-
 /* Activations quantised per mode: in is [rows, cols] (f32 or bf16 values), the result
  * dequantised into dst f32 [rows, cols].  W4A16 modes copy the values. */
 static moe_status fq_act_quant(int mode, const moe_tensor *in, float *dst) {
@@ -148,12 +121,12 @@ moe_status moe__cpu_fused_quant(const moe__fused_args *A) {
             const int64_t p = order[r], t = p / K;
             const float c1 = A->llama4 ? wts[p] : 1.0f;
             for (int64_t n = 0; n < N1; n++) {
-                float h = fq_dot(X + t * H, w13 + n * H, H);
+                float h = moe__cpu_fdot(X + t * H, w13 + n * H, H);
                 if (A->llama4) h *= c1;
                 hrow[n] = h + (B13 ? B13[e * N1 + n] : 0.0f);
             }
             for (int64_t i = 0; i < I; i++) {
-                float v = fq_act(ex, hrow[i], gated ? hrow[I + i] : 0.0f);
+                float v = moe__cpu_fact(ex, hrow[i], gated ? hrow[I + i] : 0.0f);
                 G[r * I + i] = moe__bf16_to_f32(moe__f32_to_bf16(v));
             }
         }
@@ -175,21 +148,12 @@ moe_status moe__cpu_fused_quant(const moe__fused_args *A) {
         for (int64_t r = start[le]; r < start[le + 1]; r++) {
             const int64_t p = order[r];
             for (int64_t h = 0; h < H; h++) {
-                float y = fq_dot(Gq + r * I, w2 + h * I, I) + (B2 ? B2[e * H + h] : 0.0f);
+                float y = moe__cpu_fdot(Gq + r * I, w2 + h * I, I) + (B2 ? B2[e * H + h] : 0.0f);
                 ypair[p * H + h] = A->llama4 ? y : wts[p] * y;
             }
         }
     }
-    /* combine: f32 over k in order, one rounding */
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < H; h++) {
-            float acc = 0.0f;
-            for (int k = 0; k < K; k++) {
-                int64_t p = t * K + k;
-                if (has[p]) acc += ypair[p * H + h];
-            }
-            out[t * H + h] = moe__f32_to_bf16(acc);
-        }
+    moe__cpu_fcombine(T, H, K, has, ypair, out);
 done:
     moe_tensor_free(Gt);
     free(Gq), free(start), free(order), free(ypair), free(has), free(X), free(hrow);
