@@ -5,9 +5,11 @@
  * (NPL values per lane, W-element chunks loaded with one vector load: 16 bytes for f32 and
  * 16-bit logits when NPL allows), as "orderable" u32 selection keys (route_math.h): integer
  * order == float order, so the warp reduces keys with redux.sync.  Per token:
- *   1. load + sanitise (NaN -> -inf), key = l or sigmoid(l) + b;
+ *   1. load, key = sanitised l or sigmoid(l) + b (NaN -> -inf by max.f32; the sigmoid is
+ *      moe__route_sigmoid_raw, with one reciprocal range test per W-chunk);
  *   2. deepseekv3 groups: each group's score = sum of its two largest keys (chunk top-2,
- *      then a warp max / ballot / max per group), topk_group groups kept by ballot rounds;
+ *      merged by a butterfly or a warp max / ballot / max per group), topk_group groups kept
+ *      by redux-max / ballot rounds;
  *   3. K rounds of "largest key, lowest expert index": redux max of the lanes' best keys,
  *      redux min of the expert index among the lanes holding it; lane k keeps round k;
  *   4. weights with the same float formulas as the CPU reference (route_math.h), the
@@ -98,18 +100,54 @@ __device__ __forceinline__ void moe__rt_load(const void *row, int e0, int E, int
     }
 }
 
-/* W bias values at e0 (NaN read as -inf, so that s + b needs no further sanitising). */
+/* W bias values at e0, as stored (a NaN bias makes s + b NaN, which the key reads as -inf). */
 template <int W>
 __device__ __forceinline__ void moe__rt_load_bias(const moe__route_args &a, int e0, float *out) {
     if (a.bias_bf16) moe__rt_load<MOE_BF16, W>(a.bias, e0, a.E, a.bias_vec, out);
     else moe__rt_load<MOE_F32, W>(a.bias, e0, a.E, a.bias_vec, out);
-#pragma unroll
-    for (int i = 0; i < W; i++) out[i] = moe__route_sanitize(out[i]);
 }
 
 template <int DT> __device__ __forceinline__ float moe__rt_load1(const void *row, int e) {
     if (DT == MOE_F32) return __ldg((const float *)row + e);
     return moe__rt_cvt<DT>(__ldg((const unsigned short *)row + e));
+}
+
+/* __frcp_rn(d) for d in [1, 2^126): the compiler's own fast path of the correctly rounded
+ * reciprocal (MUFU.RCP, then one Newton step with two FMAs), without its range test. */
+__device__ __forceinline__ float moe__rt_rcp_fast(float d) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+    const float t = __fmaf_rn(d, r, -1.0f);
+    return __fmaf_rn(r, -t, r);
+}
+
+/* W sigmoids of raw (unsanitised) logits, = moe__route_sigmoid_raw: one range test for the W
+ * reciprocals (1 + exp(-x) < 2^126, true unless some x < -87) instead of one each. */
+template <int W> __device__ __forceinline__ void moe__rt_sigmoid_w(const float *x, float *s) {
+    float d[W];
+    bool fast = true;
+#pragma unroll
+    for (int i = 0; i < W; i++) {
+        d[i] = MOE_RADD(1.0f, moe__route_expneg_raw(x[i]));
+        fast = fast && d[i] < 0x1p126f;
+    }
+    if (fast) {
+#pragma unroll
+        for (int i = 0; i < W; i++) s[i] = moe__rt_rcp_fast(d[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < W; i++) s[i] = MOE_RRCP(d[i]);
+    }
+}
+
+/* Orderable key of a sanitised float and back (= moe__route_key / moe__route_unkey, written as
+ * one shift and one three-input logic op each). */
+__device__ __forceinline__ uint32_t moe__rt_key(float x) {
+    const uint32_t u = __float_as_uint(x);
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+__device__ __forceinline__ float moe__rt_unkey(uint32_t k) {
+    return __uint_as_float(k ^ (~(uint32_t)((int32_t)k >> 31) | 0x80000000u));
 }
 
 /* Group scores with chunks of CW elements (CW divides G): each lane's top-2 per group, then
@@ -151,9 +189,9 @@ __device__ __forceinline__ uint32_t moe__rt_group_keys(const uint32_t (&key)[NPL
         uint32_t M2;
         if (__popc(holders) >= 2) M2 = M1;
         else M2 = __reduce_max_sync(0xFFFFFFFFu, t1 == M1 ? t2 : t1);
-        float s = moe__route_unkey(M1);
-        if (G > 1) s = moe__route_sanitize(MOE_RADD(s, moe__route_unkey(M2)));
-        if (lane == g) mine = moe__route_key(s);
+        float s = moe__rt_unkey(M1);
+        if (G > 1) s = fmaxf(MOE_RADD(s, moe__rt_unkey(M2)), -INFINITY); /* inf + -inf: NaN -> -inf */
+        if (lane == g) mine = moe__rt_key(s);
     }
     return mine;
 }
@@ -184,13 +222,19 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
                 for (int i = 0; i < W; i++) b[i] = 0.0f;
             }
         }
+        float s[W];
+        if (use_bias) moe__rt_sigmoid_w<W>(x, s);
 #pragma unroll
         for (int i = 0; i < W; i++) {
-            const int e = e0 + i;
-            float k = moe__route_sanitize(x[i]);
-            /* s + b: s in [0, 1] and b sanitised, so no NaN and no -0 can come out */
-            if (use_bias) k = MOE_RADD(moe__route_sigmoid(k), b[i]);
-            key[v * W + i] = e < E ? moe__route_key(k) : 0u;
+            /* sanitised score: NaN -> -inf (max.f32 returns the number), -0 -> +0 (x + 0).
+             * s + b: s in [+0, 1] is never -0 or NaN, so only a NaN/inf bias can make it NaN */
+            const float k = use_bias ? fmaxf(MOE_RADD(s[i], b[i]), -INFINITY) : fmaxf(MOE_RADD(x[i], 0.0f), -INFINITY);
+            key[v * W + i] = moe__rt_key(k);
+        }
+        if (e0 + W > E) { /* the row's end: experts >= E are not selectable */
+#pragma unroll
+            for (int i = 0; i < W; i++)
+                if (e0 + i >= E) key[v * W + i] = 0u;
         }
     }
 
@@ -200,11 +244,11 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
         uint32_t lm = 0;
 #pragma unroll
         for (int j = 0; j < NPL; j++) lm = max(lm, key[j]);
-        m = moe__route_unkey(__reduce_max_sync(0xFFFFFFFFu, lm));
+        m = moe__rt_unkey(__reduce_max_sync(0xFFFFFFFFu, lm));
         double acc = 0.0;
 #pragma unroll
         for (int j = 0; j < NPL; j++)
-            if (key[j]) acc += (double)moe__route_expf(MOE_RSUB(moe__route_unkey(key[j]), m));
+            if (key[j]) acc += (double)moe__route_expf(MOE_RSUB(moe__rt_unkey(key[j]), m));
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
         S = (float)acc;
@@ -243,20 +287,22 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
         uint32_t gk = 0;
 #pragma unroll
         for (int v = 0; v < NV; v++) {
-            float sc = moe__route_unkey(t1[v]);
-            if (a.G > 1) sc = moe__route_sanitize(MOE_RADD(sc, moe__route_unkey(t2[v])));
-            const uint32_t got = __shfl_sync(0xFFFFFFFFu, moe__route_key(sc), src);
+            float sc = moe__rt_unkey(t1[v]);
+            if (a.G > 1) sc = fmaxf(MOE_RADD(sc, moe__rt_unkey(t2[v])), -INFINITY);
+            const uint32_t got = __shfl_sync(0xFFFFFFFFu, moe__rt_key(sc), src);
             if (v == vg) gk = got;
         }
         if (lane >= a.n_group) gk = 0;
-        /* rank of group `lane`: groups before it (larger score, ties to the lower index) */
-        int rank = 0;
-#pragma unroll 1
-        for (int h = 0; h < a.n_group; h++) {
-            const uint32_t o = __shfl_sync(0xFFFFFFFFu, gk, h);
-            rank += (o > gk) || (o == gk && h < lane);
+        /* topk_group rounds of "largest group key, lowest group index" (every group key is
+         * > 0, lanes without a group hold 0) */
+        unsigned keep = 0;
+#pragma unroll 4
+        for (int r = 0; r < a.topk_group; r++) {
+            const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, gk);
+            const int g = __ffs(__ballot_sync(0xFFFFFFFFu, gk == M)) - 1;
+            keep |= 1u << g;
+            if (lane == g) gk = 0;
         }
-        const unsigned keep = __ballot_sync(0xFFFFFFFFu, lane < a.n_group && rank < a.topk_group);
 #pragma unroll
         for (int v = 0; v < NV; v++) {
             const int q = v * 32 + lane; /* chunk index; its group is q >> gshift */
@@ -310,35 +356,39 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
         else if (k > k2) { k2 = k; e2 = e; }
     }
     int my_id = 0;
-    uint32_t my_key = 0, key0 = 0;
+    uint32_t my_key = 0;
 #pragma unroll 1
     for (int r = 0; r < K; r++) {
         const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, k1);
         const int win = (int)__reduce_min_sync(0xFFFFFFFFu, k1 == M ? (unsigned)e1 : 0x7FFFFFFFu);
-        if (r == 0) key0 = M;
         if (lane == r) { my_id = win; my_key = M; }
-        if (e1 == win && r + 1 < K) { /* the owner gives it up */
-            const uint32_t fk = k1;
-            const int fe = e1;
-            k1 = k2; e1 = e2;
-            k2 = 0; e2 = 0x7FFFFFFF;
-            if (k1 == 0) { /* cache dry: the two best ranked after (fk, fe) */
+        /* the owner gives it up (selects, no branch); e1 is unique among the lanes holding one */
+        const bool own = e1 == win;
+        const uint32_t fk = k1;
+        const int fe = e1;
+        k1 = own ? k2 : k1;
+        e1 = own ? e2 : e1;
+        k2 = own ? 0u : k2;
+        e2 = own ? 0x7FFFFFFF : e2;
+        if (own && k1 == 0 && r + 1 < K) { /* cache dry: the two best ranked after (fk, fe) */
 #pragma unroll
-                for (int j = 0; j < NPL; j++) {
-                    const int e = ((j / W) * 32 + lane) * W + (j % W);
-                    const uint32_t k0 = key[j];
-                    const uint32_t k = (k0 < fk || (k0 == fk && e > fe)) ? k0 : 0u;
-                    if (k > k1) { k2 = k1; e2 = e1; k1 = k; e1 = e; }
-                    else if (k > k2) { k2 = k; e2 = e; }
-                }
+            for (int j = 0; j < NPL; j++) {
+                const int e = ((j / W) * 32 + lane) * W + (j % W);
+                const uint32_t k0 = key[j];
+                const uint32_t k = (k0 < fk || (k0 == fk && e > fe)) ? k0 : 0u;
+                if (k > k1) { k2 = k1; e2 = e1; k1 = k; e1 = e; }
+                else if (k > k2) { k2 = k; e2 = e; }
             }
         }
     }
+    const uint32_t key0 = __shfl_sync(0xFFFFFFFFu, my_key, 0); /* round 0's key */
 
     /* 4. weights */
-    float x = use_bias ? moe__route_sanitize(moe__rt_load1<DT>(row, lane < K ? my_id : 0))
-                       : moe__route_unkey(my_key);
-    float val = moe__route_wsrc(method, x, m, S, moe__route_unkey(key0));
+    /* the sigmoid methods: sigmoid(sanitize(x)) = moe__route_sigmoid_raw(x) */
+    const bool sig = method == MOE_ROUTE_SIGMOID_RENORM || method == MOE_ROUTE_DEEPSEEKV3 ||
+                     method == MOE_ROUTE_MINIMAX2 || method == MOE_ROUTE_LLAMA4;
+    const float x = use_bias ? moe__rt_load1<DT>(row, lane < K ? my_id : 0) : moe__rt_unkey(my_key);
+    const float val = sig ? moe__route_sigmoid_raw(x) : moe__route_wsrc(method, x, m, S, moe__rt_unkey(key0));
     float sum = 0.0f;
     if (moe__route_needs_sum(method, a.normalize)) {
         /* butterfly over the next power of two >= K, as moe__route_ksum on the host */

@@ -83,12 +83,15 @@ MOE_HD float moe__route_sigmoid(float x) {
 
 /* sigmoid(sanitize(x)) for any x, without the NaN tests (the kernels' hot path; the same bits
  * as moe__route_sigmoid(moe__route_sanitize(x)), checked for all 2^32 inputs):
- *   - NaN: min(-NaN, 89) is 89, the clamp that -inf (the sanitised NaN) gets too;
+ *   - NaN: fails `y < 89` and is clamped to 89, as -inf (the sanitised NaN) is;
  *   - -0: exp(+0) and exp(-0) are both exactly 1;
  *   - n = round(y / ln 2) read from the bits of the 1.5 * 2^23 sum (an integer add instead of a
- *     float-to-int conversion: the same n). */
-MOE_HD float moe__route_sigmoid_raw(float x) {
-    const float y = fmaxf(fminf(-x, 89.0f), -104.0f);
+ *     float-to-int conversion: the same n).
+ * moe__route_expneg_raw(x) is the exp(-sanitize(x)) inside it. */
+MOE_HD float moe__route_expneg_raw(float x) {
+    float y = -x;
+    y = y < 89.0f ? y : 89.0f;          /* NaN fails the test: 89 */
+    y = y > -104.0f ? y : -104.0f;
     const float t = MOE_RFMA(y, 1.44269502162933349609375f, 12582912.0f);
     const float nf = MOE_RSUB(t, 12582912.0f);
     const int n = (int)(moe__f32_bits(t) - 0x4B400000u);
@@ -103,10 +106,9 @@ MOE_HD float moe__route_sigmoid_raw(float x) {
     p = MOE_RFMA(p, r, 1.0f);
     p = MOE_RFMA(p, r, 1.0f);
     const int n1 = n >> 1, n2 = n - n1;
-    const float e = MOE_RMUL(MOE_RMUL(p, moe__bits_f32((uint32_t)(n1 + 127) << 23)),
-                             moe__bits_f32((uint32_t)(n2 + 127) << 23));
-    return MOE_RRCP(MOE_RADD(1.0f, e));
+    return MOE_RMUL(MOE_RMUL(p, moe__bits_f32((uint32_t)(n1 + 127) << 23)), moe__bits_f32((uint32_t)(n2 + 127) << 23));
 }
+MOE_HD float moe__route_sigmoid_raw(float x) { return MOE_RRCP(MOE_RADD(1.0f, moe__route_expneg_raw(x))); }
 
 /* Sum of the K chosen values (K <= 32) in the order the CUDA warp adds them: a butterfly over
  * the next power of two P >= K (values beyond K are 0), v[i] += v[i ^ o] for o = P/2 .. 1;
