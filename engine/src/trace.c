@@ -169,11 +169,14 @@ moe_status moe_trace_reserve(moe_trace *tr, int64_t tokens) {
 
 /* Grow so that T + n fits, doubling. */
 static moe_status grow(moe_trace *tr, int64_t n, const char *fn) {
+    if (n > INT64_MAX - tr->T)
+        return moe__err(MOE_ERR_NOMEM, "%s: %lld + %lld tokens do not fit in memory", fn, (long long)tr->T,
+                        (long long)n);
     int64_t need = tr->T + n;
     if (tr->owned && need <= tr->cap) return MOE_OK;
     int64_t cap = tr->owned ? tr->cap : tr->T;
     if (cap < 256) cap = 256;
-    while (cap < need) cap += cap / 2 + 1;
+    while (cap < need) cap = cap > INT64_MAX / 2 ? need : cap + cap / 2 + 1; /* own() refuses the huge */
     return own(tr, cap, fn);
 }
 

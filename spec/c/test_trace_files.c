@@ -72,6 +72,15 @@ static void test_bad_ranges(void) {
     CHECK(dst == NULL);
     CHECK_ERR(moe_trace_set_meta(tr, NULL, "v"), MOE_ERR_ARG, "key: expected a non-empty string, got NULL");
     CHECK_ERR(moe_trace_set_meta(tr, "", "v"), MOE_ERR_ARG, "key: expected a non-empty string, got \"\"");
+    /* growing by a huge n: refused, not wrapped (it used to loop forever) */
+    CHECK_ERR(moe_trace_append(tr, INT64_MAX, NULL, NULL, NULL), MOE_ERR_NOMEM, "tokens do not fit in memory");
+    CHECK_ERR(moe_trace_append(tr, INT64_MAX - 1, NULL, NULL, NULL), MOE_ERR_NOMEM,
+              "3 + 9223372036854775806 tokens do not fit in memory");
+    CHECK_ERR(moe_trace_append(tr, (int64_t)1 << 61, NULL, NULL, NULL), MOE_ERR_NOMEM, "do not fit in memory");
+    int16_t one[4] = {0, 1, 2, 3};
+    CHECK_ERR(moe_trace_append_host(tr, INT64_MAX, one, NULL, NULL), MOE_ERR_NOMEM, "do not fit in memory");
+    CHECK(moe_trace_tokens(tr) == 3);
+    CHECK(moe_trace_append_host(tr, 1, one, NULL, NULL) == MOE_OK && moe_trace_tokens(tr) == 4);
     moe_tensor_free(ids);
     moe_trace_free(tr);
 }
