@@ -21,27 +21,23 @@ moe_status moe_tensor_new_pinned(moe_tensor **out, int dtype, int ndim, const in
     moe_device cpu = {MOE_DEVICE_CPU, 0};
 #ifdef MOE_HAVE_CUDA
     if (moe_cuda_device_count() > 0) {
-        /* moe_tensor_new validates dtype and shape (and is the pageable fallback when pinned
-         * memory cannot be had) */
-        moe_tensor *probe = NULL;
-        MOE_TRY(moe_tensor_new(&probe, dtype, ndim, shape, cpu));
-        size_t bytes = moe_tensor_nbytes(probe);
+        MOE_TRY(moe__check_dtype_id(fn, "dtype", dtype));
+        MOE_TRY(moe__check_shape(fn, dtype, ndim, shape));
+        size_t bytes = moe__dtype_nbytes(dtype, moe__numel(ndim, shape));
         void *p = NULL;
         if (moe__cuda_host_alloc(bytes ? bytes : 1, &p) != MOE_OK) {
-            *out = probe; /* pageable fallback: still correct, copies just do not overlap */
+            /* pageable fallback: still correct, the copies just do not overlap */
             moe_clear_error();
-            return MOE_OK;
+            return moe_tensor_new(out, dtype, ndim, shape, cpu);
         }
         moe_storage *st = NULL;
         moe_status s = moe__storage_wrap(&st, p, bytes, cpu, moe__pinned_release, NULL, 1);
         if (s != MOE_OK) {
             moe__cuda_host_free(p);
-            moe_tensor_free(probe);
             return s;
         }
         s = moe__tensor_wrap(out, st, dtype, ndim, shape, NULL, 0);
         moe__storage_release(st);
-        moe_tensor_free(probe);
         return s;
     }
 #endif

@@ -82,6 +82,10 @@ moe_status moe__err(moe_status status, const char *fmt, ...)
 moe_status moe__check_tensor(const char *fn, const char *arg, const moe_tensor *t, int dtype,
                              int ndim);
 moe_status moe__check_contiguous(const char *fn, const char *arg, const moe_tensor *t);
+/* The checks moe_tensor_new makes: a valid dtype id; ndim 0..8, sizes >= 0, bounded byte count,
+ * even last dimension for packed dtypes. */
+moe_status moe__check_dtype_id(const char *fn, const char *arg, int dtype);
+moe_status moe__check_shape(const char *fn, int dtype, int ndim, const int64_t *shape);
 
 /* --------------------------------------------------------------- accounting -- */
 

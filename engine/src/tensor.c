@@ -228,14 +228,14 @@ moe_status moe__tensor_wrap(moe_tensor **out, moe_storage *st, int dtype, int nd
     return MOE_OK;
 }
 
-static moe_status moe__check_dtype_id(const char *fn, const char *arg, int dtype) {
+moe_status moe__check_dtype_id(const char *fn, const char *arg, int dtype) {
     if (dtype < 0 || dtype >= MOE_DTYPE_COUNT)
         return moe__err(MOE_ERR_DTYPE, "%s: %s: expected a dtype id 0..%d, got %d", fn, arg,
                         MOE_DTYPE_COUNT - 1, dtype);
     return MOE_OK;
 }
 
-static moe_status moe__check_shape(const char *fn, int dtype, int ndim, const int64_t *shape) {
+moe_status moe__check_shape(const char *fn, int dtype, int ndim, const int64_t *shape) {
     if (ndim < 0 || ndim > MOE_MAX_DIMS)
         return moe__err(MOE_ERR_ARG, "%s: ndim: expected 0..%d, got %d", fn, MOE_MAX_DIMS, ndim);
     if (ndim > 0 && !shape) return moe__err(MOE_ERR_ARG, "%s: shape: expected %d sizes, got NULL", fn, ndim);

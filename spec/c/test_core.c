@@ -238,6 +238,9 @@ static void test_async_copy(void) {
     CHECK_ERR(moe_tensor_copy_to_host_async(bad, src, &ev), MOE_ERR_DTYPE, "src: expected dtype i32");
     moe_tensor_free(bad);
     moe_event_free(NULL);
+    int64_t s9[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+    CHECK_ERR(moe_tensor_new_pinned(&bad, MOE_F32, 9, s9), MOE_ERR_ARG, "ndim: expected 0..8, got 9");
+    CHECK_ERR(moe_tensor_new_pinned(&bad, 77, 1, shape), MOE_ERR_DTYPE, "dtype");
     moe_tensor_free(src);
     moe_tensor_free(dst);
 }
