@@ -139,6 +139,23 @@ local function pretty(v, depth, seen)
 end
 M.pretty = pretty
 
+-- The terminal heatmap that goes under a trace, trace stats or a comparison in the REPL (nil for
+-- other values, or when the heatmap cannot be drawn).
+function M.heatmap_of(moe, v)
+  local tr = moe and moe.trace
+  if not tr or type(v) ~= "table" then return nil end
+  local mt = getmetatable(v)
+  local ok, s
+  if mt == tr.Comparison then
+    ok, s = pcall(v.heatmap, v, { which = "diff" })
+  elseif mt == tr.Trace or mt == tr.Stats then
+    ok, s = pcall(v.heatmap, v)
+  else
+    return nil
+  end
+  return ok and s or nil
+end
+
 -- ---------------------------------------------------------- compiling ----
 
 -- Make a leading `local` global so the name survives to the next input.
@@ -254,6 +271,8 @@ moe repl -- LuaJIT with moe loaded.
   help(f)         documentation of a moe function or tensor method
   help(moe)       the documented moe functions; help(t) for a tensor: its methods
   :time           toggle the timing line (shown for commands over 10 ms)
+  :heatmap        toggle the expert-load heatmap printed under traces, trace stats and
+                  comparisons (a comparison shows the load-share difference B - A)
   :help           this text
   :quit           leave (also Ctrl-D)
 TAB completes names, moe.<TAB> and t:<TAB> for tensors.  History: ~/.moelab_history.
@@ -380,6 +399,7 @@ function M.main(opts)
   jit.off(read, true)
 
   local show_time = true
+  local show_heatmap = true
   local chunkname = "=stdin"
 
   local function execute(src)
@@ -400,6 +420,10 @@ function M.main(opts)
         for i = 2, n do parts[#parts + 1] = pretty(res[i]) end
         println(table.concat(parts, "\t"))
         _G._ = res[2]
+        if show_heatmap and n == 2 then
+          local hm = M.heatmap_of(moe, res[2])
+          if hm then println(hm) end
+        end
       end
     end
     if show_time and dt * 1000 > SLOW_MS then
@@ -435,6 +459,9 @@ function M.main(opts)
         elseif cmd == "time" then
           show_time = not show_time
           println("timing " .. (show_time and "on (commands over 10 ms)" or "off"))
+        elseif cmd == "heatmap" then
+          show_heatmap = not show_heatmap
+          println("heatmap " .. (show_heatmap and "on" or "off"))
         elseif cmd == "help" then println(REPL_HELP)
         else println("unknown command :" .. cmd .. " (:help lists them)") end
       elseif buffer == nil and not line:match("%S") then -- luacheck: ignore 542

@@ -83,4 +83,23 @@ describe("repl", function()
       assert.matches("^{{table: 0x%x+}}$", repl.pretty({ { {} } }))
     end)
   end)
+
+  describe("heatmap_of", function()
+    it("draws the load heatmap under traces and the load-share difference under comparisons", function()
+      local a = moe.trace.new{ layers = 2, top_k = 1, num_experts = 4 }
+      a:append({ { { 0 }, { 1 } }, { { 0 }, { 2 } } })
+      local b = moe.trace.new{ layers = 2, top_k = 1, num_experts = 4 }
+      b:append({ { { 3 }, { 1 } }, { { 3 }, { 2 } } })
+      local hm = repl.heatmap_of(moe, a)
+      assert.is_string(hm)
+      assert.matches("layers 0..1 %(rows%) x experts 0..3", hm)
+      local d = repl.heatmap_of(moe, moe.trace.compare(a, b))
+      assert.matches("load share B %- A", d)
+      assert.is_string(repl.heatmap_of(moe, moe.trace.stats(a)))
+      -- anything else gets no heatmap
+      assert.is_nil(repl.heatmap_of(moe, { 1, 2 }))
+      assert.is_nil(repl.heatmap_of(moe, moe.zeros({ 2 })))
+    end)
+  end)
 end)
+
