@@ -5,6 +5,8 @@
 -- (each input read once, each output written once), achieved bandwidth and its share of the
 -- 3.35 TB/s HBM datasheet rate (an SM copy reaches about 3.0 TB/s on our H100s).
 local moe = require("moe")
+local common = require("bench.common")
+local median = common.median
 
 local HBM = 3.35e12
 local opts = { mib = 256, reps = 20 }
@@ -24,20 +26,11 @@ while i <= #args do
   i = i + 1
 end
 
-if not moe.cuda_available() then
-  io.stderr:write("moe bench copy: no CUDA device (" .. moe.build_info() .. ")\n")
-  return 77
-end
+if not common.have_cuda(moe, "copy") then return 77 end
 
 local n = math.floor(opts.mib * 1024 * 1024 / 4)
 local side = math.floor(math.sqrt(n) / 64) * 64
 local dev = "cuda"
-
-local function median(t)
-  table.sort(t)
-  local m = #t
-  return m % 2 == 1 and t[(m + 1) / 2] or (t[m / 2] + t[m / 2 + 1]) / 2
-end
 
 local BYTES = { f32 = 4, bf16 = 2, f16 = 2, f8_e4m3 = 1, e2m1 = 0.5, u8 = 1, i32 = 4 }
 

@@ -16,6 +16,8 @@
 -- scatter-add) when python3 can import torch.  Bars of issue 4: T <= 64 within 2x of the floor,
 -- T = 4096 at least as fast as PyTorch, for every shape.
 local moe = require("moe")
+local common = require("bench.common")
+local median = common.median
 
 local HBM, PEAK = 3.35e12, 989e12
 
@@ -29,11 +31,6 @@ local TS = { 1, 16, 64, 256, 1024, 4096 }
 local opts = { torch = true, reps = 30 }
 local args = { ... }
 local i = 1
-local function split(s)
-  local r = {}
-  for x in s:gmatch("[^,]+") do r[#r + 1] = x end
-  return r
-end
 while i <= #args do
   local a = args[i]
   if a == "--shape" then i = i + 1; opts.shape = args[i]
@@ -62,31 +59,23 @@ while i <= #args do
   i = i + 1
 end
 if opts.shape then
-  local want, keep = {}, {}
-  for _, n in ipairs(split(opts.shape)) do want[n] = true end
-  for _, s in ipairs(SHAPES) do if want[s.name] then keep[#keep + 1] = s end end
-  if #keep == 0 then
-    io.stderr:write("moe bench fused: --shape: unknown shape " .. opts.shape .. "\n")
+  local keep, why = common.pick(SHAPES, opts.shape)
+  if not keep then
+    io.stderr:write("moe bench fused: --shape: " .. why .. "\n")
     return 2
   end
   SHAPES = keep
 end
 if opts.t then
-  TS = {}
-  for _, x in ipairs(split(opts.t)) do TS[#TS + 1] = tonumber(x) end
+  local ts, why = common.numbers(opts.t)
+  if not ts then
+    io.stderr:write("moe bench fused: --t: " .. why .. "\n")
+    return 2
+  end
+  TS = ts
 end
 
-if not moe.cuda_available() then
-  io.stderr:write("moe bench fused: no CUDA device (" .. moe.build_info() .. ")\n")
-  return 77
-end
-
-local function median(t)
-  table.sort(t)
-  local n = #t
-  if n % 2 == 1 then return t[(n + 1) / 2] end
-  return 0.5 * (t[n / 2] + t[n / 2 + 1])
-end
+if not common.have_cuda(moe, "fused") then return 77 end
 
 -- ------------------------------------------------------- PyTorch (first: frees on exit) --
 local torch, torch_note = {}, nil

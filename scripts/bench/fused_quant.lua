@@ -14,6 +14,8 @@
 -- T <= 64: fp8 and fp8_block <= 2x the fp8 floor; nvfp4, mxfp4, mxint4 <= the fp8_block time
 -- (same shape and T); T = 4096: fp8_block >= 1.3x faster than bf16 for DeepSeek-V3.
 local moe = require("moe")
+local common = require("bench.common")
+local split, median = common.split, common.median
 
 local HBM = 3.35e12
 local PEAK = { bf16 = 989e12, fp8 = 1979e12, fp8_block = 1979e12, nvfp4 = 1979e12, mxfp4 = 989e12,
@@ -33,11 +35,6 @@ local QUANTS = { "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" }
 local opts = { reps = 20 }
 local args = { ... }
 local i = 1
-local function split(s)
-  local r = {}
-  for x in s:gmatch("[^,]+") do r[#r + 1] = x end
-  return r
-end
 while i <= #args do
   local a = args[i]
   if a == "--shape" then i = i + 1; opts.shape = args[i]
@@ -57,11 +54,9 @@ while i <= #args do
   i = i + 1
 end
 if opts.shape then
-  local want, keep = {}, {}
-  for _, n in ipairs(split(opts.shape)) do want[n] = true end
-  for _, s in ipairs(SHAPES) do if want[s.name] then keep[#keep + 1] = s end end
-  if #keep == 0 then
-    io.stderr:write("moe bench fused_quant: --shape: unknown shape " .. opts.shape .. "\n")
+  local keep, why = common.pick(SHAPES, opts.shape)
+  if not keep then
+    io.stderr:write("moe bench fused_quant: --shape: " .. why .. "\n")
     return 2
   end
   SHAPES = keep
@@ -76,23 +71,17 @@ if opts.quant then
   end
 end
 if opts.t then
-  TS = {}
-  for _, x in ipairs(split(opts.t)) do TS[#TS + 1] = tonumber(x) end
+  local ts, why = common.numbers(opts.t)
+  if not ts then
+    io.stderr:write("moe bench fused_quant: --t: " .. why .. "\n")
+    return 2
+  end
+  TS = ts
 end
 local MODES = { "bf16" }
 for _, q in ipairs(QUANTS) do MODES[#MODES + 1] = q end
 
-if not moe.cuda_available() then
-  io.stderr:write("moe bench fused_quant: no CUDA device (" .. moe.build_info() .. ")\n")
-  return 77
-end
-
-local function median(t)
-  table.sort(t)
-  local n = #t
-  if n % 2 == 1 then return t[(n + 1) / 2] end
-  return 0.5 * (t[n / 2] + t[n / 2 + 1])
-end
+if not common.have_cuda(moe, "fused_quant") then return 77 end
 
 local rows = {}
 for _, s in ipairs(SHAPES) do

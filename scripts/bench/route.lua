@@ -7,6 +7,8 @@
 -- and the same method written with torch.topk (scripts/bench/torch_route.py), timed the same
 -- way in the same run when python3 can import torch.
 local moe = require("moe")
+local common = require("bench.common")
+local median = common.median
 
 local CALLS = 20
 local HBM = 3.35e12 -- bytes/s, H100 SXM datasheet
@@ -40,34 +42,26 @@ while i <= #args do
   end
   i = i + 1
 end
-local function split(s)
-  local r = {}
-  for x in s:gmatch("[^,]+") do r[#r + 1] = x end
-  return r
-end
 if opts.cases then
-  local want, keep = {}, {}
-  for _, n in ipairs(split(opts.cases)) do want[n] = true end
-  for _, c in ipairs(CASES) do if want[c.name] then keep[#keep + 1] = c end end
+  local keep, why = common.pick(CASES, opts.cases)
+  if not keep then
+    io.stderr:write("moe bench route: --cases: " .. why .. "\n")
+    return 2
+  end
   CASES = keep
 end
 if opts.T then
-  TS = {}
-  for _, x in ipairs(split(opts.T)) do TS[#TS + 1] = tonumber(x) end
+  local ts, why = common.numbers(opts.T)
+  if not ts then
+    io.stderr:write("moe bench route: --T: " .. why .. "\n")
+    return 2
+  end
+  TS = ts
 end
 
-if not moe.cuda_available() then
-  io.stderr:write("moe bench route: no CUDA device (" .. moe.build_info() .. ")\n")
-  return 77
-end
+if not common.have_cuda(moe, "route") then return 77 end
 
 -- ------------------------------------------------------------------- timing --
-local function median(t)
-  table.sort(t)
-  local n = #t
-  if n % 2 == 1 then return t[(n + 1) / 2] end
-  return 0.5 * (t[n / 2] + t[n / 2 + 1])
-end
 
 -- Median microseconds per routing call for one case, T and replay setting.
 local function time_case(c, T, sets, bias, replay)
