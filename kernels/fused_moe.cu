@@ -21,8 +21,9 @@
  *   small: 32 x 64, 4 warps (1 x 4), 6 stages -- decode / few rows per expert: many CTAs
  *          split along N so every weight byte is read once with 16-byte loads;
  *   large: 128 x 128, 8 warps (2 x 4), 3 stages -- prefill without sm_90a;
- *   large on sm_90a: 128 x 256 wgmma, warp-specialised with bulk tensor copies
- *          (moe__k_fm_gemm_ws; MOE_FUSED_WGMMA=1: the cp.async wgmma kernel).
+ *   large on sm_90a: 128 x 256 wgmma, warp-specialised with bulk tensor copies of both
+ *          operands, GEMM1's A rows first put in sorted order by k_permute (moe__k_fm_gemm_ws;
+ *          MOE_FUSED_TMA_A=0: A gathered by cp.async; MOE_FUSED_WGMMA=1: the cp.async wgmma kernel).
  * Chosen per call from the average rows per local expert. */
 #include "cuda_common.cuh"
 #include "fused.h"
@@ -152,6 +153,39 @@ __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
     for (int64_t p = tid; p < P; p += nt) {
         int le = ids[p] - lo;
         if (ids[p] >= 0 && ids[p] < E && le >= 0 && le < lc) sorted[atomicAdd(&cur[le], 1)] = (int32_t)p;
+    }
+}
+
+/* --------------------------------------------------------------- permute -- */
+
+/* Warp-specialised path with the A operand by bulk tensor copy (MOE_FUSED_TMA_A, default):
+ * xp[i, :] = hidden[sorted[i] / K, :] (H8 16-byte chunks a row, one block a row at a time,
+ * grid-stride), so GEMM1's A rows are contiguous in sorted order like GEMM2's.  Only the nv
+ * rows k_align filled are copied: nv = the last row tile's first row + its rows (tiles and rows
+ * are laid out in the same expert order; 0 without tiles).  sorted[nv .. P) holds stale ids
+ * of earlier calls (k_align writes only local, in-range pairs; they may be >= this call's P),
+ * so those rows are skipped: xp keeps whatever the region held there, which GEMM1 reads only
+ * as rows >= nr of a row tile, whose outputs are never written (a wgmma output row depends on
+ * its own A row only). */
+__global__ void __launch_bounds__(256)
+    moe__k_fm_permute(const uint4 *__restrict__ hidden, const int32_t *sorted, const int32_t *tile_r0,
+                      const int32_t *tile_n, const int32_t *ntiles, int K, int H8, uint4 *__restrict__ xp) {
+    moe__fm_pdl_enter();
+    const int nt = *ntiles;
+    const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+    const int nb = blockDim.x;
+    for (int64_t i = blockIdx.x; i < nv; i += gridDim.x) {
+        const uint4 *src = hidden + (int64_t)(sorted[i] / K) * H8;
+        uint4 *dst = xp + i * H8;
+        for (int c0 = threadIdx.x; c0 < H8; c0 += 4 * nb) { /* 4 loads in flight, then 4 stores */
+            uint4 v[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (c0 + j * nb < H8) v[j] = __ldg(src + c0 + j * nb);
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                if (c0 + j * nb < H8) dst[c0 + j * nb] = v[j];
+        }
     }
 }
 
@@ -736,14 +770,23 @@ __global__ void __launch_bounds__(256, 1) moe__k_fm_gemm_wg(const moe__fm_gemm_a
  * barrier), and write the epilogue while the producer already fills the next tile's stages.
  * setmaxnreg moves registers from the producer (72) to the consumers (216).  Rows of W past
  * N (N not a multiple of 256) are whatever the copy reads there (the next expert's rows, or
- * zeros past the tensor): their columns are not written. */
+ * zeros past the tensor): their columns are not written.
+ * TA (MOE_FUSED_TMA_A, default): A rows are contiguous in sorted order (GEMM1: xp made by
+ * k_permute; GEMM2: the intermediate), so one producer thread loads the A tile by bulk tensor
+ * copy too (tensor map `tma` over A as [P, Kd], one 128-row box, SWIZZLE_128B: the layout of
+ * moe__fm_swz / moe__fm_desc, like the weight tile) and announces both tiles' bytes with its
+ * single arrival on the stage's full barrier (count 1): no cp.async, no wait_group, all S
+ * stages are lookahead; the producer warpgroup keeps 40 registers.  Rows r0 + r, r >= nr, of
+ * the box belong to the next expert, to stale rows past the valid count, or are zero-filled
+ * past P (the byte count is the full box's either way): only rows r < nr are written. */
 #define MOE_FM_WS_STAGES 4
 #define MOE_FM_WS_LAG 2
 #define MOE_FM_WS_SMEM (MOE_FM_WS_STAGES * (MOE_FM_WG_BM + MOE_FM_WG_BN) * 64 * 2 + 1024 + 2 * MOE_FM_WS_STAGES * 8)
 
-template <bool G1>
+template <bool G1, bool TA>
 __global__ void __launch_bounds__(384, 1)
-    moe__k_fm_gemm_ws(const moe__fm_gemm_args a, const __grid_constant__ CUtensorMap tmw) {
+    moe__k_fm_gemm_ws(const moe__fm_gemm_args a, const __grid_constant__ CUtensorMap tmw,
+                      const __grid_constant__ CUtensorMap tma) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int BM = MOE_FM_WG_BM, BN = MOE_FM_WG_BN, BK = 64, S = MOE_FM_WS_STAGES, LAG = MOE_FM_WS_LAG;
     constexpr int HB = BN / 2; /* the weight tile is loaded as two 128-row boxes */
@@ -758,7 +801,7 @@ __global__ void __launch_bounds__(384, 1)
     moe__fm_pdl_enter();
     if (tid == 0) {
         for (int s = 0; s < S; s++) {
-            moe__fm_mbar_init(bar0 + 8 * s, 128 + 1);       /* 128 producer arrivals + the expect_tx one */
+            moe__fm_mbar_init(bar0 + 8 * s, TA ? 1 : 128 + 1); /* (128 producer arrivals +) the expect_tx one */
             moe__fm_mbar_init(bar0 + 8 * (S + s), 8 * cs); /* one per consumer warp of the cluster */
         }
         moe__fm_mbar_init_fence();
@@ -790,8 +833,35 @@ __global__ void __launch_bounds__(384, 1)
         }
     };
 
-    if (tid < 128) {
-        /* ---------------- producer ---------------- */
+    if (TA && tid < 128) {
+        /* ---------------- producer, A and W by bulk tensor copy ---------------- */
+        moe__fm_setmaxnreg_dec<40>();
+        if (tid == 0) {
+            int it = 0;
+            for (int64_t w = cid; w < total; w += ncl) {
+                int le, r0, nr, nb;
+                bool shared;
+                item(w, le, r0, nr, nb, shared);
+                const int wrow = (int)(((int64_t)a.lo + le) * a.N) + nb * BN;
+                for (int kt = 0; kt < KT; kt++, it++) {
+                    const int s = it % S;
+                    const uint32_t full = bar0 + 8 * s, bs = moe__fm_smem(Bs + s * BN * BK);
+                    moe__fm_mbar_wait_cl(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
+                    moe__fm_mbar_arrive_tx(full, (BN + BM) * BK * 2);
+                    if (shared) {
+                        moe__fm_tma2d_mc(bs + rank * HB * BK * 2, &tmw, kt * BK, wrow + (int)rank * HB, full,
+                                         (uint16_t)3);
+                    } else {
+                        moe__fm_tma2d(bs, &tmw, kt * BK, wrow, full);
+                        moe__fm_tma2d(bs + HB * BK * 2, &tmw, kt * BK, wrow + HB, full);
+                    }
+                    moe__fm_tma2d(moe__fm_smem(As + s * BM * BK), &tma, kt * BK, r0, full);
+                }
+            }
+        }
+        __syncwarp();
+    } else if (tid < 128) {
+        /* ---------------- producer, A gathered with cp.async ---------------- */
         moe__fm_setmaxnreg_dec<72>();
         const int ch = tid & 7, rb = tid >> 3; /* rows rb + 16i, 16-byte chunk ch */
         int it = 0;
@@ -943,9 +1013,13 @@ static moe_status moe__fm_attrs(void) {
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WG_SMEM));
     MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_wg<false>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WG_SMEM));
-    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<true>,
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<true, true>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WS_SMEM));
-    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<false>,
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<false, true>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WS_SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<true, false>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WS_SMEM));
+    MOE_CUDA_TRY("moe_experts_new", cudaFuncSetAttribute(moe__k_fm_gemm_ws<false, false>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_FM_WS_SMEM));
     /* the wgmma kernel has a body only in the sm_90a binary */
     cudaFuncAttributes fa;
@@ -972,7 +1046,8 @@ static moe_status moe__fm_attrs(void) {
         cfg.attrs = at;
         cfg.numAttrs = 1;
         int ncl = 0;
-        if (cudaOccupancyMaxActiveClusters(&ncl, moe__k_fm_gemm_ws<true>, &cfg) == cudaSuccess) moe__fm_ws_ncl = ncl;
+        if (cudaOccupancyMaxActiveClusters(&ncl, moe__k_fm_gemm_ws<true, true>, &cfg) == cudaSuccess)
+            moe__fm_ws_ncl = ncl;
         (void)cudaGetLastError();
     }
     if (moe__fm_have_wg) {
@@ -1007,9 +1082,18 @@ static int moe__fm_ws_clusters(void) {
     return env && env[0] == '1' ? moe__fm_ws_ncl : 0;
 }
 
-/* Tensor map of a bf16 row-major [rows, cols] matrix, boxes of 64 columns x box_rows rows,
- * 128-byte swizzle (the layout moe__fm_swz / moe__fm_desc describe). */
-static moe_status moe__fm_tmap(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int box_rows) {
+/* A operand of the warp-specialised kernel by bulk tensor copy from rows made contiguous by
+ * k_permute (default), or gathered through the permutation with cp.async (MOE_FUSED_TMA_A=0). */
+static bool moe__fm_tma_a(void) {
+    const char *env = getenv("MOE_FUSED_TMA_A");
+    return !(env && env[0] == '0');
+}
+
+/* Tensor map of a bf16 row-major [rows, cols] matrix (`what`, for the error), boxes of 64
+ * columns x box_rows rows, 128-byte swizzle (the layout moe__fm_swz / moe__fm_desc describe);
+ * elements past the matrix read as zeros (OOB_FILL_NONE). */
+static moe_status moe__fm_tmap(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int box_rows,
+                               const char *what) {
     cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
     cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
     cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
@@ -1018,8 +1102,8 @@ static moe_status moe__fm_tmap(CUtensorMap *m, const void *base, int64_t rows, i
                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS)
-        return moe__err(MOE_ERR_CUDA, FN ": cuTensorMapEncodeTiled failed (CUresult %d) for a [%lld, %lld] weight", (int)r,
-                        (long long)rows, (long long)cols);
+        return moe__err(MOE_ERR_CUDA, FN ": cuTensorMapEncodeTiled failed (CUresult %d) for the [%lld, %lld] %s", (int)r,
+                        (long long)rows, (long long)cols, what);
     return MOE_OK;
 }
 
@@ -1078,9 +1162,11 @@ static moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads, size_
     return MOE_OK;
 }
 
-/* The warp-specialised kernel, as `cs`-CTA clusters when cs is 2. */
-static moe_status moe__fm_go_ws(void (*k)(const moe__fm_gemm_args, const CUtensorMap), unsigned grid, int cs,
-                                cudaStream_t stream, bool pdl, const moe__fm_gemm_args &a, const CUtensorMap &t) {
+/* The warp-specialised kernel (tensor maps of W and, for the TA variant, of A), as `cs`-CTA
+ * clusters when cs is 2. */
+static moe_status moe__fm_go_ws(void (*k)(const moe__fm_gemm_args, const CUtensorMap, const CUtensorMap),
+                                unsigned grid, int cs, cudaStream_t stream, bool pdl, const moe__fm_gemm_args &a,
+                                const CUtensorMap &t, const CUtensorMap &ta) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(grid);
     cfg.blockDim = dim3(384);
@@ -1100,7 +1186,7 @@ static moe_status moe__fm_go_ws(void (*k)(const moe__fm_gemm_args, const CUtenso
     }
     cfg.attrs = n ? at : nullptr;
     cfg.numAttrs = n;
-    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, a, t));
+    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, a, t, ta));
     return MOE_OK;
 }
 
@@ -1216,18 +1302,37 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     const int wgm = lc > 0 && large ? moe__fm_wg_mode() : 0;
     if (wgm == 2) {
         CUtensorMap t1, t2;
-        MOE_TRY(moe__fm_tmap(&t1, a1.W, ex->E * ex->N1, ex->H, MOE_FM_WG_BN / 2));
-        MOE_TRY(moe__fm_tmap(&t2, a2.W, ex->E * ex->H, ex->I, MOE_FM_WG_BN / 2));
+        MOE_TRY(moe__fm_tmap(&t1, a1.W, ex->E * ex->N1, ex->H, MOE_FM_WG_BN / 2, "gate/up weight"));
+        MOE_TRY(moe__fm_tmap(&t2, a2.W, ex->E * ex->H, ex->I, MOE_FM_WG_BN / 2, "down weight"));
         const int cs = moe__fm_ws_clusters() > 0 ? 2 : 1;
         a1.cs = a2.cs = cs;
         const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1, pairs = (tiles + cs - 1) / cs;
         const int64_t slots = cs == 2 ? moe__fm_ws_clusters() : moe__cuda_sm_count(g.dev); /* resident clusters */
         const int64_t n1 = pairs * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
         const int64_t n2 = pairs * ((a2.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN);
-        MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<true>, (unsigned)((n1 < slots ? n1 : slots) * cs), cs, g.stream, pdl,
-                              a1, t1));
-        MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<false>, (unsigned)((n2 < slots ? n2 : slots) * cs), cs, g.stream, pdl,
-                              a2, t2));
+        const unsigned g1 = (unsigned)((n1 < slots ? n1 : slots) * cs), g2 = (unsigned)((n2 < slots ? n2 : slots) * cs);
+        if (moe__fm_tma_a()) {
+            /* GEMM1's A rows, permuted into sorted order, go to the y region (f32 [P, H]:
+             * twice the P*H*2 bytes needed).  The alias is safe on the one stream: y is written
+             * only by GEMM2's epilogue and read only by k_finalize, and every kernel here
+             * starts with griddepcontrol.wait (moe__fm_pdl_enter) before touching memory, which
+             * returns only once its predecessor has completed and flushed (without PDL, plain
+             * stream order); so GEMM2 writes y only after GEMM1 has read all of xp, and
+             * k_permute overwrites it only after the previous call's k_finalize has read y. */
+            __nv_bfloat16 *xp = (__nv_bfloat16 *)y;
+            const int64_t pcap = (int64_t)moe__cuda_sm_count(g.dev) * 16, pb = P < pcap ? P : pcap; /* a row a block */
+            MOE_TRY(moe__fm_go(moe__k_fm_permute, dim3((unsigned)pb), 256, 0, g.stream, pdl, (const uint4 *)a1.A,
+                               (const int32_t *)sorted, (const int32_t *)tile_r0, (const int32_t *)tile_n,
+                               (const int32_t *)ntiles, (int)A->K, (int)(ex->H / 8), (uint4 *)xp));
+            CUtensorMap x1, x2;
+            MOE_TRY(moe__fm_tmap(&x1, xp, P, ex->H, MOE_FM_WG_BM, "permuted hidden"));
+            MOE_TRY(moe__fm_tmap(&x2, inter, P, ex->I, MOE_FM_WG_BM, "intermediate"));
+            MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<true, true>, g1, cs, g.stream, pdl, a1, t1, x1));
+            MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<false, true>, g2, cs, g.stream, pdl, a2, t2, x2));
+        } else {
+            MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<true, false>, g1, cs, g.stream, pdl, a1, t1, t1));
+            MOE_TRY(moe__fm_go_ws(moe__k_fm_gemm_ws<false, false>, g2, cs, g.stream, pdl, a2, t2, t2));
+        }
     } else if (wgm == 1) {
         const int64_t tiles = P / MOE_FM_WG_BM + (P < lc ? P : lc) + 1;
         dim3 g1((unsigned)(tiles * ((a1.N + MOE_FM_WG_BN - 1) / MOE_FM_WG_BN)));

@@ -2,7 +2,9 @@
 -- every activation x deepseekv3/renormalize/llama4 x T in {1, 5, 64, 1000} with H = 384 and
 -- I = 640 (multiples of 128, not powers of two), both GEMM tile configurations, routed-mode
 -- bit-exactness and replay, expert parallelism, T = 0, graph capture + replay with new inputs,
--- out-of-range routed ids counted on the device.  Exits 77 without a CUDA device.
+-- out-of-range routed ids counted on the device; the env switches of the kernel paths.  On an
+-- sm_90a device every case with T * top_k >= 48 * local experts (T = 1000 and up here, the
+-- expert shards of the last block) runs the warp-specialised kernel.  Exits 77 without a CUDA device.
 local H = require("spec.helper")
 local moe = H.moe
 
@@ -295,13 +297,15 @@ end)
 describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)", function()
   local ffi = require("ffi")
   pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-  local function with(v, f)
-    ffi.C.setenv("MOE_FUSED_WGMMA", v, 1)
+  local function with_env(name, v, f) -- f() with name=v, the previous value restored
+    local prev = os.getenv(name)
+    ffi.C.setenv(name, v, 1)
     local ok, y = pcall(f)
-    ffi.C.unsetenv("MOE_FUSED_WGMMA")
+    if prev then ffi.C.setenv(name, prev, 1) else ffi.C.unsetenv(name) end
     assert.is_true(ok, tostring(y))
     return y
   end
+  local function with(v, f) return with_env("MOE_FUSED_WGMMA", v, f) end
   for _, c in ipairs{ { "swiglu", 4000, "renormalize" }, { "relu2", 3000, "deepseekv3" }, { "geglu", 2500, "llama4" } } do
     local act, T, mname = c[1], c[2], c[3]
     it(string.format("%s / %s / T=%d (many tiles per CTA) agrees with the cp.async wgmma and mma.sync paths", act,
@@ -321,10 +325,31 @@ describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)",
         local e = rel_l2(y2, yc)
         assert.is_true(e <= 1e-5, "MOE_FUSED_CLUSTER=" .. v .. ": relative L2 " .. e)
       end
+      -- A by cp.async gather instead of bulk tensor copy: the same shared tiles, the same bits
+      local ya = with_env("MOE_FUSED_TMA_A", "0", function() return call(ex, x, L, m, "cuda") end)
+      assert.same(y2:to("cpu"):totable(), ya:to("cpu"):totable())
       local e21, e20 = rel_l2(y2, y1), rel_l2(y2, y0)
       assert.is_true(e21 <= 1e-5, "vs cp.async wgmma: relative L2 " .. e21)
       assert.is_true(e20 <= 1e-2, "vs mma.sync: relative L2 " .. e20)
       assert.same(y2:to("cpu"):totable(), call(ex, x, L, m, "cuda"):to("cpu"):totable())
+    end)
+  end
+  -- expert shards on the large path (P >= 48 * local_count): most pairs are not local, so
+  -- sorted[] holds stale ids past the valid rows (the bigger calls above ran first); with one
+  -- local expert and P = 80 the A box (128 rows) is taller than the whole [P, H] tensor
+  for _, c in ipairs{ { 1000, 4, 4, "renormalize" }, { 40, 3, 1, "renormalize" }, { 700, 9, 2, "deepseekv3" } } do
+    local T, lo, lc, mname = c[1], c[2], c[3], c[4]
+    it(string.format("expert shard %d..%d / %s / T=%d on the large path, A by tensor copy and by cp.async", lo,
+                     lo + lc - 1, mname, T), function()
+      local ex = experts("swiglu", false)
+      local x, L = inputs(T, 9191 + T)
+      local m = METHODS[mname]
+      local more = { local_offset = lo, local_count = lc }
+      local yt = with_env("MOE_FUSED_TMA_A", "1", function() return call(ex, x, L, m, "cuda", more) end)
+      local ya = with_env("MOE_FUSED_TMA_A", "0", function() return call(ex, x, L, m, "cuda", more) end)
+      assert.same(yt:to("cpu"):totable(), ya:to("cpu"):totable())
+      local e = rel_l2(yt, call(ex, x, L, m, "cpu", more))
+      assert.is_true(e <= 1e-2, "relative L2 " .. e)
     end)
   end
 end)
