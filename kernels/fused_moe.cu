@@ -229,20 +229,7 @@ struct moe__fm_gemm_args {
     uint16_t *out;          /* bf16 [T, N] (G2) */
 };
 
-__device__ __forceinline__ float moe__fm_act(int act, float g, float u, float alpha, float beta, float limit) {
-    switch (act) {
-    case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
-    case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
-    case MOE_ACT_RELU2: {
-        float r = fmaxf(g, 0.0f);
-        return r * r;
-    }
-    default: {
-        float gg = fminf(g, limit), uu = fminf(fmaxf(u, -limit), limit);
-        return gg / (1.0f + expf(-alpha * gg)) * (uu + beta);
-    }
-    }
-}
+/* moe__fm_act (the activation): fused_moe.cuh, shared with fused_gemv.cu. */
 
 /* k_align inside a small-tile G1 block (a.fold): count the local pairs per expert, scan rows
  * and row tiles, find this block's tile, and gather its pairs in ascending pair order (the
@@ -1245,6 +1232,7 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     const int BM = large ? 128 : 32; /* row tile of MOE_FM_LARGE / MOE_FM_SMALL */
     size_t sm = (size_t)(lc > 0 ? 2 * lc : 1) * sizeof(int);
     const bool pdl = moe__fm_use_pdl();
+    if (moe__fm_gemv_eligible(A)) return moe__fm_gemv(g, A, pdl); /* decode GEMV path: fused_gemv.cu */
     /* the folds only while GEMM1's grid fits in one wave: each block's align prologue
      * costs ~1.5 us, paid once per wave (measured on an H100, Qwen3-30B-A3B: T=1 46.2 ->
      * 43.8 us with the folds, but T=16 294 -> 302 and T=64 445 -> 465 us in 5-8 waves) */

@@ -1,9 +1,37 @@
 /* fused_moe.cuh -- the fused MoE kernels' building blocks (sm_80+ PTX: cp.async, ldmatrix,
- * mma.sync m16n8k16 bf16 with f32 accumulation).  Used by fused_moe.cu only. */
+ * mma.sync m16n8k16 bf16 with f32 accumulation), the activation shared by every bf16 fused
+ * kernel, and the decode GEMV path's entry points (fused_gemv.cu).  Used by fused_moe.cu and
+ * fused_gemv.cu. */
 #ifndef MOE_FUSED_MOE_CUH
 #define MOE_FUSED_MOE_CUH
 
+#include "cuda_common.cuh"
+#include "fused.h"
+
 #include <stdint.h>
+
+/* The activation on gate g and up u (relu2: u unused). */
+__device__ __forceinline__ float moe__fm_act(int act, float g, float u, float alpha, float beta, float limit) {
+    switch (act) {
+    case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
+    case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
+    case MOE_ACT_RELU2: {
+        float r = fmaxf(g, 0.0f);
+        return r * r;
+    }
+    default: {
+        float gg = fminf(g, limit), uu = fminf(fmaxf(u, -limit), limit);
+        return gg / (1.0f + expf(-alpha * gg)) * (uu + beta);
+    }
+    }
+}
+
+/* Decode GEMV path (fused_gemv.cu): bf16 experts, 1 <= T <= the bound of MOE_FUSED_GEMV
+ * (unset: 4; "0": off), local_count > 0.  moe__fm_gemv_eligible says whether a call of
+ * moe__cuda_fused takes it; moe__fm_gemv then does the whole call after routing (2 launches
+ * on g.stream, PDL when pdl). */
+bool moe__fm_gemv_eligible(const moe__fused_args *A);
+moe_status moe__fm_gemv(const moe__cuda_guard &g, const moe__fused_args *A, bool pdl);
 
 __device__ __forceinline__ uint32_t moe__fm_smem(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);

@@ -2,7 +2,8 @@
 -- every activation x deepseekv3/renormalize/llama4 x T in {1, 5, 64, 1000} with H = 384 and
 -- I = 640 (multiples of 128, not powers of two), both GEMM tile configurations, routed-mode
 -- bit-exactness and replay, expert parallelism, T = 0, graph capture + replay with new inputs,
--- out-of-range routed ids counted on the device; the env switches of the kernel paths.  On an
+-- out-of-range routed ids counted on the device; the env switches of the kernel paths, the
+-- decode GEMV path (T <= 4; MOE_FUSED_GEMV) against the tile kernels and the CPU.  On an
 -- sm_90a device every case with T * top_k >= 48 * local experts (T = 1000 and up here, the
 -- expert shards of the last block) runs the warp-specialised kernel.  Exits 77 without a CUDA device.
 local H = require("spec.helper")
@@ -252,6 +253,15 @@ end)
 describe("#gpu moe.fused_moe decode folds (forced on with MOE_FUSED_FOLD=2, off with 0)", function()
   local ffi = require("ffi")
   pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  -- the tile kernels' folds: the decode GEMV path (T <= 4 by default) is off here
+  local gemv_prev
+  before_each(function()
+    gemv_prev = os.getenv("MOE_FUSED_GEMV")
+    ffi.C.setenv("MOE_FUSED_GEMV", "0", 1)
+  end)
+  after_each(function()
+    if gemv_prev then ffi.C.setenv("MOE_FUSED_GEMV", gemv_prev, 1) else ffi.C.unsetenv("MOE_FUSED_GEMV") end
+  end)
   local function both(f)
     ffi.C.setenv("MOE_FUSED_FOLD", "2", 1)
     local ok1, y1 = pcall(f)
@@ -352,4 +362,161 @@ describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)",
       assert.is_true(e <= 1e-2, "relative L2 " .. e)
     end)
   end
+end)
+
+describe("#gpu moe.fused_moe decode GEMV path (T <= 4 by default; MOE_FUSED_GEMV=0 off, =N for T <= N)", function()
+  local ffi = require("ffi")
+  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  local function with(name, v, f) -- f()'s results with the variable set to v (nil: unset), then restored
+    local prev = os.getenv(name)
+    if v then ffi.C.setenv(name, v, 1) else ffi.C.unsetenv(name) end
+    local res = { pcall(f) }
+    if prev then ffi.C.setenv(name, prev, 1) else ffi.C.unsetenv(name) end
+    assert.is_true(res[1], tostring(res[2]))
+    return unpack(res, 2, table.maxn(res))
+  end
+  local function gemv(v, f) return with("MOE_FUSED_GEMV", v, f) end
+  local function check(yv, yt, yc, what)
+    local ev, et, evt = rel_l2(yv, yc), rel_l2(yt, yc), rel_l2(yv, yt)
+    assert.is_true(ev <= 1e-2, what .. ": GEMV vs CPU relative L2 " .. ev)
+    assert.is_true(et <= 1e-2, what .. ": tile kernels vs CPU relative L2 " .. et)
+    assert.is_true(evt <= 1e-2, what .. ": GEMV vs tile kernels relative L2 " .. evt)
+  end
+
+  for _, act in ipairs{ "swiglu", "geglu", "relu2", "swiglu_oai" } do
+    for _, mname in ipairs{ "renormalize", "deepseekv3", "llama4" } do
+      for _, T in ipairs{ 1, 2, 3, 4 } do
+        it(string.format("%s / %s / T=%d: on (default) and off agree with the CPU; same bits again, with PDL",
+                         act, mname, T), function()
+          local ex = experts(act, act == "swiglu_oai")
+          local x, L = inputs(T, 9100 + 17 * T + #act + #mname)
+          local m = METHODS[mname]
+          local yv = gemv(nil, function() return call(ex, x, L, m, "cuda") end)
+          local yt = gemv("0", function() return call(ex, x, L, m, "cuda") end)
+          check(yv, yt, call(ex, x, L, m, "cpu"), act .. "/" .. mname)
+          local tv = yv:to("cpu"):totable()
+          assert.same(tv, gemv("4", function() return call(ex, x, L, m, "cuda") end):to("cpu"):totable())
+          local yp = gemv(nil, function()
+            return with("MOE_FUSED_PDL", "1", function() return call(ex, x, L, m, "cuda") end)
+          end)
+          assert.same(tv, yp:to("cpu"):totable())
+        end)
+      end
+    end
+  end
+
+  it("forced up to T = 64 (experts with many rows: several passes over their weights)", function()
+    for _, c in ipairs{ { 5, "renormalize" }, { 16, "deepseekv3" }, { 64, "deepseekv3" }, { 40, "llama4" } } do
+      local T, mname = c[1], c[2]
+      local ex = experts("swiglu", false)
+      local x, L = inputs(T, 9300 + T)
+      local m = METHODS[mname]
+      local yv = gemv("64", function() return call(ex, x, L, m, "cuda") end)
+      local yt = gemv("0", function() return call(ex, x, L, m, "cuda") end)
+      check(yv, yt, call(ex, x, L, m, "cpu"), mname .. " T=" .. T)
+    end
+  end)
+
+  it("routed mode: bit for bit with the native call; repeated experts in a token; ids out of range counted", function()
+    local ex = experts("geglu", false)
+    local x, L = inputs(3, 9400)
+    local m = METHODS.deepseekv3
+    local y1, r = gemv(nil, function() return call(ex, x, L, m, "cuda") end)
+    local y2 = gemv(nil, function() return moe.fused_moe{ hidden = x:to("cuda"), experts = ex.cuda, routed = r } end)
+    assert.same(y1:to("cpu"):totable(), y2:to("cpu"):totable())
+    -- expert 2 three times (twice in token 0; T = 2: passes of 2 rows), expert 7 twice at T = 1,
+    -- expert 1 four times in 3 tokens at T = 4
+    for _, c in ipairs{ { { { 2, 2 }, { 5, 2 } }, { { 0.25, 0.5 }, { 0.7, 0.3 } } },
+                        { { { 7, 7 } }, { { 0.6, 0.4 } } },
+                        { { { 1, 2 }, { 2, 3 }, { 3, 1 }, { 1, 1 } },
+                          { { 0.5, 0.5 }, { 1, 2 }, { 0.1, 0.9 }, { 0.5, 0.5 } } } } do
+      local T = #c[1]
+      local xt = inputs(T, 9500 + T)
+      local ids, w = moe.tensor(c[1], { dtype = "i32" }), moe.tensor(c[2])
+      local yc = moe.fused_moe{ hidden = xt, experts = ex.cpu, routed = { ids = ids, weights = w } }
+      local function run()
+        return moe.fused_moe{ hidden = xt:to("cuda"), experts = ex.cuda,
+                              routed = { ids = ids:to("cuda"), weights = w:to("cuda") } }
+      end
+      check(gemv(nil, run), gemv("0", run), yc, "repeated experts T=" .. T)
+    end
+    -- out of range: skipped, counted once
+    local ids = moe.tensor({ { 0, 99 }, { -1, 3 } }, { dtype = "i32", device = "cuda" })
+    local w = moe.tensor({ { 0.5, 0.5 }, { 0.5, 0.5 } }, { device = "cuda" })
+    ex.cuda:check()
+    local xt = inputs(2, 9600)
+    local y = gemv(nil, function()
+      return moe.fused_moe{ hidden = xt:to("cuda"), experts = ex.cuda, routed = { ids = ids, weights = w } }
+    end)
+    local msg = H.error_of(function() ex.cuda:check() end)
+    assert.is_truthy(msg and msg:find("2 routed ids out of range"), tostring(msg))
+    assert.equal(0, ex.cuda:check())
+    local yc = moe.fused_moe{ hidden = xt, experts = ex.cpu,
+                              routed = { ids = moe.tensor({ { 0, 0 }, { 3, 3 } }, { dtype = "i32" }),
+                                         weights = moe.tensor({ { 0.5, 0 }, { 0, 0.5 } }) } }
+    assert.is_true(rel_l2(y, yc) <= 1e-2)
+  end)
+
+  it("expert shards: tokens without a local pair get zeros; the shards sum to the full output", function()
+    local ex = experts("relu2", false)
+    local T = 4
+    local x, L = inputs(T, 9700)
+    local m = METHODS.renormalize
+    local full = gemv(nil, function() return call(ex, x, L, m, "cuda") end):to("cpu"):to("f32")
+    local fa = full:reshape({ T * HD }):totable()
+    local acc, am = {}, {}
+    for i = 1, T * HD do acc[i], am[i] = 0, math.abs(fa[i]) end
+    local zero_rows = 0
+    for s = 0, 7 do
+      local more = { local_offset = 2 * s, local_count = 2 }
+      local yg = gemv(nil, function() return call(ex, x, L, m, "cuda", more) end)
+      local yt = gemv("0", function() return call(ex, x, L, m, "cuda", more) end)
+      local yc = call(ex, x, L, m, "cpu", more)
+      local tc = yc:to("f32"):totable()
+      local tg = yg:to("cpu"):to("f32"):totable()
+      local any = false
+      for t = 1, T do
+        local z = true
+        for j = 1, HD do z = z and tc[t][j] == 0 end
+        if z then
+          zero_rows = zero_rows + 1
+          for j = 1, HD do assert.equal(0, tg[t][j]) end
+        else
+          any = true
+        end
+      end
+      if any then check(yg, yt, yc, "shard " .. s) end
+      local p = yg:to("cpu"):to("f32"):reshape({ T * HD }):totable()
+      for i = 1, T * HD do acc[i], am[i] = acc[i] + p[i], am[i] + math.abs(p[i]) end
+    end
+    assert.is_true(zero_rows > 0, "every token had a local pair in every shard: the zero case is not covered")
+    for i = 1, T * HD do
+      assert.is_true(math.abs(acc[i] - fa[i]) <= 2 ^ -8 * am[i] + 1e-30,
+                     string.format("element %d: shards %g, full %g", i, acc[i], fa[i]))
+    end
+  end)
+
+  it("captured in a CUDA graph at T = 1 and 3, replayed with new hidden and logits", function()
+    local ex = experts("swiglu_oai", true)
+    local m = METHODS.deepseekv3
+    for _, T in ipairs{ 1, 3 } do
+      local x = moe.empty({ T, HD }, { dtype = "bf16", device = "cuda" })
+      local L = moe.empty({ T, E }, { device = "cuda" })
+      local out = moe.empty({ T, HD }, { dtype = "bf16", device = "cuda" })
+      local args = { hidden = x, logits = L, bias = rbias:to("cuda"), experts = ex.cuda, method = m.method,
+                     top_k = m.top_k, n_group = m.n_group, topk_group = m.topk_group, scale = m.scale, out = out }
+      ex.cuda:reserve(T, m.top_k)
+      local g = gemv(nil, function() return moe.graph.capture(function() moe.fused_moe(args) end) end)
+      for round = 1, 3 do
+        local xh, Lh = inputs(T, 9800 + 10 * T + round)
+        x:copy_(xh:to("cuda"))
+        L:copy_(Lh:to("cuda"))
+        g:replay()
+        moe.synchronize("cuda")
+        local err = rel_l2(out, call(ex, xh, Lh, m, "cpu"))
+        assert.is_true(err <= 1e-2, "T=" .. T .. " round " .. round .. ": relative L2 error " .. err)
+      end
+      g:free()
+    end
+  end)
 end)
