@@ -163,11 +163,10 @@ __device__ __forceinline__ void moe__fg_up_pass(const moe__fg_args &a, int64_t e
         acc0[b] = moe__fg_wsum(acc0[b]);
         acc1[b] = moe__fg_wsum(acc1[b]);
     }
-    if (lane != 0) return;
     const float *bias = a.b13 ? a.b13 + e * a.N1 : nullptr;
 #pragma unroll
     for (int b = 0; b < NB; b++) {
-        if (b >= n) break;
+        if (b >= n || lane != 0) break;
         const int p = q[b];
         const float sc = a.llama4 ? a.wts[p] : 1.0f;
         float h0 = acc0[b] * sc, h1 = acc1[b] * sc;
