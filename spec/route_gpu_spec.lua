@@ -163,6 +163,78 @@ describe("moe.route on CUDA matches the CPU reference #gpu", function()
   end)
 end)
 
+-- The sigmoid + bias kernel for E = 256 / 384 (kernels/route.cu, moe__k_route_sb) selects on
+-- approximate sigmoids and redoes a token exactly when a decision was closer than its error
+-- bound.  These rows are built to hit both branches: logits on a coarse grid (exact ties), the
+-- same plus perturbations from 1e-7 (below the bound: must fall back) to 1e-3 (above: the fast
+-- decision stands), random rows, NaN / +-inf logits, and NaN / +-inf entries in the bias.  Every
+-- variant must equal the CPU (ids equal, weights within 1e-6) with the kernel on and off
+-- (MOE_ROUTE_FAST=0 sends the call to the general kernel).
+describe("moe.route sigmoid+bias filter-and-verify kernel #gpu", function()
+  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  local nan, inf = 0 / 0, math.huge
+  local function rows_for(E, T, seed)
+    local r = seed
+    local function rnd()
+      r = (r * 1103515245 + 12345) % 2147483648
+      return r / 2147483648
+    end
+    local deltas = { 0, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 1e-4, 1e-3 }
+    local rows = {}
+    for t = 1, T do
+      local row, kind = {}, t % 4
+      for e = 1, E do
+        if kind == 0 then
+          row[e] = math.floor(rnd() * 17) / 4 - 2                      -- grid: exact ties
+        elseif kind == 1 then
+          row[e] = math.floor(rnd() * 17) / 4 - 2 + deltas[math.floor(rnd() * #deltas) + 1] * (rnd() < 0.5 and -1 or 1)
+        elseif kind == 2 then
+          row[e] = (rnd() + rnd() + rnd() - 1.5) * 2                   -- random
+        else
+          row[e] = (rnd() - 0.5) * 4
+          if e % 37 == t % 37 then row[e] = nan end
+          if e % 41 == t % 41 then row[e] = inf end
+          if e % 43 == t % 43 then row[e] = -inf end
+        end
+      end
+      rows[t] = row
+    end
+    return moe.tensor(rows)
+  end
+  local cases = {
+    { E = 256, method = "deepseekv3", n_group = 8, topk_group = 4, scale = 2.5 },
+    { E = 256, method = "deepseekv3", n_group = 4, topk_group = 2 },
+    { E = 384, method = "deepseekv3", scale = 2.827 },
+    { E = 256, method = "minimax2" },
+  }
+  for ci, c in ipairs(cases) do
+    it(string.format("%s E=%d groups %s: near ties, NaN/inf logits and bias, kernel on and off", c.method, c.E,
+                     tostring(c.n_group or 1)), function()
+      local x = rows_for(c.E, 256, 1000 + ci)
+      local bias_plain = moe.randn({ c.E }, { seed = 77 + ci, std = 0.05 })
+      local bt = bias_plain:totable()
+      bt[4] = nan; bt[11] = inf; bt[21] = -inf; bt[30] = bt[31]
+      local bias_odd = moe.tensor(bt)
+      for _, bias in ipairs{ bias_plain, bias_odd, false } do
+        for _, dt in ipairs{ "f32", "bf16" } do
+          local args = { logits = x:to(dt == "f32" and "f32" or "bf16"), method = c.method, top_k = 8,
+                         n_group = c.n_group, topk_group = c.topk_group, scale = c.scale, bias = bias or nil }
+          for _, fast in ipairs{ "1", "0" } do
+            ffi.C.setenv("MOE_ROUTE_FAST", fast, 1)
+            local ok, err = pcall(function()
+              local ref, got = both(args)
+              check(ref, got, 1e-6, string.format("%s E=%d %s bias=%s fast=%s", c.method, c.E, dt,
+                                                   bias == bias_odd and "nan/inf" or tostring(bias ~= false), fast))
+            end)
+            ffi.C.unsetenv("MOE_ROUTE_FAST")
+            if not ok then error(err, 0) end
+          end
+        end
+      end
+    end)
+  end
+end)
+
 describe("moe.route replay on CUDA #gpu", function()
   it("replay equals the ids row by row; rows >= T keep -1; outputs identical without replay", function()
     local x = moe.randn({ 100, 256 }, { seed = 21 }):to("cuda")

@@ -2,8 +2,9 @@
 --
 -- Routing kernels on CUDA: per case and T, the median time per call from CUDA-graph replays
 -- (CALLS calls per graph, rotating over several input sets so that large inputs come from HBM,
--- not L2), with the replay buffer off, on, and off again (the two "off" runs give the
--- run-to-run spread), the byte floor (logits read once + ids/weights written, at 3.35 TB/s),
+-- not L2), with the replay buffer off and on, interleaved five times (the medians are
+-- compared; the largest max - min of the five runs of either setting is the run-to-run
+-- spread), the byte floor (logits read once + ids/weights written, at 3.35 TB/s),
 -- and the same method written with torch.topk (scripts/bench/torch_route.py), timed the same
 -- way in the same run when python3 can import torch.
 local moe = require("moe")
@@ -11,6 +12,7 @@ local common = require("bench.common")
 local median = common.median
 
 local CALLS = 20
+local ROUNDS = 5 -- off/on timings per row, interleaved
 local HBM = 3.35e12 -- bytes/s, H100 SXM datasheet
 
 local CASES = {
@@ -121,16 +123,22 @@ for _, c in ipairs(CASES) do
     local sets = {}
     for s = 1, nsets do sets[s] = moe.randn({ T, c.E }, { device = "cuda", seed = 1000 * T + s }) end
     local bias = c.bias and moe.randn({ c.E }, { device = "cuda", seed = 7, std = 0.05 }) or nil
-    local off1 = time_case(c, T, sets, bias, false)
-    local on = time_case(c, T, sets, bias, true)
-    local off2 = time_case(c, T, sets, bias, false)
+    -- replay off and on, interleaved ROUNDS times: the medians compare, and the largest
+    -- max - min among the off runs and among the on runs is the run-to-run spread
+    local offs, ons = {}, {}
+    for r = 1, ROUNDS do
+      offs[r] = time_case(c, T, sets, bias, false)
+      ons[r] = time_case(c, T, sets, bias, true)
+    end
+    local function range(v) return math.max(unpack(v)) - math.min(unpack(v)) end
     local out_bytes = T * c.K * (4 + 4)
     local floor = (bytes_in + out_bytes) / HBM * 1e6
-    local off = 0.5 * (off1 + off2)
+    local off, on = median(offs), median(ons)
     local tr = torch[c.name .. "/" .. T]
     rows[#rows + 1] = {
       case = c.name, method = c.method, E = c.E, K = c.K, T = T,
-      us = off, us_run1 = off1, us_run2 = off2, spread = math.abs(off1 - off2),
+      us = off, us_min = math.min(unpack(offs)), us_max = math.max(unpack(offs)),
+      spread = math.max(range(offs), range(ons)),
       us_replay = on, replay_overhead = on - off,
       floor = floor, ratio_floor = off / floor,
       torch = tr, speedup_torch = tr and tr / off or nil,
@@ -146,7 +154,7 @@ if opts.json then
   local parts = {}
   for _, r in ipairs(rows) do
     local f = {}
-    for _, k in ipairs{ "case", "method", "E", "K", "T", "us", "us_run1", "us_run2", "spread", "us_replay",
+    for _, k in ipairs{ "case", "method", "E", "K", "T", "us", "us_min", "us_max", "spread", "us_replay",
                         "replay_overhead", "floor", "ratio_floor", "torch", "speedup_torch" } do
       local v = r[k]
       if v ~= nil then
@@ -163,11 +171,11 @@ end
 print(string.format("moe bench route -- %s, %s UTC, median of %d graph replays x %d calls, f32 logits",
                     gpu, os.date("!%Y-%m-%d %H:%M"), opts.reps, CALLS))
 if torch_note then print("  (" .. torch_note .. ")") end
-print(string.format("%-12s %6s %5s %3s %9s %9s %9s %9s %9s %7s %9s %8s", "case", "T", "E", "K", "us", "run1",
-                    "run2", "+replay", "floor", "/floor", "torch", "speedup"))
+print(string.format("%-12s %6s %5s %3s %9s %9s %9s %9s %7s %7s %9s %7s %9s %8s", "case", "T", "E", "K", "us", "min",
+                    "max", "+replay", "ovh", "spread", "floor", "/floor", "torch", "speedup"))
 for _, r in ipairs(rows) do
-  print(string.format("%-12s %6d %5d %3d %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f %9s %8s", r.case, r.T, r.E, r.K,
-                      r.us, r.us_run1, r.us_run2, r.us_replay, r.floor, r.ratio_floor,
+  print(string.format("%-12s %6d %5d %3d %9.2f %9.2f %9.2f %9.2f %+7.2f %7.2f %9.2f %7.1f %9s %8s", r.case, r.T, r.E,
+                      r.K, r.us, r.us_min, r.us_max, r.us_replay, r.replay_overhead, r.spread, r.floor, r.ratio_floor,
                       r.torch and string.format("%.2f", r.torch) or "-",
                       r.speedup_torch and string.format("%.1fx", r.speedup_torch) or "-"))
 end
@@ -182,7 +190,7 @@ for _, r in ipairs(rows) do
     worst_torch = r.speedup_torch
     worst_case = r.case .. " T=" .. r.T
   end
-  if math.abs(r.replay_overhead) > math.max(r.spread, 0.02 * r.us) then rep_ok = false end
+  if math.abs(r.replay_overhead) > r.spread then rep_ok = false end
 end
 print(string.format("bar deepseekv3 <= 6 us for T <= 1024: worst %.2f us -> %s", ds_small, bar(ds_small <= 6)))
 if ds_big then print(string.format("bar deepseekv3 <= 15 us at T = 16384: %.2f us -> %s", ds_big, bar(ds_big <= 15))) end
@@ -190,5 +198,5 @@ if worst_case then
   print(string.format("bar >= 3x faster than PyTorch: worst %.1fx (%s) -> %s", worst_torch, worst_case,
                       bar(worst_torch >= 3)))
 end
-print(string.format("bar replay overhead within run-to-run spread (or 2%%): %s", bar(rep_ok)))
+print(string.format("bar replay overhead (median on - median off) within the run-to-run spread: %s", bar(rep_ok)))
 return 0
