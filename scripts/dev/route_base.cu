@@ -1,0 +1,873 @@
+/* route.cu -- routing kernels (CUDA backend slot `route`).
+ *
+ * One launch per call, for any T: one warp per token.  Lane `lane` holds the experts
+ *     e = (v * 32 + lane) * W + i,   v < NPL / W,  i < W
+ * (NPL values per lane, W-element chunks loaded with one vector load: 16 bytes for f32 and
+ * 16-bit logits when NPL allows), as "orderable" u32 selection keys (route_math.h): integer
+ * order == float order, so the warp reduces keys with redux.sync.  Per token:
+ *   1. load, key = sanitised l or sigmoid(l) + b (NaN -> -inf by max.f32; the sigmoid is
+ *      moe__route_sigmoid_raw, with one reciprocal range test per W-chunk);
+ *   2. deepseekv3 groups: each group's score = sum of its two largest keys (chunk top-2,
+ *      merged by a butterfly or a warp max / ballot / max per group), topk_group groups kept
+ *      by redux-max / ballot rounds;
+ *   3. K rounds of "largest key, lowest expert index": redux max of the lanes' best keys,
+ *      redux min of the expert index among the lanes holding it; lane k keeps round k;
+ *   4. weights with the same float formulas as the CPU reference (route_math.h), the
+ *      softmax denominator over all E summed in double; ids, weights and (when given) the
+ *      replay row written by lanes 0..K-1.
+ * No host synchronisation, no allocation: graph-capturable.  Size classes (NPL) keep the
+ * keys in registers: E <= 128, 256, 384, 512, 1024, 2048.
+ */
+#include "cuda_common.cuh"
+#include "route_math.h"
+
+#define MOE_RT_WARPS 4 /* tokens (warps) per block */
+
+struct moe__route_args {
+    const void *logits;
+    const void *bias; /* NULL: no bias */
+    int32_t *ids;
+    void *weights;
+    int16_t *replay; /* NULL: no replay */
+    int64_t T;
+    int E, K, method;
+    int n_group, G, topk_group; /* n_group <= 1: no group step */
+    float scale;
+    int normalize;
+    int bias_bf16, w_bf16;
+    int vec;      /* rows are W-aligned: vector loads */
+    int bias_vec; /* bias is W-aligned: vector loads */
+    int gshift;   /* >= 0: groups span 2^gshift whole W-chunks (<= 32): the butterfly path */
+};
+
+/* Element width in bytes of a logits dtype. */
+template <int DT> struct moe__rt_size { static constexpr int v = DT == MOE_F32 ? 4 : 2; };
+
+/* Chunk width: the largest of 8, 4, 2, 1 that divides NPL and fits in 16 bytes. */
+template <int NPL, int SZ> struct moe__rt_w {
+    static constexpr int cap = 16 / SZ;
+    static constexpr int v = (cap >= 8 && NPL % 8 == 0) ? 8 : (cap >= 4 && NPL % 4 == 0) ? 4 : (NPL % 2 == 0) ? 2 : 1;
+};
+
+template <int DT> __device__ __forceinline__ float moe__rt_cvt(uint32_t bits16) {
+    if (DT == MOE_BF16) return moe__bf16_to_f32((uint16_t)bits16);
+    return moe__f16_to_f32((uint16_t)bits16);
+}
+
+/* Load W elements starting at element e0 of row (vector when vec, else scalar with bounds). */
+template <int DT, int W>
+__device__ __forceinline__ void moe__rt_load(const void *row, int e0, int E, int vec, float *out) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int B = W * SZ;
+    if (vec) {
+        if (e0 >= E) {
+#pragma unroll
+            for (int i = 0; i < W; i++) out[i] = 0.0f;
+            return;
+        }
+        const char *p = (const char *)row + (size_t)e0 * SZ;
+        uint32_t w[B >= 4 ? B / 4 : 1];
+        if constexpr (B >= 16) {
+#pragma unroll
+            for (int c = 0; c < B / 16; c++) {
+                uint4 u = __ldg((const uint4 *)p + c);
+                w[4 * c] = u.x; w[4 * c + 1] = u.y; w[4 * c + 2] = u.z; w[4 * c + 3] = u.w;
+            }
+        } else if constexpr (B == 8) {
+            uint2 u = __ldg((const uint2 *)p);
+            w[0] = u.x; w[1] = u.y;
+        } else if constexpr (B == 4) {
+            w[0] = __ldg((const unsigned int *)p);
+        } else {
+            w[0] = __ldg((const unsigned short *)p);
+        }
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            if constexpr (SZ == 4) out[i] = __uint_as_float(w[i]);
+            else out[i] = moe__rt_cvt<DT>((w[i / 2] >> ((i & 1) * 16)) & 0xFFFFu);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            int e = e0 + i;
+            if (e < E) {
+                if constexpr (SZ == 4) out[i] = __ldg((const float *)row + e);
+                else out[i] = moe__rt_cvt<DT>(__ldg((const unsigned short *)row + e));
+            } else {
+                out[i] = 0.0f;
+            }
+        }
+    }
+}
+
+/* W bias values at e0, as stored (a NaN bias makes s + b NaN, which the key reads as -inf). */
+template <int W>
+__device__ __forceinline__ void moe__rt_load_bias(const moe__route_args &a, int e0, float *out) {
+    if (a.bias_bf16) moe__rt_load<MOE_BF16, W>(a.bias, e0, a.E, a.bias_vec, out);
+    else moe__rt_load<MOE_F32, W>(a.bias, e0, a.E, a.bias_vec, out);
+}
+
+template <int DT> __device__ __forceinline__ float moe__rt_load1(const void *row, int e) {
+    if (DT == MOE_F32) return __ldg((const float *)row + e);
+    return moe__rt_cvt<DT>(__ldg((const unsigned short *)row + e));
+}
+
+/* __frcp_rn(d) for d in [1, 2^126): the compiler's own fast path of the correctly rounded
+ * reciprocal (MUFU.RCP, then one Newton step with two FMAs), without its range test. */
+__device__ __forceinline__ float moe__rt_rcp_fast(float d) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+    const float t = __fmaf_rn(d, r, -1.0f);
+    return __fmaf_rn(r, -t, r);
+}
+
+/* W sigmoids of raw (unsanitised) logits, = moe__route_sigmoid_raw: one range test for the W
+ * reciprocals (1 + exp(-x) < 2^126, true unless some x < -87) instead of one each. */
+template <int W> __device__ __forceinline__ void moe__rt_sigmoid_w(const float *x, float *s) {
+    float d[W];
+    bool fast = true;
+#pragma unroll
+    for (int i = 0; i < W; i++) {
+        d[i] = MOE_RADD(1.0f, moe__route_expneg_raw(x[i]));
+        fast = fast && d[i] < 0x1p126f;
+    }
+    if (fast) {
+#pragma unroll
+        for (int i = 0; i < W; i++) s[i] = moe__rt_rcp_fast(d[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < W; i++) s[i] = MOE_RRCP(d[i]);
+    }
+}
+
+/* Orderable key of a sanitised float and back (= moe__route_key / moe__route_unkey, written as
+ * one shift and one three-input logic op each). */
+__device__ __forceinline__ uint32_t moe__rt_key(float x) {
+    const uint32_t u = __float_as_uint(x);
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+__device__ __forceinline__ float moe__rt_unkey(uint32_t k) {
+    return __uint_as_float(k ^ (~(uint32_t)((int32_t)k >> 31) | 0x80000000u));
+}
+
+/* Group scores with chunks of CW elements (CW divides G): each lane's top-2 per group, then
+ * warp max / ballot / max; returns the key of group `lane` (0 for lanes >= n_group). */
+template <int NPL, int W, int CW>
+__device__ __forceinline__ uint32_t moe__rt_group_keys(const uint32_t (&key)[NPL], int lane, int G, int ng) {
+    constexpr int NC = NPL / CW; /* chunks per lane */
+    uint32_t c1[NC], c2[NC];
+    int cg[NC];
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        /* chunk c covers slots c*CW .. c*CW+CW-1 (inside one W-chunk since CW divides W) */
+        int j0 = c * CW;
+        int e0 = ((j0 / W) * 32 + lane) * W + (j0 % W);
+        cg[c] = e0 / G;
+        uint32_t a = 0, b = 0;
+#pragma unroll
+        for (int i = 0; i < CW; i++) {
+            uint32_t k = key[j0 + i];
+            b = max(b, min(a, k));
+            a = max(a, k);
+        }
+        c1[c] = a;
+        c2[c] = b;
+    }
+    uint32_t mine = 0;
+#pragma unroll 1
+    for (int g = 0; g < ng; g++) {
+        uint32_t t1 = 0, t2 = 0;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            bool in = cg[c] == g;
+            uint32_t a = in ? c1[c] : 0u, b = in ? c2[c] : 0u;
+            t2 = max(t2, max(b, min(t1, a)));
+            t1 = max(t1, a);
+        }
+        uint32_t M1 = __reduce_max_sync(0xFFFFFFFFu, t1);
+        unsigned holders = __ballot_sync(0xFFFFFFFFu, t1 == M1);
+        uint32_t M2;
+        if (__popc(holders) >= 2) M2 = M1;
+        else M2 = __reduce_max_sync(0xFFFFFFFFu, t1 == M1 ? t2 : t1);
+        float s = moe__rt_unkey(M1);
+        if (G > 1) s = fmaxf(MOE_RADD(s, moe__rt_unkey(M2)), -INFINITY); /* inf + -inf: NaN -> -inf */
+        if (lane == g) mine = moe__rt_key(s);
+    }
+    return mine;
+}
+
+template <int NPL, int DT>
+__global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__route_args a) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int W = moe__rt_w<NPL, SZ>::v;
+    constexpr int NV = NPL / W;
+    const int lane = threadIdx.x & 31;
+    const int64_t t = (int64_t)blockIdx.x * MOE_RT_WARPS + (threadIdx.x >> 5);
+    if (t >= a.T) return; /* whole warps leave together */
+    const int E = a.E, K = a.K, method = a.method;
+    const void *row = (const char *)a.logits + (size_t)t * E * SZ;
+    const bool use_bias = moe__route_uses_bias(method);
+
+    /* 1. keys */
+    uint32_t key[NPL];
+#pragma unroll
+    for (int v = 0; v < NV; v++) {
+        const int e0 = (v * 32 + lane) * W;
+        float x[W], b[W];
+        moe__rt_load<DT, W>(row, e0, E, a.vec, x);
+        if (use_bias) {
+            if (a.bias) moe__rt_load_bias<W>(a, e0, b);
+            else {
+#pragma unroll
+                for (int i = 0; i < W; i++) b[i] = 0.0f;
+            }
+        }
+        float s[W];
+        if (use_bias) moe__rt_sigmoid_w<W>(x, s);
+#pragma unroll
+        for (int i = 0; i < W; i++) {
+            /* sanitised score: NaN -> -inf (max.f32 returns the number), -0 -> +0 (x + 0).
+             * s + b: s in [+0, 1] is never -0 or NaN, so only a NaN/inf bias can make it NaN */
+            const float k = use_bias ? fmaxf(MOE_RADD(s[i], b[i]), -INFINITY) : fmaxf(MOE_RADD(x[i], 0.0f), -INFINITY);
+            key[v * W + i] = moe__rt_key(k);
+        }
+        if (e0 + W > E) { /* the row's end: experts >= E are not selectable */
+#pragma unroll
+            for (int i = 0; i < W; i++)
+                if (e0 + i >= E) key[v * W + i] = 0u;
+        }
+    }
+
+    /* softmax statistics over all E (default, renormalize_naive): keys are the logits */
+    float m = 0.0f, S = 1.0f;
+    if (moe__route_needs_softmax(method)) {
+        uint32_t lm = 0;
+#pragma unroll
+        for (int j = 0; j < NPL; j++) lm = max(lm, key[j]);
+        m = moe__rt_unkey(__reduce_max_sync(0xFFFFFFFFu, lm));
+        double acc = 0.0;
+#pragma unroll
+        for (int j = 0; j < NPL; j++)
+            if (key[j]) acc += (double)moe__route_expf(MOE_RSUB(moe__rt_unkey(key[j]), m));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+        S = (float)acc;
+    }
+
+    /* 2. deepseekv3 groups */
+    if (a.n_group > 1 && a.gshift >= 0) {
+        /* groups of P = 2^gshift whole W-chunks, P <= 32: chunk top-2, butterfly inside the
+         * P-lane segments, every group score gathered in lane g, ranks by broadcast */
+        const int P = 1 << a.gshift;
+        uint32_t t1[NV], t2[NV];
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            uint32_t x1 = 0, x2 = 0;
+#pragma unroll
+            for (int i = 0; i < W; i++) {
+                const uint32_t k = key[v * W + i];
+                x2 = max(x2, min(x1, k));
+                x1 = max(x1, k);
+            }
+            t1[v] = x1;
+            t2[v] = x2;
+        }
+#pragma unroll 1
+        for (int o = 1; o < P; o <<= 1) {
+#pragma unroll
+            for (int v = 0; v < NV; v++) {
+                const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, t1[v], o);
+                const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, t2[v], o);
+                t2[v] = max(max(t2[v], o2), min(t1[v], o1));
+                t1[v] = max(t1[v], o1);
+            }
+        }
+        /* lane g < n_group fetches group g's score from lane (g*P) % 32, chunk v = g*P / 32 */
+        const int src = (lane << a.gshift) & 31, vg = (lane << a.gshift) >> 5;
+        uint32_t gk = 0;
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            float sc = moe__rt_unkey(t1[v]);
+            if (a.G > 1) sc = fmaxf(MOE_RADD(sc, moe__rt_unkey(t2[v])), -INFINITY);
+            const uint32_t got = __shfl_sync(0xFFFFFFFFu, moe__rt_key(sc), src);
+            if (v == vg) gk = got;
+        }
+        if (lane >= a.n_group) gk = 0;
+        /* topk_group rounds of "largest group key, lowest group index" (every group key is
+         * > 0, lanes without a group hold 0) */
+        unsigned keep = 0;
+#pragma unroll 4
+        for (int r = 0; r < a.topk_group; r++) {
+            const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, gk);
+            const int g = __ffs(__ballot_sync(0xFFFFFFFFu, gk == M)) - 1;
+            keep |= 1u << g;
+            if (lane == g) gk = 0;
+        }
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            const int q = v * 32 + lane; /* chunk index; its group is q >> gshift */
+            const bool drop = q * W >= E || !((keep >> (q >> a.gshift)) & 1u);
+#pragma unroll
+            for (int i = 0; i < W; i++)
+                if (drop) key[v * W + i] = 0;
+        }
+    } else if (a.n_group > 1) {
+        uint32_t gk = (a.G % W == 0) ? moe__rt_group_keys<NPL, W, W>(key, lane, a.G, a.n_group)
+                                     : moe__rt_group_keys<NPL, W, 1>(key, lane, a.G, a.n_group);
+        unsigned keep = 0;
+#pragma unroll 1
+        for (int r = 0; r < a.topk_group; r++) {
+            uint32_t M = __reduce_max_sync(0xFFFFFFFFu, gk);
+            int g = __ffs(__ballot_sync(0xFFFFFFFFu, gk == M && lane < a.n_group)) - 1;
+            keep |= 1u << g;
+            if (lane == g) gk = 0;
+        }
+        if (a.G % W == 0) { /* a W-chunk lies in one group: one division per chunk */
+#pragma unroll
+            for (int v = 0; v < NV; v++) {
+                const int e0 = (v * 32 + lane) * W;
+                const bool drop = e0 >= E || !((keep >> (e0 / a.G)) & 1u);
+#pragma unroll
+                for (int i = 0; i < W; i++)
+                    if (drop) key[v * W + i] = 0;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NPL; j++) {
+                const int e = ((j / W) * 32 + lane) * W + (j % W);
+                if (e >= E || !((keep >> (e / a.G)) & 1u)) key[j] = 0;
+            }
+        }
+    }
+
+    /* 3. top-K.  Each lane caches its two best remaining (key, expert) pairs, ordered by key
+     * (descending) then expert (ascending).  A round takes the warp's best head (redux max,
+     * then redux min of the expert among equal keys); the owner promotes its second, and
+     * rescans only when its cache runs dry (for "ranked after the last one it gave up":
+     * every element ranked before that is taken, since rounds go in global rank order). */
+    uint32_t k1 = 0, k2 = 0;
+    int e1 = 0x7FFFFFFF, e2 = 0x7FFFFFFF;
+#pragma unroll
+    for (int j = 0; j < NPL; j++) {
+        const int e = ((j / W) * 32 + lane) * W + (j % W);
+        const uint32_t k = key[j];
+        /* ascending e with strict > keeps the lower expert first among equal keys */
+        if (k > k1) { k2 = k1; e2 = e1; k1 = k; e1 = e; }
+        else if (k > k2) { k2 = k; e2 = e; }
+    }
+    int my_id = 0;
+    uint32_t my_key = 0;
+#pragma unroll 1
+    for (int r = 0; r < K; r++) {
+        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, k1);
+        const int win = (int)__reduce_min_sync(0xFFFFFFFFu, k1 == M ? (unsigned)e1 : 0x7FFFFFFFu);
+        if (lane == r) { my_id = win; my_key = M; }
+        /* the owner gives it up (selects, no branch); e1 is unique among the lanes holding one */
+        const bool own = e1 == win;
+        const uint32_t fk = k1;
+        const int fe = e1;
+        k1 = own ? k2 : k1;
+        e1 = own ? e2 : e1;
+        k2 = own ? 0u : k2;
+        e2 = own ? 0x7FFFFFFF : e2;
+        if (own && k1 == 0 && r + 1 < K) { /* cache dry: the two best ranked after (fk, fe) */
+#pragma unroll
+            for (int j = 0; j < NPL; j++) {
+                const int e = ((j / W) * 32 + lane) * W + (j % W);
+                const uint32_t k0 = key[j];
+                const uint32_t k = (k0 < fk || (k0 == fk && e > fe)) ? k0 : 0u;
+                if (k > k1) { k2 = k1; e2 = e1; k1 = k; e1 = e; }
+                else if (k > k2) { k2 = k; e2 = e; }
+            }
+        }
+    }
+    const uint32_t key0 = __shfl_sync(0xFFFFFFFFu, my_key, 0); /* round 0's key */
+    const int64_t o = t * K + lane;
+    if (lane < K) { /* ids (and replay) first: their stores overlap the weight math */
+        a.ids[o] = my_id;
+        if (a.replay) a.replay[o] = (int16_t)my_id;
+    }
+
+    /* 4. weights */
+    /* the sigmoid methods: sigmoid(sanitize(x)) = moe__route_sigmoid_raw(x) */
+    const bool sig = method == MOE_ROUTE_SIGMOID_RENORM || method == MOE_ROUTE_DEEPSEEKV3 ||
+                     method == MOE_ROUTE_MINIMAX2 || method == MOE_ROUTE_LLAMA4;
+    const float x = use_bias ? moe__rt_load1<DT>(row, lane < K ? my_id : 0) : moe__rt_unkey(my_key);
+    const float val = sig ? moe__route_sigmoid_raw(x) : moe__route_wsrc(method, x, m, S, moe__rt_unkey(key0));
+    float sum = 0.0f;
+    if (moe__route_needs_sum(method, a.normalize)) {
+        /* butterfly over the next power of two >= K, as moe__route_ksum on the host */
+        sum = lane < K ? val : 0.0f;
+        int P = 1;
+        while (P < K) P <<= 1;
+#pragma unroll 1
+        for (int o = P >> 1; o > 0; o >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, o));
+    }
+    if (lane < K) {
+        const float w = moe__route_weight(method, val, sum, a.scale, a.normalize);
+        if (a.w_bf16) ((uint16_t *)a.weights)[o] = moe__f32_to_bf16(w);
+        else ((float *)a.weights)[o] = w;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Sigmoid + bias selection (deepseekv3, minimax2) for E = 32 * NPL: filter, then verify.
+ *
+ * Lane l holds the NPL consecutive experts l*NPL .. l*NPL + NPL - 1 (groups of G = NPL * 2^gs
+ * experts are 2^gs whole lanes).  MOE_RT_SLOTS tokens per warp; the lane's bias values are read
+ * once per warp.
+ *
+ * Per token the selection first runs on APPROXIMATE scores s~ = rcp.approx(1 + ex2.approx(-x
+ * log2 e)) (5 instructions instead of the ~27 of the bit-reproducible sigmoid of route_math.h).
+ * |s~ - s| <= 4e-7 for every x (ex2.approx: 2 + 1.17|x| ulp, times s(1 - s); rcp.approx: 1 ulp;
+ * the reference sigmoid itself is within 1 ulp), so the selection key s + b is off by at most
+ * e = 4e-7 + 1 ulp and a group score (the sum of two keys) by 2e + 1 ulp.  The selection works
+ * on packed keys (below: the key's low 8 or 9 bits replaced by the expert index, so one redux
+ * names a winner; the group key likewise loses 5 bits to the group index), which adds a
+ * quantisation step of 2^-15 |v| (2^-14 for E = 384; 2^-18 |g| for groups).  The approximate
+ * selection is accepted only when every decision it took is separated by more than all of that,
+ * with a wide safety factor (u > v "apart" when u - v > abs + (|u| + |v|) rel):
+ *   - the topk_group-th group score and the best dropped one: abs 2^-17, rel 2^-17;
+ *   - consecutive chosen experts (so the returned order is the exact one): 2^-18, 2^-20;
+ *   - the K-th chosen and the (K+1)-th (no unchosen expert beats the K-th): 2^-18, 2^-13.
+ * Then the ids equal the reference ids (exact ties always fail the test).  Otherwise (rare:
+ * near-ties, NaN/inf bias) the warp redoes the token with the exact keys, exactly as the
+ * general kernel does.  The weights always come from the exact sigmoid of the chosen logits,
+ * so ids AND weights are bit-identical to the CPU reference either way.
+ * ---------------------------------------------------------------------------------------- */
+__device__ __forceinline__ float moe__rt_sig_approx(float x) {
+    float e, r;
+    const float z = fmaxf(x, -INFINITY) * -1.4426950408889634f; /* NaN -> -inf, as sanitised */
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z));
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+    return r;
+}
+
+/* u > v by more than the tolerance (false for NaN gaps, infinite values, ties). */
+__device__ __forceinline__ bool moe__rt_apart(float u, float v, float abs_tol, float rel_tol) {
+    return u - v > abs_tol + (fabsf(u) + fabsf(v)) * rel_tol;
+}
+
+/* R rounds (R > 0: unrolled; R = 0: rr rounds) of "largest packed key" over the lanes' cached
+ * best two (p1 > p2) of the packed keys pk; lane r returns round r's winner (0: none).  The
+ * owner of a winner promotes its second; a lane whose cache ran dry rescans for the best two
+ * below the one it gave up (packed keys are distinct, so "below" is exact) in a warp-uniform
+ * branch taken only when some lane needs it. */
+template <int NPL, int R>
+__device__ __forceinline__ uint32_t moe__rt_rounds(uint32_t p1, uint32_t p2, const uint32_t (&pk)[NPL], int rr,
+                                                   int lane) {
+    uint32_t mine = 0;
+#pragma unroll
+    for (int r = 0; r < (R > 0 ? R : 33); r++) {
+        if (R == 0 && r >= rr) break;
+        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, p1);
+        mine = lane == r ? M : mine;
+        const bool own = p1 == M && M != 0;
+        p1 = own ? p2 : p1;
+        p2 = own ? 0u : p2;
+        if (R > 0 ? r + 1 < R : r + 1 < rr) {
+            const bool dry = own && p1 == 0;
+            if (__any_sync(0xFFFFFFFFu, dry) && dry) {
+#pragma unroll
+                for (int j = 0; j < NPL; j++) {
+                    const uint32_t q = pk[j] < M ? pk[j] : 0u;
+                    p2 = max(p2, min(p1, q));
+                    p1 = max(p1, q);
+                }
+            }
+        }
+    }
+    return mine;
+}
+
+/* The exact selection of one token (the fallback): keys from the reference sigmoid, the group
+ * step and K rounds exactly as moe__k_route does them; lane r < K gets the r-th id. */
+template <int NPL>
+__device__ __forceinline__ int moe__rt_sb_exact(const moe__route_args &a, const float (&x)[NPL], const float (&b)[NPL],
+                                                int lane, int gs) {
+    const int K = a.K;
+    uint32_t key[NPL];
+    {
+        float sg[NPL];
+        moe__rt_sigmoid_w<NPL>(x, sg);
+#pragma unroll
+        for (int j = 0; j < NPL; j++) key[j] = moe__rt_key(fmaxf(MOE_RADD(sg[j], b[j]), -INFINITY));
+    }
+    if (a.n_group > 1) {
+        uint32_t t1 = 0, t2 = 0;
+#pragma unroll
+        for (int j = 0; j < NPL; j++) {
+            t2 = max(t2, min(t1, key[j]));
+            t1 = max(t1, key[j]);
+        }
+        for (int o = 1; o < (1 << gs); o <<= 1) {
+            const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, t1, o);
+            const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, t2, o);
+            t2 = max(max(t2, o2), min(t1, o1));
+            t1 = max(t1, o1);
+        }
+        uint32_t gk = moe__rt_key(fmaxf(MOE_RADD(moe__rt_unkey(t1), moe__rt_unkey(t2)), -INFINITY));
+        unsigned keep = 0;
+        for (int r = 0; r < a.topk_group; r++) {
+            const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, gk);
+            const int g = (__ffs(__ballot_sync(0xFFFFFFFFu, gk == M)) - 1) >> gs;
+            keep |= 1u << g;
+            if ((lane >> gs) == g) gk = 0;
+        }
+        if (!((keep >> (lane >> gs)) & 1u)) {
+#pragma unroll
+            for (int j = 0; j < NPL; j++) key[j] = 0;
+        }
+    }
+    /* the lane's two best (key desc, expert asc), refilled by a rescan when dry */
+    uint32_t k1 = 0, k2 = 0;
+    int j1 = NPL, j2 = NPL;
+#pragma unroll
+    for (int j = 0; j < NPL; j++) {
+        const uint32_t k = key[j];
+        if (k > k1) { k2 = k1; j2 = j1; k1 = k; j1 = j; }
+        else if (k > k2) { k2 = k; j2 = j; }
+    }
+    int my_id = 0;
+    for (int r = 0; r < K; r++) {
+        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, k1);
+        const int mine = lane * NPL + j1;
+        const int win = (int)__reduce_min_sync(0xFFFFFFFFu, k1 == M && j1 < NPL ? (unsigned)mine : 0x7FFFFFFFu);
+        if (lane == r) my_id = win;
+        if (mine == win && j1 < NPL) {
+            const uint32_t fk = k1;
+            const int fj = j1;
+            k1 = k2; j1 = j2; k2 = 0; j2 = NPL;
+            if (k1 == 0 && r + 1 < K) {
+#pragma unroll
+                for (int j = 0; j < NPL; j++) {
+                    const uint32_t k0 = key[j];
+                    const uint32_t k = (k0 < fk || (k0 == fk && j > fj)) ? k0 : 0u;
+                    if (k > k1) { k2 = k1; j2 = j1; k1 = k; j1 = j; }
+                    else if (k > k2) { k2 = k; j2 = j; }
+                }
+            }
+        }
+    }
+    return my_id;
+}
+
+#define MOE_RT_SLOTS 1 /* tokens per warp in moe__k_route_sb */
+
+/* Each warp routes S tokens (Sw .. Sw + S - 1) side by side: every phase below runs for all
+ * slots in straight-line code.  Measured on an H100 (deepseekv3, T = 16384): S = 1 17.7 us,
+ * S = 2 19.1 us (its registers cost more warps than the overlap won back); also slower were the
+ * bias in shared memory for 64 warps per SM (18.5 us), a persistent grid prefetching the next
+ * token (20.7 us) and half-warps with one token each and shuffle reductions (22.9 us). */
+template <int NPL, int DT>
+__global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 / MOE_RT_SLOTS : 8 / MOE_RT_SLOTS) moe__k_route_sb(const moe__route_args a) {
+    constexpr int S = MOE_RT_SLOTS;
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int RB = NPL * SZ;                                    /* bytes of logits per lane */
+    constexpr int VB = (RB % 16 == 0) ? 16 : (RB % 8 == 0) ? 8 : 4; /* vector load bytes */
+    constexpr int NL = RB / VB;                                     /* vector loads per lane */
+    constexpr int NR = RB / 4 > 0 ? RB / 4 : 1;
+    constexpr int E = 32 * NPL;
+    /* packed approximate keys: the selection key with its low IB bits replaced by IM - e, so
+     * that all are distinct, integer order is (quantised key desc, expert asc) and one redux
+     * max per round names the winner; 0 = none (every real key is >= key(-inf) = 0x007FFFFF) */
+    constexpr int IB = E <= 256 ? 8 : 9;
+    constexpr uint32_t IM = (1u << IB) - 1u;
+    const int lane = threadIdx.x & 31;
+    const int64_t t0 = S * ((int64_t)blockIdx.x * MOE_RT_WARPS + (threadIdx.x >> 5));
+    /* slots past T redo token t0 and store nothing */
+    int64_t tk[S];
+#pragma unroll
+    for (int s = 0; s < S; s++) tk[s] = t0 + s < a.T ? t0 + s : t0;
+    const int ns = a.T - t0 < S ? (int)(a.T - t0) : S;
+    const int K = a.K, gs = a.gshift;
+    const bool groups = a.n_group > 1;
+
+    if (t0 >= a.T) return;
+    float b[NPL];
+#pragma unroll
+    for (int j = 0; j < NPL; j++) {
+        const int e = lane * NPL + j;
+        b[j] = !a.bias ? 0.0f : a.bias_bf16 ? moe__bf16_to_f32(((const uint16_t *)a.bias)[e]) : ((const float *)a.bias)[e];
+    }
+    const void *row[S];
+    uint32_t pk[S][NPL], p1[S], p2[S], g1[S], g2[S];
+#pragma unroll
+    for (int s = 0; s < S; s++) {
+        row[s] = (const char *)a.logits + (size_t)tk[s] * E * SZ;
+        uint32_t raw[NR];
+        const char *q = (const char *)row[s] + (size_t)lane * RB;
+#pragma unroll
+        for (int v = 0; v < NL; v++) {
+            if constexpr (VB == 16) {
+                const uint4 u = __ldg((const uint4 *)q + v);
+                raw[4 * v] = u.x; raw[4 * v + 1] = u.y; raw[4 * v + 2] = u.z; raw[4 * v + 3] = u.w;
+            } else if constexpr (VB == 8) {
+                const uint2 u = __ldg((const uint2 *)q + v);
+                raw[2 * v] = u.x; raw[2 * v + 1] = u.y;
+            } else {
+                raw[v] = __ldg((const unsigned int *)q + v);
+            }
+        }
+        p1[s] = p2[s] = g1[s] = g2[s] = 0;
+#pragma unroll
+        for (int j = 0; j < NPL; j++) {
+            const float x = SZ == 4 ? __uint_as_float(raw[j]) : moe__rt_cvt<DT>((raw[j / 2] >> ((j & 1) * 16)) & 0xFFFFu);
+            const uint32_t k = moe__rt_key(fmaxf(moe__rt_sig_approx(x) + b[j], -INFINITY));
+            pk[s][j] = (k & ~IM) | (IM - (uint32_t)(lane * NPL + j));
+            p2[s] = max(p2[s], min(p1[s], pk[s][j]));
+            p1[s] = max(p1[s], pk[s][j]);
+            if (groups) { /* group scores from the full (unquantised) keys */
+                g2[s] = max(g2[s], min(g1[s], k));
+                g1[s] = max(g1[s], k);
+            }
+        }
+    }
+    bool ok[S];
+#pragma unroll
+    for (int s = 0; s < S; s++) ok[s] = true;
+    if (groups) {
+        for (int o = 1; o < (1 << gs); o <<= 1) {
+#pragma unroll
+            for (int s = 0; s < S; s++) {
+                const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, g1[s], o);
+                const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, g2[s], o);
+                g2[s] = max(max(g2[s], o2), min(g1[s], o1));
+                g1[s] = max(g1[s], o1);
+            }
+        }
+        const int grp = lane >> gs, ng = 32 >> gs, tg = a.topk_group;
+        /* distinct per group (quantised score, then the lower group first); every lane counts
+         * the groups ranked before its own: kept = rank < topk_group */
+        uint32_t gk[S];
+        int rank[S];
+#pragma unroll
+        for (int s = 0; s < S; s++) {
+            rank[s] = 0;
+            gk[s] = (moe__rt_key(fmaxf(moe__rt_unkey(g1[s]) + moe__rt_unkey(g2[s]), -INFINITY)) & ~31u) |
+                    (uint32_t)(31 - grp);
+        }
+        if (ng == 8) {
+#pragma unroll
+            for (int h = 0; h < 8; h++)
+#pragma unroll
+                for (int s = 0; s < S; s++) rank[s] += __shfl_sync(0xFFFFFFFFu, gk[s], h << gs) > gk[s];
+        } else {
+            for (int h = 0; h < ng; h++)
+#pragma unroll
+                for (int s = 0; s < S; s++) rank[s] += __shfl_sync(0xFFFFFFFFu, gk[s], h << gs) > gk[s];
+        }
+#pragma unroll
+        for (int s = 0; s < S; s++) {
+            if (tg < ng) { /* the topk_group-th group against the best one dropped */
+                const uint32_t last = __reduce_max_sync(0xFFFFFFFFu, rank[s] == tg - 1 ? gk[s] : 0u);
+                const uint32_t next = __reduce_max_sync(0xFFFFFFFFu, rank[s] == tg ? gk[s] : 0u);
+                ok[s] = moe__rt_apart(moe__rt_unkey(last & ~31u), moe__rt_unkey(next & ~31u), 0x1p-17f, 0x1p-17f);
+            }
+            if (rank[s] >= tg) p1[s] = p2[s] = 0;
+        }
+    }
+    /* K + 1 rounds per slot: lane r keeps round r's winner; the owner promotes its second and
+     * rescans (for the best two below the one it gave up; packed keys are distinct) when dry */
+    uint32_t mine[S];
+#pragma unroll
+    for (int s = 0; s < S; s++) mine[s] = 0;
+    const int R = K + 1;
+#pragma unroll 3
+    for (int r = 0; r < R; r++) {
+        bool dry[S], any = false;
+        uint32_t M[S];
+#pragma unroll
+        for (int s = 0; s < S; s++) {
+            M[s] = __reduce_max_sync(0xFFFFFFFFu, p1[s]);
+            mine[s] = lane == r ? M[s] : mine[s];
+            const bool own = p1[s] == M[s] && M[s] != 0;
+            p1[s] = own ? p2[s] : p1[s];
+            p2[s] = own ? 0u : p2[s];
+            dry[s] = own && p1[s] == 0 && r + 1 < R;
+            any = any || dry[s];
+        }
+        if (__any_sync(0xFFFFFFFFu, any)) {
+#pragma unroll
+            for (int s = 0; s < S; s++) {
+                if (dry[s]) {
+#pragma unroll
+                    for (int j = 0; j < NPL; j++) {
+                        const uint32_t q = pk[s][j] < M[s] ? pk[s][j] : 0u;
+                        p2[s] = max(p2[s], min(p1[s], q));
+                        p1[s] = max(p1[s], q);
+                    }
+                }
+            }
+        }
+    }
+    /* verify with the full approximate keys of the K + 1 winners: consecutive winners apart
+     * by the error bound (the order is exact), the K-th and the (K+1)-th also by the
+     * quantisation step (no unchosen expert can beat the K-th) */
+    int my_id[S];
+    float xe[S];
+#pragma unroll
+    for (int s = 0; s < S; s++) {
+        my_id[s] = mine[s] ? (int)(IM - (mine[s] & IM)) : 0;
+        xe[s] = moe__rt_load1<DT>(row[s], my_id[s]);
+    }
+#pragma unroll
+    for (int s = 0; s < S; s++) {
+        const float be = !a.bias ? 0.0f
+                         : a.bias_bf16 ? moe__bf16_to_f32(((const uint16_t *)a.bias)[my_id[s]])
+                                       : ((const float *)a.bias)[my_id[s]];
+        const float v = fmaxf(moe__rt_sig_approx(xe[s]) + be, -INFINITY);
+        const float vn = __shfl_down_sync(0xFFFFFFFFu, v, 1);
+        const uint32_t mn = __shfl_down_sync(0xFFFFFFFFu, mine[s], 1);
+        const bool last = lane + 1 == K;
+        const bool good = lane >= K || (mine[s] != 0 &&
+                                        ((last && mn == 0) || moe__rt_apart(v, vn, 0x1p-18f, last ? 0x1p-13f : 0x1p-20f)));
+        ok[s] = __all_sync(0xFFFFFFFFu, ok[s] && good);
+    }
+#pragma unroll
+    for (int s = 0; s < S; s++) {
+        if (!ok[s]) { /* the exact selection, as the general kernel does it */
+            float x[NPL];
+#pragma unroll
+            for (int j = 0; j < NPL; j++) x[j] = moe__rt_load1<DT>(row[s], lane * NPL + j);
+            my_id[s] = moe__rt_sb_exact<NPL>(a, x, b, lane, a.gshift);
+            xe[s] = moe__rt_load1<DT>(row[s], lane < K ? my_id[s] : 0);
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < S; s++) { /* ids (and replay) first: their stores overlap the weight math */
+        const int64_t o = tk[s] * K + lane;
+        if (lane < K && s < ns) {
+            a.ids[o] = my_id[s];
+            if (a.replay) a.replay[o] = (int16_t)my_id[s];
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < S; s++) {
+        const float val = moe__route_sigmoid_raw(xe[s]);
+        float sum = lane < K ? val : 0.0f;
+        if (K == 8) {
+#pragma unroll
+            for (int q = 4; q > 0; q >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, q));
+        } else {
+            int P = 1;
+            while (P < K) P <<= 1;
+            for (int q = P >> 1; q > 0; q >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, q));
+        }
+        if (lane < K && s < ns) {
+            const float w = moe__route_weight(a.method, val, sum, a.scale, a.normalize);
+            const int64_t o = tk[s] * K + lane;
+            if (a.w_bf16) ((uint16_t *)a.weights)[o] = moe__f32_to_bf16(w);
+            else ((float *)a.weights)[o] = w;
+        }
+    }
+}
+
+/* The filter-and-verify kernel when it applies (else -1): sigmoid + bias methods, E = 256 or
+ * 384, K < 32, groups of whole lanes, aligned rows; MOE_ROUTE_FAST=0 turns it off. */
+template <int NPL, int DT>
+static moe_status moe__rt_launch_sb(const moe__cuda_guard &g, moe__route_args a) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int RB = NPL * SZ;
+    constexpr int VB = (RB % 16 == 0) ? 16 : (RB % 8 == 0) ? 8 : 4;
+    (void)VB;
+    a.gshift = 0;
+    if (a.n_group > 1) {
+        const int lpg = a.G / NPL;
+        a.gshift = -1;
+        for (int s = 0; s <= 5; s++)
+            if (lpg == (1 << s)) a.gshift = s;
+    }
+    /* (measured on an H100: a persistent grid with one token prefetched ahead was not faster
+     * than letting the block scheduler refill the SMs; T < 2^33 is checked by the caller) */
+    const int64_t blocks = (a.T + MOE_RT_SLOTS * MOE_RT_WARPS - 1) / (MOE_RT_SLOTS * MOE_RT_WARPS);
+    moe__k_route_sb<NPL, DT><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    MOE_CUDA_LAUNCHED("moe_route");
+    return MOE_OK;
+}
+
+static bool moe__rt_fast_on(void) {
+    const char *env = getenv("MOE_ROUTE_FAST");
+    return !(env && env[0] == '0');
+}
+
+/* Whether moe__k_route_sb<E / 32, DT> handles this call. */
+static bool moe__rt_sb_ok(const moe__route_args &a, int sz) {
+    if (!moe__route_uses_bias(a.method) || (a.E != 256 && a.E != 384) || a.K >= 32 || !moe__rt_fast_on()) return false;
+    const int npl = a.E / 32, rb = npl * sz, vb = (rb % 16 == 0) ? 16 : (rb % 8 == 0) ? 8 : 4;
+    if ((uintptr_t)a.logits % vb != 0) return false;
+    if (a.bias && ((uintptr_t)a.bias % (a.bias_bf16 ? 2 : 4)) != 0) return false;
+    if (a.n_group > 1) {
+        if (a.G % npl != 0 || a.topk_group < 1 || a.topk_group > a.n_group) return false;
+        const int lpg = a.G / npl;
+        if (lpg > 32 || (lpg & (lpg - 1)) != 0) return false;
+    }
+    return true;
+}
+
+template <int NPL, int DT>
+static moe_status moe__rt_launch(const moe__cuda_guard &g, moe__route_args a) {
+    constexpr int SZ = moe__rt_size<DT>::v;
+    constexpr int W = moe__rt_w<NPL, SZ>::v;
+    a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
+    a.bias_vec = a.bias && (a.E % W == 0) && ((uintptr_t)a.bias % (W * (a.bias_bf16 ? 2 : 4)) == 0);
+    a.gshift = -1;
+    if (a.n_group > 1 && a.G % W == 0) {
+        const int P = a.G / W;
+        for (int s = 0; s <= 5; s++)
+            if (P == (1 << s)) a.gshift = s;
+    }
+    const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS;
+    if (blocks > 0x7FFFFFFF) return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected T < 2^33, got %lld", (long long)a.T);
+    moe__k_route<NPL, DT><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    MOE_CUDA_LAUNCHED("moe_route");
+    return MOE_OK;
+}
+
+template <int DT> static moe_status moe__rt_dispatch(const moe__cuda_guard &g, const moe__route_args &a) {
+    if (moe__rt_sb_ok(a, moe__rt_size<DT>::v)) {
+        if (a.E == 256) return moe__rt_launch_sb<8, DT>(g, a);
+        return moe__rt_launch_sb<12, DT>(g, a);
+    }
+    if (a.E <= 128) return moe__rt_launch<4, DT>(g, a);
+    if (a.E <= 256) return moe__rt_launch<8, DT>(g, a);
+    if (a.E <= 384) return moe__rt_launch<12, DT>(g, a);
+    if (a.E <= 512) return moe__rt_launch<16, DT>(g, a);
+    if (a.E <= 1024) return moe__rt_launch<32, DT>(g, a);
+    if (a.E <= 2048) return moe__rt_launch<64, DT>(g, a);
+    return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected 1..2048 experts, got %d", a.E);
+}
+
+extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
+                                      moe_tensor *ids, moe_tensor *weights, moe_tensor *replay) {
+    moe__route_args a;
+    a.T = logits->shape[0];
+    if (a.T == 0) return MOE_OK;
+    moe__cuda_guard g("moe_route", logits->dev.index);
+    MOE_TRY(g.status);
+    a.logits = moe_tensor_data(logits);
+    a.bias = bias ? moe_tensor_data(bias) : NULL;
+    a.bias_bf16 = bias && bias->dtype == MOE_BF16;
+    a.ids = (int32_t *)moe_tensor_data(ids);
+    a.weights = moe_tensor_data(weights);
+    a.w_bf16 = weights->dtype == MOE_BF16;
+    a.replay = replay ? (int16_t *)moe_tensor_data(replay) : NULL;
+    a.E = (int)logits->shape[1];
+    a.K = cfg->top_k;
+    a.method = cfg->method;
+    a.n_group = cfg->method == MOE_ROUTE_DEEPSEEKV3 && cfg->n_group > 1 ? cfg->n_group : 0;
+    a.G = a.n_group > 1 ? a.E / a.n_group : a.E;
+    a.topk_group = cfg->topk_group;
+    a.scale = cfg->scale;
+    a.normalize = cfg->normalize;
+    a.vec = 0;
+    a.bias_vec = 0;
+    a.gshift = -1;
+    switch (logits->dtype) {
+    case MOE_F32: return moe__rt_dispatch<MOE_F32>(g, a);
+    case MOE_BF16: return moe__rt_dispatch<MOE_BF16>(g, a);
+    case MOE_F16: return moe__rt_dispatch<MOE_F16>(g, a);
+    default: return moe__err(MOE_ERR_DTYPE, "moe_route: logits: expected dtype f32, bf16 or f16, got %s",
+                             moe_dtype_name(logits->dtype));
+    }
+}
