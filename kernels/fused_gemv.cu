@@ -26,7 +26,6 @@
 #include "fused.h"
 #include "fused_moe.cuh"
 
-#include <stdlib.h>
 #include <string.h>
 
 #define FN "moe_fused_moe"
@@ -41,7 +40,7 @@
  * which leaves 2-3 loads in flight a lane instead of all of the round's. */
 #define MOE_FG_MINB 4
 
-struct moe__fg_args {
+struct moe__fg_args : moe__fg_shape {
     const uint16_t *x;    /* hidden bf16 [T, H] */
     const uint16_t *w13;  /* bf16 [E, N1, H], packed (moe__k_fm_pack) */
     const float *b13;     /* f32 [E, N1] (packed row order) or NULL */
@@ -52,19 +51,7 @@ struct moe__fg_args {
     uint16_t *inter;      /* bf16 [T*K, I] (workspace), pair order */
     uint16_t *out;        /* bf16 [T, H] */
     int32_t *err;         /* routed ids out of range */
-    int64_t T;
-    int K, E, lo, lc, H, I, N1, act, llama4;
-    float alpha, beta, limit;
 };
-
-/* 16 bytes of weights: read once, not worth a line in L1. */
-__device__ __forceinline__ uint4 moe__fg_ldw(const uint4 *p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-}
 
 __device__ __forceinline__ float moe__fg_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float moe__fg_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
@@ -88,34 +75,7 @@ __device__ __forceinline__ float moe__fg_wsum(float v) {
     return v;
 }
 
-__device__ __forceinline__ bool moe__fg_local(const moe__fg_args &a, int id) {
-    return id >= 0 && id < a.E && id - a.lo >= 0 && id - a.lo < a.lc;
-}
-
 /* ------------------------------------------------------------ GEMM1 + act -- */
-
-/* Pairs q >= from routed to expert e, ranks r0 .. r0 + 3 among them into q[0..3] (-1 past
- * the last); returns how many there are in all.  Warp-uniform. */
-__device__ __forceinline__ int moe__fg_members(const moe__fg_args &a, int64_t P, int64_t from, int e, int r0,
-                                               int (&q)[4]) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int j = 0; j < 4; j++) q[j] = -1;
-    int seen = 0;
-    for (int64_t base = from; base < P; base += 32) {
-        const int64_t i = base + lane;
-        unsigned bal = __ballot_sync(0xffffffffu, i < P && a.ids[i] == e);
-        while (bal) {
-            const int b = __ffs(bal) - 1;
-            bal &= bal - 1;
-            const int r = seen++ - r0;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (r == j) q[j] = (int)(base + b);
-        }
-    }
-    return seen;
-}
 
 /* One pass of one unit: rows rw0, rw1 of expert e against the x rows of pairs q[0 .. n-1]
  * (n <= NB), epilogue into inter. */
@@ -189,19 +149,12 @@ __device__ __forceinline__ void moe__fg_up_pass(const moe__fg_args &a, int64_t e
 template <int NB>
 __global__ void __launch_bounds__(MOE_FG_THREADS, MOE_FG_MINB) moe__k_fg_up(const moe__fg_args a) {
     moe__fm_pdl_enter();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warp = threadIdx.x >> 5;
     const int64_t P = a.T * a.K, p = blockIdx.y;
-    if (blockIdx.x == 0 && blockIdx.y == 0 && warp == 0) {
-        int bad = 0;
-        for (int64_t i = lane; i < P; i += 32) bad += a.ids[i] < 0 || a.ids[i] >= a.E;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, o);
-        if (lane == 0 && bad) atomicAdd(a.err, bad);
-    }
+    if (blockIdx.x == 0 && blockIdx.y == 0 && warp == 0) moe__fg_count_bad(a.ids, P, a.E, a.err);
     const int e = a.ids[p];
-    if (!moe__fg_local(a, e)) return;
-    for (int64_t base = 0; base < p; base += 32) /* not the leader of e: its block does the work */
-        if (__ballot_sync(0xffffffffu, base + lane < p && a.ids[base + lane] == e)) return;
+    if (!moe__fg_local(e, a.E, a.lo, a.lc)) return;
+    if (!moe__fg_leader(a.ids, p, e)) return; /* not the leader of e: its block does the work */
     const int u = blockIdx.x * (MOE_FG_THREADS / 32) + warp;
     int rw0, rw1;
     if (a.act != MOE_ACT_RELU2) {
@@ -213,7 +166,7 @@ __global__ void __launch_bounds__(MOE_FG_THREADS, MOE_FG_MINB) moe__k_fg_up(cons
     }
     int q[4];
     for (int r0 = 0;; r0 += NB) {
-        const int nm = moe__fg_members(a, P, p, e, r0, q);
+        const int nm = moe__fg_members<4>(a.ids, P, p, e, r0, q);
         const int n = min(NB, nm - r0);
         if (n <= 0) break;
         moe__fg_up_pass<NB>(a, e, u, rw0, rw1, q, n);
@@ -232,13 +185,8 @@ __global__ void __launch_bounds__(MOE_FG_THREADS, MOE_FG_MINB) moe__k_fg_down(co
     const int c = (int)(blockIdx.x / a.T) * (MOE_FG_THREADS / 32) + warp;
     const int64_t p0 = t * a.K;
     /* local pairs of the token in k order: lane j < nl takes the j-th */
-    int id = -1;
-    bool loc = false;
-    if (lane < a.K) {
-        id = a.ids[p0 + lane];
-        loc = moe__fg_local(a, id);
-    }
-    const unsigned lm = __ballot_sync(0xffffffffu, loc);
+    int id;
+    const unsigned lm = moe__fg_token_local(a, a.ids, p0, id);
     const int nl = __popc(lm);
     unsigned m = lm;
     for (int j = 0; j < lane && m; j++) m &= m - 1;
@@ -324,14 +272,7 @@ __global__ void __launch_bounds__(MOE_FG_THREADS, MOE_FG_MINB) moe__k_fg_down(co
  * still read once per distinct expert, and the FMA work per 16-byte weight load (<= 64) stays
  * far below what the SM issues while HBM delivers it; larger T is left to the tile kernels
  * until measured (MOE_FUSED_GEMV=16 etc. lets the bench compare). */
-static int64_t moe__fg_bound(void) {
-    const char *env = getenv("MOE_FUSED_GEMV");
-    if (!env || !env[0]) return MOE_FG_DEFAULT_T;
-    char *end = nullptr;
-    const long v = strtol(env, &end, 10);
-    if (end == env || v < 0) return MOE_FG_DEFAULT_T;
-    return v > MOE_FG_MAX_T ? MOE_FG_MAX_T : (int64_t)v;
-}
+static int64_t moe__fg_bound(void) { return moe__fm_env_bound("MOE_FUSED_GEMV", MOE_FG_DEFAULT_T, MOE_FG_MAX_T); }
 
 bool moe__fm_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
@@ -374,19 +315,7 @@ moe_status moe__fm_gemv(const moe__cuda_guard &g, const moe__fused_args *A, bool
     a.inter = (uint16_t *)(base + ws->off_inter);
     a.out = (uint16_t *)moe_tensor_data(A->out);
     a.err = (int32_t *)(base + ws->off_err);
-    a.T = A->T;
-    a.K = A->K;
-    a.E = (int)ex->E;
-    a.lo = A->local_offset;
-    a.lc = A->local_count;
-    a.H = (int)ex->H;
-    a.I = (int)ex->I;
-    a.N1 = (int)ex->N1;
-    a.act = ex->act;
-    a.llama4 = A->llama4;
-    a.alpha = ex->alpha;
-    a.beta = ex->beta;
-    a.limit = ex->limit;
+    moe__fg_shape_set(&a, A);
     const int wpb = MOE_FG_THREADS / 32;
     const int64_t units = ex->act != MOE_ACT_RELU2 ? ex->I : ex->I / 2; /* multiples of 64 */
     const dim3 g1((unsigned)(units / wpb), (unsigned)(A->T * A->K));

@@ -9,6 +9,7 @@
 #include "fused.h"
 
 #include <stdint.h>
+#include <stdlib.h>
 
 /* The activation on gate g and up u (relu2: u unused). */
 __device__ __forceinline__ float moe__fm_act(int act, float g, float u, float alpha, float beta, float limit) {
@@ -32,6 +33,114 @@ __device__ __forceinline__ float moe__fm_act(int act, float g, float u, float al
  * on g.stream, PDL when pdl). */
 bool moe__fm_gemv_eligible(const moe__fused_args *A);
 moe_status moe__fm_gemv(const moe__cuda_guard &g, const moe__fused_args *A, bool pdl);
+
+/* ---- pieces of the decode GEMV paths (fused_gemv.cu: bf16; fused_qgemv.cu: quantised) ---- */
+
+/* Largest T of a GEMV path from the environment variable `name`: unset, empty or not a
+ * number: def; "0": 0 (off); N: N, at most max. */
+static inline int64_t moe__fm_env_bound(const char *name, int64_t def, int64_t max) {
+    const char *env = getenv(name);
+    if (!env || !env[0]) return def;
+    char *end = nullptr;
+    const long v = strtol(env, &end, 10);
+    if (end == env || v < 0) return def;
+    return v > max ? max : (int64_t)v;
+}
+
+/* The call's sizes, expert-parallel range and activation as the GEMV kernels take them (the
+ * base of their argument structs). */
+struct moe__fg_shape {
+    int64_t T;
+    int K, E, lo, lc, H, I, N1, act, llama4;
+    float alpha, beta, limit;
+};
+
+static inline void moe__fg_shape_set(moe__fg_shape *s, const moe__fused_args *A) {
+    const struct moe_experts *ex = A->ex;
+    s->T = A->T;
+    s->K = A->K;
+    s->E = (int)ex->E;
+    s->lo = A->local_offset;
+    s->lc = A->local_count;
+    s->H = (int)ex->H;
+    s->I = (int)ex->I;
+    s->N1 = (int)ex->N1;
+    s->act = ex->act;
+    s->llama4 = A->llama4;
+    s->alpha = ex->alpha;
+    s->beta = ex->beta;
+    s->limit = ex->limit;
+}
+
+/* 16 bytes of weights: read once, not worth a line in L1. */
+__device__ __forceinline__ uint4 moe__fg_ldw(const void *p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+/* Expert id `id` is in range and local (expert parallelism: lo .. lo + lc - 1). */
+__device__ __forceinline__ bool moe__fg_local(int id, int E, int lo, int lc) {
+    return id >= 0 && id < E && id - lo >= 0 && id - lo < lc;
+}
+
+/* One warp: lane k < K reads the id of pair p0 + k (token p0 / K) into id (-1 on other
+ * lanes); returns the mask of the lanes whose expert is local. */
+__device__ __forceinline__ unsigned moe__fg_token_local(const moe__fg_shape &s, const int32_t *ids, int64_t p0,
+                                                        int &id) {
+    const int lane = threadIdx.x & 31;
+    id = -1;
+    bool loc = false;
+    if (lane < s.K) {
+        id = ids[p0 + lane];
+        loc = moe__fg_local(id, s.E, s.lo, s.lc);
+    }
+    return __ballot_sync(0xffffffffu, loc);
+}
+
+/* One warp: routed ids of the P pairs outside [0, E), added to *err (when any). */
+__device__ __forceinline__ void moe__fg_count_bad(const int32_t *ids, int64_t P, int E, int32_t *err) {
+    const int lane = threadIdx.x & 31;
+    int bad = 0;
+    for (int64_t i = lane; i < P; i += 32) bad += ids[i] < 0 || ids[i] >= E;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, o);
+    if (lane == 0 && bad) atomicAdd(err, bad);
+}
+
+/* Pair p is the lowest-numbered pair routed to expert e (its "leader"); warp-uniform. */
+__device__ __forceinline__ bool moe__fg_leader(const int32_t *ids, int64_t p, int e) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t base = 0; base < p; base += 32)
+        if (__ballot_sync(0xffffffffu, base + lane < p && ids[base + lane] == e)) return false;
+    return true;
+}
+
+/* Pairs q >= from routed to expert e, ranks r0 .. r0 + NQ - 1 among them into q[0..NQ-1]
+ * (-1 past the last); returns how many there are in all.  Warp-uniform. */
+template <int NQ>
+__device__ __forceinline__ int moe__fg_members(const int32_t *ids, int64_t P, int64_t from, int e, int r0,
+                                               int (&q)[NQ]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < NQ; j++) q[j] = -1;
+    int seen = 0;
+    for (int64_t base = from; base < P; base += 32) {
+        const int64_t i = base + lane;
+        unsigned bal = __ballot_sync(0xffffffffu, i < P && ids[i] == e);
+        while (bal) {
+            const int b = __ffs(bal) - 1;
+            bal &= bal - 1;
+            const int r = seen++ - r0;
+#pragma unroll
+            for (int j = 0; j < NQ; j++)
+                if (r == j) q[j] = (int)(base + b);
+        }
+    }
+    return seen;
+}
 
 __device__ __forceinline__ uint32_t moe__fm_smem(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);

@@ -26,7 +26,8 @@
  * current one multiplies.  Gated GEMM1 tiles interleave gate and up rows by 8 (no repacking: the tile's
  * row map does it), so the activation runs on the accumulators. */
 #include "cuda_common.cuh"
-#include "fused_quant.h"
+#include "fused_moe.cuh"
+#include "fused_quant.cuh"
 #include "quant_math.h"
 
 #include <string.h>
@@ -131,21 +132,6 @@ struct gemm_args {
     uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
     float *y;                  /* G2 output f32 [P, N] (pair rows) */
 };
-
-__device__ __forceinline__ float fq_act(int act, float g, float u, float alpha, float beta, float limit) {
-    switch (act) {
-    case MOE_ACT_SWIGLU: return g / (1.0f + expf(-g)) * u;
-    case MOE_ACT_GEGLU: return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)) * u;
-    case MOE_ACT_RELU2: {
-        float r = fmaxf(g, 0.0f);
-        return r * r;
-    }
-    default: {
-        float gg = fminf(g, limit), uu = fminf(fmaxf(u, -limit), limit);
-        return gg / (1.0f + expf(-alpha * gg)) * (uu + beta);
-    }
-    }
-}
 
 /* Raw codes of one 16-element chunk of one row, kept in registers between the global load
  * and the conversion. */
@@ -464,8 +450,8 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
                             u0 += b[a.I + ng];
                             u1 += b[a.I + ng + 1];
                         }
-                        const float v0 = fq_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
-                        const float v1 = fq_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+                        const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+                        const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
                         *(uint32_t *)(orow + ng) =
                             (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
                     }
@@ -482,8 +468,8 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
                             h0 += a.bias[e * a.N + n];
                             h1 += a.bias[e * a.N + n + 1];
                         }
-                        const float v0 = fq_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
-                        const float v1 = fq_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
+                        const float v0 = moe__fm_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
+                        const float v1 = moe__fm_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
                         *(uint32_t *)(orow + n) =
                             (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
                     }
@@ -633,20 +619,9 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     const int lc = A->local_count, lo = A->local_offset;
     unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
 
-    /* region layout: as moe__fused_quant_ws_bytes, from the workspace's own sizes */
-    const int64_t WP = ws->max_pairs, WT = ws->max_tokens;
-    const int64_t wtiles = WP / MOE__FQ_MIN_BM + (WP < ws->E ? WP : ws->E) + 1;
-    size_t o = ws->off_fq;
-#define FQ_NEXT(var, n) \
-    const size_t var = o; \
-    o += ((size_t)(n) + 255) & ~(size_t)255
-    FQ_NEXT(off_misc, 64);
-    FQ_NEXT(off_tiles, wtiles * 12);
-    FQ_NEXT(off_xc, WT * ws->H);
-    FQ_NEXT(off_xs, WT * (ws->H / 16) + 16);
-    FQ_NEXT(off_gc, WP * ws->I);
-    FQ_NEXT(off_gs, WP * (ws->I / 16) + 16);
-#undef FQ_NEXT
+    const moe__fq_layout L = moe__fq_layout_of(ws); /* as moe__fused_quant_ws_bytes */
+    const int64_t wtiles = L.wtiles;
+    const size_t off_misc = L.misc, off_tiles = L.tiles, off_xc = L.xc, off_xs = L.xs, off_gc = L.gc, off_gs = L.gs;
     int32_t *ntiles = (int32_t *)(base + off_misc);
     const size_t off_xt = off_misc + 16, off_gt = off_misc + 32;
     int32_t *tile_e = (int32_t *)(base + off_tiles);

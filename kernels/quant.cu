@@ -14,18 +14,11 @@
  * Validation and allocation: engine/src/quant.c.  No host synchronisation, no allocation. */
 #include "cuda_common.cuh"
 #include "quant_math.h"
+#include "quant_rows.cuh"
 
 namespace {
 
 constexpr int Q_THREADS = 256;
-
-__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v, int width) {
-    for (int o = width / 2; o > 0; o >>= 1) {
-        uint32_t w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-}
 
 /* amax bits of each matrix m (blockIdx.y) of n_per elements into amax[m] (zeroed before). */
 __global__ void k_amax(const void *src, int dt, int64_t n_per, unsigned int *amax) {
@@ -36,7 +29,7 @@ __global__ void k_amax(const void *src, int dt, int64_t n_per, unsigned int *ama
         uint32_t b = moe__q_absbits(moe__cuda_load_f32(src, dt, base + i));
         v = b > v ? b : v;
     }
-    v = warp_max_u32(v, 32);
+    v = moe__q_warp_max(v, 32);
     if ((threadIdx.x & 31) == 0 && v != 0) atomicMax(amax + m, v);
 }
 
@@ -77,7 +70,7 @@ __global__ void __launch_bounds__(Q_THREADS) k_fp8_block128(const void *src, int
             uint32_t b = moe__q_absbits(x[i][j]);
             v = b > v ? b : v;
         }
-    v = warp_max_u32(v, 32);
+    v = moe__q_warp_max(v, 32);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
     v = 0;
@@ -94,52 +87,13 @@ __global__ void __launch_bounds__(Q_THREADS) k_fp8_block128(const void *src, int
     }
 }
 
-/* Per-row K-blocks of B columns: group g (= row * K/B + block) covers flat elements
- * g*B .. g*B+B-1; L = B / EPL lanes per group, EPL elements per lane. */
+/* Per-row K-blocks of B columns (quant_rows.cuh), a grid-stride loop over the groups. */
 template <int MODE, int B>
 __global__ void __launch_bounds__(Q_THREADS) k_rows(const void *src, int dt, int64_t groups, int64_t n_per,
                                                     const unsigned int *mat_amax, uint8_t *data, void *scales) {
-    constexpr int EPL = B <= 64 ? 2 : B / 32;
-    constexpr int L = B / EPL;
-    constexpr int GPB = Q_THREADS / L; /* groups per thread block per iteration */
-    const int lane_g = threadIdx.x % L;
-    for (int64_t base = (int64_t)blockIdx.x * GPB; base < groups; base += (int64_t)gridDim.x * GPB) {
-        int64_t g = base + threadIdx.x / L;
-        bool valid = g < groups;
-        int64_t e0 = g * B + (int64_t)lane_g * EPL;
-        float x[EPL];
-        uint32_t v = 0;
-#pragma unroll
-        for (int j = 0; j < EPL; j++) {
-            x[j] = valid ? moe__cuda_load_f32(src, dt, e0 + j) : 0.0f;
-            uint32_t b = moe__q_absbits(x[j]);
-            v = b > v ? b : v;
-        }
-        v = warp_max_u32(v, L); /* every lane takes part; groups are lane-aligned */
-        if (!valid) continue;
-        float amax = moe__q_amax(v);
-        if (MODE == MOE_QUANT_FP8_BLOCK) {
-            float s = moe__q_fp8_scale(amax);
-            if (lane_g == 0) ((float *)scales)[g] = s;
-#pragma unroll
-            for (int j = 0; j < EPL; j++) data[e0 + j] = moe__q_fp8_code(x[j], s);
-        } else if (MODE == MOE_QUANT_NVFP4) {
-            float gs = moe__q_nvfp4_global(moe__q_amax(mat_amax[(g * B) / n_per]));
-            uint8_t code = moe__q_nvfp4_scale(amax, gs);
-            if (lane_g == 0) ((uint8_t *)scales)[g] = code;
-            float s = moe__e4m3_to_f32(code);
-            data[e0 >> 1] = (uint8_t)(moe__q_nvfp4_code(x[0], s, gs) | (moe__q_nvfp4_code(x[1], s, gs) << 4));
-        } else if (MODE == MOE_QUANT_MXFP4) {
-            uint8_t code = moe__q_mx_scale(v);
-            if (lane_g == 0) ((uint8_t *)scales)[g] = code;
-            data[e0 >> 1] = (uint8_t)(moe__q_mx_code(x[0], code) | (moe__q_mx_code(x[1], code) << 4));
-        } else { /* MXINT4 */
-            uint16_t sb = moe__q_int4_scale(amax);
-            if (lane_g == 0) ((uint16_t *)scales)[g] = sb;
-            float s = moe__bf16_to_f32(sb);
-            data[e0 >> 1] = (uint8_t)(moe__q_int4_code(x[0], s) | (moe__q_int4_code(x[1], s) << 4));
-        }
-    }
+    constexpr int GPB = Q_THREADS / moe__q_rows_geom<B>::L; /* groups per thread block per iteration */
+    moe__q_rows<MODE, B, Q_THREADS>(src, dt, (int64_t)blockIdx.x * GPB, groups, (int64_t)gridDim.x * GPB, n_per,
+                                    mat_amax, data, scales);
 }
 
 struct deq_args {
@@ -200,7 +154,7 @@ template <int MODE, int B>
 moe_status launch_rows(const char *fn, const moe__cuda_guard &g, const moe_tensor *src, int64_t n, int64_t n_per,
                        const void *mat_amax, void *data, void *scales) {
     int64_t groups = n / B;
-    constexpr int L = B / (B <= 64 ? 2 : B / 32);
+    constexpr int L = moe__q_rows_geom<B>::L;
     k_rows<MODE, B><<<moe__cuda_grid(g.dev, groups, Q_THREADS / L), Q_THREADS, 0, g.stream>>>(
         moe_tensor_data(src), src->dtype, groups, n_per, (const unsigned int *)mat_amax, (uint8_t *)data, scales);
     MOE_CUDA_LAUNCHED(fn);

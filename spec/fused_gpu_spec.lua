@@ -306,15 +306,7 @@ end)
 
 describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)", function()
   local ffi = require("ffi")
-  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-  local function with_env(name, v, f) -- f() with name=v, the previous value restored
-    local prev = os.getenv(name)
-    ffi.C.setenv(name, v, 1)
-    local ok, y = pcall(f)
-    if prev then ffi.C.setenv(name, prev, 1) else ffi.C.unsetenv(name) end
-    assert.is_true(ok, tostring(y))
-    return y
-  end
+  local with_env = H.with_env -- f() with name=v, the previous value restored
   local function with(v, f) return with_env("MOE_FUSED_WGMMA", v, f) end
   for _, c in ipairs{ { "swiglu", 4000, "renormalize" }, { "relu2", 3000, "deepseekv3" }, { "geglu", 2500, "llama4" } } do
     local act, T, mname = c[1], c[2], c[3]
@@ -365,16 +357,7 @@ describe("#gpu moe.fused_moe warp-specialised wgmma kernel (default on sm_90a)",
 end)
 
 describe("#gpu moe.fused_moe decode GEMV path (T <= 4 by default; MOE_FUSED_GEMV=0 off, =N for T <= N)", function()
-  local ffi = require("ffi")
-  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-  local function with(name, v, f) -- f()'s results with the variable set to v (nil: unset), then restored
-    local prev = os.getenv(name)
-    if v then ffi.C.setenv(name, v, 1) else ffi.C.unsetenv(name) end
-    local res = { pcall(f) }
-    if prev then ffi.C.setenv(name, prev, 1) else ffi.C.unsetenv(name) end
-    assert.is_true(res[1], tostring(res[2]))
-    return unpack(res, 2, table.maxn(res))
-  end
+  local with = H.with_env -- f()'s results with the variable set to v (nil: unset), then restored
   local function gemv(v, f) return with("MOE_FUSED_GEMV", v, f) end
   local function check(yv, yt, yc, what)
     local ev, et, evt = rel_l2(yv, yc), rel_l2(yt, yc), rel_l2(yv, yt)

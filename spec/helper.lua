@@ -27,6 +27,19 @@ function H.error_of(fn, ...)
   return tostring(err)
 end
 
+-- f()'s results with the environment variable `name` set to v (nil: unset), the previous
+-- value restored afterwards; an error in f is raised as an assertion failure with its message.
+-- (The engine reads its MOE_FUSED_* switches on every call.)
+pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+function H.with_env(name, v, f)
+  local prev = os.getenv(name)
+  if v then ffi.C.setenv(name, v, 1) else ffi.C.unsetenv(name) end
+  local res = { pcall(f) }
+  if prev then ffi.C.setenv(name, prev, 1) else ffi.C.unsetenv(name) end
+  assert(res[1], tostring(res[2]))
+  return unpack(res, 2, table.maxn(res))
+end
+
 -- |a - b| <= atol + rtol * |b|, NaN equal to NaN.
 function H.close(a, b, rtol, atol)
   if a ~= a and b ~= b then return true end

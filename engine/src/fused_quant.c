@@ -34,7 +34,7 @@ size_t moe__fused_quant_ws_bytes(int64_t max_tokens, int32_t top_k, int64_t E, i
     const int64_t tiles = P / MOE__FQ_MIN_BM + (P < E ? P : E) + 1;
     size_t b = 0;
 #define FQ_ADD(n) b += ((size_t)(n) + 255) & ~(size_t)255
-    FQ_ADD(64);                                 /* ntiles, per-tensor scales / amax */
+    FQ_ADD(MOE__FQ_MISC_BYTES);                 /* ntiles, per-tensor scales, GEMV counters */
     FQ_ADD(tiles * 12);                         /* tile table: expert, first row, rows */
     FQ_ADD(max_tokens * H);                     /* x codes (e4m3; e2m1 uses half) */
     FQ_ADD(max_tokens * (H / 16) + 16);         /* x scales (nvfp4 e4m3 per 16 >= f32 per 128) */

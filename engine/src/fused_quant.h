@@ -14,6 +14,10 @@ extern "C" {
 /* Smallest row tile of the quantised CUDA grouped GEMMs (sizes its tile table). */
 #define MOE__FQ_MIN_BM 16
 
+/* Bytes of the region's first part: tile count, per-tensor scales, the decode GEMV path's
+ * counters (kernels/fused_quant.cuh lays it out). */
+#define MOE__FQ_MISC_BYTES 128
+
 /* Bytes of the CUDA workspace region of the quantised path for max_tokens x top_k pairs
  * (tile table, quantised activations and intermediate, their scales). */
 size_t moe__fused_quant_ws_bytes(int64_t max_tokens, int32_t top_k, int64_t E, int64_t H, int64_t I);

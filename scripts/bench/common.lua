@@ -50,6 +50,38 @@ function M.median(t)
   return 0.5 * (t[n / 2] + t[n / 2 + 1])
 end
 
+-- Median time in µs of one call, from CUDA-graph replays: call(c) for c = 0 .. calls - 1 captured
+-- in one graph, 3 warm-up replays, then `reps` timed ones, each divided by `calls`.
+function M.graph_us(moe, calls, reps, call)
+  local g = moe.graph.capture(function()
+    for c = 0, calls - 1 do call(c) end
+  end)
+  local times = g:time(3, reps)
+  g:free()
+  for k = 1, #times do times[k] = times[k] / calls end
+  return M.median(times)
+end
+
+-- The argument of --compare-env, "NAME=VALUE" -> NAME, VALUE; nil (after telling stderr) when
+-- it is not of that form.
+function M.env_arg(bench, s)
+  local k, v = (s or ""):match("^([%w_]+)=(.*)$")
+  if not k then io.stderr:write("moe bench " .. bench .. ": --compare-env: expected NAME=VALUE\n") end
+  return k, v
+end
+
+-- f()'s result with the environment variable `name` set to `value`, unset afterwards (the
+-- engine reads its MOE_FUSED_* switches on every call, so a bench can time both settings).
+function M.with_env(name, value, f)
+  local ffi = require("ffi")
+  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  ffi.C.setenv(name, value, 1)
+  local ok, r = pcall(f)
+  ffi.C.unsetenv(name)
+  if not ok then error(r, 0) end
+  return r
+end
+
 -- false (after telling stderr why) when there is no CUDA device: the bench then returns 77.
 function M.have_cuda(moe, name)
   if moe.cuda_available() then return true end

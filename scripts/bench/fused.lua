@@ -17,7 +17,6 @@
 -- T = 4096 at least as fast as PyTorch, for every shape.
 local moe = require("moe")
 local common = require("bench.common")
-local median = common.median
 
 local HBM, PEAK = 3.35e12, 989e12
 
@@ -42,12 +41,8 @@ while i <= #args do
   elseif a == "--compare-pdl" then opts.compare_pdl = true
   elseif a == "--compare-env" then
     i = i + 1
-    local k, v = (args[i] or ""):match("^([%w_]+)=(.*)$")
-    if not k then
-      io.stderr:write("moe bench fused: --compare-env: expected NAME=VALUE\n")
-      return 2
-    end
-    opts.env_k, opts.env_v = k, v
+    opts.env_k, opts.env_v = common.env_arg("fused", args[i])
+    if not opts.env_k then return 2 end
   elseif a == "-h" or a == "--help" then
     print("usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH]")
     print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b")
@@ -146,41 +141,19 @@ for _, s in ipairs(SHAPES) do
     end
     local calls = T <= 256 and 8 or 2
     local function time_it()
-      local g = moe.graph.capture(function()
-        for c = 0, calls - 1 do
-          local k = c % nsets + 1
-          moe.fused_moe{ hidden = xs[k], logits = ls[k], experts = ex, method = "renormalize", top_k = K, out = out }
-        end
+      return common.graph_us(moe, calls, opts.reps, function(c)
+        local k = c % nsets + 1
+        moe.fused_moe{ hidden = xs[k], logits = ls[k], experts = ex, method = "renormalize", top_k = K, out = out }
       end)
-      local times = g:time(3, opts.reps)
-      g:free()
-      for k = 1, #times do times[k] = times[k] / calls end
-      return median(times)
     end
     local us = time_it()
     local us_mma
-    if opts.compare and T * K >= 48 * E then
-      local ffi = require("ffi")
-      pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-      ffi.C.setenv("MOE_FUSED_WGMMA", "0", 1)
-      us_mma = time_it()
-      ffi.C.unsetenv("MOE_FUSED_WGMMA")
-    end
+    if opts.compare and T * K >= 48 * E then us_mma = common.with_env("MOE_FUSED_WGMMA", "0", time_it) end
     local us_pdl
-    if opts.compare_pdl and T <= 256 then
-      local ffi = require("ffi")
-      pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-      ffi.C.setenv("MOE_FUSED_PDL", "1", 1)
-      us_pdl = time_it()
-      ffi.C.unsetenv("MOE_FUSED_PDL")
-    end
+    if opts.compare_pdl and T <= 256 then us_pdl = common.with_env("MOE_FUSED_PDL", "1", time_it) end
     local us_env, us_again
     if opts.env_k then
-      local ffi = require("ffi")
-      pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
-      ffi.C.setenv(opts.env_k, opts.env_v, 1)
-      us_env = time_it()
-      ffi.C.unsetenv(opts.env_k)
+      us_env = common.with_env(opts.env_k, opts.env_v, time_it)
       us_again = time_it() -- the default again, after: the spread between the two is the noise
     end
     local bytes = hit * 3 * Hd * I * 2 + T * Hd * 4 + T * E * 4
