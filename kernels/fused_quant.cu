@@ -619,6 +619,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     const int lc = A->local_count, lo = A->local_offset;
     unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
 
+    if (moe__fq_gemv_eligible(A)) return moe__fq_gemv(g, A); /* decode GEMV path: fused_qgemv.cu */
+
     const moe__fq_layout L = moe__fq_layout_of(ws); /* as moe__fused_quant_ws_bytes */
     const int64_t wtiles = L.wtiles;
     const size_t off_misc = L.misc, off_tiles = L.tiles, off_xc = L.xc, off_xs = L.xs, off_gc = L.gc, off_gs = L.gs;

@@ -2,7 +2,9 @@
 -- the CPU reference (relative L2 <= 1e-3: same numerics, f32 accumulation order only), T in
 -- {1, 5, 64, 300} (both tile configurations), deepseekv3 routing, relu2 + biases, llama4,
 -- expert parallelism, routed-mode bit-exactness and replay, qtensor parts, T = 0, and CUDA
--- graph capture + replay with new inputs.  Prints each mode's error against the bf16 output.
+-- graph capture + replay with new inputs; the decode GEMV path of fp8 and fp8_block (T <= 4;
+-- MOE_FUSED_QGEMV) on and off against the CPU and each other.  Prints each mode's error
+-- against the bf16 output.
 -- Exits 77 without a CUDA device.
 local H = require("spec.helper")
 local moe = H.moe
@@ -198,33 +200,204 @@ describe("#gpu quantised fused MoE: routed mode, replay, parts, T = 0", function
   end)
 end)
 
+-- Capture one call of experts w / mode at T (whichever path the settings choose at capture),
+-- replay it with 3 new hidden and logits (seeds seed + round), each output checked against the
+-- CPU (relative L2 <= 1e-3) and the replay buffer against the CPU's ids, then between(round);
+-- at the end the first inputs once more.  Returns the bits of round 1 and of that last replay.
+local function graph_rounds(w, mode, T, m, seed, between)
+  local ex = experts(w, mode, "cuda")
+  local x = moe.empty({ T, HD }, { dtype = "bf16", device = "cuda" })
+  local L = moe.empty({ T, E }, { device = "cuda" })
+  local out = moe.empty({ T, HD }, { dtype = "bf16", device = "cuda" })
+  local rep = moe.full({ T, m.top_k }, -1, { dtype = "i16", device = "cuda" })
+  local args = { hidden = x, logits = L, bias = rbias:to("cuda"), experts = ex, method = m.method, top_k = m.top_k,
+                 n_group = m.n_group, topk_group = m.topk_group, scale = m.scale, out = out, replay = rep }
+  ex:reserve(math.max(T, 64), m.top_k) -- between() may call it at T = 64: no regrowth under the graph
+  local g = moe.graph.capture(function() moe.fused_moe(args) end)
+  local function run(xh, Lh)
+    x:copy_(xh:to("cuda"))
+    L:copy_(Lh:to("cuda"))
+    g:replay()
+    moe.synchronize("cuda")
+    return out:to("cpu"):to("f32"):totable()
+  end
+  local x1, L1 = inputs(T, seed + 1)
+  local y1
+  for round = 1, 3 do
+    local xh, Lh = inputs(T, seed + round)
+    local y = run(xh, Lh)
+    y1 = y1 or y
+    local yc, rc = call(experts(w, mode, "cpu"), xh, Lh, m, "cpu")
+    local err = rel_l2(out, yc)
+    assert.is_true(err <= 1e-3, "T=" .. T .. " round " .. round .. ": relative L2 error " .. err)
+    assert.same(rc.ids:totable(), rep:to("cpu"):to("i32"):totable())
+    if between then between(round) end
+  end
+  local again = run(x1, L1)
+  g:free()
+  return y1, again
+end
+
 describe("#gpu quantised fused MoE under CUDA graphs", function()
   for _, mode in ipairs{ "fp8_block", "nvfp4" } do
     it(mode .. ": captures the whole call and replays with new hidden and logits", function()
-      local w = weights("swiglu", false)
-      local ex = experts(w, mode, "cuda")
-      local T, m = 64, METHODS.deepseekv3
-      local x = moe.empty({ T, HD }, { dtype = "bf16", device = "cuda" })
-      local L = moe.empty({ T, E }, { device = "cuda" })
-      local out = moe.empty({ T, HD }, { dtype = "bf16", device = "cuda" })
-      local rep = moe.full({ T, m.top_k }, -1, { dtype = "i16", device = "cuda" })
-      local b = rbias:to("cuda")
-      local args = { hidden = x, logits = L, bias = b, experts = ex, method = m.method, top_k = m.top_k,
-                     n_group = m.n_group, topk_group = m.topk_group, scale = m.scale, out = out, replay = rep }
-      ex:reserve(T, m.top_k)
-      local g = moe.graph.capture(function() moe.fused_moe(args) end)
-      for round = 1, 3 do
-        local xh, Lh = inputs(T, 900 + round)
-        x:copy_(xh:to("cuda"))
-        L:copy_(Lh:to("cuda"))
-        g:replay()
-        moe.synchronize("cuda")
-        local yc, rc = call(experts(w, mode, "cpu"), xh, Lh, m, "cpu")
-        local err = rel_l2(out, yc)
-        assert.is_true(err <= 1e-3, "round " .. round .. ": relative L2 error " .. err)
-        assert.same(rc.ids:totable(), rep:to("cpu"):to("i32"):totable())
+      graph_rounds(weights("swiglu", false), mode, 64, METHODS.deepseekv3, 900)
+    end)
+  end
+end)
+
+describe("#gpu quantised fused MoE: decode GEMV path (fp8, fp8_block; T <= 4; MOE_FUSED_QGEMV=0 off, =N for T <= N)",
+         function()
+  local function qgemv(v, f) return H.with_env("MOE_FUSED_QGEMV", v, f) end
+  local function bits(y) return y:to("cpu"):to("f32"):totable() end
+  -- path on (default) and off against the CPU and each other: the quantised activations are the
+  -- same codes, only the f32 summation order differs
+  local function check(yv, yt, yc, what)
+    for _, c in ipairs{ { yv, yc, "GEMV vs CPU" }, { yt, yc, "tile kernels vs CPU" }, { yv, yt, "GEMV vs tiles" } } do
+      local err = rel_l2(c[1], c[2])
+      assert.is_true(err <= 1e-3, string.format("%s: %s, relative L2 %.3g", what, c[3], err))
+    end
+  end
+  local function on_off(ex, x, L, m, more, what)
+    local yv, rv = qgemv(nil, function() return call(experts(ex, ex.mode, "cuda"), x, L, m, "cuda", more) end)
+    local yt = qgemv("0", function() return call(experts(ex, ex.mode, "cuda"), x, L, m, "cuda", more) end)
+    local yc, rc = call(experts(ex, ex.mode, "cpu"), x, L, m, "cpu", more)
+    assert.same(rc.ids:totable(), rv.ids:to("cpu"):totable())
+    check(yv, yt, yc, what)
+    return yv, rv
+  end
+  local function mw(act, bias, mode) -- weights() with the mode to run, for on_off
+    local w = weights(act, bias)
+    return setmetatable({ mode = mode }, { __index = w })
+  end
+
+  for _, mode in ipairs(MODES) do
+    for _, T in ipairs{ 1, 2, 3, 4 } do
+      it(mode .. " / swiglu / renormalize / T=" .. T .. ": on and off agree with the CPU; same bits again", function()
+        local w = mw("swiglu", false, mode)
+        local x, L = inputs(T, 7100 + 13 * T + #mode)
+        local yv = on_off(w, x, L, METHODS.renormalize, nil, mode .. " T=" .. T)
+        local ya = qgemv("4", function() return call(experts(w, mode, "cuda"), x, L, METHODS.renormalize, "cuda") end)
+        assert.same(bits(yv), bits(ya))
+      end)
+    end
+  end
+
+  for _, mode in ipairs{ "fp8", "fp8_block" } do
+    for _, c in ipairs{ { "relu2", true, "deepseekv3" }, { "swiglu_oai", true, "renormalize" },
+                        { "geglu", false, "llama4" }, { "swiglu", true, "deepseekv3" } } do
+      for _, T in ipairs{ 1, 3 } do
+        it(string.format("%s / %s%s / %s / T=%d", mode, c[1], c[2] and " + biases" or "", c[3], T), function()
+          local x, L = inputs(T, 7300 + 7 * T + #c[1] + #c[3])
+          on_off(mw(c[1], c[2], mode), x, L, METHODS[c[3]], nil, mode .. "/" .. c[1] .. "/" .. c[3])
+        end)
       end
-      g:free()
+    end
+
+    it(mode .. ": forced up to T = 64 (experts with more than 8 pairs: several passes)", function()
+      for _, c in ipairs{ { 5, "renormalize" }, { 16, "deepseekv3" }, { 64, "deepseekv3" }, { 40, "llama4" } } do
+        local T, mname = c[1], c[2]
+        local w = mw("swiglu", false, mode)
+        local x, L = inputs(T, 7500 + T)
+        local m = METHODS[mname]
+        local yv = qgemv("64", function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end)
+        local yt = qgemv("0", function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end)
+        check(yv, yt, call(experts(w, mode, "cpu"), x, L, m, "cpu"), mname .. " T=" .. T)
+      end
+    end)
+
+    it(mode .. ": routed bit for bit with native, replay; repeated experts; ids out of range counted", function()
+      local w = mw("swiglu", false, mode)
+      local ex = experts(w, mode, "cuda")
+      local x, L = inputs(3, 7600)
+      local rep = moe.full({ 5, 4 }, -5, { dtype = "i16", device = "cuda" })
+      local y1, r = qgemv(nil, function() return call(ex, x, L, METHODS.deepseekv3, "cuda", { replay = rep }) end)
+      local y2 = qgemv(nil, function()
+        return moe.fused_moe{ hidden = x:to("cuda"), experts = ex, routed = { ids = r.ids, weights = r.weights } }
+      end)
+      assert.same(bits(y1), bits(y2))
+      local rt, ids = rep:to("cpu"):totable(), r.ids:to("cpu"):totable()
+      for t = 1, 3 do assert.same(ids[t], rt[t]) end
+      for t = 4, 5 do assert.same({ -5, -5, -5, -5 }, rt[t]) end
+      -- routed calls with ids and weights given as tables: path on, off and the CPU
+      local function routed(xt, tids, twts, dev, qv)
+        local rr = { ids = moe.tensor(tids, { dtype = "i32", device = dev }), weights = moe.tensor(twts, { device = dev }) }
+        local function go() return moe.fused_moe{ hidden = xt:to(dev), experts = experts(w, mode, dev), routed = rr } end
+        return dev == "cpu" and go() or qgemv(qv, go)
+      end
+      -- expert 2 three times (twice in token 0), expert 7 twice at T = 1, expert 1 in all 16
+      -- pairs at T = 4 (two passes of 8)
+      local all1, wr = {}, {}
+      for t = 1, 4 do all1[t], wr[t] = { 1, 1, 1, 1 }, { 0.1 * t, 0.2, 0.3, 0.4 } end
+      local cases = { { { { 2, 2 }, { 5, 2 } }, { { 0.25, 0.5 }, { 0.7, 0.3 } } }, { { { 7, 7 } }, { { 0.6, 0.4 } } },
+                      { all1, wr } }
+      for n, c in ipairs(cases) do
+        local xt = inputs(#c[1], 7700 + n)
+        check(routed(xt, c[1], c[2], "cuda"), routed(xt, c[1], c[2], "cuda", "0"), routed(xt, c[1], c[2], "cpu"),
+              "repeated experts, case " .. n)
+      end
+      -- ids out of range: skipped (as weight 0 on the CPU), counted once
+      ex:check()
+      local xt = inputs(2, 7800)
+      local y = routed(xt, { { 0, 99 }, { -1, 3 } }, { { 0.5, 0.5 }, { 0.5, 0.5 } }, "cuda")
+      local msg = H.error_of(function() ex:check() end)
+      assert.is_truthy(msg and msg:find("2 routed ids out of range"), tostring(msg))
+      assert.equal(0, ex:check())
+      local yc = routed(xt, { { 0, 0 }, { 3, 3 } }, { { 0.5, 0 }, { 0, 0.5 } }, "cpu")
+      assert.is_true(rel_l2(y, yc) <= 1e-3)
+    end)
+
+    it(mode .. ": expert shards at T = 4 (tokens without a local pair get zeros), qtensor parts, zeros in", function()
+      local w = mw("relu2", true, mode)
+      local T, m = 4, METHODS.renormalize
+      local x, L = inputs(T, 7900)
+      local zero_rows = 0
+      for s = 0, 7 do
+        local more = { local_offset = 2 * s, local_count = 2 }
+        local yv = on_off(w, x, L, m, more, "shard " .. s)
+        -- a token whose CPU row is all zeros had no local pair: the GEMV path writes zeros too
+        local tc, tv = call(experts(w, mode, "cpu"), x, L, m, "cpu", more):to("f32"):totable(), bits(yv)
+        local zrow = {}
+        for j = 1, HD do zrow[j] = 0 end
+        for t = 1, T do
+          if math.max(unpack(tc[t])) == 0 and math.min(unpack(tc[t])) == 0 then
+            zero_rows = zero_rows + 1
+            assert.same(zrow, tv[t])
+          end
+        end
+      end
+      assert.is_true(zero_rows > 0, "every token had a local pair in every shard: the zero case is not covered")
+      -- experts from qtensor parts quantised on the device: the same bits
+      local ws = weights("swiglu", false)
+      local exq = moe.experts{ gate_up = moe.quantize(ws.w13:to("cuda"), mode), down = moe.quantize(ws.w2:to("cuda"), mode) }
+      local x2, L2 = inputs(2, 7950)
+      local y1 = qgemv(nil, function() return call(experts(ws, mode, "cuda"), x2, L2, m, "cuda") end)
+      local y2 = qgemv(nil, function() return call(exq, x2, L2, m, "cuda") end)
+      assert.same(bits(y1), bits(y2))
+      -- an all-zero input: scale 0, codes 0, output 0 (no NaN)
+      for _, Tz in ipairs{ 1, 4 } do
+        local z = moe.zeros({ Tz, HD }, { dtype = "bf16", device = "cuda" })
+        local _, Lz = inputs(Tz, 7960)
+        local yz = qgemv(nil, function() return call(experts(ws, mode, "cuda"), z, Lz, m, "cuda") end)
+        for _, row in ipairs(bits(yz)) do
+          for _, v in ipairs(row) do assert.equal(0, v) end
+        end
+      end
+    end)
+
+    it(mode .. ": captured at T = 1 and 3, replayed with new inputs; tile-path calls in between change nothing",
+       function()
+      local w = mw("swiglu_oai", true, mode)
+      local m = METHODS.deepseekv3
+      for _, T in ipairs{ 1, 3 } do
+        local y1, again = qgemv(nil, function()
+          return graph_rounds(w, mode, T, m, 8000 + 10 * T, function(round) -- T = 64: the tile kernels
+            local xb, Lb = inputs(64, 8100 + round)
+            call(experts(w, mode, "cuda"), xb, Lb, m, "cuda")
+          end)
+        end)
+        assert.same(y1, again)
+      end
     end)
   end
 end)

@@ -1,4 +1,9 @@
 -- moe bench fused_quant [--quant MODE[,MODE]] [--shape NAME[,NAME]] [--t LIST] [--reps N] [--json PATH]
+--                       [--compare-env NAME=VALUE]
+--
+-- --compare-env NAME=VALUE times every case again with that environment variable set, then
+-- once more without it (the spread between the two default timings is the noise), e.g.
+-- MOE_FUSED_QGEMV=0: decode (T <= 4) on the tile kernels instead of the GEMV path.
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
@@ -15,7 +20,7 @@
 -- (same shape and T); T = 4096: fp8_block >= 1.3x faster than bf16 for DeepSeek-V3.
 local moe = require("moe")
 local common = require("bench.common")
-local split, median = common.split, common.median
+local split = common.split
 
 local HBM = 3.35e12
 local PEAK = { bf16 = 989e12, fp8 = 1979e12, fp8_block = 1979e12, nvfp4 = 1979e12, mxfp4 = 989e12,
@@ -42,9 +47,13 @@ while i <= #args do
   elseif a == "--t" or a == "--T" then i = i + 1; opts.t = args[i]
   elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
   elseif a == "--json" then i = i + 1; opts.json = args[i]
+  elseif a == "--compare-env" then
+    i = i + 1
+    opts.env_k, opts.env_v = common.env_arg("fused_quant", args[i])
+    if not opts.env_k then return 2 end
   elseif a == "-h" or a == "--help" then
     print("usage: moe bench fused_quant [--quant fp8,fp8_block,nvfp4,mxfp4,mxint4] [--shape NAME[,NAME]] " ..
-          "[--t 1,16,...] [--reps N] [--json PATH]")
+          "[--t 1,16,...] [--reps N] [--json PATH] [--compare-env NAME=VALUE]")
     print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b; bf16 is always timed as the baseline")
     return 0
   else
@@ -128,23 +137,26 @@ for _, s in ipairs(SHAPES) do
       ex:reserve(T, K)
       moe.fused_moe{ hidden = xs[1], logits = ls[1], experts = ex, method = "renormalize", top_k = K, out = out }
       local calls = T <= 256 and 8 or 2
-      local g = moe.graph.capture(function()
-        for c = 0, calls - 1 do
+      local function time_it()
+        return common.graph_us(moe, calls, opts.reps, function(c)
           local k = c % 4 + 1
           moe.fused_moe{ hidden = xs[k], logits = ls[k], experts = ex, method = "renormalize", top_k = K, out = out }
-        end
-      end)
-      local times = g:time(3, opts.reps)
-      g:free()
-      for k = 1, #times do times[k] = times[k] / calls end
-      local us = median(times)
+        end)
+      end
+      local us = time_it()
+      local us_env, us_again
+      if opts.env_k then
+        us_env = common.with_env(opts.env_k, opts.env_v, time_it)
+        us_again = time_it() -- the default again, after: the spread between the two is the noise
+      end
       local hit = inp[T].hit
       local bytes = hit * 3 * Hd * I * WBYTES[mode] + T * Hd * 4 + T * E * 4
       local flops = 2 * T * K * 3 * Hd * I
       local floor = math.max(bytes / HBM, flops / PEAK[mode]) * 1e6
       rows[#rows + 1] = { shape = s.name, mode = mode, T = T, us = us, floor = floor, pct_floor = 100 * floor / us,
                           tflops = flops / us / 1e6, gbs = bytes / us / 1e3, hit = hit,
-                          bound = bytes / HBM > flops / PEAK[mode] and "mem" or "flop" }
+                          bound = bytes / HBM > flops / PEAK[mode] and "mem" or "flop",
+                          us_env = us_env, us_again = us_again }
       out = nil
       collectgarbage("collect")
     end
@@ -174,6 +186,12 @@ for _, r in ipairs(rows) do
   print(string.format("%-14s %-10s %5d %6.1f %10.1f %10.1f %6.1f%% %5s %8.1f %8.0f %8s", r.shape, r.mode, r.T, r.hit,
                       r.us, r.floor, r.pct_floor, r.bound, r.tflops, r.gbs,
                       b and string.format("%.2fx", b.us / r.us) or "-"))
+end
+for _, r in ipairs(rows) do
+  if r.us_env then
+    print(string.format("  %s %s T=%d: with %s=%s %.1f us (default %.1f us, again after %.1f us)", r.shape, r.mode,
+                        r.T, opts.env_k, opts.env_v, r.us_env, r.us, r.us_again))
+  end
 end
 local function bar(ok) return ok and "met" or "MISSED" end
 for _, s in ipairs(SHAPES) do
@@ -217,9 +235,13 @@ if opts.json then
     local parts = {}
     for _, r in ipairs(rows) do
       local kv = {}
-      for _, k in ipairs{ "shape", "mode", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound" } do
+      for _, k in ipairs{ "shape", "mode", "T", "us", "floor", "pct_floor", "tflops", "gbs", "hit", "bound", "us_env",
+                          "us_again" } do
         local v = r[k]
-        kv[#kv + 1] = string.format('"%s": %s', k, type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
+        if v ~= nil then
+          kv[#kv + 1] = string.format('"%s": %s', k,
+                                      type(v) == "string" and string.format("%q", v) or string.format("%.5g", v))
+        end
       end
       parts[#parts + 1] = "  {" .. table.concat(kv, ", ") .. "}"
     end
