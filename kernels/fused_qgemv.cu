@@ -1,4 +1,4 @@
-/* fused_qgemv.cu -- decode path of the quantised fused MoE on CUDA (fp8, fp8_block; few tokens).
+/* fused_qgemv.cu -- decode path of the quantised fused MoE on CUDA (every mode; few tokens).
  *
  * At T <= a few tokens the tile path (fused_quant.cu) pays for its launches -- quantisers, align,
  * memsets, two GEMMs, finalize: 6 (fp8_block) to 13 (fp8) after routing -- more than for reading
@@ -59,6 +59,9 @@ struct qv_args : moe__fg_shape {
     const uint16_t *x;       /* hidden bf16 [T, H] */
     const uint8_t *w13, *w2; /* e4m3 [E, N1, H], [E, H, I], logical row order */
     const float *s13, *s2;   /* fp8: f32 [E]; fp8_block: f32 [E, N/128, K/128] */
+    const uint8_t *sb13, *sb2; /* the same scales as bytes: nvfp4 e4m3 [E, N, K/16]; mxfp4 ue8m0,
+                                * mxint4 bf16 [E, N, K/32] */
+    const float *g13, *g2;   /* nvfp4: the weights' global scales f32 [E] */
     const float *b13, *b2;   /* f32 [E, N1], [E, H] or NULL */
     const int32_t *ids;      /* [T, K] */
     const float *wts;        /* [T, K] */
@@ -136,6 +139,119 @@ __device__ __forceinline__ void qv_step(float (&d)[4], const uint4 &w0, const ui
         qv_mma(d, a0, a1, a2, a3, b0, b1);
     }
 }
+
+/* d += a * b, m16n8k16, bf16 operands, f32 accumulation. */
+__device__ __forceinline__ void qv_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* Packed (4-bit) modes.  Lane q of a quad holds 16 bytes = the 32 codes 32q .. 32q+31 of a
+ * 128-column block (low nibble first), word i = columns 8i .. 8i+7.  They become 16 16-bit
+ * pairs, pair 4i + j = columns (8i + j, 8i + j + 4), exactly:
+ *   nvfp4 (f16): e2m1 x its e4m3 scale (per 16 columns: pairs 0-7 and 8-15) -- the code's
+ *     bits placed in f16 read as value x 2^-14, times 2^14, times the scale: both products
+ *     exact and normal (2^-10 .. 2688, at most 6 significant bits), as the tile path's bf16;
+ *   mxfp4 (bf16): the e2m1 value (bits placed as value x 2^-126, one exact multiply by 2^126);
+ *   mxint4 (bf16): the signed nibble ((n ^ 8) | 0x4300 reads as 128 + (n ^ 8), minus 136).
+ * The mx scales (per 32 columns = one lane's codes) do not fold into bf16 exactly (mxint4) or
+ * not into f16 range (mxfp4); they are applied to f32 sums of the groups, which the MMA keeps
+ * apart as its columns (qv_gc). sc: nvfp4, the two scale codes of the lane's columns. */
+template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uint32_t sc, uint32_t (&o)[16]) {
+    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+    uint32_t s01 = 0, s0 = 0, s1 = 0;
+    if (MODE == MOE_QUANT_NVFP4) {
+        uint32_t hi;
+        qv_e4m3x4(sc, s01, hi);
+        s0 = __byte_perm(s01, 0, 0x1010);
+        s1 = __byte_perm(s01, 0, 0x3232);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t x = (u[i] >> (4 * j)) & 0x000F000Fu;
+            uint32_t r;
+            if (MODE == MOE_QUANT_NVFP4) {
+                const uint32_t b = ((x & 0x00070007u) << 9) | ((x & 0x00080008u) << 12);
+                asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(b), "r"(0x74007400u));
+                asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(r), "r"(i < 2 ? s0 : s1));
+            } else if (MODE == MOE_QUANT_MXFP4) {
+                const uint32_t b = ((x & 0x00070007u) << 6) | ((x & 0x00080008u) << 12);
+                asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x7E807E80u), "r"(0u));
+            } else {
+                const uint32_t b = (x ^ 0x00080008u) | 0x43004300u;
+                asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x3F803F80u), "r"(0xC308C308u));
+            }
+            o[4 * i + j] = r;
+        }
+}
+
+/* 32 bf16 activations (columns 8i .. 8i+7 in v[i]) in the pair order of qv_conv4. */
+__device__ __forceinline__ void qv_bf16_pairs(const uint4 (&v)[4], uint32_t (&o)[16]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        o[4 * i + 0] = __byte_perm(v[i].x, v[i].z, 0x5410);
+        o[4 * i + 1] = __byte_perm(v[i].x, v[i].z, 0x7632);
+        o[4 * i + 2] = __byte_perm(v[i].y, v[i].w, 0x5410);
+        o[4 * i + 3] = __byte_perm(v[i].y, v[i].w, 0x7632);
+    }
+}
+
+/* One 128-column block of a warp in a packed mode: d += W[rows g, g+8] . B over it; w0, w1
+ * the lane's codes of rows g and g + 8 (sc0, sc1: their nvfp4 scale codes), b the lane's B
+ * pairs (qv_conv4 order). */
+template <int MODE>
+__device__ __forceinline__ void qv_step4(float (&d)[4], const uint4 &w0, uint32_t sc0, const uint4 &w1, uint32_t sc1,
+                                         const uint32_t (&b)[16]) {
+    uint32_t a[16], c[16];
+    qv_conv4<MODE>(w0, sc0, a);
+    qv_conv4<MODE>(w1, sc1, c);
+#pragma unroll
+    for (int s = 0; s < 8; s++) {
+        if (MODE == MOE_QUANT_NVFP4) qv_mma(d, a[2 * s], c[2 * s], a[2 * s + 1], c[2 * s + 1], b[2 * s], b[2 * s + 1]);
+        else qv_mma_bf16(d, a[2 * s], c[2 * s], a[2 * s + 1], c[2 * s + 1], b[2 * s], b[2 * s + 1]);
+    }
+}
+
+/* One 128-column block of fp8, fp8_block (two qv_step) or nvfp4 (qv_step4; sa, sb, sx: the
+ * scale codes of rows g, g + 8 and of the activation). */
+template <int MODE, int NH>
+__device__ __forceinline__ void qv_unit(float (&d)[4], const uint4 (&w0)[NH], const uint4 (&w1)[NH],
+                                        const uint4 (&x)[NH], uint32_t sa, uint32_t sb, uint32_t sx) {
+    if (MODE == MOE_QUANT_NVFP4) {
+        uint32_t bw[16];
+        qv_conv4<MODE>(x[0], sx, bw);
+        qv_step4<MODE>(d, w0[0], sa, w1[0], sb, bw);
+    } else {
+        qv_step(d, w0[0], w1[0], x[0]);
+        qv_step(d, w0[NH - 1], w1[NH - 1], x[NH - 1]);
+    }
+}
+
+/* mx weight scales of groups j and j + 1 (32 columns each) from their raw bytes. */
+template <int MODE> __device__ __forceinline__ float qv_mx_scale(uint32_t raw, int h) {
+    if (MODE == MOE_QUANT_MXFP4) return moe__ue8m0_to_f32((uint8_t)(raw >> (8 * h)));
+    return moe__bf16_to_f32((uint16_t)(raw >> (16 * h)));
+}
+template <int MODE> __device__ __forceinline__ uint32_t qv_mx_raw(const uint8_t *s, int64_t group) {
+    if (MODE == MOE_QUANT_MXFP4) return *(const uint16_t *)(s + group);
+    return *(const uint32_t *)(s + 2 * group);
+}
+
+/* Per-mode constants of the kernels. */
+template <int MODE> struct qv_mode {
+    static constexpr bool PK = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
+    /* mx: the 4 groups of a 128-column block are MMA columns (pair r, group j: column 4r + j),
+     * so a pass takes 2 pairs */
+    static constexpr bool GC = MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
+    static constexpr int NH = PK ? 1 : 2;   /* 16-byte loads a row and 128-column block */
+    static constexpr int NB = GC ? 2 : QV_NB;
+    static constexpr int UGU = QV_UP_UG;
+};
 
 /* ------------------------------------------------ shared activation work -- */
 
@@ -216,7 +332,9 @@ __device__ __forceinline__ void qv_fp8_codes(const uint16_t *src, int64_t i0, in
 /* grid (N1 / 16, T*K); block (tile u, pair p). */
 template <int MODE>
 __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
-    constexpr int UG = QV_UP_UG, NW = QV_UP_THREADS / 32;
+    using M = qv_mode<MODE>;
+    constexpr int UG = M::UGU, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
+    constexpr bool PK = M::PK, GC = M::GC;
     moe__fm_pdl_enter();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t P = a.T * a.K, p = blockIdx.y;
@@ -228,95 +346,152 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     const int u = blockIdx.x, H = a.H, nkb = H >> 7;
     /* A rows g and g + 8: gate and up rows of intermediate column 8u + g (relu2: rows 16u + g, +8) */
     const int ra = gated ? 8 * u + g : 16 * u + g, rb = gated ? a.I + 8 * u + g : 16 * u + 8 + g;
-    const uint8_t *wa = a.w13 + ((int64_t)e * a.N1 + ra) * H + 16 * q;
-    const uint8_t *wb = a.w13 + ((int64_t)e * a.N1 + rb) * H + 16 * q;
+    /* bytes of a row, of a 128-column block */
+    const int64_t rowb = PK ? H / 2 : H;
+    constexpr int kbb = PK ? 64 : 128;
+    const uint8_t *wa = a.w13 + ((int64_t)e * a.N1 + ra) * rowb + 16 * q;
+    const uint8_t *wb = a.w13 + ((int64_t)e * a.N1 + rb) * rowb + 16 * q;
 
     /* the first round's weights, in flight during the x quantisation */
-    uint4 w0[UG][2], w1[UG][2];
+    uint4 w0[UG][NH], w1[UG][NH];
     auto load_w = [&](int kb0) {
 #pragma unroll
         for (int j = 0; j < UG; j++) {
             const int kb = kb0 + NW * j < nkb ? kb0 + NW * j : kb0; /* past the row: reload, unused */
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                w0[j][h] = qv_ldw(wa + 128 * kb + 64 * h);
-                w1[j][h] = qv_ldw(wb + 128 * kb + 64 * h);
+            for (int h = 0; h < NH; h++) {
+                w0[j][h] = qv_ldw(wa + kbb * kb + 64 * h);
+                w1[j][h] = qv_ldw(wb + kbb * kb + 64 * h);
             }
         }
     };
     if (warp < nkb) load_w(warp);
 
-    /* x: codes (and fp8_block scales) into the workspace, shared out in chunks */
+    /* x: codes (and fp8_block / nvfp4 scales) into the workspace, shared out in chunks (mx
+     * modes multiply x in bf16: nothing to do) */
     const int64_t nx = a.T * H;
-    uint32_t xamax = 0;
-    bool have_amax = false;
-    qv_share(a.ctr, (unsigned)((nx + QV_CHUNK - 1) / QV_CHUNK), [&](unsigned c) {
-        const int64_t i0 = (int64_t)c * QV_CHUNK, i1 = min(nx, i0 + QV_CHUNK);
-        if (MODE == MOE_QUANT_FP8) {
-            if (!have_amax) xamax = qv_amax_bf16<QV_UP_THREADS>(a.x, nx);
-            have_amax = true;
-            const float s = moe__q_fp8_scale(moe__q_amax(xamax));
-            qv_fp8_codes<QV_UP_THREADS>(a.x, i0, i1, s, a.xc);
-            if (c == 0 && tid == 0) a.xt[0] = s;
-        } else {
-            moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, QV_UP_THREADS>(a.x, MOE_BF16, i0 / 128, i1 / 128,
-                                                                 QV_UP_THREADS / moe__q_rows_geom<128>::L, 1, nullptr,
-                                                                 a.xc, a.xs);
-        }
-        /* step 2's counters and the intermediate amax, before any block passes this step */
-        if (c == 0 && tid < 3) a.ctr[2 + tid] = 0;
-    });
-    const float ts = MODE == MOE_QUANT_FP8 ? __ldcg(a.xt) * a.s13[e] : 1.0f;
+    if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
+        __shared__ uint32_t s_xa;
+        uint32_t xamax = 0;
+        bool have_amax = false;
+        qv_share(a.ctr, (unsigned)((nx + QV_CHUNK - 1) / QV_CHUNK), [&](unsigned c) {
+            const int64_t i0 = (int64_t)c * QV_CHUNK, i1 = min(nx, i0 + QV_CHUNK);
+            if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) {
+                if (!have_amax) {
+                    xamax = qv_amax_bf16<QV_UP_THREADS>(a.x, nx);
+                    if (MODE == MOE_QUANT_NVFP4) {
+                        if (tid == 0) s_xa = xamax;
+                        __syncthreads();
+                    }
+                }
+                have_amax = true;
+            }
+            if (MODE == MOE_QUANT_FP8) {
+                const float s = moe__q_fp8_scale(moe__q_amax(xamax));
+                qv_fp8_codes<QV_UP_THREADS>(a.x, i0, i1, s, a.xc);
+                if (c == 0 && tid == 0) a.xt[0] = s;
+            } else if (MODE == MOE_QUANT_NVFP4) {
+                moe__q_rows<MOE_QUANT_NVFP4, 16, QV_UP_THREADS>(a.x, MOE_BF16, i0 / 16, i1 / 16,
+                                                                QV_UP_THREADS / moe__q_rows_geom<16>::L, nx, &s_xa,
+                                                                a.xc, a.xs);
+                if (c == 0 && tid == 0) a.xt[0] = moe__q_nvfp4_global(moe__q_amax(xamax));
+            } else {
+                moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, QV_UP_THREADS>(a.x, MOE_BF16, i0 / 128, i1 / 128,
+                                                                     QV_UP_THREADS / moe__q_rows_geom<128>::L, 1,
+                                                                     nullptr, a.xc, a.xs);
+            }
+            /* step 2's counters and the intermediate amax, before any block passes this step */
+            if (c == 0 && tid < 3) a.ctr[2 + tid] = 0;
+        });
+    }
+    float ts = 1.0f;
+    if (MODE == MOE_QUANT_FP8) ts = __ldcg(a.xt) * a.s13[e];
+    if (MODE == MOE_QUANT_NVFP4) ts = __ldcg(a.xt) * a.g13[e];
     const int64_t srow = ((int64_t)e * (a.N1 >> 7) + (ra >> 7)) * nkb; /* fp8_block: scale rows of ra, rb */
     const int64_t srow_b = ((int64_t)e * (a.N1 >> 7) + (rb >> 7)) * nkb;
+    /* packed: scale bytes of rows ra, rb (nvfp4: per 16 columns; mx: per 32) */
+    const int64_t spr = MODE == MOE_QUANT_NVFP4 ? H / 16 : (MODE == MOE_QUANT_MXINT4 ? H / 16 : H / 32);
+    const uint8_t *sra = a.sb13 + ((int64_t)e * a.N1 + ra) * spr, *srb = a.sb13 + ((int64_t)e * a.N1 + rb) * spr;
+    const int gj = 2 * (q & 1); /* mx: the groups of this lane's accumulator columns: gj, gj + 1 */
 
     __shared__ float s_red[NW][32][4];
-    int mem[QV_NB];
-    for (int r0 = 0;; r0 += QV_NB) {
-        const int nm = moe__fg_members<QV_NB>(a.ids, P, p, e, r0, mem);
-        const int n = min(QV_NB, nm - r0);
-        int pg = -1, pc0 = -1, pc1 = -1; /* pairs of B column g and of accumulator columns 2q, 2q+1 */
+    int mem[NB];
+    for (int r0 = 0;; r0 += NB) {
+        const int nm = moe__fg_members<NB>(a.ids, P, p, e, r0, mem);
+        const int n = min(NB, nm - r0);
+        /* pairs of B column g and of accumulator columns 2q, 2q+1 (mx: B column g = pair g / 4,
+         * group g % 4; accumulator columns: pair q / 2) */
+        const int bj = GC ? g >> 2 : g, cj = GC ? q >> 1 : 2 * q;
+        int pg = -1, pc0 = -1, pc1 = -1;
 #pragma unroll
-        for (int j = 0; j < QV_NB; j++) {
-            if (j == g) pg = mem[j];
-            if (j == 2 * q) pc0 = mem[j];
-            if (j == 2 * q + 1) pc1 = mem[j];
+        for (int j = 0; j < NB; j++) {
+            if (j == bj) pg = mem[j];
+            if (j == cj) pc0 = mem[j];
+            if (!GC && j == 2 * q + 1) pc1 = mem[j];
         }
-        const uint8_t *xr = a.xc + (int64_t)(pg >= 0 ? pg / a.K : 0) * H + 16 * q;
+        if (GC && (g & 3) != q) pg = -1; /* B is zero outside the column's group */
+        const int64_t tg = pg >= 0 ? pg / a.K : 0;
+        const uint8_t *xr = a.xc + tg * (PK ? H / 2 : H) + 16 * q;
         const int64_t tc0 = pc0 >= 0 ? pc0 / a.K : 0, tc1 = pc1 >= 0 ? pc1 / a.K : 0;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int kb0 = warp; kb0 < nkb; kb0 += NW * UG) {
             if (r0 != 0 || kb0 != warp) load_w(kb0);
-            uint4 xv[UG][2];
+            uint4 xv[UG][NH];
             float sa[UG], sb[UG], sx0[UG], sx1[UG];
+            uint32_t ua[UG], ub[UG], ux[UG];
 #pragma unroll
             for (int j = 0; j < UG; j++) {
                 const int kb = kb0 + NW * j < nkb ? kb0 + NW * j : kb0;
+                if (!GC) {
 #pragma unroll
-                for (int h = 0; h < 2; h++)
-                    xv[j][h] = pg >= 0 ? __ldcg((const uint4 *)(xr + 128 * kb + 64 * h)) : make_uint4(0, 0, 0, 0);
+                    for (int h = 0; h < NH; h++)
+                        xv[j][h] = pg >= 0 ? __ldcg((const uint4 *)(xr + kbb * kb + 64 * h)) : make_uint4(0, 0, 0, 0);
+                }
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     sa[j] = a.s13[srow + kb];
                     sb[j] = a.s13[srow_b + kb];
                     sx0[j] = __ldcg(a.xs + tc0 * nkb + kb);
                     sx1[j] = __ldcg(a.xs + tc1 * nkb + kb);
                 }
+                if (MODE == MOE_QUANT_NVFP4) {
+                    ua[j] = *(const uint16_t *)(sra + 8 * kb + 2 * q);
+                    ub[j] = *(const uint16_t *)(srb + 8 * kb + 2 * q);
+                    ux[j] = __ldcg((const uint16_t *)((const uint8_t *)a.xs + tg * (H / 16) + 8 * kb + 2 * q));
+                }
+                if (GC) {
+                    ua[j] = qv_mx_raw<MODE>(sra, 4 * kb + gj);
+                    ub[j] = qv_mx_raw<MODE>(srb, 4 * kb + gj);
+                }
             }
 #pragma unroll
             for (int j = 0; j < UG; j++) {
-                if (kb0 + NW * j >= nkb) break;
+                const int kb = kb0 + NW * j;
+                if (kb >= nkb) break;
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    qv_step(part, w0[j][0], w1[j][0], xv[j][0]);
-                    qv_step(part, w0[j][1], w1[j][1], xv[j][1]);
+                    qv_unit<MODE, NH>(part, w0[j], w1[j], xv[j], 0, 0, 0);
                     /* as the tile path: partial x (activation scale x weight scale) */
                     acc[0] += part[0] * (sx0[j] * sa[j]);
                     acc[1] += part[1] * (sx1[j] * sa[j]);
                     acc[2] += part[2] * (sx0[j] * sb[j]);
                     acc[3] += part[3] * (sx1[j] * sb[j]);
+                } else if (!GC) {
+                    qv_unit<MODE, NH>(acc, w0[j], w1[j], xv[j], ua[j], ub[j], ux[j]);
                 } else {
-                    qv_step(acc, w0[j][0], w1[j][0], xv[j][0]);
-                    qv_step(acc, w0[j][1], w1[j][1], xv[j][1]);
+                    uint4 xb[4];
+                    const uint16_t *xp = a.x + tg * H + 128 * kb + 32 * q;
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        xb[i] = pg >= 0 ? __ldg((const uint4 *)(xp + 8 * i)) : make_uint4(0, 0, 0, 0);
+                    uint32_t bw[16];
+                    qv_bf16_pairs(xb, bw);
+                    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    qv_step4<MODE>(part, w0[j][0], 0, w1[j][0], 0, bw);
+                    /* the group scales of rows g (ua) and g + 8 (ub) */
+                    acc[0] += part[0] * qv_mx_scale<MODE>(ua[j], 0);
+                    acc[1] += part[1] * qv_mx_scale<MODE>(ua[j], 1);
+                    acc[2] += part[2] * qv_mx_scale<MODE>(ub[j], 0);
+                    acc[3] += part[3] * qv_mx_scale<MODE>(ub[j], 1);
                 }
             }
         }
@@ -333,11 +508,18 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
                 for (int w = 1; w < NW; w++) v += s_red[w][lane][i];
                 acc[i] = v;
             }
+            if (GC) { /* the pair's 4 groups: this lane's 2 and its neighbour's (q ^ 1) */
+                acc[0] += acc[1];
+                acc[2] += acc[3];
+                acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 1);
+                acc[2] += __shfl_xor_sync(0xffffffffu, acc[2], 1);
+                if (q & 1) pc0 = -1;
+            }
             const float *bias = a.b13 ? a.b13 + (int64_t)e * a.N1 : nullptr;
 #pragma unroll
-            for (int cc = 0; cc < 2; cc++) {
+            for (int cc = 0; cc < (GC ? 1 : 2); cc++) {
                 const int pc = cc ? pc1 : pc0;
-                if (2 * q + cc >= n || pc < 0) continue;
+                if (cj + cc >= n || pc < 0) continue;
                 float h0 = acc[cc] * ts, h1 = acc[2 + cc] * ts;
                 if (a.llama4) {
                     const float c1 = a.wts[pc];
@@ -359,16 +541,16 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
                     orow[ra] = v0;
                     orow[rb] = v1;
                 }
-                if (MODE == MOE_QUANT_FP8) /* the intermediate's amax: the bf16 values' bits */
+                if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) /* the intermediate's amax: the bf16 values' bits */
                     amax = max(amax, max(moe__q_absbits(moe__bf16_to_f32(v0)), moe__q_absbits(moe__bf16_to_f32(v1))));
             }
-            if (MODE == MOE_QUANT_FP8) {
+            if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) {
                 amax = moe__q_warp_max(amax, 32);
                 if (lane == 0 && amax != 0) atomicMax(a.ctr + 4, amax);
             }
         }
         __syncthreads(); /* s_red is reused by the next pass */
-        if (r0 + QV_NB >= nm) break;
+        if (r0 + NB >= nm) break;
     }
 }
 
@@ -377,7 +559,9 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
 template <int MODE>
 __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
-    constexpr int UG = QV_DN_UG, NW = QV_DN_THREADS / 32;
+    using M = qv_mode<MODE>;
+    constexpr int UG = QV_DN_UG, NW = QV_DN_THREADS / 32, NH = M::NH;
+    constexpr bool PK = M::PK, GC = M::GC;
     moe__fm_pdl_enter();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t t = blockIdx.x % a.T, P = a.T * a.K, p0 = t * a.K;
@@ -404,69 +588,122 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     }
     /* unit u = (local pair u / nkb, 128-column block u % nkb); warp w takes w, w + NW, ... */
     const int nu = nl * nkb;
-    uint4 w0[UG][2], w1[UG][2];
+    const int64_t rowb = PK ? I / 2 : I;
+    constexpr int kbb = PK ? 64 : 128;
+    uint4 w0[UG][NH], w1[UG][NH];
     auto load_w = [&](int u0) {
 #pragma unroll
         for (int j = 0; j < UG; j++) {
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0; /* past the end: reload, unused */
             const int kl = uu / nkb, kb = uu - kl * nkb;
-            const uint8_t *wr = a.w2 + ((int64_t)s_e[kl] * a.H + c0 + g) * I + 128 * kb + 16 * q;
+            const uint8_t *wr = a.w2 + ((int64_t)s_e[kl] * a.H + c0 + g) * rowb + kbb * kb + 16 * q;
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < NH; h++) {
                 w0[j][h] = qv_ldw(wr + 64 * h);
-                w1[j][h] = qv_ldw(wr + 8 * (int64_t)I + 64 * h);
+                w1[j][h] = qv_ldw(wr + 8 * rowb + 64 * h);
             }
         }
     };
     if (warp < nu) load_w(warp);
 
-    /* the intermediate rows of the local pairs: codes (and fp8_block scales), shared out in
-     * chunks (pair, 1024 columns); rows of other pairs are skipped */
+    /* the intermediate rows of the local pairs: codes (and fp8_block / nvfp4 scales), shared
+     * out in chunks (pair, 1024 columns); rows of other pairs are skipped (mx modes: bf16) */
     const int cpr = (I + QV_CHUNK - 1) / QV_CHUNK;
-    const uint32_t gamax = MODE == MOE_QUANT_FP8 ? __ldcg(a.ctr + 4) : 0u; /* complete: step 1 ended */
-    const float sg = moe__q_fp8_scale(moe__q_amax(gamax));
-    qv_share(a.ctr + 2, (unsigned)(P * cpr), [&](unsigned c) {
-        const int64_t pp = c / cpr, i0 = pp * I + (int64_t)(c % cpr) * QV_CHUNK, i1 = min(pp * I + I, i0 + QV_CHUNK);
-        if (moe__fg_local(a.ids[pp], a.E, a.lo, a.lc)) {
-            if (MODE == MOE_QUANT_FP8)
-                qv_fp8_codes<QV_DN_THREADS>(a.inter, i0, i1, sg, a.gc);
-            else
-                moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, QV_DN_THREADS>(a.inter, MOE_BF16, i0 / 128, i1 / 128,
-                                                                     QV_DN_THREADS / moe__q_rows_geom<128>::L, 1,
-                                                                     nullptr, a.gc, a.gs);
-        }
-        if (c == 0 && tid < 2) a.ctr[tid] = 0; /* step 1's counters (it has ended) */
-    });
+    const bool pt = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4; /* per-tensor amax */
+    const uint32_t gamax = pt ? __ldcg(a.ctr + 4) : 0u;            /* complete: step 1 ended */
+    const float sg = MODE == MOE_QUANT_NVFP4 ? moe__q_nvfp4_global(moe__q_amax(gamax))
+                                             : moe__q_fp8_scale(moe__q_amax(gamax));
+    if (!GC) {
+        qv_share(a.ctr + 2, (unsigned)(P * cpr), [&](unsigned c) {
+            const int64_t pp = c / cpr, i0 = pp * I + (int64_t)(c % cpr) * QV_CHUNK, i1 = min(pp * I + I, i0 + QV_CHUNK);
+            if (moe__fg_local(a.ids[pp], a.E, a.lo, a.lc)) {
+                if (MODE == MOE_QUANT_FP8)
+                    qv_fp8_codes<QV_DN_THREADS>(a.inter, i0, i1, sg, a.gc);
+                else if (MODE == MOE_QUANT_NVFP4)
+                    moe__q_rows<MOE_QUANT_NVFP4, 16, QV_DN_THREADS>(a.inter, MOE_BF16, i0 / 16, i1 / 16,
+                                                                    QV_DN_THREADS / moe__q_rows_geom<16>::L, P * I,
+                                                                    a.ctr + 4, a.gc, a.gs);
+                else
+                    moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, QV_DN_THREADS>(a.inter, MOE_BF16, i0 / 128, i1 / 128,
+                                                                         QV_DN_THREADS / moe__q_rows_geom<128>::L, 1,
+                                                                         nullptr, a.gc, a.gs);
+            }
+            if (c == 0 && tid < 2) a.ctr[tid] = 0; /* step 1's counters (it has ended) */
+        });
+    }
 
+    /* packed: scale bytes a row of W2 (nvfp4: per 16 columns; mx: per 32) */
+    const int64_t spr = MODE == MOE_QUANT_MXFP4 ? I / 32 : I / 16;
+    const int gj = 2 * (q & 1); /* mx: groups of accumulator columns 2q, 2q+1 (q < 2) */
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int u0 = warp; u0 < nu; u0 += NW * UG) {
         if (u0 != warp) load_w(u0);
-        uint4 xv[UG][2];
+        uint4 xv[UG][NH];
         float f[UG];
+        uint32_t ua[UG], ub[UG], ux[UG];
 #pragma unroll
         for (int j = 0; j < UG; j++) {
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0;
             const int kl = uu / nkb, kb = uu - kl * nkb, pp = s_p[kl], e = s_e[kl];
-            const uint8_t *xr = a.gc + (int64_t)pp * I + 128 * kb + 16 * q;
+            if (!GC) {
+                const uint8_t *xr = a.gc + (int64_t)pp * rowb + kbb * kb + 16 * q;
 #pragma unroll
-            for (int h = 0; h < 2; h++)
-                xv[j][h] = g == 0 ? __ldcg((const uint4 *)(xr + 64 * h)) : make_uint4(0, 0, 0, 0);
+                for (int h = 0; h < NH; h++)
+                    xv[j][h] = g == 0 ? __ldcg((const uint4 *)(xr + 64 * h)) : make_uint4(0, 0, 0, 0);
+            }
             /* the unit's factor: its scales (as the tile path: activation x weight) and weight */
             if (MODE == MOE_QUANT_FP8_BLOCK)
                 f[j] = __ldcg(a.gs + (int64_t)pp * nkb + kb) * a.s2[((int64_t)e * (a.H >> 7) + (c0 >> 7)) * nkb + kb];
-            else
+            else if (MODE == MOE_QUANT_FP8)
                 f[j] = sg * a.s2[e];
+            else if (MODE == MOE_QUANT_NVFP4)
+                f[j] = sg * a.g2[e];
+            else
+                f[j] = 1.0f;
             f[j] *= s_w[kl];
+            const uint8_t *sr = a.sb2 + ((int64_t)e * a.H + c0 + g) * spr;
+            if (MODE == MOE_QUANT_NVFP4) {
+                ua[j] = *(const uint16_t *)(sr + 8 * kb + 2 * q);
+                ub[j] = *(const uint16_t *)(sr + 8 * spr + 8 * kb + 2 * q);
+                ux[j] = __ldcg((const uint16_t *)((const uint8_t *)a.gs + (int64_t)pp * (I / 16) + 8 * kb + 2 * q));
+            }
+            if (GC) {
+                ua[j] = qv_mx_raw<MODE>(sr, 4 * kb + gj);
+                ub[j] = qv_mx_raw<MODE>(sr + 8 * spr, 4 * kb + gj);
+            }
         }
 #pragma unroll
         for (int j = 0; j < UG; j++) {
             if (u0 + NW * j >= nu) break;
             float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            qv_step(part, w0[j][0], w1[j][0], xv[j][0]);
-            qv_step(part, w0[j][1], w1[j][1], xv[j][1]);
-            acc[0] += part[0] * f[j]; /* column 0 (lanes q = 0): rows g and g + 8 */
-            acc[2] += part[2] * f[j];
+            if (!GC) {
+                qv_unit<MODE, NH>(part, w0[j], w1[j], xv[j], ua[j], ub[j], ux[j]);
+            } else {
+                /* B column j < 4 = group j of the pair's row (lanes g = q load it) */
+                const int uu = u0 + NW * j, kl = uu / nkb, kb = uu - kl * nkb;
+                const uint16_t *xp = a.inter + (int64_t)s_p[kl] * I + 128 * kb + 32 * q;
+                uint4 xb[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    xb[i] = g == q ? __ldg((const uint4 *)(xp + 8 * i)) : make_uint4(0, 0, 0, 0);
+                uint32_t bw[16];
+                qv_bf16_pairs(xb, bw);
+                qv_step4<MODE>(part, w0[j][0], 0, w1[j][0], 0, bw);
+                part[0] *= qv_mx_scale<MODE>(ua[j], 0);
+                part[1] *= qv_mx_scale<MODE>(ua[j], 1);
+                part[2] *= qv_mx_scale<MODE>(ub[j], 0);
+                part[3] *= qv_mx_scale<MODE>(ub[j], 1);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] += part[i] * f[j];
         }
+    }
+    /* column 0 (lanes q = 0): rows g and g + 8; mx: columns 0-3 (lanes q = 0, 1), the groups */
+    if (GC) {
+        acc[0] += acc[1];
+        acc[2] += acc[3];
+        acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 1);
+        acc[2] += __shfl_xor_sync(0xffffffffu, acc[2], 1);
     }
     /* the warps' sums in warp order, the weighted biases in k order, one rounding */
     __shared__ float s_red[NW][16];
@@ -502,7 +739,10 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
  * kernels are measured to take over. */
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
-    if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK) return false;
+    const int m = ex->quant;
+    if (m != MOE_QUANT_FP8 && m != MOE_QUANT_FP8_BLOCK && m != MOE_QUANT_NVFP4 && m != MOE_QUANT_MXFP4 &&
+        m != MOE_QUANT_MXINT4)
+        return false;
     if (!A->ws || A->local_count <= 0 || A->T < 1) return false;
     if (A->T > moe__fm_env_bound("MOE_FUSED_QGEMV", QV_DEFAULT_T, QV_MAX_T)) return false;
     if (ex->H % 128 != 0 || ex->I % 128 != 0) return false; /* checked when the experts are made */
@@ -510,7 +750,10 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const uintptr_t x = (uintptr_t)moe_tensor_data(A->hidden);
     const uintptr_t w13 = (uintptr_t)moe_tensor_data(moe_qtensor_data(ex->q13));
     const uintptr_t w2 = (uintptr_t)moe_tensor_data(moe_qtensor_data(ex->q2));
-    return ((x | w13 | w2) & 15) == 0;
+    /* packed modes: 2- and 4-byte loads of the scales */
+    const uintptr_t s13 = (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q13));
+    const uintptr_t s2 = (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q2));
+    return ((x | w13 | w2) & 15) == 0 && ((s13 | s2) & 3) == 0;
 }
 
 moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
@@ -525,6 +768,12 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     a.w2 = (const uint8_t *)moe_tensor_data(moe_qtensor_data(ex->q2));
     a.s13 = (const float *)moe_tensor_data(moe_qtensor_scales(ex->q13));
     a.s2 = (const float *)moe_tensor_data(moe_qtensor_scales(ex->q2));
+    a.sb13 = (const uint8_t *)a.s13;
+    a.sb2 = (const uint8_t *)a.s2;
+    if (ex->quant == MOE_QUANT_NVFP4) {
+        a.g13 = (const float *)moe_tensor_data(moe_qtensor_global_scale(ex->q13));
+        a.g2 = (const float *)moe_tensor_data(moe_qtensor_global_scale(ex->q2));
+    }
     a.b13 = ex->b13 ? (const float *)moe_tensor_data(ex->b13) : nullptr;
     a.b2 = ex->b2 ? (const float *)moe_tensor_data(ex->b2) : nullptr;
     a.ids = (const int32_t *)moe_tensor_data(A->ids);
@@ -539,6 +788,11 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     a.out = (uint16_t *)moe_tensor_data(A->out);
     a.err = (int32_t *)(base + ws->off_err);
     moe__fg_shape_set(&a, A);
-    if (ex->quant == MOE_QUANT_FP8) return qv_launch<MOE_QUANT_FP8>(g.stream, a);
-    return qv_launch<MOE_QUANT_FP8_BLOCK>(g.stream, a);
+    switch (ex->quant) {
+    case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a);
+    case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a);
+    case MOE_QUANT_MXFP4: return qv_launch<MOE_QUANT_MXFP4>(g.stream, a);
+    case MOE_QUANT_MXINT4: return qv_launch<MOE_QUANT_MXINT4>(g.stream, a);
+    default: return qv_launch<MOE_QUANT_FP8_BLOCK>(g.stream, a);
+    }
 }

@@ -36,7 +36,7 @@ static inline moe__fq_layout moe__fq_layout_of(const moe_workspace *ws) {
     return L;
 }
 
-/* Decode GEMV path (fused_qgemv.cu): fp8 and fp8_block experts, 1 <= T <= the bound of
+/* Decode GEMV path (fused_qgemv.cu): every quantisation mode, 1 <= T <= the bound of
  * MOE_FUSED_QGEMV (unset: 4; "0": off), local_count > 0.  moe__fq_gemv_eligible says whether
  * a call of moe__cuda_fused_quant takes it; moe__fq_gemv then does the whole call after
  * routing (2 launches on g.stream). */

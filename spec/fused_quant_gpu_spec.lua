@@ -246,7 +246,7 @@ describe("#gpu quantised fused MoE under CUDA graphs", function()
   end
 end)
 
-describe("#gpu quantised fused MoE: decode GEMV path (fp8, fp8_block; T <= 4; MOE_FUSED_QGEMV=0 off, =N for T <= N)",
+describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FUSED_QGEMV=0 off, =N for T <= N)",
          function()
   local function qgemv(v, f) return H.with_env("MOE_FUSED_QGEMV", v, f) end
   local function bits(y) return y:to("cpu"):to("f32"):totable() end
@@ -283,7 +283,7 @@ describe("#gpu quantised fused MoE: decode GEMV path (fp8, fp8_block; T <= 4; MO
     end
   end
 
-  for _, mode in ipairs{ "fp8", "fp8_block" } do
+  for _, mode in ipairs(MODES) do
     for _, c in ipairs{ { "relu2", true, "deepseekv3" }, { "swiglu_oai", true, "renormalize" },
                         { "geglu", false, "llama4" }, { "swiglu", true, "deepseekv3" } } do
       for _, T in ipairs{ 1, 3 } do
