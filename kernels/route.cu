@@ -414,8 +414,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
  * Sigmoid + bias selection (deepseekv3, minimax2) for E = 32 * NPL: filter, then verify.
  *
  * Lane l holds the NPL consecutive experts l*NPL .. l*NPL + NPL - 1 (groups of G = NPL * 2^gs
- * experts are 2^gs whole lanes).  MOE_RT_SLOTS tokens per warp; the lane's bias values are read
- * once per warp.
+ * experts are 2^gs whole lanes); one token per warp.
  *
  * Per token the selection first runs on APPROXIMATE scores s~ = rcp.approx(1 + ex2.approx(-x
  * log2 e)) (5 instructions instead of the ~27 of the bit-reproducible sigmoid of route_math.h).
@@ -552,21 +551,15 @@ __device__ __forceinline__ int moe__rt_sb_exact(const moe__route_args &a, const 
     return my_id;
 }
 
-#define MOE_RT_SLOTS 1 /* tokens per warp in moe__k_route_sb */
-
-/* Each warp routes S tokens (Sw .. Sw + S - 1) side by side: every phase below runs for all
- * slots in straight-line code.  Measured on an H100 (deepseekv3, T = 16384): S = 1 17.7 us,
- * S = 2 19.1 us (its registers cost more warps than the overlap won back); also slower were the
- * bias in shared memory for 64 warps per SM (18.5 us), a persistent grid prefetching the next
- * token (20.7 us) and half-warps with one token each and shuffle reductions (22.9 us). */
+/* One token per warp.  Measured on an H100 (deepseekv3, T = 16384) and rejected: two tokens per
+ * warp side by side (19.1 vs 17.7 us: the registers cost more warps than the overlap won back),
+ * the bias in shared memory for 64 warps per SM (18.5), a persistent grid prefetching the next
+ * token into registers (20.7) or shared memory (19.8 vs 18.35), half-warps with one token each and
+ * shuffle reductions (22.9), 8-warp blocks (+1.5%), programmatic dependent launch (-1%). */
 template <int NPL, int DT, bool K8>
-__global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 / MOE_RT_SLOTS : 8 / MOE_RT_SLOTS) moe__k_route_sb(const moe__route_args a) {
-    constexpr int S = MOE_RT_SLOTS;
+__global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_route_sb(const moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
-    constexpr int RB = NPL * SZ;                                    /* bytes of logits per lane */
-    constexpr int VB = (RB % 16 == 0) ? 16 : (RB % 8 == 0) ? 8 : 4; /* vector load bytes */
-    constexpr int NL = RB / VB;                                     /* vector loads per lane */
-    constexpr int NR = RB / 4 > 0 ? RB / 4 : 1;
+    constexpr int W = moe__rt_w<NPL, SZ>::v; /* chunk of one vector load (rows are W-aligned) */
     constexpr int E = 32 * NPL;
     /* packed approximate keys: the selection key with its low IB bits replaced by IM - e, so
      * that all are distinct, integer order is (quantised key desc, expert asc) and one redux
@@ -574,234 +567,148 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 / MOE_RT_SLOT
     constexpr int IB = E <= 256 ? 8 : 9;
     constexpr uint32_t IM = (1u << IB) - 1u;
     const int lane = threadIdx.x & 31;
-    const int64_t t0 = S * ((int64_t)blockIdx.x * MOE_RT_WARPS + (threadIdx.x >> 5));
-    /* slots past T redo a valid token and store nothing (no early exit: the warp stays
+    const int64_t t0 = (int64_t)blockIdx.x * MOE_RT_WARPS + (threadIdx.x >> 5);
+    /* a warp past T redoes token T - 1 and stores nothing (no early exit: the warp stays
      * provably converged, so the warp reductions below need no divergence checks) */
-    const int64_t tc = t0 < a.T ? t0 : a.T - 1;
-    int64_t tk[S];
-#pragma unroll
-    for (int s = 0; s < S; s++) tk[s] = tc + s < a.T ? tc + s : tc;
-    const int ns = t0 >= a.T ? 0 : a.T - t0 < S ? (int)(a.T - t0) : S;
+    const bool valid = t0 < a.T;
+    const int64_t t = valid ? t0 : a.T - 1;
     const int K = a.K, gs = a.gshift;
     const bool groups = a.n_group > 1;
+    const void *row = (const char *)a.logits + (size_t)t * E * SZ;
 
     float b[NPL];
-    if (a.bias_vec) { /* the lane's NPL bias values with 16-byte loads (host-checked alignment) */
-        if (a.bias_bf16) {
-            const uint4 *q = (const uint4 *)((const uint16_t *)a.bias + lane * NPL);
+    uint32_t pk[NPL], p1 = 0, p2 = 0, g1 = 0, g2 = 0;
+    {
+        float x[NPL];
 #pragma unroll
-            for (int v = 0; v < NPL / 8; v++) {
-                const uint4 u = __ldg(q + v);
-                const uint32_t w[4] = { u.x, u.y, u.z, u.w };
-#pragma unroll
-                for (int i = 0; i < 8; i++) b[8 * v + i] = moe__bf16_to_f32((uint16_t)(w[i / 2] >> ((i & 1) * 16)));
-            }
-        } else {
-            const float4 *q = (const float4 *)((const float *)a.bias + lane * NPL);
-#pragma unroll
-            for (int v = 0; v < NPL / 4; v++) {
-                const float4 u = __ldg(q + v);
-                b[4 * v] = u.x; b[4 * v + 1] = u.y; b[4 * v + 2] = u.z; b[4 * v + 3] = u.w;
-            }
+        for (int v = 0; v < NPL / W; v++) {
+            moe__rt_load<DT, W>(row, lane * NPL + v * W, E, 1, x + v * W);
+            if (a.bias) moe__rt_load_bias<W>(a, lane * NPL + v * W, b + v * W);
         }
-    } else {
 #pragma unroll
         for (int j = 0; j < NPL; j++) {
-            const int e = lane * NPL + j;
-            b[j] = !a.bias ? 0.0f : a.bias_bf16 ? moe__bf16_to_f32(((const uint16_t *)a.bias)[e]) : ((const float *)a.bias)[e];
-        }
-    }
-    const void *row[S];
-    uint32_t pk[S][NPL], p1[S], p2[S], g1[S], g2[S];
-#pragma unroll
-    for (int s = 0; s < S; s++) {
-        row[s] = (const char *)a.logits + (size_t)tk[s] * E * SZ;
-        uint32_t raw[NR];
-        const char *q = (const char *)row[s] + (size_t)lane * RB;
-#pragma unroll
-        for (int v = 0; v < NL; v++) {
-            if constexpr (VB == 16) {
-                const uint4 u = __ldg((const uint4 *)q + v);
-                raw[4 * v] = u.x; raw[4 * v + 1] = u.y; raw[4 * v + 2] = u.z; raw[4 * v + 3] = u.w;
-            } else if constexpr (VB == 8) {
-                const uint2 u = __ldg((const uint2 *)q + v);
-                raw[2 * v] = u.x; raw[2 * v + 1] = u.y;
-            } else {
-                raw[v] = __ldg((const unsigned int *)q + v);
-            }
-        }
-        p1[s] = p2[s] = g1[s] = g2[s] = 0;
-#pragma unroll
-        for (int j = 0; j < NPL; j++) {
-            const float x = SZ == 4 ? __uint_as_float(raw[j]) : moe__rt_cvt<DT>((raw[j / 2] >> ((j & 1) * 16)) & 0xFFFFu);
-            const uint32_t k = moe__rt_key(fmaxf(moe__rt_sig_approx(x) + b[j], -INFINITY));
-            pk[s][j] = (k & ~IM) | (IM - (uint32_t)(lane * NPL + j));
-            p2[s] = max(p2[s], min(p1[s], pk[s][j]));
-            p1[s] = max(p1[s], pk[s][j]);
+            if (!a.bias) b[j] = 0.0f;
+            const uint32_t k = moe__rt_key(fmaxf(moe__rt_sig_approx(x[j]) + b[j], -INFINITY));
+            pk[j] = (k & ~IM) | (IM - (uint32_t)(lane * NPL + j));
+            p2 = max(p2, min(p1, pk[j]));
+            p1 = max(p1, pk[j]);
             if (groups) { /* group scores from the full (unquantised) keys */
-                g2[s] = max(g2[s], min(g1[s], k));
-                g1[s] = max(g1[s], k);
+                g2 = max(g2, min(g1, k));
+                g1 = max(g1, k);
             }
         }
     }
-    bool ok[S];
-#pragma unroll
-    for (int s = 0; s < S; s++) ok[s] = true;
+    bool ok = true;
     if (groups) {
         for (int o = 1; o < (1 << gs); o <<= 1) {
-#pragma unroll
-            for (int s = 0; s < S; s++) {
-                const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, g1[s], o);
-                const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, g2[s], o);
-                g2[s] = max(max(g2[s], o2), min(g1[s], o1));
-                g1[s] = max(g1[s], o1);
-            }
+            const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, g1, o);
+            const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, g2, o);
+            g2 = max(max(g2, o2), min(g1, o1));
+            g1 = max(g1, o1);
         }
         const int grp = lane >> gs, ng = 32 >> gs, tg = a.topk_group;
         /* distinct per group (quantised score, then the lower group first); every lane counts
          * the groups ranked before its own: kept = rank < topk_group */
-        uint32_t gk[S];
-        int rank[S];
-#pragma unroll
-        for (int s = 0; s < S; s++) {
-            rank[s] = 0;
-            gk[s] = (moe__rt_key(fmaxf(moe__rt_unkey(g1[s]) + moe__rt_unkey(g2[s]), -INFINITY)) & ~31u) |
-                    (uint32_t)(31 - grp);
-        }
+        const uint32_t gk = (moe__rt_key(fmaxf(moe__rt_unkey(g1) + moe__rt_unkey(g2), -INFINITY)) & ~31u) |
+                            (uint32_t)(31 - grp);
+        int rank = 0;
         if (ng == 8) {
 #pragma unroll
-            for (int h = 0; h < 8; h++)
-#pragma unroll
-                for (int s = 0; s < S; s++) rank[s] += __shfl_sync(0xFFFFFFFFu, gk[s], h << gs) > gk[s];
+            for (int h = 0; h < 8; h++) rank += __shfl_sync(0xFFFFFFFFu, gk, h << gs) > gk;
         } else {
-            for (int h = 0; h < ng; h++)
-#pragma unroll
-                for (int s = 0; s < S; s++) rank[s] += __shfl_sync(0xFFFFFFFFu, gk[s], h << gs) > gk[s];
+            for (int h = 0; h < ng; h++) rank += __shfl_sync(0xFFFFFFFFu, gk, h << gs) > gk;
         }
-#pragma unroll
-        for (int s = 0; s < S; s++) {
-            if (tg < ng) { /* the topk_group-th group against the best one dropped */
-                const uint32_t last = __reduce_max_sync(0xFFFFFFFFu, rank[s] == tg - 1 ? gk[s] : 0u);
-                const uint32_t next = __reduce_max_sync(0xFFFFFFFFu, rank[s] == tg ? gk[s] : 0u);
-                ok[s] = moe__rt_apart(moe__rt_unkey(last & ~31u), moe__rt_unkey(next & ~31u), 0x1p-17f, 0x1p-17f);
-            }
-            if (rank[s] >= tg) p1[s] = p2[s] = 0;
+        if (tg < ng) { /* the topk_group-th group against the best one dropped */
+            const uint32_t last = __reduce_max_sync(0xFFFFFFFFu, rank == tg - 1 ? gk : 0u);
+            const uint32_t next = __reduce_max_sync(0xFFFFFFFFu, rank == tg ? gk : 0u);
+            ok = moe__rt_apart(moe__rt_unkey(last & ~31u), moe__rt_unkey(next & ~31u), 0x1p-17f, 0x1p-17f);
         }
+        if (rank >= tg) p1 = p2 = 0;
     }
-    /* K + 1 rounds per slot: lane r keeps round r's winner; the owner promotes its second and
-     * rescans (for the best two below the one it gave up; packed keys are distinct) when dry */
-    uint32_t mine[S];
-#pragma unroll
-    for (int s = 0; s < S; s++) mine[s] = 0;
+    /* K + 1 rounds: lane r keeps round r's winner; the owner promotes its second and rescans
+     * (for the best two below the one it gave up; packed keys are distinct) when dry */
+    uint32_t mine = 0;
     const int R = K8 ? 9 : K + 1;
 #pragma unroll(K8 ? 9 : 3)
     for (int r = 0; r < R; r++) {
-        bool dry[S], any = false;
-        uint32_t M[S];
+        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, p1);
+        mine = lane == r ? M : mine;
+        const bool own = p1 == M && M != 0;
+        p1 = own ? p2 : p1;
+        p2 = own ? 0u : p2;
+        const bool dry = own && p1 == 0 && r + 1 < R;
+        if (__any_sync(0xFFFFFFFFu, dry) && dry) {
 #pragma unroll
-        for (int s = 0; s < S; s++) {
-            M[s] = __reduce_max_sync(0xFFFFFFFFu, p1[s]);
-            mine[s] = lane == r ? M[s] : mine[s];
-            const bool own = p1[s] == M[s] && M[s] != 0;
-            p1[s] = own ? p2[s] : p1[s];
-            p2[s] = own ? 0u : p2[s];
-            dry[s] = own && p1[s] == 0 && r + 1 < R;
-            any = any || dry[s];
-        }
-        if (__any_sync(0xFFFFFFFFu, any)) {
-#pragma unroll
-            for (int s = 0; s < S; s++) {
-                if (dry[s]) {
-#pragma unroll
-                    for (int j = 0; j < NPL; j++) {
-                        const uint32_t q = pk[s][j] < M[s] ? pk[s][j] : 0u;
-                        p2[s] = max(p2[s], min(p1[s], q));
-                        p1[s] = max(p1[s], q);
-                    }
-                }
+            for (int j = 0; j < NPL; j++) {
+                const uint32_t q = pk[j] < M ? pk[j] : 0u;
+                p2 = max(p2, min(p1, q));
+                p1 = max(p1, q);
             }
         }
     }
     /* verify with the full approximate keys of the K + 1 winners: consecutive winners apart
      * by the error bound (the order is exact), the K-th and the (K+1)-th also by the
      * quantisation step (no unchosen expert can beat the K-th) */
-    int my_id[S];
-    float xe[S];
-#pragma unroll
-    for (int s = 0; s < S; s++) {
-        my_id[s] = mine[s] ? (int)(IM - (mine[s] & IM)) : 0;
-        xe[s] = moe__rt_load1<DT>(row[s], my_id[s]);
-    }
-#pragma unroll
-    for (int s = 0; s < S; s++) {
+    int my_id = mine ? (int)(IM - (mine & IM)) : 0;
+    float xe = moe__rt_load1<DT>(row, my_id);
+    {
         const float be = !a.bias ? 0.0f
-                         : a.bias_bf16 ? moe__bf16_to_f32(((const uint16_t *)a.bias)[my_id[s]])
-                                       : ((const float *)a.bias)[my_id[s]];
-        const float v = fmaxf(moe__rt_sig_approx(xe[s]) + be, -INFINITY);
+                         : a.bias_bf16 ? moe__bf16_to_f32(((const uint16_t *)a.bias)[my_id])
+                                       : ((const float *)a.bias)[my_id];
+        const float v = fmaxf(moe__rt_sig_approx(xe) + be, -INFINITY);
         const float vn = __shfl_down_sync(0xFFFFFFFFu, v, 1);
-        const uint32_t mn = __shfl_down_sync(0xFFFFFFFFu, mine[s], 1);
+        const uint32_t mn = __shfl_down_sync(0xFFFFFFFFu, mine, 1);
         const bool last = lane + 1 == K;
-        const bool good = lane >= K || (mine[s] != 0 &&
+        const bool good = lane >= K || (mine != 0 &&
                                         ((last && mn == 0) || moe__rt_apart(v, vn, 0x1p-18f, last ? 0x1p-13f : 0x1p-20f)));
-        ok[s] = __all_sync(0xFFFFFFFFu, ok[s] && good);
+        ok = __all_sync(0xFFFFFFFFu, ok && good);
     }
+    if (!ok) { /* the exact selection, as the general kernel does it */
+        float x[NPL];
 #pragma unroll
-    for (int s = 0; s < S; s++) {
-        if (!ok[s]) { /* the exact selection, as the general kernel does it */
-            float x[NPL];
-#pragma unroll
-            for (int j = 0; j < NPL; j++) x[j] = moe__rt_load1<DT>(row[s], lane * NPL + j);
-            my_id[s] = moe__rt_sb_exact<NPL>(a, x, b, lane, a.gshift);
-            xe[s] = moe__rt_load1<DT>(row[s], lane < K ? my_id[s] : 0);
-        }
+        for (int j = 0; j < NPL; j++) x[j] = moe__rt_load1<DT>(row, lane * NPL + j);
+        my_id = moe__rt_sb_exact<NPL>(a, x, b, lane, a.gshift);
+        xe = moe__rt_load1<DT>(row, lane < K ? my_id : 0);
     }
-#pragma unroll
-    for (int s = 0; s < S; s++) { /* ids (and replay) first: their stores overlap the weight math */
-        const int64_t o = tk[s] * K + lane;
-        if (lane < K && s < ns) {
-            a.ids[o] = my_id[s];
-            if (a.replay) a.replay[o] = (int16_t)my_id[s];
-        }
+    const int64_t o = t * K + lane;
+    if (lane < K && valid) { /* ids (and replay) first: their stores overlap the weight math */
+        a.ids[o] = my_id;
+        if (a.replay) a.replay[o] = (int16_t)my_id;
     }
+    float val;
+    {
+        float sg[1];
+        const float xv[1] = { xe };
+        moe__rt_sigmoid_w<1>(xv, sg); /* = moe__route_sigmoid_raw, with the fast reciprocal */
+        val = sg[0];
+    }
+    float sum = lane < K ? val : 0.0f;
+    if (K8) {
 #pragma unroll
-    for (int s = 0; s < S; s++) {
-        float val;
-        {
-            float sg[1];
-            const float xv[1] = { xe[s] };
-            moe__rt_sigmoid_w<1>(xv, sg); /* = moe__route_sigmoid_raw, with the fast reciprocal */
-            val = sg[0];
-        }
-        float sum = lane < K ? val : 0.0f;
-        if (K == 8) {
-#pragma unroll
-            for (int q = 4; q > 0; q >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, q));
-        } else {
-            int P = 1;
-            while (P < K) P <<= 1;
-            for (int q = P >> 1; q > 0; q >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, q));
-        }
-        if (lane < K && s < ns) {
-            const float w = moe__route_weight(a.method, val, sum, a.scale, a.normalize);
-            const int64_t o = tk[s] * K + lane;
-            if (a.w_bf16) ((uint16_t *)a.weights)[o] = moe__f32_to_bf16(w);
-            else ((float *)a.weights)[o] = w;
-        }
+        for (int q = 4; q > 0; q >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, q));
+    } else {
+        int P = 1;
+        while (P < K) P <<= 1;
+        for (int q = P >> 1; q > 0; q >>= 1) sum = MOE_RADD(sum, __shfl_xor_sync(0xFFFFFFFFu, sum, q));
+    }
+    if (lane < K && valid) {
+        const float w = moe__route_weight(a.method, val, sum, a.scale, a.normalize);
+        if (a.w_bf16) ((uint16_t *)a.weights)[o] = moe__f32_to_bf16(w);
+        else ((float *)a.weights)[o] = w;
     }
 }
 
-/* The filter-and-verify kernel when it applies (else -1): sigmoid + bias methods, E = 256 or
- * 384, K < 32, groups of whole lanes, aligned rows; MOE_ROUTE_FAST=0 turns it off. */
+/* Vector-load flags of a call for chunks of W elements (both kernels' launchers). */
+template <int W, int SZ> static void moe__rt_vec_flags(moe__route_args &a) {
+    a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
+    a.bias_vec = a.bias && (a.E % W == 0) && ((uintptr_t)a.bias % (W * (a.bias_bf16 ? 2 : 4)) == 0);
+}
+
+/* The filter-and-verify kernel (the caller checked moe__rt_sb_ok). */
 template <int NPL, int DT>
 static moe_status moe__rt_launch_sb(const moe__cuda_guard &g, moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
-    constexpr int RB = NPL * SZ;
-    constexpr int VB = (RB % 16 == 0) ? 16 : (RB % 8 == 0) ? 8 : 4;
-    (void)VB;
-    /* 16-byte bias loads when every lane's NPL values start 16-byte aligned (NPL * size of a
-     * bias element a multiple of 16 and an aligned pointer), else scalar loads */
-    const int bsz = a.bias_bf16 ? 2 : 4;
-    a.bias_vec = a.bias && (NPL * bsz) % 16 == 0 && (uintptr_t)a.bias % 16 == 0;
+    moe__rt_vec_flags<moe__rt_w<NPL, SZ>::v, SZ>(a);
     a.gshift = 0;
     if (a.n_group > 1) {
         const int lpg = a.G / NPL;
@@ -809,11 +716,7 @@ static moe_status moe__rt_launch_sb(const moe__cuda_guard &g, moe__route_args a)
         for (int s = 0; s <= 5; s++)
             if (lpg == (1 << s)) a.gshift = s;
     }
-    /* (measured on an H100: a persistent grid with one token prefetched ahead was not faster
-     * than letting the block scheduler refill the SMs; T < 2^33 is checked by the caller) */
-    /* (also measured: 8-warp blocks +1.5%, programmatic dependent launch between calls -1%, a
-     * persistent grid with the next token's logits copied into shared memory by cp.async +8%) */
-    const int64_t blocks = (a.T + MOE_RT_SLOTS * MOE_RT_WARPS - 1) / (MOE_RT_SLOTS * MOE_RT_WARPS);
+    const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS; /* T < 2^33: checked by the caller */
     if (a.K == 8) moe__k_route_sb<NPL, DT, true><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
     else moe__k_route_sb<NPL, DT, false><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
     MOE_CUDA_LAUNCHED("moe_route");
@@ -843,8 +746,7 @@ template <int NPL, int DT>
 static moe_status moe__rt_launch(const moe__cuda_guard &g, moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v;
-    a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
-    a.bias_vec = a.bias && (a.E % W == 0) && ((uintptr_t)a.bias % (W * (a.bias_bf16 ? 2 : 4)) == 0);
+    moe__rt_vec_flags<W, SZ>(a);
     a.gshift = -1;
     if (a.n_group > 1 && a.G % W == 0) {
         const int P = a.G / W;

@@ -12,19 +12,7 @@ local moe = H.moe
 local E, HD, I = 16, 384, 640
 local MODES = { "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" }
 
-local function rel_l2(a, b) -- tensors (any device)
-  local x, y = a:to("cpu"):to("f32"), b:to("cpu"):to("f32")
-  local n = x:numel()
-  local xa, ya = x:reshape({ n }):totable(), y:reshape({ n }):totable()
-  local num, den = 0, 0
-  for i = 1, n do
-    local d = xa[i] - ya[i]
-    if d ~= d then return math.huge end
-    num = num + d * d
-    den = den + ya[i] * ya[i]
-  end
-  return den > 0 and math.sqrt(num / den) or math.sqrt(num)
-end
+local rel_l2 = H.rel_l2
 
 local W = {}
 local function weights(act, bias)

@@ -41,6 +41,22 @@ function H.with_env(name, v, f)
 end
 
 -- |a - b| <= atol + rtol * |b|, NaN equal to NaN.
+-- Relative L2 error of tensor a against tensor b (any devices, any float dtypes): ||a - b|| / ||b||
+-- (||a - b|| when b is all zero); math.huge when a difference is NaN.
+function H.rel_l2(a, b)
+  local x, y = a:to("cpu"):to("f32"), b:to("cpu"):to("f32")
+  local n = x:numel()
+  local xa, ya = x:reshape({ n }):totable(), y:reshape({ n }):totable()
+  local num, den = 0, 0
+  for i = 1, n do
+    local d = xa[i] - ya[i]
+    if d ~= d then return math.huge end
+    num = num + d * d
+    den = den + ya[i] * ya[i]
+  end
+  return den > 0 and math.sqrt(num / den) or math.sqrt(num)
+end
+
 function H.close(a, b, rtol, atol)
   if a ~= a and b ~= b then return true end
   if a == b then return true end

@@ -44,7 +44,8 @@ while i <= #args do
     opts.env_k, opts.env_v = common.env_arg("fused", args[i])
     if not opts.env_k then return 2 end
   elseif a == "-h" or a == "--help" then
-    print("usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH]")
+    print("usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH] " ..
+          "[--compare-mma] [--compare-pdl] [--compare-env NAME=VALUE]")
     print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b")
     return 0
   else
