@@ -734,9 +734,13 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
 
 /* ------------------------------------------------------------- host glue -- */
 
-/* Largest T of the path: MOE_FUSED_QGEMV (0 = off, capped at QV_MAX_T), else 4.  Each pass
- * of 8 pairs reads the expert's weights again from L2, not HBM; the bound is where the tile
- * kernels are measured to take over. */
+/* Whether the call takes the path.  MOE_FUSED_QGEMV set: T <= its value (0 = off, capped at
+ * QV_MAX_T).  Unset: T <= 4, and up to T = 64 while T*K <= 2E (at most ~2 pairs per expert, one
+ * pass of 8 pairs a leader) for every mode but fp8_block, whose per-128-column scale work makes
+ * the tile kernels faster beyond decode.  Measured (moe bench fused_quant --compare-env
+ * MOE_FUSED_QGEMV=64, 2026-11-26, H200 and H100): DeepSeek-V3 T = 16/64 and Qwen3 T = 16 are
+ * faster on this path in fp8 and the 4-bit modes (up to 2x), Qwen3 T = 64 and Mixtral T = 16/64
+ * (4-16 pairs per expert: passes re-read the weights) are slower. */
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
     const int m = ex->quant;
@@ -744,7 +748,13 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
         m != MOE_QUANT_MXINT4)
         return false;
     if (!A->ws || A->local_count <= 0 || A->T < 1) return false;
-    if (A->T > moe__fm_env_bound("MOE_FUSED_QGEMV", QV_DEFAULT_T, QV_MAX_T)) return false;
+    const char *env = getenv("MOE_FUSED_QGEMV");
+    if (env && env[0]) {
+        if (A->T > moe__fm_env_bound("MOE_FUSED_QGEMV", QV_DEFAULT_T, QV_MAX_T)) return false;
+    } else if (A->T > QV_DEFAULT_T &&
+               (m == MOE_QUANT_FP8_BLOCK || A->T > QV_MAX_T || A->T * A->K > 2 * (int64_t)ex->E)) {
+        return false;
+    }
     if (ex->H % 128 != 0 || ex->I % 128 != 0) return false; /* checked when the experts are made */
     /* 16-byte loads of x and the codes (views and qtensors made from parts may be offset) */
     const uintptr_t x = (uintptr_t)moe_tensor_data(A->hidden);

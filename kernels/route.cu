@@ -196,7 +196,10 @@ __device__ __forceinline__ uint32_t moe__rt_group_keys(const uint32_t (&key)[NPL
     return mine;
 }
 
-template <int NPL, int DT>
+/* TOP1: the call is llama4 with K = 1 (top-1 by logit, weight sigmoid), fixed at compile time so
+ * that the softmax, group and multi-round code drops out of the instruction stream (at T = 16384
+ * the general kernel is issue-bound, and a top-1 token's replay store is then a visible share). */
+template <int NPL, int DT, bool TOP1 = false>
 __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v;
@@ -204,7 +207,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
     const int lane = threadIdx.x & 31;
     const int64_t t = (int64_t)blockIdx.x * MOE_RT_WARPS + (threadIdx.x >> 5);
     if (t >= a.T) return; /* whole warps leave together */
-    const int E = a.E, K = a.K, method = a.method;
+    const int E = a.E, K = TOP1 ? 1 : a.K, method = TOP1 ? (int)MOE_ROUTE_LLAMA4 : a.method;
     const void *row = (const char *)a.logits + (size_t)t * E * SZ;
     const bool use_bias = moe__route_uses_bias(method);
 
@@ -255,7 +258,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
     }
 
     /* 2. deepseekv3 groups */
-    if (a.n_group > 1 && a.gshift >= 0) {
+    if (!TOP1 && a.n_group > 1 && a.gshift >= 0) {
         /* groups of P = 2^gshift whole W-chunks, P <= 32: chunk top-2, butterfly inside the
          * P-lane segments, every group score gathered in lane g, ranks by broadcast */
         const int P = 1 << a.gshift;
@@ -311,7 +314,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
             for (int i = 0; i < W; i++)
                 if (drop) key[v * W + i] = 0;
         }
-    } else if (a.n_group > 1) {
+    } else if (!TOP1 && a.n_group > 1) {
         uint32_t gk = (a.G % W == 0) ? moe__rt_group_keys<NPL, W, W>(key, lane, a.G, a.n_group)
                                      : moe__rt_group_keys<NPL, W, 1>(key, lane, a.G, a.n_group);
         unsigned keep = 0;
@@ -416,28 +419,33 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
  * Lane l holds the NPL consecutive experts l*NPL .. l*NPL + NPL - 1 (groups of G = NPL * 2^gs
  * experts are 2^gs whole lanes); one token per warp.
  *
- * Per token the selection first runs on APPROXIMATE scores s~ = rcp.approx(1 + ex2.approx(-x
- * log2 e)) (5 instructions instead of the ~27 of the bit-reproducible sigmoid of route_math.h).
- * |s~ - s| <= 4e-7 for every x (ex2.approx: 2 + 1.17|x| ulp, times s(1 - s); rcp.approx: 1 ulp;
- * the reference sigmoid itself is within 1 ulp), so the selection key s + b is off by at most
- * e = 4e-7 + 1 ulp and a group score (the sum of two keys) by 2e + 1 ulp.  The selection works
- * on packed keys (below: the key's low 8 or 9 bits replaced by the expert index, so one redux
- * names a winner; the group key likewise loses 5 bits to the group index), which adds a
- * quantisation step of 2^-15 |v| (2^-14 for E = 384; 2^-18 |g| for groups).  The approximate
- * selection is accepted only when every decision it took is separated by more than all of that,
- * with a wide safety factor (u > v "apart" when u - v > abs + (|u| + |v|) rel):
+ * Per token the selection first runs on APPROXIMATE offset keys v~ = s~ + (b + 2) with
+ * s~ = rcp.approx(1 + ex2.approx(-x log2 e)) (5 instructions instead of the ~27 of the
+ * bit-reproducible sigmoid of route_math.h).  |s~ - s| <= 4e-7 for every x (ex2.approx:
+ * 2 + 1.17|x| ulp, times s(1 - s); rcp.approx: 1 ulp; the reference sigmoid itself is within
+ * 1 ulp); the two f32 additions add 2^-24 (|b + 2| + |v~|) and the reference's own s + b
+ * 2^-24 |s + b|, so v~ - 2 is within e = 4e-7 + 2^-22 (|v~| + 3) of the reference key, and a
+ * group score (the sum of two keys) within 2e.  With b >= -2 every v~ is >= 0, so the f32 bits
+ * themselves order the keys (no sanitising or sign flip); NaN logits or bias, infinities and
+ * b < -2 show as bits >= 0x7F800000 and send the token to the exact path.  The selection works
+ * on packed keys (below: the key's low 8 or 9 bits replaced by a code of the expert, so one
+ * redux names a winner; the group key likewise loses 5 bits to the group index), a
+ * quantisation step of 2^-15 |v~| (2^-14 for E = 384; 2^-18 |g| for groups).  The approximate
+ * selection is accepted only when every decision it took is separated by more than all of that
+ * (u > v "apart" when u - v > abs + (|u| + |v|) rel; at least twice the bounds above):
  *   - the topk_group-th group score and the best dropped one: abs 2^-17, rel 2^-17;
  *   - consecutive chosen experts (so the returned order is the exact one): 2^-18, 2^-20;
- *   - the K-th chosen and the (K+1)-th (no unchosen expert beats the K-th): 2^-18, 2^-13.
+ *   - the K-th chosen and the top of the (K+1)-th's quantum (no unchosen expert beats the
+ *     K-th): 2^-18, 2^-20.
  * Then the ids equal the reference ids (exact ties always fail the test).  Otherwise (rare:
- * near-ties, NaN/inf bias) the warp redoes the token with the exact keys, exactly as the
- * general kernel does.  The weights always come from the exact sigmoid of the chosen logits,
- * so ids AND weights are bit-identical to the CPU reference either way.
+ * near-ties, ~1% of random normal logits; NaN/inf, b < -2) the warp redoes the token with the exact
+ * keys, exactly as the general kernel does.  The weights always come from the exact sigmoid of
+ * the chosen logits, so ids AND weights are bit-identical to the CPU reference either way.
  * ---------------------------------------------------------------------------------------- */
-__device__ __forceinline__ float moe__rt_sig_approx(float x) {
+/* The approximate sigmoid s~ (NaN stays NaN). */
+__device__ __forceinline__ float moe__rt_sig_approx_raw(float x) {
     float e, r;
-    const float z = fmaxf(x, -INFINITY) * -1.4426950408889634f; /* NaN -> -inf, as sanitised */
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -1.4426950408889634f));
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
     return r;
 }
@@ -555,15 +563,22 @@ __device__ __forceinline__ int moe__rt_sb_exact(const moe__route_args &a, const 
  * warp side by side (19.1 vs 17.7 us: the registers cost more warps than the overlap won back),
  * the bias in shared memory for 64 warps per SM (18.5), a persistent grid prefetching the next
  * token into registers (20.7) or shared memory (19.8 vs 18.35), half-warps with one token each and
- * shuffle reductions (22.9), 8-warp blocks (+1.5%), programmatic dependent launch (-1%). */
-template <int NPL, int DT, bool K8>
+ * shuffle reductions (22.9), 8-warp blocks (+1.5%), programmatic dependent launch (-1%), 64 warps
+ * per SM at 32 registers with the bias reloaded by the fallback (+2%).
+ * GS: the group shift when fixed at compile time (DeepSeek-V3's 8 groups of 32 at E = 256: 2),
+ * else -1 (a.gshift). */
+template <int NPL, int DT, bool K8, int GS>
 __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_route_sb(const moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v; /* chunk of one vector load (rows are W-aligned) */
     constexpr int E = 32 * NPL;
-    /* packed approximate keys: the selection key with its low IB bits replaced by IM - e, so
-     * that all are distinct, integer order is (quantised key desc, expert asc) and one redux
-     * max per round names the winner; 0 = none (every real key is >= key(-inf) = 0x007FFFFF) */
+    /* packed approximate keys: the selection key with its low IB bits replaced by a code unique
+     * to the expert, (NPL - 1 - j) << 5 | (31 - lane) for expert lane * NPL + j, so that one redux
+     * max per round names the winner.  Among equal quantised keys this orders by (j, lane), not
+     * by expert: the verification below passes only when every decision is apart by more than
+     * the quantum and the error bound, so the order among near-equal keys never reaches the
+     * output (exact ties fail it and take the exact path).  0 = none (every real key is
+     * nonzero: the code of lane 31, j = NPL - 1 is 0 only with a zero key, which no value has). */
     constexpr int IB = E <= 256 ? 8 : 9;
     constexpr uint32_t IM = (1u << IB) - 1u;
     const int lane = threadIdx.x & 31;
@@ -572,12 +587,14 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_r
      * provably converged, so the warp reductions below need no divergence checks) */
     const bool valid = t0 < a.T;
     const int64_t t = valid ? t0 : a.T - 1;
-    const int K = a.K, gs = a.gshift;
+    const int K = a.K, gs = GS >= 0 ? GS : a.gshift;
     const bool groups = a.n_group > 1;
     const void *row = (const char *)a.logits + (size_t)t * E * SZ;
+    const uint32_t lc = ~IM | (31u - (uint32_t)lane);
 
     float b[NPL];
-    uint32_t pk[NPL], p1 = 0, p2 = 0, g1 = 0, g2 = 0;
+    uint32_t pk[NPL], p1 = 0, p2 = 0, p3 = 0, g1 = 0, g2 = 0;
+    bool ok = true, kept = true;
     {
         float x[NPL];
 #pragma unroll
@@ -588,19 +605,30 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_r
 #pragma unroll
         for (int j = 0; j < NPL; j++) {
             if (!a.bias) b[j] = 0.0f;
-            const uint32_t k = moe__rt_key(fmaxf(moe__rt_sig_approx(x[j]) + b[j], -INFINITY));
-            pk[j] = (k & ~IM) | (IM - (uint32_t)(lane * NPL + j));
-            p2 = max(p2, min(p1, pk[j]));
-            p1 = max(p1, pk[j]);
+            /* offset keys: s~ + (b + 2) >= 0 whenever b >= -2, so the float's own bits are the
+             * order (no sanitising, no sign flip; 15% faster than orderable keys at T = 16384);
+             * NaN logits or bias, infinities and b < -2 give bits >= 0x7F800000 -- checked
+             * below, the token then takes the exact path */
+            const uint32_t k = __float_as_uint(moe__rt_sig_approx_raw(x[j]) + (b[j] + 2.0f));
+            uint32_t q;
+            asm("lop3.b32 %0, %1, %2, %3, 0xE6;" : "=r"(q) : "r"(k), "r"(~IM | ((uint32_t)(NPL - 1 - j) << 5)), "r"(lc));
+            pk[j] = q; /* (k & ~IM) | code: where imm & lc, k; else imm | lc */
+            const uint32_t l1 = min(p1, q); /* the lane's best three */
+            p1 = max(p1, q);
+            const uint32_t l2 = min(p2, l1);
+            p2 = max(p2, l1);
+            p3 = max(p3, l2);
             if (groups) { /* group scores from the full (unquantised) keys */
                 g2 = max(g2, min(g1, k));
                 g1 = max(g1, k);
             }
         }
     }
-    bool ok = true;
+    ok = p1 < (0x7F800000u & ~IM); /* no NaN, infinity or b < -2 in this lane */
     if (groups) {
-        for (int o = 1; o < (1 << gs); o <<= 1) {
+#pragma unroll
+        for (int o = 1; o < (GS >= 0 ? (1 << GS) : 32); o <<= 1) {
+            if (GS < 0 && o >= (1 << gs)) break;
             const uint32_t o1 = __shfl_xor_sync(0xFFFFFFFFu, g1, o);
             const uint32_t o2 = __shfl_xor_sync(0xFFFFFFFFu, g2, o);
             g2 = max(max(g2, o2), min(g1, o1));
@@ -609,8 +637,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_r
         const int grp = lane >> gs, ng = 32 >> gs, tg = a.topk_group;
         /* distinct per group (quantised score, then the lower group first); every lane counts
          * the groups ranked before its own: kept = rank < topk_group */
-        const uint32_t gk = (moe__rt_key(fmaxf(moe__rt_unkey(g1) + moe__rt_unkey(g2), -INFINITY)) & ~31u) |
-                            (uint32_t)(31 - grp);
+        const uint32_t gk = (__float_as_uint(__uint_as_float(g1) + __uint_as_float(g2)) & ~31u) | (uint32_t)(31 - grp);
         int rank = 0;
         if (ng == 8) {
 #pragma unroll
@@ -621,53 +648,65 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_r
         if (tg < ng) { /* the topk_group-th group against the best one dropped */
             const uint32_t last = __reduce_max_sync(0xFFFFFFFFu, rank == tg - 1 ? gk : 0u);
             const uint32_t next = __reduce_max_sync(0xFFFFFFFFu, rank == tg ? gk : 0u);
-            ok = moe__rt_apart(moe__rt_unkey(last & ~31u), moe__rt_unkey(next & ~31u), 0x1p-17f, 0x1p-17f);
+            ok = ok && moe__rt_apart(__uint_as_float(last & ~31u), __uint_as_float(next & ~31u), 0x1p-17f, 0x1p-17f);
         }
-        if (rank >= tg) p1 = p2 = 0;
+        kept = rank < tg;
+        if (!kept) p1 = p2 = p3 = 0;
     }
-    /* K + 1 rounds: lane r keeps round r's winner; the owner promotes its second and rescans
-     * (for the best two below the one it gave up; packed keys are distinct) when dry */
+    /* K + 1 rounds on the lanes' cached best three (lane r keeps round r's winner; the owner
+     * promotes its next), no rescans: a kept lane whose cache ran dry before the last round (it
+     * may have missed a later win) makes the warp redo the rounds with rescans (~6% of random
+     * tokens) */
     uint32_t mine = 0;
     const int R = K8 ? 9 : K + 1;
+    {
+        bool dry = false;
 #pragma unroll(K8 ? 9 : 3)
-    for (int r = 0; r < R; r++) {
-        const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, p1);
-        mine = lane == r ? M : mine;
-        const bool own = p1 == M && M != 0;
-        p1 = own ? p2 : p1;
-        p2 = own ? 0u : p2;
-        const bool dry = own && p1 == 0 && r + 1 < R;
-        if (__any_sync(0xFFFFFFFFu, dry) && dry) {
+        for (int r = 0; r < R; r++) {
+            if (r == R - 1) dry = kept && p1 == 0;
+            const uint32_t M = __reduce_max_sync(0xFFFFFFFFu, p1);
+            mine = lane == r ? M : mine;
+            const bool own = p1 == M;
+            p1 = own ? p2 : p1;
+            p2 = own ? p3 : p2;
+            p3 = own ? 0u : p3;
+        }
+        if (__any_sync(0xFFFFFFFFu, dry)) {
+            uint32_t q1 = 0, q2 = 0;
+            if (kept) {
 #pragma unroll
-            for (int j = 0; j < NPL; j++) {
-                const uint32_t q = pk[j] < M ? pk[j] : 0u;
-                p2 = max(p2, min(p1, q));
-                p1 = max(p1, q);
+                for (int j = 0; j < NPL; j++) {
+                    q2 = max(q2, min(q1, pk[j]));
+                    q1 = max(q1, pk[j]);
+                }
             }
+            mine = moe__rt_rounds<NPL, K8 ? 9 : 0>(q1, q2, pk, R, lane);
         }
     }
     /* verify with the full approximate keys of the K + 1 winners: consecutive winners apart
-     * by the error bound (the order is exact), the K-th and the (K+1)-th also by the
-     * quantisation step (no unchosen expert can beat the K-th) */
-    int my_id = mine ? (int)(IM - (mine & IM)) : 0;
-    float xe = moe__rt_load1<DT>(row, my_id);
+     * by the error bound (the order is exact), and the K-th above the top of the (K+1)-th's
+     * quantum by it (every unchosen packed key is below the (K+1)-th's, so its approximate
+     * key is at most that top: no unchosen expert can beat the K-th) */
+    const uint32_t code = mine & IM;
+    int my_id = (int)(31u - (code & 31u)) * NPL + (NPL - 1 - (int)(code >> 5));
+    float xe = moe__rt_load1<DT>(row, mine ? my_id : 0);
     {
         const float be = !a.bias ? 0.0f
                          : a.bias_bf16 ? moe__bf16_to_f32(((const uint16_t *)a.bias)[my_id])
                                        : ((const float *)a.bias)[my_id];
-        const float v = fmaxf(moe__rt_sig_approx(xe) + be, -INFINITY);
+        const float v = moe__rt_sig_approx_raw(xe) + (be + 2.0f);
         const float vn = __shfl_down_sync(0xFFFFFFFFu, v, 1);
         const uint32_t mn = __shfl_down_sync(0xFFFFFFFFu, mine, 1);
         const bool last = lane + 1 == K;
-        const bool good = lane >= K || (mine != 0 &&
-                                        ((last && mn == 0) || moe__rt_apart(v, vn, 0x1p-18f, last ? 0x1p-13f : 0x1p-20f)));
+        const float vc = last ? __uint_as_float(mn | IM) : vn;
+        const bool good = lane >= K || (mine != 0 && ((last && mn == 0) || moe__rt_apart(v, vc, 0x1p-18f, 0x1p-20f)));
         ok = __all_sync(0xFFFFFFFFu, ok && good);
     }
     if (!ok) { /* the exact selection, as the general kernel does it */
         float x[NPL];
 #pragma unroll
         for (int j = 0; j < NPL; j++) x[j] = moe__rt_load1<DT>(row, lane * NPL + j);
-        my_id = moe__rt_sb_exact<NPL>(a, x, b, lane, a.gshift);
+        my_id = moe__rt_sb_exact<NPL>(a, x, b, lane, gs);
         xe = moe__rt_load1<DT>(row, lane < K ? my_id : 0);
     }
     const int64_t o = t * K + lane;
@@ -717,8 +756,11 @@ static moe_status moe__rt_launch_sb(const moe__cuda_guard &g, moe__route_args a)
             if (lpg == (1 << s)) a.gshift = s;
     }
     const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS; /* T < 2^33: checked by the caller */
-    if (a.K == 8) moe__k_route_sb<NPL, DT, true><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
-    else moe__k_route_sb<NPL, DT, false><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    const unsigned nb = (unsigned)blocks;
+    const bool g2 = NPL == 8 && a.n_group > 1 && a.gshift == 2;
+    if (a.K == 8 && g2) moe__k_route_sb<NPL, DT, true, 2><<<nb, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    else if (a.K == 8) moe__k_route_sb<NPL, DT, true, -1><<<nb, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    else moe__k_route_sb<NPL, DT, false, -1><<<nb, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
     MOE_CUDA_LAUNCHED("moe_route");
     return MOE_OK;
 }
@@ -755,7 +797,10 @@ static moe_status moe__rt_launch(const moe__cuda_guard &g, moe__route_args a) {
     }
     const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS;
     if (blocks > 0x7FFFFFFF) return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected T < 2^33, got %lld", (long long)a.T);
-    moe__k_route<NPL, DT><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    bool top1 = false;
+    if constexpr (NPL == 4) top1 = a.K == 1 && a.method == MOE_ROUTE_LLAMA4;
+    if (top1) moe__k_route<4, DT, true><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
+    else moe__k_route<NPL, DT><<<(unsigned)blocks, MOE_RT_WARPS * 32, 0, g.stream>>>(a);
     MOE_CUDA_LAUNCHED("moe_route");
     return MOE_OK;
 }

@@ -206,6 +206,8 @@ describe("moe.route sigmoid+bias filter-and-verify kernel #gpu", function()
     { E = 256, method = "deepseekv3", n_group = 4, topk_group = 2 },
     { E = 384, method = "deepseekv3", scale = 2.827 },
     { E = 256, method = "minimax2" },
+    { E = 256, method = "deepseekv3", n_group = 8, topk_group = 4, top_k = 6 },
+    { E = 384, method = "minimax2", top_k = 3 },
   }
   for ci, c in ipairs(cases) do
     it(string.format("%s E=%d groups %s: near ties, NaN/inf logits and bias, kernel on and off", c.method, c.E,
@@ -215,16 +217,20 @@ describe("moe.route sigmoid+bias filter-and-verify kernel #gpu", function()
       local bt = bias_plain:totable()
       bt[4] = nan; bt[11] = inf; bt[21] = -inf; bt[30] = bt[31]
       local bias_odd = moe.tensor(bt)
-      for _, bias in ipairs{ bias_plain, bias_odd, false } do
+      -- wide: many biases below -2 and above +2 (the kernel's offset keys need b >= -2, the
+      -- rest must take the exact path) and large magnitudes for the relative tolerances
+      local bias_wide = moe.randn({ c.E }, { seed = 91 + ci, std = 3 })
+      for _, bias in ipairs{ bias_plain, bias_odd, bias_wide, false } do
         for _, dt in ipairs{ "f32", "bf16" } do
-          local args = { logits = x:to(dt == "f32" and "f32" or "bf16"), method = c.method, top_k = 8,
+          local args = { logits = x:to(dt == "f32" and "f32" or "bf16"), method = c.method, top_k = c.top_k or 8,
                          n_group = c.n_group, topk_group = c.topk_group, scale = c.scale, bias = bias or nil }
           for _, fast in ipairs{ "1", "0" } do
             ffi.C.setenv("MOE_ROUTE_FAST", fast, 1)
             local ok, err = pcall(function()
               local ref, got = both(args)
               check(ref, got, 1e-6, string.format("%s E=%d %s bias=%s fast=%s", c.method, c.E, dt,
-                                                   bias == bias_odd and "nan/inf" or tostring(bias ~= false), fast))
+                                                   bias == bias_odd and "nan/inf" or bias == bias_wide and "wide"
+                                                   or tostring(bias ~= false), fast))
             end)
             ffi.C.unsetenv("MOE_ROUTE_FAST")
             if not ok then error(err, 0) end
