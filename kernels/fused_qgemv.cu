@@ -735,12 +735,14 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
 /* ------------------------------------------------------------- host glue -- */
 
 /* Whether the call takes the path.  MOE_FUSED_QGEMV set: T <= its value (0 = off, capped at
- * QV_MAX_T).  Unset: T <= 4, and up to T = 64 while T*K <= 2E (at most ~2 pairs per expert, one
- * pass of 8 pairs a leader) for every mode but fp8_block, whose per-128-column scale work makes
- * the tile kernels faster beyond decode.  Measured (moe bench fused_quant --compare-env
- * MOE_FUSED_QGEMV=64, 2026-11-26, H200 and H100): DeepSeek-V3 T = 16/64 and Qwen3 T = 16 are
- * faster on this path in fp8 and the 4-bit modes (up to 2x), Qwen3 T = 64 and Mixtral T = 16/64
- * (4-16 pairs per expert: passes re-read the weights) are slower. */
+ * QV_MAX_T).  Unset: T <= 4, and for the 4-bit modes up to T = 64 while T*K <= 2E (at most ~2
+ * pairs per expert, one pass of 8 pairs a leader).  Measured with moe bench fused_quant
+ * --compare-env (H100 80GB HBM3, 2026-11-26 19:58 UTC, GEMV vs tile kernels): DeepSeek-V3
+ * T = 16 nvfp4/mxfp4/mxint4 1481/1256/1191 vs 2371/2234/2120 us, T = 64 4320/4368/4131 vs
+ * 5174/4884/4609; Qwen3 T = 16 206/153/137 vs 252/223/212.  fp8 gains nothing reliable there
+ * (DeepSeek-V3 T = 16 1623 vs 1734, T = 64 3989 vs 3897; Qwen3 T = 16 202 vs 197) and fp8_block
+ * loses (its per-128-column scale work); with more pairs per expert (Qwen3 T = 64, Mixtral
+ * T = 16/64) the passes re-read the weights and the tile kernels win in every mode. */
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
     const int m = ex->quant;
@@ -751,8 +753,8 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const char *env = getenv("MOE_FUSED_QGEMV");
     if (env && env[0]) {
         if (A->T > moe__fm_env_bound("MOE_FUSED_QGEMV", QV_DEFAULT_T, QV_MAX_T)) return false;
-    } else if (A->T > QV_DEFAULT_T &&
-               (m == MOE_QUANT_FP8_BLOCK || A->T > QV_MAX_T || A->T * A->K > 2 * (int64_t)ex->E)) {
+    } else if (A->T > QV_DEFAULT_T && (m == MOE_QUANT_FP8 || m == MOE_QUANT_FP8_BLOCK || A->T > QV_MAX_T ||
+                                      A->T * A->K > 2 * (int64_t)ex->E)) {
         return false;
     }
     if (ex->H % 128 != 0 || ex->I % 128 != 0) return false; /* checked when the experts are made */
