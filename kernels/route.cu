@@ -1,6 +1,8 @@
 /* route.cu -- routing kernels (CUDA backend slot `route`).
  *
- * One launch per call, for any T: one warp per token.  Lane `lane` holds the experts
+ * One launch per call, for any T: one warp per token (llama4 top-1: one half-warp per token,
+ * moe__k_route_top1; sigmoid + bias at E = 256/384: the filter-and-verify kernel below).
+ * General kernel: lane `lane` holds the experts
  *     e = (v * 32 + lane) * W + i,   v < NPL / W,  i < W
  * (NPL values per lane, W-element chunks loaded with one vector load: 16 bytes for f32 and
  * 16-bit logits when NPL allows), as "orderable" u32 selection keys (route_math.h): integer
