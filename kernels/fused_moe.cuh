@@ -8,6 +8,7 @@
 #include "cuda_common.cuh"
 #include "fused.h"
 
+#include <cuda.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -357,5 +358,22 @@ __device__ __forceinline__ void moe__fm_cluster_sync() {
     asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #endif
 }
+
+
+/* ---- pieces of fused_moe.cu's Hopper path reused by the quantised wgmma kernels
+ * (fused_qgmma.cu) ---- */
+
+/* xp[i, :] = rows[sorted[i] / K, :] for the rows of the row tiles (nc 16-byte chunks a row). */
+__global__ void __launch_bounds__(256)
+    moe__k_fm_permute(const uint4 *__restrict__ hidden, const int32_t *sorted, const int32_t *tile_r0,
+                                  const int32_t *tile_n, const int32_t *ntiles, int K, int H8, uint4 *__restrict__ xp);
+/* *ok = the sm_90a binary is loaded on a 9.x device and the driver's tensor-map encoder was
+ * found (sets up fused_moe.cu's kernel attributes on first use). */
+moe_status moe__fm_hopper_ready(bool *ok);
+/* Tensor map of a row-major [rows, cols] matrix of elem_bytes-byte elements (1 or 2; `what`, for
+ * the error), boxes of box_cols x box_rows, 128-byte swizzle (128-byte box rows) or none,
+ * zeros past the matrix. */
+moe_status moe__fm_tmap2(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int elem_bytes, int box_cols,
+                         int box_rows, bool swizzle, const char *what);
 
 #endif

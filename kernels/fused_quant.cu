@@ -20,6 +20,8 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. k_finalize: out[t] = bf16(sum over local k, in order).
+ * fp8 / fp8_block on sm_90a with >= 64 pairs per local expert (moe__fq_qgmma_use) run steps 3
+ * and 5 as the warp-specialised wgmma kernels of fused_qgmma.cu instead (128-row tiles).
  * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
  * fp8 / 32 fp4 weight bytes per thread in flight), medium 64 x 64 x 128, large 128 x 128 x 64
  * (8 warps); one shared stage, the next step's codes prefetched into registers while the
@@ -115,23 +117,8 @@ __global__ void __launch_bounds__(ALIGN_THREADS)
 
 /* -------------------------------------------------------------- GEMM -- */
 
-struct gemm_args {
-    /* A: G1 x (bf16 [T, Kd] for mxfp4/mxint4, else codes), G2 the intermediate likewise */
-    const uint16_t *A_bf16;
-    const uint8_t *A_codes;    /* e4m3 [rows, Kd] or e2m1 packed [rows, Kd/2] */
-    const void *A_scales;      /* fp8_block f32 [rows, Kd/128]; nvfp4 e4m3 [rows, Kd/16] */
-    const float *A_tensor;     /* fp8: the per-tensor scale; nvfp4: the global scale */
-    const uint8_t *W;          /* codes [E, N, Kd] (e4m3) or packed [E, N, Kd/2] */
-    const void *W_scales;      /* per mode, logical row order */
-    const float *W_tensor;     /* fp8 scales [E]; nvfp4 global [E] */
-    const float *bias;         /* [E, N] logical order, or NULL */
-    const int32_t *sorted, *tile_e, *tile_r0, *tile_n, *ntiles;
-    const float *wts;          /* [P] */
-    int N, Kd, K, lo, act, llama4, I, gated;
-    float alpha, beta, limit;
-    uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
-    float *y;                  /* G2 output f32 [P, N] (pair rows) */
-};
+/* the GEMM arguments: moe__fq_gemm_args (fused_quant.cuh, shared with fused_qgmma.cu) */
+using gemm_args = moe__fq_gemm_args;
 
 /* Raw codes of one 16-element chunk of one row, kept in registers between the global load
  * and the conversion. */
@@ -590,6 +577,17 @@ moe_status fq_gemms(cudaStream_t st, const gemm_args &a1, const gemm_args &a2, i
     return MOE_OK;
 }
 
+/* fp8 / fp8_block on Hopper (moe__fq_qgmma_use): GEMM1 and GEMM2 by the wgmma kernels of
+ * fused_qgmma.cu (128-row tiles), GEMM1's A rows permuted into xp (the y region) first. */
+moe_status fq_qgmma_gemms(cudaStream_t st, int dev, int mode, const gemm_args &a1, const gemm_args &a2, int64_t P,
+                          int lc, const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs,
+                          size_t off_gt, int64_t I, void *xp) {
+    const int64_t tiles = P / 128 + (P < lc ? P : lc) + 1;
+    MOE_TRY(moe__fq_qgmma(st, dev, mode, true, a1, P, tiles, xp));
+    MOE_TRY(fq_quant_act(ws, mode, inter, P, I, off_gc, off_gs, off_gt));
+    return moe__fq_qgmma(st, dev, mode, false, a2, P, tiles, nullptr);
+}
+
 /* Row tile of each configuration, chosen from the average rows per local expert. */
 int fq_config(int64_t P, int lc) {
     if (P < (int64_t)24 * lc) return 0;
@@ -640,7 +638,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         /* 1. x */
         if (wq) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
         /* 2. align */
-        const int cfg = fq_config(P, lc);
+        const bool qg = moe__fq_qgmma_use(mode, P, lc, H, I); /* Hopper wgmma, fp8 / fp8_block */
+        const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = fq_bm[cfg];
         const size_t sm = (size_t)2 * lc * sizeof(int);
         k_align<<<1, ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n,
@@ -674,6 +673,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         a1.act = ex->act;
         a1.llama4 = A->llama4;
         a1.I = (int)I;
+        a1.E = (int)ex->E;
         a1.gated = ex->act != MOE_ACT_RELU2;
         a1.alpha = ex->alpha;
         a1.beta = ex->beta;
@@ -699,7 +699,9 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         int64_t ishape[2] = {P, I};
         if (wq) MOE_TRY(fq_view(&iv, ws, ws->off_inter, MOE_BF16, 2, ishape));
         moe_status s;
-        switch (mode) {
+        if (qg)
+            s = fq_qgmma_gemms(g.stream, g.dev, mode, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
+        else switch (mode) {
         case MOE_QUANT_FP8: s = fq_mode<MOE_QUANT_FP8>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
         case MOE_QUANT_FP8_BLOCK:
             s = fq_mode<MOE_QUANT_FP8_BLOCK>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I);

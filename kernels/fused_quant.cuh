@@ -36,10 +36,40 @@ static inline moe__fq_layout moe__fq_layout_of(const moe_workspace *ws) {
     return L;
 }
 
+/* Arguments of one grouped GEMM of the quantised path (tile kernels in fused_quant.cu, the
+ * Hopper wgmma kernel in fused_qgmma.cu). */
+struct moe__fq_gemm_args {
+    /* A: G1 x (bf16 [T, Kd] for mxfp4/mxint4, else codes), G2 the intermediate likewise */
+    const uint16_t *A_bf16;
+    const uint8_t *A_codes;    /* e4m3 [rows, Kd] or e2m1 packed [rows, Kd/2] */
+    const void *A_scales;      /* fp8_block f32 [rows, Kd/128]; nvfp4 e4m3 [rows, Kd/16] */
+    const float *A_tensor;     /* fp8: the per-tensor scale; nvfp4: the global scale */
+    const uint8_t *W;          /* codes [E, N, Kd] (e4m3) or packed [E, N, Kd/2] */
+    const void *W_scales;      /* per mode, logical row order */
+    const float *W_tensor;     /* fp8 scales [E]; nvfp4 global [E] */
+    const float *bias;         /* [E, N] logical order, or NULL */
+    const int32_t *sorted, *tile_e, *tile_r0, *tile_n, *ntiles;
+    const float *wts;          /* [P] */
+    int N, Kd, K, lo, act, llama4, I, gated;
+    int E;                     /* experts in W (all, not only the local ones) */
+    float alpha, beta, limit;
+    uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
+    float *y;                  /* G2 output f32 [P, N] (pair rows) */
+};
+
 /* Decode GEMV path (fused_qgemv.cu): every quantisation mode, 1 <= T <= the bound of
  * MOE_FUSED_QGEMV (unset: 4; "0": off), local_count > 0.  moe__fq_gemv_eligible says whether
  * a call of moe__cuda_fused_quant takes it; moe__fq_gemv then does the whole call after
  * routing (2 launches on g.stream). */
+/* Hopper wgmma GEMMs for fp8 / fp8_block (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call
+ * with P pairs over lc local experts takes them (sm_90a, H and I multiples of 128, at least
+ * MOE_FUSED_QWGMMA (default 64) pairs per local expert on average; "0": never); the row tiles
+ * must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's codes into
+ * xp, P x Kd bytes), grid from the tile bound max_tiles. */
+bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
+moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
+                         int64_t max_tiles, void *xp);
+
 bool moe__fq_gemv_eligible(const moe__fused_args *A);
 moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A);
 

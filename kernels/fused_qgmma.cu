@@ -1,0 +1,589 @@
+/* fused_qgmma.cu -- Hopper (sm_90a) grouped GEMMs of the quantised fused MoE for fp8 and
+ * fp8_block at prefill sizes (fused_quant.cu's large configuration), replacing its mma.sync tile
+ * kernels there.  Two kernels, both warp-specialised like fused_moe.cu's moe__k_fm_gemm_ws
+ * (384 threads, 1 CTA per SM, persistent over (row tile, column tile) work items in groups of 8
+ * row tiles; mbarrier pipelines; consumers = warpgroups 1-2, 64 rows each; tiles 128 x 128;
+ * gated GEMM1 tiles hold 64 gate rows then the 64 matching up rows, so accumulator columns j
+ * (gate) and j + 64 (up) sit in the same thread and the activation runs on registers):
+ *
+ *   k_qg_exact (default): the weight tile's e4m3 codes come by bulk tensor copy, warps 1-3 turn
+ *     them into f16 (exact: every e4m3 value is an f16) in a swizzled shared tile, and
+ *     wgmma.m64n128k16 f16 multiplies them with the activations' codes, also as f16 (x's codes
+ *     permuted into sorted order and widened by k_qg_codes16 into the workspace's y region,
+ *     unused until GEMM2's epilogue; the intermediate's codes widened into the intermediate's
+ *     own region once they are quantised).  f16 products are exact and the MMA accumulates in
+ *     f32, so the result is the CPU reference's up to f32 accumulation order.  BK 64, 5 stages.
+ *   k_qg_fp8 (MOE_FUSED_FP8MMA=1): e4m3 A and B straight into wgmma.m64n128k32 .e4m3 (twice the
+ *     f16 rate, half the shared bytes).  Hopper's fp8 MMAs sum their products at reduced
+ *     precision (about 14 bits: DeepSeek-V3 report, section 3.3.2); measured 2.5-3.2e-3 relative
+ *     L2 off the CPU reference on an H100/H200 even with every k32 MMA started from zero and
+ *     added up in f32 by the CUDA cores (as done here): the numerics of engines that run fp8
+ *     tensor cores (DeepGEMM promotes every 128), not the reference's.  BK 128, 6 stages.
+ *
+ * fp8 scales by sx * sw[e] in the epilogue; fp8_block adds each 128-column K block's partial
+ * sum to the f32 accumulator times a_scale(row, block) * w_scale(block) (DeepSeek-V3's
+ * promotion), as the tile kernels do.  Rows r >= nr of an A box (next expert, stale rows, zero
+ * fill past P) are computed and never written. */
+#include "cuda_common.cuh"
+#include "fused_moe.cuh"
+#include "fused_quant.cuh"
+
+#include <cuda_fp8.h>
+#include <stdlib.h>
+
+#define FN "moe_fused_moe"
+
+namespace {
+
+constexpr int QG_BM = 128, QG_BN = 128;
+/* k_qg_exact: BK 64 f16; per stage A f16 16 KB, B f16 16 KB, B codes 8 KB */
+constexpr int QX_BK = 64, QX_S = 5;
+#define QX_CONV 96 /* converter threads: warps 1-3 */
+constexpr size_t QX_SMEM = (size_t)QX_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK * 2 + QG_BN * QX_BK) + 1024 + 3 * QX_S * 8;
+/* k_qg_fp8: BK 128 e4m3; per stage 32 KB */
+constexpr int Q8_BK = 128, Q8_S = 6;
+constexpr size_t Q8_SMEM = (size_t)Q8_S * (QG_BM + QG_BN) * Q8_BK + 1024 + 2 * Q8_S * 8;
+
+/* device helpers: only the sm_90a pass has the kernel bodies that use them */
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* d (64 f32) = (scale_d ? d : 0) + A(64 x 32 e4m3, smem desc) * B(32 x 128 e4m3, smem desc);
+ * both K-major, 128-byte swizzle. */
+__device__ __forceinline__ void qg_wgmma_e4m3(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+/* The same with f16 operands, k16. */
+__device__ __forceinline__ void qg_wgmma_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+/* (row tile, column tile) of work item w: groups of 8 row tiles, the row tile fastest inside
+ * a group (the CTAs running at once share a few A tiles and weight tiles in L2). */
+__device__ __forceinline__ void qg_item(int64_t w, int ntiles, int ntn, int &tile, int &nb) {
+    const int GM = 8;
+    const int group = (int)(w / ((int64_t)GM * ntn));
+    const int in = (int)(w - (int64_t)group * GM * ntn);
+    const int gs = min(GM, ntiles - group * GM);
+    tile = group * GM + in % gs;
+    nb = in / gs;
+}
+
+/* Rows (within an expert's N) of the two 64-row halves of column tile nb. */
+__device__ __forceinline__ void qg_wrows(const moe__fq_gemm_args &a, bool gated, int nb, int &h0, int &h1) {
+    if (gated) {
+        h0 = nb * 64;
+        h1 = a.I + nb * 64;
+    } else {
+        h0 = nb * 128;
+        h1 = nb * 128 + 64;
+    }
+}
+
+/* fp8_block scale rows of this thread's rows rA, rA + 8 (x: by token; the intermediate: by
+ * sorted row; nullptr past nr) and of the two weight halves' 128-row blocks; KB = Kd / 128. */
+template <bool G1>
+__device__ __forceinline__ void qg_scales(const moe__fq_gemm_args &a, int rA, int r0, int nr, int64_t e, int h0,
+                                          int h1, int KB, const float *&sa0, const float *&sa1, const float *&sw0,
+                                          const float *&sw1) {
+    const float *as = (const float *)a.A_scales;
+    const int q0 = rA < nr ? (G1 ? a.sorted[r0 + rA] / a.K : r0 + rA) : -1;
+    const int q1 = rA + 8 < nr ? (G1 ? a.sorted[r0 + rA + 8] / a.K : r0 + rA + 8) : -1;
+    sa0 = q0 >= 0 ? as + (int64_t)q0 * KB : nullptr;
+    sa1 = q1 >= 0 ? as + (int64_t)q1 * KB : nullptr;
+    const float *ws = (const float *)a.W_scales + e * (a.N / 128) * KB;
+    sw0 = ws + (h0 / 128) * KB;
+    sw1 = ws + (h1 / 128) * KB;
+}
+
+/* acc += t * the block scales (fp8_block: f00/f01 for row rA's gate/up halves, f10/f11 for
+ * rA + 8) or acc += t (fp8). */
+template <bool BLOCK>
+__device__ __forceinline__ void qg_add(float (&acc)[64], const float (&t)[64], float f00, float f01, float f10,
+                                       float f11) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        if (BLOCK) {
+            const float fa = j < 8 ? f00 : f01, fb = j < 8 ? f10 : f11;
+            acc[4 * j] += t[4 * j] * fa;
+            acc[4 * j + 1] += t[4 * j + 1] * fa;
+            acc[4 * j + 2] += t[4 * j + 2] * fb;
+            acc[4 * j + 3] += t[4 * j + 3] * fb;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[4 * j + q] += t[4 * j + q];
+        }
+    }
+}
+
+/* Epilogue: acc[4j + q] is row rA (+8 for q >= 2), tile column 8j + c2 (+1 for odd q); ts the
+ * per-tensor scale (1 for fp8_block). */
+template <bool G1>
+__device__ __forceinline__ void qg_epi(const moe__fq_gemm_args &a, const float (&acc)[64], float ts, bool gated,
+                                       int rA, int c2, int r0, int nr, int64_t e, int h0) {
+    const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int r = rA + hf * 8;
+        if (r >= nr) continue;
+        const int p = a.sorted[r0 + r];
+        if (G1) {
+            const float c1 = a.llama4 ? a.wts[p] : 1.0f;
+            uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
+            if (gated) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const int ng = h0 + 8 * j + c2;
+                    float g0 = acc[4 * j + 2 * hf] * ts, g1 = acc[4 * j + 2 * hf + 1] * ts;
+                    float u0 = acc[4 * j + 32 + 2 * hf] * ts, u1 = acc[4 * j + 33 + 2 * hf] * ts;
+                    if (a.llama4) {
+                        g0 *= c1;
+                        g1 *= c1;
+                        u0 *= c1;
+                        u1 *= c1;
+                    }
+                    if (bias) {
+                        g0 += bias[ng];
+                        g1 += bias[ng + 1];
+                        u0 += bias[a.I + ng];
+                        u1 += bias[a.I + ng + 1];
+                    }
+                    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+                    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+                    *(uint32_t *)(orow + ng) =
+                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    const int n = h0 + 8 * j + c2;
+                    float v0 = acc[4 * j + 2 * hf] * ts, v1 = acc[4 * j + 2 * hf + 1] * ts;
+                    if (a.llama4) {
+                        v0 *= c1;
+                        v1 *= c1;
+                    }
+                    if (bias) {
+                        v0 += bias[n];
+                        v1 += bias[n + 1];
+                    }
+                    v0 = moe__fm_act(MOE_ACT_RELU2, v0, 0.0f, 0, 0, 0);
+                    v1 = moe__fm_act(MOE_ACT_RELU2, v1, 0.0f, 0, 0, 0);
+                    *(uint32_t *)(orow + n) =
+                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                }
+            }
+        } else {
+            const float wt = a.llama4 ? 1.0f : a.wts[p];
+            float *yrow = a.y + (int64_t)p * a.N;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const int n = h0 + 8 * j + c2;
+                float v0 = acc[4 * j + 2 * hf] * ts, v1 = acc[4 * j + 2 * hf + 1] * ts;
+                if (bias) {
+                    v0 += bias[n];
+                    v1 += bias[n + 1];
+                }
+                *(float2 *)(yrow + n) = make_float2(v0 * wt, v1 * wt);
+            }
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------ exact kernel (default) -- */
+
+template <int MODE, bool G1>
+__global__ void __launch_bounds__(384, 1)
+    k_qg_exact(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QX_S;
+    constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
+    extern __shared__ unsigned char qg_raw[];
+    uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* f16 [S][BM][BK] */
+    uint16_t *Bf = As + S * BM * BK;                                              /* f16 [S][BN][BK] */
+    uint8_t *B8 = (uint8_t *)(Bf + S * BN * BK);                                  /* codes [S][BN][BK] */
+    /* full[s] (bulk copies landed) at bar0 + 8s, conv[s] (B widened) + 8(S + s), empty[s] + 8(2S + s) */
+    const uint32_t bar0 = moe__fm_smem(B8 + S * BN * BK);
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            moe__fm_mbar_init(bar0 + 8 * s, 1);            /* the producer's expect_tx arrival */
+            moe__fm_mbar_init(bar0 + 8 * (S + s), QX_CONV); /* every converter thread */
+            moe__fm_mbar_init(bar0 + 8 * (2 * S + s), 8);  /* one per consumer warp */
+        }
+        moe__fm_mbar_init_fence();
+    }
+    __syncthreads();
+    const bool gated = G1 && a.gated;
+    const int ntiles = *a.ntiles, ntn = gated ? a.I / 64 : a.N / BN;
+    const int64_t total = (int64_t)ntiles * ntn;
+    const int KT = a.Kd / BK;
+
+    if (tid < 128) {
+        moe__fm_setmaxnreg_dec<56>(); /* the converters hold 3 chunks of codes each */
+        if (tid == 0) {
+            /* ---------------- producer: A f16 and B codes by bulk tensor copy ---------------- */
+            int it = 0;
+            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+                int tile, nb, h0, h1;
+                qg_item(w, ntiles, ntn, tile, nb);
+                const int64_t e = (int64_t)a.lo + a.tile_e[tile];
+                const int r0 = a.tile_r0[tile];
+                qg_wrows(a, gated, nb, h0, h1);
+                const int w0 = (int)(e * a.N) + h0, w1 = (int)(e * a.N) + h1;
+                for (int kt = 0; kt < KT; kt++, it++) {
+                    const int s = it % S;
+                    const uint32_t full = bar0 + 8 * s, b8 = moe__fm_smem(B8 + s * BN * BK);
+                    moe__fm_mbar_wait(bar0 + 8 * (2 * S + s), ((it / S) & 1) ^ 1);
+                    moe__fm_mbar_arrive_tx(full, BM * BK * 2 + BN * BK);
+                    moe__fm_tma2d(b8, &tmw, kt * BK, w0, full);
+                    moe__fm_tma2d(b8 + 64 * BK, &tmw, kt * BK, w1, full);
+                    moe__fm_tma2d(moe__fm_smem(As + s * BM * BK), &tma, kt * BK, r0, full);
+                }
+            }
+        } else if (tid >= 32) {
+            /* ---------------- converters (warps 1-3): B codes -> f16, swizzled ---------------- */
+            constexpr int NCH = BN * BK / 16, PER = (NCH + QX_CONV - 1) / QX_CONV; /* 16-code chunks */
+            const int cv = tid - 32;
+            int it = 0;
+            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+                for (int kt = 0; kt < KT; kt++, it++) {
+                    const int s = it % S;
+                    moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
+                    const uint8_t *src = B8 + s * BN * BK;
+                    uint16_t *dst = Bf + s * BN * BK;
+#pragma unroll
+                    for (int b0 = 0; b0 < PER; b0 += 3) { /* 3 chunks in flight a thread */
+                        uint4 v[3];
+#pragma unroll
+                        for (int i = 0; i < 3; i++) { /* chunk c: row c / 4, columns 16 (c % 4) */
+                            const int c = cv + (b0 + i) * QX_CONV;
+                            if (c < NCH) v[i] = *(const uint4 *)(src + (c >> 2) * BK + (c & 3) * 16);
+                        }
+#pragma unroll
+                        for (int i = 0; i < 3; i++) {
+                            const int c = cv + (b0 + i) * QX_CONV, r = c >> 2, q = c & 3;
+                            if (c >= NCH) continue;
+                            const uint32_t wv[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+                            uint32_t o[8];
+#pragma unroll
+                            for (int j = 0; j < 4; j++) {
+                                const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] & 0xFFFF), __NV_E4M3);
+                                const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] >> 16), __NV_E4M3);
+                                o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
+                                o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
+                            }
+                            *(uint4 *)(dst + moe__fm_swz(r, 2 * q)) = make_uint4(o[0], o[1], o[2], o[3]);
+                            *(uint4 *)(dst + moe__fm_swz(r, 2 * q + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+                        }
+                    }
+                    moe__fm_fence_async(); /* our shared writes, before the consumers' wgmma reads */
+                    moe__fm_mbar_arrive(bar0 + 8 * (S + s));
+                }
+            }
+        }
+        __syncwarp();
+    } else {
+        /* ---------------- consumers ---------------- */
+        moe__fm_setmaxnreg_inc<224>();
+        const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
+        const int c2 = (lane & 3) * 2, rA = wg * 64 + w4 * 16 + (lane >> 2); /* rows rA, rA + 8 */
+        int it = 0;
+        float acc[64], tmp[64];
+        for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+            int tile, nb, h0, h1;
+            qg_item(w, ntiles, ntn, tile, nb);
+            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+            const int64_t e = (int64_t)a.lo + le;
+            qg_wrows(a, gated, nb, h0, h1);
+            const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
+            if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, a.Kd / 128, sa0, sa1, sw0, sw1);
+#pragma unroll
+            for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                const int s = it % S;
+                float f00 = 1, f01 = 1, f10 = 1, f11 = 1;
+                if (BLOCK && (kt & 1)) { /* the 128-column block ends here; loaded before the waits */
+                    const int kb = kt >> 1;
+                    const float x0 = sa0 ? sa0[kb] : 0.0f, x1 = sa1 ? sa1[kb] : 0.0f;
+                    const float g = sw0[kb], u = sw1[kb];
+                    f00 = x0 * g;
+                    f01 = x0 * u;
+                    f10 = x1 * g;
+                    f11 = x1 * u;
+                }
+                moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
+                moe__fm_mbar_wait(bar0 + 8 * (S + s), (it / S) & 1);
+                const uint64_t da = moe__fm_desc(moe__fm_smem(As + s * BM * BK + wg * 64 * BK));
+                const uint64_t db = moe__fm_desc(moe__fm_smem(Bf + s * BN * BK));
+                moe__fm_wg_fence();
+                if (BLOCK) {
+#pragma unroll
+                    for (int ks = 0; ks < BK / 16; ks++)
+                        qg_wgmma_f16(tmp, da + 2 * ks, db + 2 * ks, (kt & 1) | ks);
+                    moe__fm_wg_commit();
+                    moe__fm_wg_wait0();
+                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + s));
+                    if (kt & 1) qg_add<true>(acc, tmp, f00, f01, f10, f11);
+                } else {
+#pragma unroll
+                    for (int ks = 0; ks < BK / 16; ks++) qg_wgmma_f16(acc, da + 2 * ks, db + 2 * ks, 1);
+                    moe__fm_wg_commit();
+                    moe__fm_wg_wait1();
+                    if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + (it - 1) % S));
+                }
+            }
+            if (!BLOCK) {
+                moe__fm_wg_wait0();
+                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + (it - 1) % S));
+            }
+            qg_epi<G1>(a, acc, BLOCK ? 1.0f : a.A_tensor[0] * a.W_tensor[e], gated, rA, c2, r0, nr, e, h0);
+        }
+    }
+#endif
+}
+
+/* -------------------------------------- fp8 tensor cores (MOE_FUSED_FP8MMA=1) -- */
+
+template <int MODE, bool G1>
+__global__ void __launch_bounds__(384, 1)
+    k_qg_fp8(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BM = QG_BM, BN = QG_BN, BK = Q8_BK, S = Q8_S;
+    constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
+    extern __shared__ unsigned char qg_raw[];
+    uint8_t *As = (uint8_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023);
+    uint8_t *Bs = As + S * BM * BK;
+    const uint32_t bar0 = moe__fm_smem(Bs + S * BN * BK); /* full[s] at bar0 + 8s, empty[s] at bar0 + 8(S + s) */
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            moe__fm_mbar_init(bar0 + 8 * s, 1);
+            moe__fm_mbar_init(bar0 + 8 * (S + s), 8);
+        }
+        moe__fm_mbar_init_fence();
+    }
+    __syncthreads();
+    const bool gated = G1 && a.gated;
+    const int ntiles = *a.ntiles, ntn = gated ? a.I / 64 : a.N / BN;
+    const int64_t total = (int64_t)ntiles * ntn;
+    const int KT = a.Kd / BK;
+
+    if (tid < 128) {
+        moe__fm_setmaxnreg_dec<40>();
+        if (tid == 0) {
+            int it = 0;
+            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+                int tile, nb, h0, h1;
+                qg_item(w, ntiles, ntn, tile, nb);
+                const int64_t e = (int64_t)a.lo + a.tile_e[tile];
+                const int r0 = a.tile_r0[tile];
+                qg_wrows(a, gated, nb, h0, h1);
+                const int w0 = (int)(e * a.N) + h0, w1 = (int)(e * a.N) + h1;
+                for (int kt = 0; kt < KT; kt++, it++) {
+                    const int s = it % S;
+                    const uint32_t full = bar0 + 8 * s, bs = moe__fm_smem(Bs + s * BN * BK);
+                    moe__fm_mbar_wait(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
+                    moe__fm_mbar_arrive_tx(full, (BM + BN) * BK);
+                    moe__fm_tma2d(bs, &tmw, kt * BK, w0, full);
+                    moe__fm_tma2d(bs + 64 * BK, &tmw, kt * BK, w1, full);
+                    moe__fm_tma2d(moe__fm_smem(As + s * BM * BK), &tma, kt * BK, r0, full);
+                }
+            }
+        }
+        __syncwarp();
+    } else {
+        moe__fm_setmaxnreg_inc<232>();
+        const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
+        const int c2 = (lane & 3) * 2, rA = wg * 64 + w4 * 16 + (lane >> 2);
+        int it = 0;
+        /* every k32 MMA starts from zero (t0 / t1 alternate, one in flight while the other is
+         * added in f32 by the CUDA cores): the least the fp8 MMA's own summation can do */
+        float acc[64], t0[64], t1[64];
+        for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+            int tile, nb, h0, h1;
+            qg_item(w, ntiles, ntn, tile, nb);
+            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+            const int64_t e = (int64_t)a.lo + le;
+            qg_wrows(a, gated, nb, h0, h1);
+            const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
+            if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, KT, sa0, sa1, sw0, sw1);
+#pragma unroll
+            for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+            for (int kt = 0; kt < KT; kt++, it++) {
+                const int s = it % S;
+                float f00 = 1, f01 = 1, f10 = 1, f11 = 1;
+                if (BLOCK) {
+                    const float x0 = sa0 ? sa0[kt] : 0.0f, x1 = sa1 ? sa1[kt] : 0.0f;
+                    const float g = sw0[kt], u = sw1[kt];
+                    f00 = x0 * g;
+                    f01 = x0 * u;
+                    f10 = x1 * g;
+                    f11 = x1 * u;
+                }
+                moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
+                const uint64_t da = moe__fm_desc(moe__fm_smem(As + s * BM * BK + wg * 64 * BK));
+                const uint64_t db = moe__fm_desc(moe__fm_smem(Bs + s * BN * BK));
+                moe__fm_wg_fence();
+                qg_wgmma_e4m3(t0, da, db, 0);
+                moe__fm_wg_commit();
+                qg_wgmma_e4m3(t1, da + 2, db + 2, 0);
+                moe__fm_wg_commit();
+                moe__fm_wg_wait1();
+                qg_add<BLOCK>(acc, t0, f00, f01, f10, f11);
+                moe__fm_wg_fence();
+                qg_wgmma_e4m3(t0, da + 4, db + 4, 0);
+                moe__fm_wg_commit();
+                moe__fm_wg_wait1();
+                qg_add<BLOCK>(acc, t1, f00, f01, f10, f11);
+                moe__fm_wg_fence();
+                qg_wgmma_e4m3(t1, da + 6, db + 6, 0);
+                moe__fm_wg_commit();
+                moe__fm_wg_wait1();
+                qg_add<BLOCK>(acc, t0, f00, f01, f10, f11);
+                moe__fm_wg_wait0();
+                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
+                qg_add<BLOCK>(acc, t1, f00, f01, f10, f11);
+            }
+            qg_epi<G1>(a, acc, BLOCK ? 1.0f : a.A_tensor[0] * a.W_tensor[e], gated, rA, c2, r0, nr, e, h0);
+        }
+    }
+#endif
+}
+
+/* ------------------------------------------------------- widen codes -- */
+
+/* dst f16 [rows, cols] <- e4m3 codes: row i from src row sorted[i] / K (sorted non-null: x's
+ * codes into GEMM1's sorted order) or row i; only the rows of the row tiles (nv, from the tile
+ * table, as k_permute). */
+__global__ void __launch_bounds__(256)
+    k_qg_codes16(const uint8_t *__restrict__ src, const int32_t *sorted, int K, const int32_t *tile_r0,
+                 const int32_t *tile_n, const int32_t *ntiles, int cols, uint4 *__restrict__ dst) {
+    const int nt = *ntiles;
+    const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+    const int c16 = cols / 16;
+    const int64_t units = nv * c16;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = u / c16;
+        const int c = (int)(u - i * c16);
+        const int64_t row = sorted ? sorted[i] / K : i;
+        const uint4 v = __ldg((const uint4 *)(src + row * cols) + c);
+        const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+        uint32_t o[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] & 0xFFFF), __NV_E4M3);
+            const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] >> 16), __NV_E4M3);
+            o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
+            o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
+        }
+        dst[i * (2 * c16) + 2 * c] = make_uint4(o[0], o[1], o[2], o[3]);
+        dst[i * (2 * c16) + 2 * c + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
+/* ---------------------------------------------------------- host glue -- */
+
+typedef void (*qg_kernel)(const moe__fq_gemm_args, const CUtensorMap, const CUtensorMap);
+
+qg_kernel qg_pick(bool fp8mma, int mode, bool g1) {
+    if (fp8mma) {
+        if (mode == MOE_QUANT_FP8) return g1 ? k_qg_fp8<MOE_QUANT_FP8, true> : k_qg_fp8<MOE_QUANT_FP8, false>;
+        return g1 ? k_qg_fp8<MOE_QUANT_FP8_BLOCK, true> : k_qg_fp8<MOE_QUANT_FP8_BLOCK, false>;
+    }
+    if (mode == MOE_QUANT_FP8) return g1 ? k_qg_exact<MOE_QUANT_FP8, true> : k_qg_exact<MOE_QUANT_FP8, false>;
+    return g1 ? k_qg_exact<MOE_QUANT_FP8_BLOCK, true> : k_qg_exact<MOE_QUANT_FP8_BLOCK, false>;
+}
+
+moe_status qg_attrs(void) {
+    static int done = 0;
+    if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
+    for (int f = 0; f < 2; f++)
+        for (int m = 0; m < 2; m++)
+            for (int g = 0; g < 2; g++)
+                MOE_CUDA_TRY(FN, cudaFuncSetAttribute(qg_pick(f, m ? MOE_QUANT_FP8_BLOCK : MOE_QUANT_FP8, g),
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)(f ? Q8_SMEM : QX_SMEM)));
+    __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
+    return MOE_OK;
+}
+
+/* MOE_FUSED_FP8MMA=1: the fp8 tensor-core kernel instead of the exact one. */
+bool qg_fp8mma(void) {
+    const char *env = getenv("MOE_FUSED_FP8MMA");
+    return env && env[0] == '1';
+}
+
+} // namespace
+
+bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
+    if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK) return false;
+    if (lc <= 0 || H % 128 != 0 || I % 128 != 0) return false;
+    const char *env = getenv("MOE_FUSED_QWGMMA");
+    /* average pairs per local expert from which the kernels run: H100, 2026-11-26, against the
+     * tile kernels (docs/performance.md): 2x faster at 64 (Mixtral T = 256), slower at 8-16
+     * (DeepSeek-V3 T = 256, Qwen3-30B-A3B T = 64 / 256) */
+    long rows = 64;
+    if (env && env[0]) {
+        char *end = nullptr;
+        const long v = strtol(env, &end, 10);
+        if (end && *end == '\0' && v >= 0) rows = v;
+    }
+    if (rows == 0 || P < (int64_t)rows * lc) return false;
+    bool ok = false;
+    if (moe__fm_hopper_ready(&ok) != MOE_OK || !ok) {
+        moe_clear_error();
+        return false;
+    }
+    return qg_attrs() == MOE_OK;
+}
+
+moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
+                         int64_t max_tiles, void *xp) {
+    const bool gated = g1 && a.gated, f8 = qg_fp8mma();
+    const int ntn = gated ? a.I / 64 : a.N / QG_BN;
+    const int64_t sms = moe__cuda_sm_count(dev), items = max_tiles * ntn;
+    const unsigned grid = (unsigned)(items < sms ? items : sms);
+    CUtensorMap tw, ta;
+    const char *wn = g1 ? "gate/up codes" : "down codes";
+    if (f8) {
+        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, 128, 64, true, wn));
+        const uint8_t *A = a.A_codes;
+        if (g1) {
+            const int64_t pcap = sms * 16, pb = P < pcap ? P : pcap;
+            moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_codes, a.sorted, a.tile_r0, a.tile_n,
+                                                            a.ntiles, a.K, a.Kd / 16, (uint4 *)xp);
+            MOE_CUDA_LAUNCHED(FN);
+            A = (const uint8_t *)xp;
+        }
+        MOE_TRY(moe__fm_tmap2(&ta, A, P, a.Kd, 1, 128, QG_BM, true, g1 ? "permuted x codes" : "intermediate codes"));
+    } else {
+        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, QX_BK, 64, false, wn));
+        /* A as f16: GEMM1 x's codes permuted into xp; GEMM2 the intermediate's codes into the
+         * intermediate's region (its bf16 values are quantised already) */
+        uint4 *A16 = g1 ? (uint4 *)xp : (uint4 *)a.A_bf16;
+        const int threads = 256;
+        k_qg_codes16<<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+            a.A_codes, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, A16);
+        MOE_CUDA_LAUNCHED(FN);
+        MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x codes (f16)" : "intermediate codes (f16)"));
+    }
+    qg_pick(f8, mode, g1)<<<grid, 384, f8 ? Q8_SMEM : QX_SMEM, st>>>(a, tw, ta);
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}
