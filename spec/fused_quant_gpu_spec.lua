@@ -3,8 +3,12 @@
 -- {1, 5, 64, 300} (both tile configurations), deepseekv3 routing, relu2 + biases, llama4,
 -- expert parallelism, routed-mode bit-exactness and replay, qtensor parts, T = 0, and CUDA
 -- graph capture + replay with new inputs; the decode GEMV path of fp8 and fp8_block (T <= 4;
--- MOE_FUSED_QGEMV) on and off against the CPU and each other.  Prints each mode's error
--- against the bf16 output.
+-- MOE_FUSED_QGEMV) on and off against the CPU and each other; fp8 / fp8_block prefill in the
+-- large configuration (>= 96 pairs per local expert: T = 800..1600, skewed routing, llama4,
+-- expert parallelism, biases, routed mode, a graph) with the Hopper wgmma kernels on (default)
+-- and off (MOE_FUSED_QWGMMA=0) against the CPU and each other; the default GEMV rule
+-- (MOE_FUSED_QGEMV unset) at T = 16, T*K = 2E.  Prints each mode's error against the bf16
+-- output, and the wgmma kernels' difference from the mma.sync ones.
 -- Exits 77 without a CUDA device.
 local H = require("spec.helper")
 local moe = H.moe
@@ -56,6 +60,16 @@ local function call(ex, x, L, m, dev, more)
               bias = m.method == "deepseekv3" and rbias:to(dev) or nil, return_routing = true }
   for k, v in pairs(more or {}) do a[k] = v end
   return moe.fused_moe(a)
+end
+
+local function bits(y) return y:to("cpu"):to("f32"):totable() end
+local function qgemv(v, f) return H.with_env("MOE_FUSED_QGEMV", v, f) end
+
+-- relative L2 of a against b at most 1e-3
+local function near(a, b, what)
+  local err = rel_l2(a, b)
+  assert.is_true(err <= 1e-3, string.format("%s: relative L2 %.3g", what, err))
+  return err
 end
 
 local report = {}
@@ -234,10 +248,125 @@ describe("#gpu quantised fused MoE under CUDA graphs", function()
   end
 end)
 
+-- logits L (on the CPU) with offsets[e] added to the column of expert e (0-based)
+local function skew(L, offsets)
+  local t = L:totable()
+  for _, row in ipairs(t) do
+    for e, v in pairs(offsets) do row[e + 1] = row[e + 1] + v end
+  end
+  return moe.tensor(t)
+end
+
+-- pairs per expert (0-based) in the ids of a routing result
+local function per_expert(r)
+  local c = {}
+  for e = 0, E - 1 do c[e] = 0 end
+  for _, row in ipairs(r.ids:to("cpu"):totable()) do
+    for _, e in ipairs(row) do c[e] = c[e] + 1 end
+  end
+  return c
+end
+
+describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE_FUSED_QWGMMA; 0 = the mma.sync tile kernels)",
+         function()
+  -- The large configuration: P = T*K >= 96 pairs per local expert (E = 16: P >= 1536).  Unset,
+  -- fp8 / fp8_block take the wgmma kernels there on sm_90a; "0" keeps the mma.sync tile kernels
+  -- (the only path on other GPUs, where both settings must pass as well).
+  local QMODES = { "fp8", "fp8_block" }
+  local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
+  -- w / mode on x, L (method m, call options more): the CPU once, CUDA with MOE_FUSED_QWGMMA
+  -- unset and "0"; each CUDA output and routing against the CPU's, and the two against each
+  -- other.  Returns the default's output, the "0" one's, their relative L2 and the CPU routing.
+  local function both(w, mode, x, L, m, more, what)
+    local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
+    local ys = {}
+    for i, v in ipairs{ false, "0" } do
+      local y, r = qwgmma(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
+      near(y, yc, string.format("%s, MOE_FUSED_QWGMMA %s: CUDA vs CPU", what, v or "unset"))
+      ys[i] = y
+    end
+    local err = near(ys[1], ys[2], what .. ": default vs MOE_FUSED_QWGMMA=0")
+    return ys[1], ys[2], err, rc
+  end
+  -- T = 800 top-2 (P = 1600, 100 rows per expert on average) with experts 3 and 9 favoured
+  -- (~200 and ~150 rows: two 128-row tiles)
+  local function inputs800(seed)
+    local x, L = inputs(800, seed)
+    return x, skew(L, { [3] = 0.5, [9] = 0.25 })
+  end
+
+  for _, mode in ipairs(QMODES) do
+    it(mode .. " / swiglu / renormalize / T=800 (experts spanning two row tiles): default and MOE_FUSED_QWGMMA=0 " ..
+       "agree with the CPU and each other; same bits again", function()
+      local w, m = weights("swiglu", false), METHODS.renormalize
+      local x, L = inputs800(9200)
+      local yd, _, err, rc = both(w, mode, x, L, m, nil, mode .. " T=800")
+      local c, most = per_expert(rc), 0
+      for e = 0, E - 1 do most = math.max(most, c[e]) end
+      assert.is_true(most > 128, "no expert has more than one 128-row tile of pairs: " .. most)
+      local again = qwgmma(nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end)
+      assert.same(bits(yd), bits(again))
+      local dev = moe.cuda_available() and moe.cuda_device_info(0) or "no CUDA device"
+      print(string.format("\n  %s T=800 on %s: default vs MOE_FUSED_QWGMMA=0 relative L2 %.3g%s", mode, dev, err,
+                          err == 0 and " (the same bits: one path both times?)" or ""))
+    end)
+  end
+
+  it("fp8_block / relu2 with biases and fp8 / swiglu_oai with biases (T=800)", function()
+    for _, c in ipairs{ { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" } } do
+      local x, L = inputs(800, 9300)
+      both(weights(c[2], true), c[1], x, L, METHODS.renormalize, nil, c[1] .. "/" .. c[2] .. " T=800")
+    end
+  end)
+
+  for _, mode in ipairs(QMODES) do
+    it(mode .. " / llama4 (top-1) / T=1600", function()
+      local x, L = inputs(1600, 9400 + #mode)
+      both(weights("swiglu", false), mode, x, L, METHODS.llama4, nil, mode .. " llama4 T=1600")
+    end)
+
+    it(mode .. ": expert parallelism (experts 4..11), T=1600", function()
+      local x, L = inputs(1600, 9450 + #mode)
+      both(weights("swiglu", false), mode, x, L, METHODS.renormalize, { local_offset = 4, local_count = 8 },
+           mode .. " EP T=1600")
+    end)
+
+    it(mode .. ": skewed routing, T=900 (experts 0 and 1 +4 / +6 on the logits: ~T pairs each, the others " ..
+       "a few / none)", function()
+      for _, off in ipairs{ 4, 6 } do
+        local x, L = inputs(900, 9500 + off)
+        local _, _, _, rc = both(weights("swiglu", false), mode, x, skew(L, { [0] = off, [1] = off }),
+                                 METHODS.renormalize, nil, mode .. " skewed +" .. off)
+        local c = per_expert(rc)
+        assert.is_true(c[0] > 6 * 128 and c[1] > 6 * 128, "experts 0 and 1: " .. c[0] .. ", " .. c[1] .. " pairs")
+      end
+    end)
+
+    it(mode .. ": routed reproduces native bit for bit at T=800 (default and MOE_FUSED_QWGMMA=0)", function()
+      local ex = experts(weights("swiglu", false), mode, "cuda")
+      local x, L = inputs800(9600)
+      for _, v in ipairs{ false, "0" } do
+        qwgmma(v or nil, function()
+          local y, r = call(ex, x, L, METHODS.renormalize, "cuda")
+          local y2 = moe.fused_moe{ hidden = x:to("cuda"), experts = ex, routed = { ids = r.ids, weights = r.weights } }
+          assert.same(bits(y), bits(y2))
+        end)
+      end
+    end)
+  end
+
+  it("fp8_block: captured at T=800 (deepseekv3 top-4, P = 3200), replayed with new hidden and logits; the first " ..
+     "inputs again give the same bits", function()
+    local y1, again = qwgmma(nil, function()
+      return graph_rounds(weights("swiglu", false), "fp8_block", 800, METHODS.deepseekv3, 9700)
+    end)
+    assert.same(y1, again)
+  end)
+end)
+
 describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FUSED_QGEMV=0 off, =N for T <= N)",
          function()
-  local function qgemv(v, f) return H.with_env("MOE_FUSED_QGEMV", v, f) end
-  local function bits(y) return y:to("cpu"):to("f32"):totable() end
   -- path on (default) and off against the CPU and each other: the quantised activations are the
   -- same codes, only the f32 summation order differs
   local function check(yv, yt, yc, what)
@@ -385,6 +514,32 @@ describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FU
           end)
         end)
         assert.same(y1, again)
+      end
+    end)
+  end
+end)
+
+describe("#gpu quantised fused MoE: default decode GEMV rule (no MOE_FUSED_QGEMV set)", function()
+  -- Unset: the 4-bit modes take the GEMV path for T <= 64 with T*K <= 2E, fp8 / fp8_block only
+  -- for T <= 4.  T = 16, top-2 over E = 16: T*K = 32 = 2E.
+  for _, mode in ipairs(MODES) do
+    local gemv = mode ~= "fp8" and mode ~= "fp8_block"
+    it(mode .. " / swiglu / renormalize / T=16: " ..
+       (gemv and "the GEMV path (the bits of MOE_FUSED_QGEMV=16), near the tile kernels (=0)"
+             or "the tile kernels (the bits of MOE_FUSED_QGEMV=0)") .. "; agrees with the CPU", function()
+      local w, m = weights("swiglu", false), METHODS.renormalize
+      local x, L = inputs(16, 8300 + #mode)
+      local function go(v) return qgemv(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end) end
+      local yd, rd = go(nil)
+      local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu")
+      assert.same(rc.ids:totable(), rd.ids:to("cpu"):totable())
+      near(yd, yc, mode .. " T=16, MOE_FUSED_QGEMV unset: CUDA vs CPU")
+      local yt = go("0")
+      if gemv then
+        near(yd, yt, mode .. " T=16: default (GEMV) vs MOE_FUSED_QGEMV=0 (tile kernels)")
+        assert.same(bits(go("16")), bits(yd))
+      else
+        assert.same(bits(yt), bits(yd))
       end
     end)
   end
