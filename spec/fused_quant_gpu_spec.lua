@@ -3,12 +3,13 @@
 -- {1, 5, 64, 300} (both tile configurations), deepseekv3 routing, relu2 + biases, llama4,
 -- expert parallelism, routed-mode bit-exactness and replay, qtensor parts, T = 0, and CUDA
 -- graph capture + replay with new inputs; the decode GEMV path of fp8 and fp8_block (T <= 4;
--- MOE_FUSED_QGEMV) on and off against the CPU and each other; fp8 / fp8_block prefill in the
--- large configuration (>= 96 pairs per local expert: T = 800..1600, skewed routing, llama4,
--- expert parallelism, biases, routed mode, a graph) with the Hopper wgmma kernels on (default)
--- and off (MOE_FUSED_QWGMMA=0) against the CPU and each other; the default GEMV rule
--- (MOE_FUSED_QGEMV unset) at T = 16, T*K = 2E.  Prints each mode's error against the bf16
--- output, and the wgmma kernels' difference from the mma.sync ones.
+-- MOE_FUSED_QGEMV) on and off against the CPU and each other; fp8 / fp8_block prefill with
+-- >= 96 pairs per local expert (the large tile configuration, past the wgmma path's default
+-- bound of 64: T = 800..1600, skewed routing, llama4, expert parallelism, biases, routed mode,
+-- a graph) with the Hopper wgmma kernels on (default) and off (MOE_FUSED_QWGMMA=0) against the
+-- CPU and each other; the default GEMV rule (MOE_FUSED_QGEMV unset) at T = 16, T*K = 2E.
+-- Prints each mode's error against the bf16 output, and the wgmma kernels' difference from
+-- the mma.sync ones.
 -- Exits 77 without a CUDA device.
 local H = require("spec.helper")
 local moe = H.moe
@@ -269,9 +270,10 @@ end
 
 describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE_FUSED_QWGMMA; 0 = the mma.sync tile kernels)",
          function()
-  -- The large configuration: P = T*K >= 96 pairs per local expert (E = 16: P >= 1536).  Unset,
-  -- fp8 / fp8_block take the wgmma kernels there on sm_90a; "0" keeps the mma.sync tile kernels
-  -- (the only path on other GPUs, where both settings must pass as well).
+  -- The large tile configuration: P = T*K >= 96 pairs per local expert (E = 16: P >= 1536).
+  -- MOE_FUSED_QWGMMA unset, fp8 / fp8_block take the wgmma kernels there on sm_90a (from 64 pairs
+  -- per local expert; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
+  -- GPUs, where both settings must pass as well).
   local QMODES = { "fp8", "fp8_block" }
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- w / mode on x, L (method m, call options more): the CPU once, CUDA with MOE_FUSED_QWGMMA
@@ -309,7 +311,7 @@ describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE
       assert.same(bits(yd), bits(again))
       local dev = moe.cuda_available() and moe.cuda_device_info(0) or "no CUDA device"
       print(string.format("\n  %s T=800 on %s: default vs MOE_FUSED_QWGMMA=0 relative L2 %.3g%s", mode, dev, err,
-                          err == 0 and " (the same bits: one path both times?)" or ""))
+                          err == 0 and " (the same bits)" or ""))
     end)
   end
 
