@@ -38,9 +38,6 @@ namespace {
 constexpr int QG_BM = 128, QG_BN = 128;
 /* k_qg_exact: BK 64 f16; per stage A f16 16 KB, B f16 16 KB, B codes 8 KB */
 constexpr int QX_BK = 64, QX_S = 5;
-/* k_qg_swap: per stage activations f16 16 KB, weight codes 8 KB, fp8_block scales 512 bytes */
-constexpr int QS_S = 8;
-constexpr size_t QS_SMEM = (size_t)QS_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK + QG_BM * 4) + 1024 + 2 * QS_S * 8;
 #define QX_CONV 96 /* converter threads: warps 1-3 */
 constexpr size_t QX_SMEM = (size_t)QX_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK * 2 + QG_BN * QX_BK) + 1024 + 3 * QX_S * 8;
 /* k_qg_fp8: BK 128 e4m3; per stage 32 KB */
@@ -74,25 +71,6 @@ __device__ __forceinline__ void qg_wgmma_f16(float (&d)[64], uint64_t da, uint64
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db), "r"(scale_d));
-}
-
-/* The same with A (64 x 16 f16) from registers: the m16n8k16 A fragment of each warp's 16 rows. */
-__device__ __forceinline__ void qg_wgmma_f16_ra(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-
-/* Two e4m3 codes (low byte first) -> f16x2. */
-__device__ __forceinline__ uint32_t qg_h2(uint32_t two) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xFFFF), __NV_E4M3);
-    return (uint32_t)h.x | ((uint32_t)h.y << 16);
 }
 
 /* (row tile, column tile) of work item w: groups of 8 row tiles, the row tile fastest inside
@@ -380,208 +358,6 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-/* ---------------------------------- swapped exact kernel (weights as A) -- */
-
-/* k_qg_swap: the transposed product C^T = W x^T per tile, so the weights are wgmma's A operand
- * and come from registers: each consumer thread reads 16 codes of its two weight rows per stage
- * from the bulk-copied tile and widens them to f16 A fragments itself (no converter warps, no f16
- * weight tile); the activations (f16, their columns permuted within each 64-column block by
- * k_qg_codes16 to match, see qg_kperm) are B from shared memory.  Thread rows: gated, fragment
- * rows g and g + 8 of warp w4 in warpgroup wg are gate row and up row of intermediate column
- * wg*32 + w4*8 + g of the tile, so the activation pairs them in registers; otherwise tile rows
- * wg*64 + w4*16 + g (+8).  fp8_block: warps 1-3 of the producer warpgroup put each 128-column
- * block's 128 activation scales into the stage it ends in. */
-template <int MODE, bool G1>
-__global__ void __launch_bounds__(384, 1)
-    k_qg_swap(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QS_S;
-    constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
-    extern __shared__ unsigned char qg_raw[];
-    uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* activations f16 [S][BM][BK] */
-    uint8_t *W8 = (uint8_t *)(As + S * BM * BK);                                  /* weight codes [S][BN][BK] */
-    float *Sa = (float *)(W8 + S * BN * BK);                                      /* fp8_block: [S][BM] */
-    const uint32_t bar0 = moe__fm_smem(Sa + S * BM); /* full[s] at bar0 + 8s, empty[s] at bar0 + 8(S + s) */
-    const int tid = threadIdx.x;
-    if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            moe__fm_mbar_init(bar0 + 8 * s, BLOCK ? 1 + 96 : 1); /* expect_tx (+ the scale loaders) */
-            moe__fm_mbar_init(bar0 + 8 * (S + s), 8);
-        }
-        moe__fm_mbar_init_fence();
-    }
-    __syncthreads();
-    const bool gated = G1 && a.gated;
-    const int ntiles = *a.ntiles, ntn = gated ? a.I / 64 : a.N / BN;
-    const int64_t total = (int64_t)ntiles * ntn;
-    const int KT = a.Kd / BK;
-
-    if (tid < 128) {
-        moe__fm_setmaxnreg_dec<40>();
-        if (tid == 0) {
-            int it = 0;
-            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-                int tile, nb, h0, h1;
-                qg_item(w, ntiles, ntn, tile, nb);
-                const int64_t e = (int64_t)a.lo + a.tile_e[tile];
-                const int r0 = a.tile_r0[tile];
-                qg_wrows(a, gated, nb, h0, h1);
-                const int w0 = (int)(e * a.N) + h0, w1 = (int)(e * a.N) + h1;
-                for (int kt = 0; kt < KT; kt++, it++) {
-                    const int s = it % S;
-                    const uint32_t full = bar0 + 8 * s, w8 = moe__fm_smem(W8 + s * BN * BK);
-                    moe__fm_mbar_wait(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
-                    moe__fm_mbar_arrive_tx(full, BM * BK * 2 + BN * BK);
-                    moe__fm_tma2d(w8, &tmw, kt * BK, w0, full);
-                    moe__fm_tma2d(w8 + 64 * BK, &tmw, kt * BK, w1, full);
-                    moe__fm_tma2d(moe__fm_smem(As + s * BM * BK), &tma, kt * BK, r0, full);
-                }
-            }
-        } else if (BLOCK && tid >= 32) {
-            /* scale loaders: a_scale(tile row, block) of the block ending at stage kt (odd) */
-            const int sl = tid - 32, KB = a.Kd / 128;
-            const float *as = (const float *)a.A_scales;
-            int it = 0;
-            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-                int tile, nb;
-                qg_item(w, ntiles, ntn, tile, nb);
-                const int r0 = a.tile_r0[tile], nr = a.tile_n[tile];
-                int q[2];
-#pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    const int r = sl + 96 * i;
-                    q[i] = r < BM && r < nr ? (G1 ? a.sorted[r0 + r] / a.K : r0 + r) : -1;
-                }
-                for (int kt = 0; kt < KT; kt++, it++) {
-                    const int s = it % S;
-                    moe__fm_mbar_wait(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
-                    if (kt & 1) {
-#pragma unroll
-                        for (int i = 0; i < 2; i++) {
-                            const int r = sl + 96 * i;
-                            if (r < BM) Sa[s * BM + r] = q[i] >= 0 ? as[(int64_t)q[i] * KB + (kt >> 1)] : 0.0f;
-                        }
-                    }
-                    moe__fm_mbar_arrive(bar0 + 8 * s);
-                }
-            }
-        }
-        __syncwarp();
-    } else {
-        moe__fm_setmaxnreg_inc<232>();
-        const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3, g = lane >> 2, l4 = lane & 3;
-        int it = 0;
-        float acc[64], tmp[64];
-        for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-            int tile, nb, h0, h1;
-            qg_item(w, ntiles, ntn, tile, nb);
-            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
-            const int64_t e = (int64_t)a.lo + le;
-            qg_wrows(a, gated, nb, h0, h1);
-            /* this thread's two weight rows: shared-memory rows rA, rB; logical rows nA, nB */
-            int rA, rB, nA, nB;
-            if (gated) {
-                const int gi = wg * 32 + w4 * 8 + g;
-                rA = gi;
-                rB = 64 + gi;
-                nA = h0 + gi;
-                nB = h1 + gi;
-            } else {
-                rA = wg * 64 + w4 * 16 + g;
-                rB = rA + 8;
-                nA = h0 + rA;
-                nB = h0 + rB;
-            }
-            const float *swA = nullptr, *swB = nullptr;
-            if (BLOCK) {
-                const float *ws = (const float *)a.W_scales + e * (a.N / 128) * (a.Kd / 128);
-                swA = ws + (nA / 128) * (a.Kd / 128);
-                swB = ws + (nB / 128) * (a.Kd / 128);
-            }
-#pragma unroll
-            for (int i = 0; i < 64; i++) acc[i] = 0.0f;
-            for (int kt = 0; kt < KT; kt++, it++) {
-                const int s = it % S;
-                float fA = 1, fB = 1;
-                if (BLOCK && (kt & 1)) {
-                    fA = swA[kt >> 1];
-                    fB = swB[kt >> 1];
-                }
-                moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
-                const uint8_t *ws8 = W8 + s * BN * BK + l4 * 16;
-                const uint4 ca = *(const uint4 *)(ws8 + rA * BK), cb = *(const uint4 *)(ws8 + rB * BK);
-                const uint32_t wa[4] = {ca.x, ca.y, ca.z, ca.w}, wb[4] = {cb.x, cb.y, cb.z, cb.w};
-                uint32_t af[4][4]; /* k16 step ks: codes 4ks .. 4ks+3 of each row (qg_kperm) */
-#pragma unroll
-                for (int ks = 0; ks < 4; ks++) {
-                    af[ks][0] = qg_h2(wa[ks]);
-                    af[ks][1] = qg_h2(wb[ks]);
-                    af[ks][2] = qg_h2(wa[ks] >> 16);
-                    af[ks][3] = qg_h2(wb[ks] >> 16);
-                }
-                const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
-                moe__fm_wg_fence();
-                if (BLOCK) {
-#pragma unroll
-                    for (int ks = 0; ks < 4; ks++) qg_wgmma_f16_ra(tmp, af[ks], db + 2 * ks, (kt & 1) | ks);
-                } else {
-#pragma unroll
-                    for (int ks = 0; ks < 4; ks++) qg_wgmma_f16_ra(acc, af[ks], db + 2 * ks, 1);
-                }
-                moe__fm_wg_commit();
-                moe__fm_wg_wait0();
-                if (BLOCK && (kt & 1)) { /* block end: acc += tmp * w_scale(row) * a_scale(token) */
-                    const float *sa = Sa + s * BM;
-#pragma unroll
-                    for (int j = 0; j < 16; j++) {
-                        const float2 t = *(const float2 *)(sa + 8 * j + 2 * l4);
-                        acc[4 * j] += tmp[4 * j] * (fA * t.x);
-                        acc[4 * j + 1] += tmp[4 * j + 1] * (fA * t.y);
-                        acc[4 * j + 2] += tmp[4 * j + 2] * (fB * t.x);
-                        acc[4 * j + 3] += tmp[4 * j + 3] * (fB * t.y);
-                    }
-                }
-                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s));
-            }
-            /* epilogue: acc[4j + q] is weight row nA (q < 2) or nB, token (tile row) 8j + 2*l4 + (q & 1) */
-            const float ts = BLOCK ? 1.0f : a.A_tensor[0] * a.W_tensor[e];
-            const float *bias = a.bias ? a.bias + e * a.N : nullptr;
-            const float bA = bias ? bias[nA] : 0.0f, bB = bias ? bias[nB] : 0.0f;
-#pragma unroll
-            for (int j = 0; j < 16; j++)
-#pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    const int r = 8 * j + 2 * l4 + q;
-                    if (r >= nr) continue;
-                    const int p = a.sorted[r0 + r];
-                    float vA = acc[4 * j + q] * ts, vB = acc[4 * j + 2 + q] * ts;
-                    if (G1) {
-                        if (a.llama4) {
-                            const float c1 = a.wts[p];
-                            vA *= c1;
-                            vB *= c1;
-                        }
-                        vA += bA;
-                        vB += bB;
-                        uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
-                        if (gated) {
-                            orow[nA] = moe__f32_to_bf16(moe__fm_act(a.act, vA, vB, a.alpha, a.beta, a.limit));
-                        } else {
-                            orow[nA] = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vA, 0.0f, 0, 0, 0));
-                            orow[nB] = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vB, 0.0f, 0, 0, 0));
-                        }
-                    } else {
-                        const float wt = a.llama4 ? 1.0f : a.wts[p];
-                        float *yrow = a.y + (int64_t)p * a.N;
-                        yrow[nA] = (vA + bA) * wt;
-                        yrow[nB] = (vB + bB) * wt;
-                    }
-                }
-        }
-    }
-#endif
-}
-
 /* -------------------------------------- fp8 tensor cores (MOE_FUSED_FP8MMA=1) -- */
 
 template <int MODE, bool G1>
@@ -694,11 +470,10 @@ __global__ void __launch_bounds__(384, 1)
 
 /* dst f16 [rows, cols] <- e4m3 codes: row i from src row sorted[i] / K (sorted non-null: x's
  * codes into GEMM1's sorted order) or row i; only the rows of the row tiles (nv, from the tile
- * table, as k_permute).  kperm: columns permuted within each 64-column block as k_qg_swap's
- * weight fragments expect (qg_kperm). */
+ * table, as k_permute). */
 __global__ void __launch_bounds__(256)
     k_qg_codes16(const uint8_t *__restrict__ src, const int32_t *sorted, int K, const int32_t *tile_r0,
-                 const int32_t *tile_n, const int32_t *ntiles, int cols, int kperm, uint4 *__restrict__ dst) {
+                 const int32_t *tile_n, const int32_t *ntiles, int cols, uint4 *__restrict__ dst) {
     const int nt = *ntiles;
     const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
     const int c16 = cols / 16;
@@ -717,17 +492,8 @@ __global__ void __launch_bounds__(256)
             o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
             o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
         }
-        if (kperm) { /* qg_kperm: code 4ks + t of chunk l (of a 64-column block) -> column 16ks + 2l + {0,1,8,9}[t] */
-            uint32_t *d32 = (uint32_t *)(dst + i * (2 * c16)) + (c >> 2) * 32 + (c & 3);
-#pragma unroll
-            for (int ks = 0; ks < 4; ks++) {
-                d32[8 * ks] = o[2 * ks];
-                d32[8 * ks + 4] = o[2 * ks + 1];
-            }
-        } else {
-            dst[i * (2 * c16) + 2 * c] = make_uint4(o[0], o[1], o[2], o[3]);
-            dst[i * (2 * c16) + 2 * c + 1] = make_uint4(o[4], o[5], o[6], o[7]);
-        }
+        dst[i * (2 * c16) + 2 * c] = make_uint4(o[0], o[1], o[2], o[3]);
+        dst[i * (2 * c16) + 2 * c + 1] = make_uint4(o[4], o[5], o[6], o[7]);
     }
 }
 
@@ -735,22 +501,20 @@ __global__ void __launch_bounds__(256)
 
 typedef void (*qg_kernel)(const moe__fq_gemm_args, const CUtensorMap, const CUtensorMap);
 
-/* kernel variants: 0 k_qg_exact (converter warps), 1 k_qg_swap (weights as A), 2 k_qg_fp8 */
+/* kernel variants: 0 k_qg_exact, 1 k_qg_fp8 */
 qg_kernel qg_pick(int v, int mode, bool g1) {
     const bool b = mode == MOE_QUANT_FP8_BLOCK;
-    if (v == 2) return b ? (g1 ? k_qg_fp8<MOE_QUANT_FP8_BLOCK, true> : k_qg_fp8<MOE_QUANT_FP8_BLOCK, false>)
+    if (v == 1) return b ? (g1 ? k_qg_fp8<MOE_QUANT_FP8_BLOCK, true> : k_qg_fp8<MOE_QUANT_FP8_BLOCK, false>)
                          : (g1 ? k_qg_fp8<MOE_QUANT_FP8, true> : k_qg_fp8<MOE_QUANT_FP8, false>);
-    if (v == 1) return b ? (g1 ? k_qg_swap<MOE_QUANT_FP8_BLOCK, true> : k_qg_swap<MOE_QUANT_FP8_BLOCK, false>)
-                         : (g1 ? k_qg_swap<MOE_QUANT_FP8, true> : k_qg_swap<MOE_QUANT_FP8, false>);
     return b ? (g1 ? k_qg_exact<MOE_QUANT_FP8_BLOCK, true> : k_qg_exact<MOE_QUANT_FP8_BLOCK, false>)
              : (g1 ? k_qg_exact<MOE_QUANT_FP8, true> : k_qg_exact<MOE_QUANT_FP8, false>);
 }
-const size_t qg_smem[3] = {QX_SMEM, QS_SMEM, Q8_SMEM};
+const size_t qg_smem[2] = {QX_SMEM, Q8_SMEM};
 
 moe_status qg_attrs(void) {
     static int done = 0;
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
-    for (int v = 0; v < 3; v++)
+    for (int v = 0; v < 2; v++)
         for (int m = 0; m < 2; m++)
             for (int g = 0; g < 2; g++)
                 MOE_CUDA_TRY(FN, cudaFuncSetAttribute(qg_pick(v, m ? MOE_QUANT_FP8_BLOCK : MOE_QUANT_FP8, g),
@@ -759,13 +523,10 @@ moe_status qg_attrs(void) {
     return MOE_OK;
 }
 
-/* MOE_FUSED_FP8MMA=1: the fp8 tensor-core kernel; else MOE_FUSED_QSWAP=0: the converter-warp
- * exact kernel; else the swapped exact kernel. */
+/* MOE_FUSED_FP8MMA=1: the fp8 tensor-core kernel instead of the exact one. */
 int qg_variant(void) {
     const char *env = getenv("MOE_FUSED_FP8MMA");
-    if (env && env[0] == '1') return 2;
-    env = getenv("MOE_FUSED_QSWAP");
-    return env && env[0] == '0' ? 0 : 1;
+    return env && env[0] == '1' ? 1 : 0;
 }
 
 } // namespace
@@ -801,7 +562,7 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
     const unsigned grid = (unsigned)(items < sms ? items : sms);
     CUtensorMap tw, ta;
     const char *wn = g1 ? "gate/up codes" : "down codes";
-    if (v == 2) {
+    if (v == 1) {
         MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, 128, 64, true, wn));
         const uint8_t *A = a.A_codes;
         if (g1) {
@@ -819,7 +580,7 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
         uint4 *A16 = g1 ? (uint4 *)xp : (uint4 *)a.A_bf16;
         const int threads = 256;
         k_qg_codes16<<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
-            a.A_codes, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, v == 1, A16);
+            a.A_codes, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, A16);
         MOE_CUDA_LAUNCHED(FN);
         MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x codes (f16)" : "intermediate codes (f16)"));
     }
