@@ -3,7 +3,9 @@
 --
 -- --compare-env NAME=VALUE times every case again with that environment variable set, then
 -- once more without it (the spread between the two default timings is the noise), e.g.
--- MOE_FUSED_QGEMV=0: decode (T <= 4) on the tile kernels instead of the GEMV path.
+-- MOE_FUSED_QGEMV=0: decode (T <= 4) on the tile kernels instead of the GEMV path;
+-- MOE_FUSED_QWGMMA=0: fp8 / fp8_block prefill on the tile kernels instead of the Hopper wgmma ones;
+-- MOE_FUSED_FP8MMA=1: those on the FP8 tensor cores (not the reference numerics, see docs/quantization.md).
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
