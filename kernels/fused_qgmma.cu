@@ -73,6 +73,18 @@ __device__ __forceinline__ void qg_wgmma_f16(float (&d)[64], uint64_t da, uint64
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
+/* Four e4m3 codes (low byte first) -> two f16x2 words (codes 0-1, 2-3): exact. */
+__device__ __forceinline__ void qg_e4m3x4_f16(uint32_t w, uint32_t &lo, uint32_t &hi) {
+    asm("{\n"
+        ".reg .b16 l, h;\n"
+        "mov.b32 {l, h}, %2;\n"
+        "cvt.rn.f16x2.e4m3x2 %0, l;\n"
+        "cvt.rn.f16x2.e4m3x2 %1, h;\n"
+        "}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+}
+
 /* (row tile, column tile) of work item w: groups of 8 row tiles, the row tile fastest inside
  * a group (the CTAs running at once share a few A tiles and weight tiles in L2). */
 __device__ __forceinline__ void qg_item(int64_t w, int ntiles, int ntn, int &tile, int &nb) {
@@ -235,7 +247,7 @@ __global__ void __launch_bounds__(384, 1)
     const int KT = a.Kd / BK;
 
     if (tid < 128) {
-        moe__fm_setmaxnreg_dec<56>(); /* the converters hold 3 chunks of codes each */
+        moe__fm_setmaxnreg_dec<72>(); /* converters: 3 chunks of codes in flight, 18 offsets */
         if (tid == 0) {
             /* ---------------- producer: A f16 and B codes by bulk tensor copy ---------------- */
             int it = 0;
@@ -260,6 +272,17 @@ __global__ void __launch_bounds__(384, 1)
             /* ---------------- converters (warps 1-3): B codes -> f16, swizzled ---------------- */
             constexpr int NCH = BN * BK / 16, PER = (NCH + QX_CONV - 1) / QX_CONV; /* 16-code chunks */
             const int cv = tid - 32;
+            /* this thread's chunks c = cv + 96 i (row c / 4, columns 16 (c % 4)): the same every
+             * stage, so their shared-memory offsets are computed once */
+            int so[PER], d0[PER], d1[PER];
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const int c = cv + i * QX_CONV, r = c >> 2, q = c & 3;
+                so[i] = r * BK + q * 16;
+                d0[i] = moe__fm_swz(r, 2 * q);
+                d1[i] = moe__fm_swz(r, 2 * q + 1);
+            }
+            const bool last = cv + (PER - 1) * QX_CONV < NCH; /* warp-uniform */
             int it = 0;
             for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
                 for (int kt = 0; kt < KT; kt++, it++) {
@@ -271,25 +294,18 @@ __global__ void __launch_bounds__(384, 1)
                     for (int b0 = 0; b0 < PER; b0 += 3) { /* 3 chunks in flight a thread */
                         uint4 v[3];
 #pragma unroll
-                        for (int i = 0; i < 3; i++) { /* chunk c: row c / 4, columns 16 (c % 4) */
-                            const int c = cv + (b0 + i) * QX_CONV;
-                            if (c < NCH) v[i] = *(const uint4 *)(src + (c >> 2) * BK + (c & 3) * 16);
-                        }
+                        for (int i = 0; i < 3; i++)
+                            if (b0 + i < PER - 1 || last) v[i] = *(const uint4 *)(src + so[b0 + i]);
 #pragma unroll
                         for (int i = 0; i < 3; i++) {
-                            const int c = cv + (b0 + i) * QX_CONV, r = c >> 2, q = c & 3;
-                            if (c >= NCH) continue;
-                            const uint32_t wv[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+                            if (!(b0 + i < PER - 1 || last)) continue;
                             uint32_t o[8];
-#pragma unroll
-                            for (int j = 0; j < 4; j++) {
-                                const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] & 0xFFFF), __NV_E4M3);
-                                const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] >> 16), __NV_E4M3);
-                                o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
-                                o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
-                            }
-                            *(uint4 *)(dst + moe__fm_swz(r, 2 * q)) = make_uint4(o[0], o[1], o[2], o[3]);
-                            *(uint4 *)(dst + moe__fm_swz(r, 2 * q + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+                            qg_e4m3x4_f16(v[i].x, o[0], o[1]);
+                            qg_e4m3x4_f16(v[i].y, o[2], o[3]);
+                            qg_e4m3x4_f16(v[i].z, o[4], o[5]);
+                            qg_e4m3x4_f16(v[i].w, o[6], o[7]);
+                            *(uint4 *)(dst + d0[b0 + i]) = make_uint4(o[0], o[1], o[2], o[3]);
+                            *(uint4 *)(dst + d1[b0 + i]) = make_uint4(o[4], o[5], o[6], o[7]);
                         }
                     }
                     moe__fm_fence_async(); /* our shared writes, before the consumers' wgmma reads */
@@ -300,7 +316,7 @@ __global__ void __launch_bounds__(384, 1)
         __syncwarp();
     } else {
         /* ---------------- consumers ---------------- */
-        moe__fm_setmaxnreg_inc<224>();
+        moe__fm_setmaxnreg_inc<216>();
         const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
         const int c2 = (lane & 3) * 2, rA = wg * 64 + w4 * 16 + (lane >> 2); /* rows rA, rA + 8 */
         int it = 0;
@@ -317,17 +333,15 @@ __global__ void __launch_bounds__(384, 1)
             for (int i = 0; i < 64; i++) acc[i] = 0.0f;
             for (int kt = 0; kt < KT; kt++, it++) {
                 const int s = it % S;
-                float f00 = 1, f01 = 1, f10 = 1, f11 = 1;
-                if (BLOCK && (kt & 1)) { /* the 128-column block ends here; loaded before the waits */
+                float x0 = 0, x1 = 0, g = 0, u = 0;
+                if (BLOCK && (kt & 1)) { /* the 128-column block ends here: loaded now, used after the MMAs */
                     const int kb = kt >> 1;
-                    const float x0 = sa0 ? sa0[kb] : 0.0f, x1 = sa1 ? sa1[kb] : 0.0f;
-                    const float g = sw0[kb], u = sw1[kb];
-                    f00 = x0 * g;
-                    f01 = x0 * u;
-                    f10 = x1 * g;
-                    f11 = x1 * u;
+                    x0 = sa0 ? sa0[kb] : 0.0f;
+                    x1 = sa1 ? sa1[kb] : 0.0f;
+                    g = sw0[kb];
+                    u = sw1[kb];
                 }
-                moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
+                if (!(a.qflags & 2)) moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
                 moe__fm_mbar_wait(bar0 + 8 * (S + s), (it / S) & 1);
                 const uint64_t da = moe__fm_desc(moe__fm_smem(As + s * BM * BK + wg * 64 * BK));
                 const uint64_t db = moe__fm_desc(moe__fm_smem(Bf + s * BN * BK));
@@ -339,7 +353,7 @@ __global__ void __launch_bounds__(384, 1)
                     moe__fm_wg_commit();
                     moe__fm_wg_wait0();
                     if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + s));
-                    if (kt & 1) qg_add<true>(acc, tmp, f00, f01, f10, f11);
+                    if (kt & 1) qg_add<true>(acc, tmp, x0 * g, x0 * u, x1 * g, x1 * u);
                 } else {
 #pragma unroll
                     for (int ks = 0; ks < BK / 16; ks++) qg_wgmma_f16(acc, da + 2 * ks, db + 2 * ks, 1);
@@ -584,7 +598,10 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
         MOE_CUDA_LAUNCHED(FN);
         MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x codes (f16)" : "intermediate codes (f16)"));
     }
-    qg_pick(v, mode, g1)<<<grid, 384, qg_smem[v], st>>>(a, tw, ta);
+    moe__fq_gemm_args ak = a;
+    const char *diag = getenv("MOE_QX_DIAG"); /* developer A/B flags (docs/dev/next.md) */
+    ak.qflags = diag ? atoi(diag) : 0;
+    qg_pick(v, mode, g1)<<<grid, 384, qg_smem[v], st>>>(ak, tw, ta);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }
