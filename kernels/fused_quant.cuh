@@ -52,7 +52,6 @@ struct moe__fq_gemm_args {
     const float *wts;          /* [P] */
     int N, Kd, K, lo, act, llama4, I, gated;
     int E;                     /* experts in W (all, not only the local ones) */
-    int qflags;                /* fused_qgmma.cu: developer A/B flags, 0 */
     float alpha, beta, limit;
     uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
     float *y;                  /* G2 output f32 [P, N] (pair rows) */

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # profile.sh -- developer profiling session on a GPU machine (not part of the tests): build,
 # SASS of the routing kernels, Nsight Compute sections for the routing kernel (deepseekv3,
-# T = 16384), the warp-specialised GEMM (Mixtral 8x7B, T = 4096) and per-kernel durations of
-# one Qwen3-30B-A3B T = 1 fused call.  Logs to $OUT.
-# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|decode ...]
+# T = 16384), the warp-specialised GEMM (Mixtral 8x7B, T = 4096), the Hopper fp8_block GEMMs
+# (DeepSeek-V3 T = 4096, exact and FP8 tensor cores) and per-kernel durations of one
+# Qwen3-30B-A3B T = 1 fused call.  Logs to $OUT.
+# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|decode ...]
 set -o pipefail
 OUT=${OUT:-prof-out}
 mkdir -p "$OUT"
@@ -30,7 +31,33 @@ for w in $what; do
     timeout 300 "$NCU" -k regex:gemm_ws --launch-skip 2 --launch-count 2 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
       luajit scripts/moe bench fused --shape mixtral-8x7b --t 4096 --reps 1 --no-torch > "$OUT/ncu_ws.txt" 2>&1
-    grep -E "moe__k|Throughput|Duration|Stall|Issue|Eligible|Active Warps|L2|Hit|Bandwidth|Busy" "$OUT/ncu_ws.txt" | head -90 ;;
+    grep -E "moe__k|Throughput|Duration|Stall|Issue|Eligible|Active Warps|L2|Hit|Bandwidth|Busy" "$OUT/ncu_ws.txt" | tail -60 ;;
+  qgmma)
+    # the Hopper fp8_block kernels (exact and FP8 tensor cores), DeepSeek-V3 T = 4096
+    for v in 0 1; do
+      MOE_FUSED_FP8MMA=$v timeout 300 "$NCU" -k "regex:k_qg_(exact|fp8)" --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        luajit scripts/moe bench fused_quant --quant fp8_block --shape deepseek-v3 --t 4096 --reps 1 \
+        > "$OUT/ncu_qgmma_fp8mma$v.txt" 2>&1
+      grep -E "k_qg|Throughput|Duration|Stall|Issue|Eligible|L2|Hit|Bandwidth|Busy|Pipe" "$OUT/ncu_qgmma_fp8mma$v.txt" |
+        head -70
+    done ;;
+  qgstall)
+    # warp stall reasons of the Hopper fp8_block GEMM1 (exact and FP8 tensor cores), DeepSeek-V3 T = 4096
+    for v in 0 1; do
+      MOE_FUSED_FP8MMA=$v timeout 300 "$NCU" -k "regex:k_qg_(exact|fp8)" --launch-skip 2 --launch-count 1 \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*cycles_active.avg.pct_of_peak_sustained_active" \
+        luajit scripts/moe bench fused_quant --quant fp8_block --shape deepseek-v3 --t 4096 --reps 1 \
+        > "$OUT/ncu_qgstall$v.txt" 2>&1
+      grep -E "k_qg|stalled|pipe_tensor" "$OUT/ncu_qgstall$v.txt" | awk '$NF+0 > 0.05 || /k_qg|tensor/' | head -40
+    done ;;
+  qgcall)
+    # per-kernel durations of one fp8_block fused call at DeepSeek-V3 T = 4096 (outside graphs: the
+    # bench's warm-up calls)
+    timeout 200 "$NCU" --metrics gpu__time_duration.sum --launch-skip 0 --launch-count 160 \
+      luajit scripts/moe bench fused_quant --quant fp8_block --shape deepseek-v3 --t 4096 --reps 1 \
+      > "$OUT/ncu_qgcall.txt" 2>&1
+    grep -E "^  [a-zA-Z_].*\(|gpu__time_duration" "$OUT/ncu_qgcall.txt" | sed -E 's/\(moe__fq_gemm_args.*//; s/Context.*//' | tail -60 ;;
   decode)
     timeout 120 "$NCU" --metrics gpu__time_duration.sum --launch-skip 40 --launch-count 24 \
       luajit scripts/moe bench fused --shape qwen3-30b-a3b --t 1 --reps 3 --no-torch > "$OUT/ncu_decode.txt" 2>&1
