@@ -549,9 +549,9 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (lc <= 0 || H % 128 != 0 || I % 128 != 0) return false;
     const char *env = getenv("MOE_FUSED_QWGMMA");
     /* average pairs per local expert from which the kernels run: H100, 2026-11-26, against the
-     * tile kernels (docs/performance.md): 2x faster at 64 (Mixtral T = 256), slower at 8-16
-     * (DeepSeek-V3 T = 256, Qwen3-30B-A3B T = 64 / 256) */
-    long rows = 64;
+     * tile kernels (docs/performance.md): 20-29% faster at 32 (DeepSeek-V3 T = 1024), 2x at 64;
+     * at 16 Mixtral gains 7-14% but Qwen3-30B-A3B fp8 loses 13%; at 8 DeepSeek-V3 loses 37-44% */
+    long rows = 32;
     if (env && env[0]) {
         char *end = nullptr;
         const long v = strtol(env, &end, 10);

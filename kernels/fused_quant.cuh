@@ -63,7 +63,7 @@ struct moe__fq_gemm_args {
  * routing (2 launches on g.stream). */
 /* Hopper wgmma GEMMs for fp8 / fp8_block (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call
  * with P pairs over lc local experts takes them (sm_90a, H and I multiples of 128, at least
- * MOE_FUSED_QWGMMA (default 64) pairs per local expert on average; "0": never); the row tiles
+ * MOE_FUSED_QWGMMA (default 32) pairs per local expert on average; "0": never); the row tiles
  * must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's codes into
  * xp, P x Kd bytes), grid from the tile bound max_tiles. */
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);

@@ -271,7 +271,7 @@ end
 describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE_FUSED_QWGMMA; 0 = the mma.sync tile kernels)",
          function()
   -- The large tile configuration: P = T*K >= 96 pairs per local expert (E = 16: P >= 1536).
-  -- MOE_FUSED_QWGMMA unset, fp8 / fp8_block take the wgmma kernels there on sm_90a (from 64 pairs
+  -- MOE_FUSED_QWGMMA unset, fp8 / fp8_block take the wgmma kernels there on sm_90a (from 32 pairs
   -- per local expert; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
   -- GPUs, where both settings must pass as well).
   local QMODES = { "fp8", "fp8_block" }
