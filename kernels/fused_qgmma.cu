@@ -107,6 +107,47 @@ __device__ __forceinline__ void qg_wrows(const moe__fq_gemm_args &a, bool gated,
     }
 }
 
+/* Work item w of a grouped GEMM: its expert, its row tile's first row and rows, and the rows of
+ * its two 64-row weight halves. */
+struct qg_work {
+    int64_t e;
+    int r0, nr, h0, h1;
+};
+__device__ __forceinline__ qg_work qg_work_of(const moe__fq_gemm_args &a, bool gated, int64_t w, int ntiles, int ntn) {
+    int tile, nb;
+    qg_item(w, ntiles, ntn, tile, nb);
+    qg_work q;
+    q.e = (int64_t)a.lo + a.tile_e[tile];
+    q.r0 = a.tile_r0[tile];
+    q.nr = a.tile_n[tile];
+    qg_wrows(a, gated, nb, q.h0, q.h1);
+    return q;
+}
+
+/* The producer thread of both kernels: for every work item of this CTA and K step, wait until
+ * stage s is free (empty barrier at empty0 + 8s), announce its bytes on full[s] (full0 + 8s) and
+ * copy the two 64-row weight boxes (BK code bytes a row) to wdst + s*128*BK and the 128-row A box
+ * (abytes a stage) to adst + s*abytes. */
+template <int S, int BK>
+__device__ __forceinline__ void qg_produce(const moe__fq_gemm_args &a, const CUtensorMap *tmw, const CUtensorMap *tma,
+                                           bool gated, int ntiles, int ntn, int64_t total, int KT, uint32_t full0,
+                                           uint32_t empty0, uint32_t wdst, uint32_t adst, uint32_t abytes) {
+    int it = 0;
+    for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+        const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
+        const int w0 = (int)(q.e * a.N) + q.h0, w1 = (int)(q.e * a.N) + q.h1;
+        for (int kt = 0; kt < KT; kt++, it++) {
+            const int s = it % S;
+            const uint32_t full = full0 + 8 * s, ws = wdst + s * QG_BN * BK;
+            moe__fm_mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
+            moe__fm_mbar_arrive_tx(full, QG_BN * BK + abytes);
+            moe__fm_tma2d(ws, tmw, kt * BK, w0, full);
+            moe__fm_tma2d(ws + 64 * BK, tmw, kt * BK, w1, full);
+            moe__fm_tma2d(adst + s * abytes, tma, kt * BK, q.r0, full);
+        }
+    }
+}
+
 /* fp8_block scale rows of this thread's rows rA, rA + 8 (x: by token; the intermediate: by
  * sorted row; nullptr past nr) and of the two weight halves' 128-row blocks; KB = Kd / 128. */
 template <bool G1>
@@ -159,59 +200,21 @@ __device__ __forceinline__ void qg_epi(const moe__fq_gemm_args &a, const float (
             uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
             if (gated) {
 #pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    const int ng = h0 + 8 * j + c2;
-                    float g0 = acc[4 * j + 2 * hf] * ts, g1 = acc[4 * j + 2 * hf + 1] * ts;
-                    float u0 = acc[4 * j + 32 + 2 * hf] * ts, u1 = acc[4 * j + 33 + 2 * hf] * ts;
-                    if (a.llama4) {
-                        g0 *= c1;
-                        g1 *= c1;
-                        u0 *= c1;
-                        u1 *= c1;
-                    }
-                    if (bias) {
-                        g0 += bias[ng];
-                        g1 += bias[ng + 1];
-                        u0 += bias[a.I + ng];
-                        u1 += bias[a.I + ng + 1];
-                    }
-                    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
-                    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
-                    *(uint32_t *)(orow + ng) =
-                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
-                }
+                for (int j = 0; j < 8; j++)
+                    moe__fq_epi_gated2(a, orow, bias, h0 + 8 * j + c2, acc[4 * j + 2 * hf], acc[4 * j + 2 * hf + 1],
+                                       acc[4 * j + 32 + 2 * hf], acc[4 * j + 33 + 2 * hf], ts, c1);
             } else {
 #pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    const int n = h0 + 8 * j + c2;
-                    float v0 = acc[4 * j + 2 * hf] * ts, v1 = acc[4 * j + 2 * hf + 1] * ts;
-                    if (a.llama4) {
-                        v0 *= c1;
-                        v1 *= c1;
-                    }
-                    if (bias) {
-                        v0 += bias[n];
-                        v1 += bias[n + 1];
-                    }
-                    v0 = moe__fm_act(MOE_ACT_RELU2, v0, 0.0f, 0, 0, 0);
-                    v1 = moe__fm_act(MOE_ACT_RELU2, v1, 0.0f, 0, 0, 0);
-                    *(uint32_t *)(orow + n) =
-                        (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
-                }
+                for (int j = 0; j < 16; j++)
+                    moe__fq_epi_relu2_2(a, orow, bias, h0 + 8 * j + c2, acc[4 * j + 2 * hf], acc[4 * j + 2 * hf + 1],
+                                        ts, c1);
             }
         } else {
             const float wt = a.llama4 ? 1.0f : a.wts[p];
             float *yrow = a.y + (int64_t)p * a.N;
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
-                const int n = h0 + 8 * j + c2;
-                float v0 = acc[4 * j + 2 * hf] * ts, v1 = acc[4 * j + 2 * hf + 1] * ts;
-                if (bias) {
-                    v0 += bias[n];
-                    v1 += bias[n + 1];
-                }
-                *(float2 *)(yrow + n) = make_float2(v0 * wt, v1 * wt);
-            }
+            for (int j = 0; j < 16; j++)
+                moe__fq_epi_down2(yrow, bias, h0 + 8 * j + c2, acc[4 * j + 2 * hf], acc[4 * j + 2 * hf + 1], ts, wt);
         }
     }
 }
@@ -250,24 +253,8 @@ __global__ void __launch_bounds__(384, 1)
         moe__fm_setmaxnreg_dec<72>(); /* converters: 3 chunks of codes in flight, 18 offsets */
         if (tid == 0) {
             /* ---------------- producer: A f16 and B codes by bulk tensor copy ---------------- */
-            int it = 0;
-            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-                int tile, nb, h0, h1;
-                qg_item(w, ntiles, ntn, tile, nb);
-                const int64_t e = (int64_t)a.lo + a.tile_e[tile];
-                const int r0 = a.tile_r0[tile];
-                qg_wrows(a, gated, nb, h0, h1);
-                const int w0 = (int)(e * a.N) + h0, w1 = (int)(e * a.N) + h1;
-                for (int kt = 0; kt < KT; kt++, it++) {
-                    const int s = it % S;
-                    const uint32_t full = bar0 + 8 * s, b8 = moe__fm_smem(B8 + s * BN * BK);
-                    moe__fm_mbar_wait(bar0 + 8 * (2 * S + s), ((it / S) & 1) ^ 1);
-                    moe__fm_mbar_arrive_tx(full, BM * BK * 2 + BN * BK);
-                    moe__fm_tma2d(b8, &tmw, kt * BK, w0, full);
-                    moe__fm_tma2d(b8 + 64 * BK, &tmw, kt * BK, w1, full);
-                    moe__fm_tma2d(moe__fm_smem(As + s * BM * BK), &tma, kt * BK, r0, full);
-                }
-            }
+            qg_produce<S, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * 2 * S, moe__fm_smem(B8),
+                              moe__fm_smem(As), BM * BK * 2);
         } else if (tid >= 32) {
             /* ---------------- converters (warps 1-3): B codes -> f16, swizzled ---------------- */
             constexpr int NCH = BN * BK / 16, PER = (NCH + QX_CONV - 1) / QX_CONV; /* 16-code chunks */
@@ -322,11 +309,9 @@ __global__ void __launch_bounds__(384, 1)
         int it = 0;
         float acc[64], tmp[64];
         for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-            int tile, nb, h0, h1;
-            qg_item(w, ntiles, ntn, tile, nb);
-            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
-            const int64_t e = (int64_t)a.lo + le;
-            qg_wrows(a, gated, nb, h0, h1);
+            const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
+            const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
+            const int64_t e = q.e;
             const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
             if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, a.Kd / 128, sa0, sa1, sw0, sw1);
 #pragma unroll
@@ -400,26 +385,9 @@ __global__ void __launch_bounds__(384, 1)
 
     if (tid < 128) {
         moe__fm_setmaxnreg_dec<40>();
-        if (tid == 0) {
-            int it = 0;
-            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-                int tile, nb, h0, h1;
-                qg_item(w, ntiles, ntn, tile, nb);
-                const int64_t e = (int64_t)a.lo + a.tile_e[tile];
-                const int r0 = a.tile_r0[tile];
-                qg_wrows(a, gated, nb, h0, h1);
-                const int w0 = (int)(e * a.N) + h0, w1 = (int)(e * a.N) + h1;
-                for (int kt = 0; kt < KT; kt++, it++) {
-                    const int s = it % S;
-                    const uint32_t full = bar0 + 8 * s, bs = moe__fm_smem(Bs + s * BN * BK);
-                    moe__fm_mbar_wait(bar0 + 8 * (S + s), ((it / S) & 1) ^ 1);
-                    moe__fm_mbar_arrive_tx(full, (BM + BN) * BK);
-                    moe__fm_tma2d(bs, &tmw, kt * BK, w0, full);
-                    moe__fm_tma2d(bs + 64 * BK, &tmw, kt * BK, w1, full);
-                    moe__fm_tma2d(moe__fm_smem(As + s * BM * BK), &tma, kt * BK, r0, full);
-                }
-            }
-        }
+        if (tid == 0)
+            qg_produce<S, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * S, moe__fm_smem(Bs),
+                              moe__fm_smem(As), BM * BK);
         __syncwarp();
     } else {
         moe__fm_setmaxnreg_inc<232>();
@@ -430,11 +398,9 @@ __global__ void __launch_bounds__(384, 1)
          * added in f32 by the CUDA cores): the least the fp8 MMA's own summation can do */
         float acc[64], t0[64], t1[64];
         for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-            int tile, nb, h0, h1;
-            qg_item(w, ntiles, ntn, tile, nb);
-            const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
-            const int64_t e = (int64_t)a.lo + le;
-            qg_wrows(a, gated, nb, h0, h1);
+            const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
+            const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
+            const int64_t e = q.e;
             const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
             if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, KT, sa0, sa1, sw0, sw1);
 #pragma unroll

@@ -414,6 +414,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
             if (r >= nr) continue;
             const int p = rowpair[r];
             const int c2 = (lane & 3) * 2;
+            const float *bias = a.bias ? a.bias + e * a.N : nullptr;
             if (G1) {
                 const float c1 = a.llama4 ? a.wts[p] : 1.0f;
                 uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
@@ -422,58 +423,22 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
                     for (int nj = 0; nj < NI / 2; nj++) {
                         /* blocks 2nj (gate) and 2nj+1 (up) cover intermediate columns ng .. ng+7 */
                         const int ng = nb * (BN / 2) + ((wn * WTN + nj * 16) >> 4) * 8 + c2;
-                        float g0 = acc[mi][2 * nj][hf * 2] * ts, g1 = acc[mi][2 * nj][hf * 2 + 1] * ts;
-                        float u0 = acc[mi][2 * nj + 1][hf * 2] * ts, u1 = acc[mi][2 * nj + 1][hf * 2 + 1] * ts;
-                        if (a.llama4) {
-                            g0 *= c1;
-                            g1 *= c1;
-                            u0 *= c1;
-                            u1 *= c1;
-                        }
-                        if (a.bias) {
-                            const float *b = a.bias + e * a.N;
-                            g0 += b[ng];
-                            g1 += b[ng + 1];
-                            u0 += b[a.I + ng];
-                            u1 += b[a.I + ng + 1];
-                        }
-                        const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
-                        const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
-                        *(uint32_t *)(orow + ng) =
-                            (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                        moe__fq_epi_gated2(a, orow, bias, ng, acc[mi][2 * nj][hf * 2], acc[mi][2 * nj][hf * 2 + 1],
+                                           acc[mi][2 * nj + 1][hf * 2], acc[mi][2 * nj + 1][hf * 2 + 1], ts, c1);
                     }
                 } else {
 #pragma unroll
-                    for (int ni = 0; ni < NI; ni++) {
-                        const int n = nb * BN + wn * WTN + ni * 8 + c2;
-                        float h0 = acc[mi][ni][hf * 2] * ts, h1 = acc[mi][ni][hf * 2 + 1] * ts;
-                        if (a.llama4) {
-                            h0 *= c1;
-                            h1 *= c1;
-                        }
-                        if (a.bias) {
-                            h0 += a.bias[e * a.N + n];
-                            h1 += a.bias[e * a.N + n + 1];
-                        }
-                        const float v0 = moe__fm_act(MOE_ACT_RELU2, h0, 0.0f, 0, 0, 0);
-                        const float v1 = moe__fm_act(MOE_ACT_RELU2, h1, 0.0f, 0, 0, 0);
-                        *(uint32_t *)(orow + n) =
-                            (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
-                    }
+                    for (int ni = 0; ni < NI; ni++)
+                        moe__fq_epi_relu2_2(a, orow, bias, nb * BN + wn * WTN + ni * 8 + c2, acc[mi][ni][hf * 2],
+                                            acc[mi][ni][hf * 2 + 1], ts, c1);
                 }
             } else {
                 const float w = a.llama4 ? 1.0f : a.wts[p];
                 float *yrow = a.y + (int64_t)p * a.N;
 #pragma unroll
-                for (int ni = 0; ni < NI; ni++) {
-                    const int n = nb * BN + wn * WTN + ni * 8 + c2;
-                    float h0 = acc[mi][ni][hf * 2] * ts, h1 = acc[mi][ni][hf * 2 + 1] * ts;
-                    if (a.bias) {
-                        h0 += a.bias[e * a.N + n];
-                        h1 += a.bias[e * a.N + n + 1];
-                    }
-                    *(float2 *)(yrow + n) = make_float2(h0 * w, h1 * w);
-                }
+                for (int ni = 0; ni < NI; ni++)
+                    moe__fq_epi_down2(yrow, bias, nb * BN + wn * WTN + ni * 8 + c2, acc[mi][ni][hf * 2],
+                                      acc[mi][ni][hf * 2 + 1], ts, w);
             }
         }
 }

@@ -6,6 +6,7 @@
 
 #include "cuda_common.cuh"
 #include "fused_quant.h"
+#include "fused_moe.cuh" /* moe__fm_act */
 
 /* Byte offsets into the workspace buffer of the regions moe__fused_quant_ws_bytes sizes,
  * computed from the workspace's own max_tokens, top_k, E, H and I (each region 256-aligned):
@@ -61,6 +62,64 @@ struct moe__fq_gemm_args {
  * MOE_FUSED_QGEMV (unset: 4; "0": off), local_count > 0.  moe__fq_gemv_eligible says whether
  * a call of moe__cuda_fused_quant takes it; moe__fq_gemv then does the whole call after
  * routing (2 launches on g.stream). */
+/* Epilogue of two adjacent output columns of one row, shared by the tile kernels
+ * (fused_quant.cu) and the Hopper kernels (fused_qgmma.cu): the f32 sums times the per-tensor
+ * scale ts (1 where the scales were applied per group), then
+ *   GEMM1 gated: llama4's routing weight c1, the biases of gate columns ng, ng+1 and of their up
+ *                columns, the activation, bf16 into orow[ng], orow[ng+1];
+ *   GEMM1 relu2: the same on columns n, n+1;
+ *   GEMM2:       bias, times the routing weight wt, f32 into yrow[n], yrow[n+1].
+ * bias: the expert's row of a.bias, or null. */
+__device__ __forceinline__ void moe__fq_epi_gated2(const moe__fq_gemm_args &a, uint16_t *orow, const float *bias,
+                                                   int ng, float g0, float g1, float u0, float u1, float ts,
+                                                   float c1) {
+    g0 *= ts;
+    g1 *= ts;
+    u0 *= ts;
+    u1 *= ts;
+    if (a.llama4) {
+        g0 *= c1;
+        g1 *= c1;
+        u0 *= c1;
+        u1 *= c1;
+    }
+    if (bias) {
+        g0 += bias[ng];
+        g1 += bias[ng + 1];
+        u0 += bias[a.I + ng];
+        u1 += bias[a.I + ng + 1];
+    }
+    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
+    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+    *(uint32_t *)(orow + ng) = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+}
+__device__ __forceinline__ void moe__fq_epi_relu2_2(const moe__fq_gemm_args &a, uint16_t *orow, const float *bias,
+                                                    int n, float v0, float v1, float ts, float c1) {
+    v0 *= ts;
+    v1 *= ts;
+    if (a.llama4) {
+        v0 *= c1;
+        v1 *= c1;
+    }
+    if (bias) {
+        v0 += bias[n];
+        v1 += bias[n + 1];
+    }
+    v0 = moe__fm_act(MOE_ACT_RELU2, v0, 0.0f, 0, 0, 0);
+    v1 = moe__fm_act(MOE_ACT_RELU2, v1, 0.0f, 0, 0, 0);
+    *(uint32_t *)(orow + n) = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+}
+__device__ __forceinline__ void moe__fq_epi_down2(float *yrow, const float *bias, int n, float v0, float v1, float ts,
+                                                  float wt) {
+    v0 *= ts;
+    v1 *= ts;
+    if (bias) {
+        v0 += bias[n];
+        v1 += bias[n + 1];
+    }
+    *(float2 *)(yrow + n) = make_float2(v0 * wt, v1 * wt);
+}
+
 /* Hopper wgmma GEMMs for fp8 / fp8_block (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call
  * with P pairs over lc local experts takes them (sm_90a, H and I multiples of 128, at least
  * MOE_FUSED_QWGMMA (default 32) pairs per local expert on average; "0": never); the row tiles
