@@ -36,13 +36,67 @@
 namespace {
 
 constexpr int QG_BM = 128, QG_BN = 128;
-/* k_qg_exact: BK 64 f16; per stage A f16 16 KB, B f16 16 KB, B codes 8 KB */
-constexpr int QX_BK = 64, QX_S = 5;
+/* k_qg_exact: BK 64; per stage A 16-bit 16 KB, B 16-bit 16 KB, B codes (8 KB e4m3, 4 KB packed
+ * 4-bit), mxint4's weight scales as f32 [2 groups][128 rows] 1 KB; 5 stages (fp8) or 6 (4-bit) */
+constexpr int QX_BK = 64;
 #define QX_CONV 96 /* converter threads: warps 1-3 */
-constexpr size_t QX_SMEM = (size_t)QX_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK * 2 + QG_BN * QX_BK) + 1024 + 3 * QX_S * 8;
+template <int MODE> struct qx_cfg {
+    static constexpr bool W4 = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4;
+    static constexpr bool INT4 = MODE == MOE_QUANT_MXINT4;
+    static constexpr int CB = W4 ? QX_BK / 2 : QX_BK; /* code bytes of a weight row per stage */
+    static constexpr int S = W4 ? 6 : 5;
+    static constexpr int SC = INT4 ? 2 * QG_BN * 4 : 0;
+    static constexpr size_t SMEM =
+        (size_t)S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK * 2 + QG_BN * CB + SC) + 1024 + 3 * S * 8;
+};
 /* k_qg_fp8: BK 128 e4m3; per stage 32 KB */
 constexpr int Q8_BK = 128, Q8_S = 6;
 constexpr size_t Q8_SMEM = (size_t)Q8_S * (QG_BM + QG_BN) * Q8_BK + 1024 + 2 * Q8_S * 8;
+
+/* Eight packed 4-bit codes (element i = nibble i, low nibble first) -> eight bf16 in o (x: elements
+ * 0-1, ..., w: 6-7), exactly.  Nibbles i and i + 4 are spread into the two halves of a word
+ * ((w >> 4i) & 0x000F000F) and placed with one multiply:
+ *   e2m1 (E2M1): magnitude bits at bf16 bits 6-8 and the sign at bit 15 (t * 0x1040, masked) read
+ *     as e2m1 x 2^-126 (code 1, 0.5, lands on the bf16 subnormal 2^-127), times 2^126, times the
+ *     scale s2 (bf16x2; e2m1 x e4m3 and e2m1 x 2^k are exact in bf16);
+ *   int4: (nibble ^ 8) in the low bits of bf16 128 (= 128 + n + 8), minus 136.
+ * A byte permute puts the pairs (i, i + 4) back in order. */
+template <bool E2M1>
+__device__ __forceinline__ uint4 qg_w4x8_bf16(uint32_t w, uint32_t s2) {
+    uint32_t r[4];
+    if (!E2M1) w ^= 0x88888888u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t t = (w >> (4 * j)) & 0x000F000Fu;
+        if (E2M1) {
+            const uint32_t b = (t * 0x1040u) & 0x81C081C0u;
+            uint32_t m;
+            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(m) : "r"(b), "r"(0x7E807E80u), "r"(0x80008000u));
+            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(m), "r"(s2), "r"(0x80008000u));
+        } else {
+            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(t | 0x43004300u), "r"(0x3F803F80u), "r"(0xC308C308u));
+        }
+    }
+    uint4 o;
+    o.x = __byte_perm(r[0], r[1], 0x5410);
+    o.y = __byte_perm(r[2], r[3], 0x5410);
+    o.z = __byte_perm(r[0], r[1], 0x7632);
+    o.w = __byte_perm(r[2], r[3], 0x7632);
+    return o;
+}
+
+/* bf16x2 (s, s) of a scale code: nvfp4 e4m3, mxfp4 ue8m0 (2^(k - 127); k = 0 the subnormal
+ * 2^-127, 255 NaN); others 1. */
+template <int MODE> __device__ __forceinline__ uint32_t qg_scale2(uint32_t code) {
+    uint32_t b = 0x3F80u;
+    if (MODE == MOE_QUANT_NVFP4) {
+        const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, __NV_E4M3);
+        b = __float_as_uint(__half2float(__half(h))) >> 16; /* exact: 4 significant bits */
+    } else if (MODE == MOE_QUANT_MXFP4) {
+        b = code == 0 ? 0x40u : code == 255 ? 0x7FC0u : code << 7;
+    }
+    return b | (b << 16);
+}
 
 /* device helpers: only the sm_90a pass has the kernel bodies that use them */
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -60,18 +114,22 @@ __device__ __forceinline__ void qg_wgmma_e4m3(float (&d)[64], uint64_t da, uint6
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
-/* The same with f16 operands, k16. */
-__device__ __forceinline__ void qg_wgmma_f16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db), "r"(scale_d));
+/* The same with 16-bit operands (BF16: bf16, else f16), k16. */
+#define QG_WGMMA16(TY)                                                                                 \
+    asm volatile("{\n"                                                                                \
+                 ".reg .pred p;\n"                                                                    \
+                 "setp.ne.b32 p, %66, 0;\n"                                                           \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                         \
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n" \
+        "}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+        : "l"(da), "l"(db), "r"(scale_d))
+template <bool BF16>
+__device__ __forceinline__ void qg_wgmma_16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    if (BF16) QG_WGMMA16("bf16");
+    else QG_WGMMA16("f16");
 }
+#undef QG_WGMMA16
 
 /* Four e4m3 codes (low byte first) -> two f16x2 words (codes 0-1, 2-3): exact. */
 __device__ __forceinline__ void qg_e4m3x4_f16(uint32_t w, uint32_t &lo, uint32_t &hi) {
@@ -126,9 +184,9 @@ __device__ __forceinline__ qg_work qg_work_of(const moe__fq_gemm_args &a, bool g
 
 /* The producer thread of both kernels: for every work item of this CTA and K step, wait until
  * stage s is free (empty barrier at empty0 + 8s), announce its bytes on full[s] (full0 + 8s) and
- * copy the two 64-row weight boxes (BK code bytes a row) to wdst + s*128*BK and the 128-row A box
- * (abytes a stage) to adst + s*abytes. */
-template <int S, int BK>
+ * copy the two 64-row weight boxes (CB code bytes a row, at code column kt * CB) to
+ * wdst + s*128*CB and the 128-row A box (abytes a stage, at column kt * BK) to adst + s*abytes. */
+template <int S, int CB, int BK>
 __device__ __forceinline__ void qg_produce(const moe__fq_gemm_args &a, const CUtensorMap *tmw, const CUtensorMap *tma,
                                            bool gated, int ntiles, int ntn, int64_t total, int KT, uint32_t full0,
                                            uint32_t empty0, uint32_t wdst, uint32_t adst, uint32_t abytes) {
@@ -138,11 +196,11 @@ __device__ __forceinline__ void qg_produce(const moe__fq_gemm_args &a, const CUt
         const int w0 = (int)(q.e * a.N) + q.h0, w1 = (int)(q.e * a.N) + q.h1;
         for (int kt = 0; kt < KT; kt++, it++) {
             const int s = it % S;
-            const uint32_t full = full0 + 8 * s, ws = wdst + s * QG_BN * BK;
+            const uint32_t full = full0 + 8 * s, ws = wdst + s * QG_BN * CB;
             moe__fm_mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
-            moe__fm_mbar_arrive_tx(full, QG_BN * BK + abytes);
-            moe__fm_tma2d(ws, tmw, kt * BK, w0, full);
-            moe__fm_tma2d(ws + 64 * BK, tmw, kt * BK, w1, full);
+            moe__fm_mbar_arrive_tx(full, QG_BN * CB + abytes);
+            moe__fm_tma2d(ws, tmw, kt * CB, w0, full);
+            moe__fm_tma2d(ws + 64 * CB, tmw, kt * CB, w1, full);
             moe__fm_tma2d(adst + s * abytes, tma, kt * BK, q.r0, full);
         }
     }
@@ -222,18 +280,87 @@ __device__ __forceinline__ void qg_epi(const moe__fq_gemm_args &a, const float (
 
 /* ------------------------------------------------ exact kernel (default) -- */
 
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* Weight row (within the expert's N) of row r of the B tile: rows 0-63 the first half, 64-127
+ * the second. */
+__device__ __forceinline__ int qg_brow(int r, int h0, int h1) { return r < 64 ? h0 + r : h1 + r - 64; }
+
+/* The 4-bit modes' converters load the scale codes of the next stage while converting this one:
+ * the scale code of chunk c = (row c / 4, columns 16 (c % 4)) of stage kt of item (e, h0, h1)
+ * (nvfp4: e4m3 per 16, mxfp4: ue8m0 per 32, mxint4: bf16 per 32; 0 for chunks past the tile). */
+template <int MODE>
+__device__ __forceinline__ uint32_t qg_wscale(const moe__fq_gemm_args &a, int64_t e, int h0, int h1, int kt, int c) {
+    const int r = c >> 2, q = c & 3;
+    const int64_t row = e * a.N + qg_brow(r, h0, h1);
+    if (MODE == MOE_QUANT_NVFP4) return __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 16) + kt * 4 + q);
+    if (MODE == MOE_QUANT_MXFP4) return __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + (q >> 1));
+    return __ldg((const uint16_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + (q >> 1));
+}
+
+/* mxint4: acc += t x the weight scale of each accumulator column (sc: f32 [128] of the 32-column
+ * group, by tile column). */
+__device__ __forceinline__ void qg_add_col(float (&acc)[64], const float (&t)[64], const float *sc, int c2) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const float2 f = *(const float2 *)(sc + 8 * j + c2);
+        acc[4 * j] += t[4 * j] * f.x;
+        acc[4 * j + 1] += t[4 * j + 1] * f.y;
+        acc[4 * j + 2] += t[4 * j + 2] * f.x;
+        acc[4 * j + 3] += t[4 * j + 3] * f.y;
+    }
+}
+/* Consumer-side widening (every 4-bit mode; fp8 / fp8_block with CW): each of the 256 consumer
+ * threads widens chunks ct and ct + 256 of a stage (chunk c = row c / 4, columns 16 (c % 4)):
+ * codes from B8s (CB bytes a row), 4-bit scale codes in sc (loaded a stage ahead), 16-bit into
+ * the swizzled Bfs; mxint4 also stores the chunk's bf16 scale as f32 into Scs [2 groups][128 rows]. */
+template <int MODE>
+__device__ __forceinline__ void qg_widen(const uint8_t *B8s, uint16_t *Bfs, float *Scs, int ct, const uint32_t (&sc)[2]) {
+    constexpr int CB = qx_cfg<MODE>::CB;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int c = ct + 256 * i, r = c >> 2, q = c & 3;
+        if (!qx_cfg<MODE>::W4) {
+            const uint4 v = *(const uint4 *)(B8s + r * CB + q * 16);
+            uint32_t o[8];
+            qg_e4m3x4_f16(v.x, o[0], o[1]);
+            qg_e4m3x4_f16(v.y, o[2], o[3]);
+            qg_e4m3x4_f16(v.z, o[4], o[5]);
+            qg_e4m3x4_f16(v.w, o[6], o[7]);
+            *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q)) = make_uint4(o[0], o[1], o[2], o[3]);
+            *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+            continue;
+        }
+        const uint2 v = *(const uint2 *)(B8s + r * CB + q * 8);
+        const uint32_t s2 = qg_scale2<MODE>(sc[i]);
+        *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q)) = qg_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.x, s2);
+        *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q + 1)) = qg_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.y, s2);
+        if (MODE == MOE_QUANT_MXINT4 && !(q & 1)) Scs[(q >> 1) * QG_BN + r] = __uint_as_float(sc[i] << 16);
+    }
+}
+
+/* Named barrier of the 256 consumer threads (id 1). */
+__device__ __forceinline__ void qg_consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+#endif
+
 template <int MODE, bool G1>
 __global__ void __launch_bounds__(384, 1)
     k_qg_exact(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QX_S;
-    constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
+    using C = qx_cfg<MODE>;
+    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = C::S, CB = C::CB;
+    constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK, W4 = C::W4, INT4 = C::INT4;
+    constexpr bool BF = W4; /* bf16 MMAs for the 4-bit modes (activations bf16), f16 for fp8 */
+    /* who widens the weights: converter warps 1-3 for fp8 / fp8_block (their e4m3 -> f16 is 12
+     * instructions a chunk; widening in the consumers measured 7-15% slower), the consumers for
+     * the 4-bit modes (~70 instructions a chunk: three converter warps took 1.3-1.6x longer) */
+    constexpr bool CW = W4;
     extern __shared__ unsigned char qg_raw[];
-    uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* f16 [S][BM][BK] */
-    uint16_t *Bf = As + S * BM * BK;                                              /* f16 [S][BN][BK] */
-    uint8_t *B8 = (uint8_t *)(Bf + S * BN * BK);                                  /* codes [S][BN][BK] */
+    uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* 16-bit [S][BM][BK] */
+    uint16_t *Bf = As + S * BM * BK;                                              /* 16-bit [S][BN][BK] */
+    uint8_t *B8 = (uint8_t *)(Bf + S * BN * BK);                                  /* codes [S][BN][CB] */
+    float *Sc = (float *)(B8 + S * BN * CB); /* mxint4: weight scales [S][2][BN] */
     /* full[s] (bulk copies landed) at bar0 + 8s, conv[s] (B widened) + 8(S + s), empty[s] + 8(2S + s) */
-    const uint32_t bar0 = moe__fm_smem(B8 + S * BN * BK);
+    const uint32_t bar0 = moe__fm_smem((uint8_t *)Sc + S * C::SC);
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < S; s++) {
@@ -250,17 +377,22 @@ __global__ void __launch_bounds__(384, 1)
     const int KT = a.Kd / BK;
 
     if (tid < 128) {
-        moe__fm_setmaxnreg_dec<72>(); /* converters: 3 chunks of codes in flight, 18 offsets */
+        /* converters: 3 chunks of codes in flight, 18 offsets; the 4-bit modes have none (the
+         * consumers widen their weights; mxint4's need 232 registers) */
+        if (CW) moe__fm_setmaxnreg_dec<40>();
+        else moe__fm_setmaxnreg_dec<72>();
         if (tid == 0) {
-            /* ---------------- producer: A f16 and B codes by bulk tensor copy ---------------- */
-            qg_produce<S, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * 2 * S, moe__fm_smem(B8),
-                              moe__fm_smem(As), BM * BK * 2);
-        } else if (tid >= 32) {
-            /* ---------------- converters (warps 1-3): B codes -> f16, swizzled ---------------- */
+            /* ---------------- producer: A 16-bit and B codes by bulk tensor copy ---------------- */
+            qg_produce<S, CB, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * 2 * S,
+                                  moe__fm_smem(B8), moe__fm_smem(As), BM * BK * 2);
+        } else if (!CW && tid >= 32) {
+            /* ------------- converters (warps 1-3; fp8 / fp8_block): e4m3 codes -> f16, swizzled ------------- */
             constexpr int NCH = BN * BK / 16, PER = (NCH + QX_CONV - 1) / QX_CONV; /* 16-code chunks */
             const int cv = tid - 32;
-            /* this thread's chunks c = cv + 96 i (row c / 4, columns 16 (c % 4)): the same every
-             * stage, so their shared-memory offsets are computed once */
+            const bool last = cv + (PER - 1) * QX_CONV < NCH; /* warp-uniform */
+            int it = 0;
+            /* this thread's chunks c = cv + 96 i (row c / 4, columns 16 (c % 4)): the same
+             * every stage, so their shared-memory offsets are computed once */
             int so[PER], d0[PER], d1[PER];
 #pragma unroll
             for (int i = 0; i < PER; i++) {
@@ -269,13 +401,11 @@ __global__ void __launch_bounds__(384, 1)
                 d0[i] = moe__fm_swz(r, 2 * q);
                 d1[i] = moe__fm_swz(r, 2 * q + 1);
             }
-            const bool last = cv + (PER - 1) * QX_CONV < NCH; /* warp-uniform */
-            int it = 0;
             for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
                 for (int kt = 0; kt < KT; kt++, it++) {
                     const int s = it % S;
                     moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
-                    const uint8_t *src = B8 + s * BN * BK;
+                    const uint8_t *src = B8 + s * BN * CB;
                     uint16_t *dst = Bf + s * BN * BK;
 #pragma unroll
                     for (int b0 = 0; b0 < PER; b0 += 3) { /* 3 chunks in flight a thread */
@@ -303,11 +433,45 @@ __global__ void __launch_bounds__(384, 1)
         __syncwarp();
     } else {
         /* ---------------- consumers ---------------- */
-        moe__fm_setmaxnreg_inc<216>();
+        if (CW) moe__fm_setmaxnreg_inc<232>();
+        else moe__fm_setmaxnreg_inc<216>();
         const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
         const int c2 = (lane & 3) * 2, rA = wg * 64 + w4 * 16 + (lane >> 2); /* rows rA, rA + 8 */
         int it = 0;
         float acc[64], tmp[64];
+        float t1[64]; /* mxint4 only */
+        /* 4-bit: the next stage to widen (stage counter ic: item wc, its work qc, K step kc; its
+         * scale codes in scl, loaded a stage ahead); widened while the previous stage multiplies */
+        int64_t wc = blockIdx.x;
+        int kc = 0, ic = 0;
+        qg_work qc = {0, 0, 0, 0, 0};
+        uint32_t scl[2] = {0, 0};
+        auto load_sc = [&]() {
+            if (W4 && wc < total) {
+#pragma unroll
+                for (int i = 0; i < 2; i++) scl[i] = qg_wscale<MODE>(a, qc.e, qc.h0, qc.h1, kc, ct + 256 * i);
+            }
+        };
+        auto widen = [&]() { /* all consumers at once: uniform */
+            if (wc >= total) return;
+            const int s = ic % S;
+            moe__fm_mbar_wait(bar0 + 8 * s, (ic / S) & 1);
+            qg_widen<MODE>(B8 + s * BN * CB, Bf + s * BN * BK, Sc + s * 2 * BN, ct, scl);
+            moe__fm_fence_async(); /* our shared writes, before the wgmma reads */
+            ic++;
+            if (++kc == KT) {
+                kc = 0;
+                wc += gridDim.x;
+                if (wc < total) qc = qg_work_of(a, gated, wc, ntiles, ntn);
+            }
+            load_sc();
+        };
+        if (CW) {
+            if (wc < total) qc = qg_work_of(a, gated, wc, ntiles, ntn);
+            load_sc();
+            widen();
+            qg_consumers_sync();
+        }
         for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
@@ -327,31 +491,63 @@ __global__ void __launch_bounds__(384, 1)
                     u = sw1[kb];
                 }
                 moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
-                moe__fm_mbar_wait(bar0 + 8 * (S + s), (it / S) & 1);
+                if (!CW) moe__fm_mbar_wait(bar0 + 8 * (S + s), (it / S) & 1);
                 const uint64_t da = moe__fm_desc(moe__fm_smem(As + s * BM * BK + wg * 64 * BK));
                 const uint64_t db = moe__fm_desc(moe__fm_smem(Bf + s * BN * BK));
                 moe__fm_wg_fence();
-                if (BLOCK) {
+                if (INT4) {
+                    /* per 32-column group: its two k16 MMAs into tmp / t1 from zero, then added
+                     * times the weight scale of each column while the next group multiplies */
+                    qg_wgmma_16<BF>(tmp, da, db, 0);
+                    qg_wgmma_16<BF>(tmp, da + 2, db + 2, 1);
+                    moe__fm_wg_commit();
+                    if (kt > 0) {
+                        const int sp = (it - 1) % S;
+                        moe__fm_wg_wait1();
+                        qg_add_col(acc, t1, Sc + (sp * 2 + 1) * BN, c2);
+                        __syncwarp();
+                        if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + sp));
+                    }
+                    moe__fm_wg_fence();
+                    qg_wgmma_16<BF>(t1, da + 4, db + 4, 0);
+                    qg_wgmma_16<BF>(t1, da + 6, db + 6, 1);
+                    moe__fm_wg_commit();
+                    widen();
+                    moe__fm_wg_wait1();
+                    qg_add_col(acc, tmp, Sc + (s * 2) * BN, c2);
+                    qg_consumers_sync();
+                } else if (BLOCK) {
 #pragma unroll
                     for (int ks = 0; ks < BK / 16; ks++)
-                        qg_wgmma_f16(tmp, da + 2 * ks, db + 2 * ks, (kt & 1) | ks);
+                        qg_wgmma_16<BF>(tmp, da + 2 * ks, db + 2 * ks, (kt & 1) | ks);
                     moe__fm_wg_commit();
+                    if (CW) widen();
                     moe__fm_wg_wait0();
                     if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + s));
                     if (kt & 1) qg_add<true>(acc, tmp, x0 * g, x0 * u, x1 * g, x1 * u);
+                    if (CW) qg_consumers_sync();
                 } else {
 #pragma unroll
-                    for (int ks = 0; ks < BK / 16; ks++) qg_wgmma_f16(acc, da + 2 * ks, db + 2 * ks, 1);
+                    for (int ks = 0; ks < BK / 16; ks++) qg_wgmma_16<BF>(acc, da + 2 * ks, db + 2 * ks, 1);
                     moe__fm_wg_commit();
+                    if (CW) widen();
                     moe__fm_wg_wait1();
                     if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + (it - 1) % S));
+                    if (CW) qg_consumers_sync(); /* the next stage widened by everyone */
                 }
             }
-            if (!BLOCK) {
+            if (INT4) {
+                const int sp = (it - 1) % S;
+                moe__fm_wg_wait0();
+                qg_add_col(acc, t1, Sc + (sp * 2 + 1) * BN, c2);
+                __syncwarp();
+                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + sp));
+            } else if (!BLOCK) {
                 moe__fm_wg_wait0();
                 if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + (it - 1) % S));
             }
-            qg_epi<G1>(a, acc, BLOCK ? 1.0f : a.A_tensor[0] * a.W_tensor[e], gated, rA, c2, r0, nr, e, h0);
+            const float ts = (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
+            qg_epi<G1>(a, acc, ts, gated, rA, c2, r0, nr, e, h0);
         }
     }
 #endif
@@ -386,7 +582,7 @@ __global__ void __launch_bounds__(384, 1)
     if (tid < 128) {
         moe__fm_setmaxnreg_dec<40>();
         if (tid == 0)
-            qg_produce<S, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * S, moe__fm_smem(Bs),
+            qg_produce<S, BK, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * S, moe__fm_smem(Bs),
                               moe__fm_smem(As), BM * BK);
         __syncwarp();
     } else {
@@ -447,12 +643,15 @@ __global__ void __launch_bounds__(384, 1)
 
 /* ------------------------------------------------------- widen codes -- */
 
-/* dst f16 [rows, cols] <- e4m3 codes: row i from src row sorted[i] / K (sorted non-null: x's
- * codes into GEMM1's sorted order) or row i; only the rows of the row tiles (nv, from the tile
- * table, as k_permute). */
+/* dst [rows, cols] 16-bit <- activation codes: row i from src row sorted[i] / K (sorted
+ * non-null: x's codes into GEMM1's sorted order) or row i; only the rows of the row tiles (nv,
+ * from the tile table, as k_permute).  fp8 / fp8_block: e4m3 -> f16; nvfp4 (FP4): e2m1 x its
+ * e4m3 scale per 16 (scales [rows, cols / 16]) -> bf16.  Both exact. */
+template <bool FP4>
 __global__ void __launch_bounds__(256)
-    k_qg_codes16(const uint8_t *__restrict__ src, const int32_t *sorted, int K, const int32_t *tile_r0,
-                 const int32_t *tile_n, const int32_t *ntiles, int cols, uint4 *__restrict__ dst) {
+    k_qg_codes16(const uint8_t *__restrict__ src, const uint8_t *__restrict__ scales, const int32_t *sorted, int K,
+                 const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles, int cols,
+                 uint4 *__restrict__ dst) {
     const int nt = *ntiles;
     const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
     const int c16 = cols / 16;
@@ -461,6 +660,13 @@ __global__ void __launch_bounds__(256)
         const int64_t i = u / c16;
         const int c = (int)(u - i * c16);
         const int64_t row = sorted ? sorted[i] / K : i;
+        if (FP4) {
+            const uint2 v = __ldg((const uint2 *)(src + row * (cols / 2)) + c);
+            const uint32_t s2 = qg_scale2<MOE_QUANT_NVFP4>(__ldg(scales + row * c16 + c));
+            dst[i * (2 * c16) + 2 * c] = qg_w4x8_bf16<true>(v.x, s2);
+            dst[i * (2 * c16) + 2 * c + 1] = qg_w4x8_bf16<true>(v.y, s2);
+            continue;
+        }
         const uint4 v = __ldg((const uint4 *)(src + row * cols) + c);
         const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
         uint32_t o[8];
@@ -480,30 +686,47 @@ __global__ void __launch_bounds__(256)
 
 typedef void (*qg_kernel)(const moe__fq_gemm_args, const CUtensorMap, const CUtensorMap);
 
-/* kernel variants: 0 k_qg_exact, 1 k_qg_fp8 */
+/* kernel variants: 0 k_qg_exact (every mode), 1 k_qg_fp8 (fp8 / fp8_block) */
+template <int MODE> qg_kernel qg_exact(bool g1) { return g1 ? k_qg_exact<MODE, true> : k_qg_exact<MODE, false>; }
 qg_kernel qg_pick(int v, int mode, bool g1) {
-    const bool b = mode == MOE_QUANT_FP8_BLOCK;
-    if (v == 1) return b ? (g1 ? k_qg_fp8<MOE_QUANT_FP8_BLOCK, true> : k_qg_fp8<MOE_QUANT_FP8_BLOCK, false>)
-                         : (g1 ? k_qg_fp8<MOE_QUANT_FP8, true> : k_qg_fp8<MOE_QUANT_FP8, false>);
-    return b ? (g1 ? k_qg_exact<MOE_QUANT_FP8_BLOCK, true> : k_qg_exact<MOE_QUANT_FP8_BLOCK, false>)
-             : (g1 ? k_qg_exact<MOE_QUANT_FP8, true> : k_qg_exact<MOE_QUANT_FP8, false>);
+    if (v == 1) return mode == MOE_QUANT_FP8_BLOCK ? (g1 ? k_qg_fp8<MOE_QUANT_FP8_BLOCK, true> : k_qg_fp8<MOE_QUANT_FP8_BLOCK, false>)
+                                                   : (g1 ? k_qg_fp8<MOE_QUANT_FP8, true> : k_qg_fp8<MOE_QUANT_FP8, false>);
+    switch (mode) {
+    case MOE_QUANT_FP8_BLOCK: return qg_exact<MOE_QUANT_FP8_BLOCK>(g1);
+    case MOE_QUANT_NVFP4: return qg_exact<MOE_QUANT_NVFP4>(g1);
+    case MOE_QUANT_MXFP4: return qg_exact<MOE_QUANT_MXFP4>(g1);
+    case MOE_QUANT_MXINT4: return qg_exact<MOE_QUANT_MXINT4>(g1);
+    default: return qg_exact<MOE_QUANT_FP8>(g1);
+    }
 }
-const size_t qg_smem[2] = {QX_SMEM, Q8_SMEM};
+size_t qg_smem(int v, int mode) {
+    if (v == 1) return Q8_SMEM;
+    switch (mode) {
+    case MOE_QUANT_FP8_BLOCK: return qx_cfg<MOE_QUANT_FP8_BLOCK>::SMEM;
+    case MOE_QUANT_NVFP4: return qx_cfg<MOE_QUANT_NVFP4>::SMEM;
+    case MOE_QUANT_MXFP4: return qx_cfg<MOE_QUANT_MXFP4>::SMEM;
+    case MOE_QUANT_MXINT4: return qx_cfg<MOE_QUANT_MXINT4>::SMEM;
+    default: return qx_cfg<MOE_QUANT_FP8>::SMEM;
+    }
+}
+bool qg_w4(int mode) { return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4; }
 
 moe_status qg_attrs(void) {
     static int done = 0;
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
+    const int modes[5] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4};
     for (int v = 0; v < 2; v++)
-        for (int m = 0; m < 2; m++)
+        for (int m = 0; m < (v ? 2 : 5); m++)
             for (int g = 0; g < 2; g++)
-                MOE_CUDA_TRY(FN, cudaFuncSetAttribute(qg_pick(v, m ? MOE_QUANT_FP8_BLOCK : MOE_QUANT_FP8, g),
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qg_smem[v]));
+                MOE_CUDA_TRY(FN, cudaFuncSetAttribute(qg_pick(v, modes[m], g), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)qg_smem(v, modes[m])));
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
 }
 
-/* MOE_FUSED_FP8MMA=1: the fp8 tensor-core kernel instead of the exact one. */
-int qg_variant(void) {
+/* MOE_FUSED_FP8MMA=1: the fp8 tensor-core kernel instead of the exact one (fp8 / fp8_block). */
+int qg_variant(int mode) {
+    if (qg_w4(mode)) return 0;
     const char *env = getenv("MOE_FUSED_FP8MMA");
     return env && env[0] == '1' ? 1 : 0;
 }
@@ -511,13 +734,15 @@ int qg_variant(void) {
 } // namespace
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
-    if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK) return false;
+    if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
     if (lc <= 0 || H % 128 != 0 || I % 128 != 0) return false;
     const char *env = getenv("MOE_FUSED_QWGMMA");
     /* average pairs per local expert from which the kernels run: H100, 2026-11-26, against the
      * tile kernels (docs/performance.md): 20-29% faster at 32 (DeepSeek-V3 T = 1024), 2x at 64;
-     * at 16 Mixtral gains 7-14% but Qwen3-30B-A3B fp8 loses 13%; at 8 DeepSeek-V3 loses 37-44% */
-    long rows = 32;
+     * at 16 Mixtral gains 7-14% but Qwen3-30B-A3B fp8 loses 13%; at 8 DeepSeek-V3 loses 37-44%.
+     * nvfp4 / mxfp4 at 32 (DeepSeek-V3 T = 1024): 14-16% faster; mxint4 (its scale applied per 32
+     * columns by the consumers) 20% slower there, 13-18% faster at 64 (Qwen3, Mixtral T = 1024) */
+    long rows = mode == MOE_QUANT_MXINT4 ? 64 : 32;
     if (env && env[0]) {
         char *end = nullptr;
         const long v = strtol(env, &end, 10);
@@ -535,17 +760,17 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp) {
     const bool gated = g1 && a.gated;
-    const int v = qg_variant();
+    const int v = qg_variant(mode);
     const int ntn = gated ? a.I / 64 : a.N / QG_BN;
     const int64_t sms = moe__cuda_sm_count(dev), items = max_tiles * ntn;
     const unsigned grid = (unsigned)(items < sms ? items : sms);
+    const int64_t pcap = sms * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
     CUtensorMap tw, ta;
     const char *wn = g1 ? "gate/up codes" : "down codes";
     if (v == 1) {
         MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, 128, 64, true, wn));
         const uint8_t *A = a.A_codes;
         if (g1) {
-            const int64_t pcap = sms * 16, pb = P < pcap ? P : pcap;
             moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_codes, a.sorted, a.tile_r0, a.tile_n,
                                                             a.ntiles, a.K, a.Kd / 16, (uint4 *)xp);
             MOE_CUDA_LAUNCHED(FN);
@@ -553,17 +778,32 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
         }
         MOE_TRY(moe__fm_tmap2(&ta, A, P, a.Kd, 1, 128, QG_BM, true, g1 ? "permuted x codes" : "intermediate codes"));
     } else {
-        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, QX_BK, 64, false, wn));
-        /* A as f16: GEMM1 x's codes permuted into xp; GEMM2 the intermediate's codes into the
-         * intermediate's region (its bf16 values are quantised already) */
-        uint4 *A16 = g1 ? (uint4 *)xp : (uint4 *)a.A_bf16;
+        const bool w4 = qg_w4(mode);
+        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, w4 ? a.Kd / 2 : a.Kd, 1, w4 ? QX_BK / 2 : QX_BK, 64, false, wn));
+        /* A as 16-bit: GEMM1 x's rows permuted into xp (fp8 / nvfp4: their codes widened; mxfp4 /
+         * mxint4: x itself), GEMM2 the intermediate's codes widened into the intermediate's
+         * region (its bf16 values are quantised already; mxfp4 / mxint4 read it as it is) */
+        const uint4 *A16 = g1 ? (const uint4 *)xp : (const uint4 *)a.A_bf16;
         const int threads = 256;
-        k_qg_codes16<<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
-            a.A_codes, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, A16);
-        MOE_CUDA_LAUNCHED(FN);
-        MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x codes (f16)" : "intermediate codes (f16)"));
+        if (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) {
+            if (g1) {
+                moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_bf16, a.sorted, a.tile_r0, a.tile_n,
+                                                                a.ntiles, a.K, a.Kd / 8, (uint4 *)xp);
+                MOE_CUDA_LAUNCHED(FN);
+            }
+        } else if (mode == MOE_QUANT_NVFP4) {
+            k_qg_codes16<true><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+                a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
+                a.Kd, (uint4 *)A16);
+            MOE_CUDA_LAUNCHED(FN);
+        } else {
+            k_qg_codes16<false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+                a.A_codes, nullptr, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
+            MOE_CUDA_LAUNCHED(FN);
+        }
+        MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
     }
-    qg_pick(v, mode, g1)<<<grid, 384, qg_smem[v], st>>>(a, tw, ta);
+    qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }

@@ -542,14 +542,15 @@ moe_status fq_gemms(cudaStream_t st, const gemm_args &a1, const gemm_args &a2, i
     return MOE_OK;
 }
 
-/* fp8 / fp8_block on Hopper (moe__fq_qgmma_use): GEMM1 and GEMM2 by the wgmma kernels of
- * fused_qgmma.cu (128-row tiles), GEMM1's A rows permuted into xp (the y region) first. */
+/* Hopper (moe__fq_qgmma_use): GEMM1 and GEMM2 by the wgmma kernels of fused_qgmma.cu (128-row
+ * tiles), GEMM1's A rows permuted into xp (the y region) first. */
 moe_status fq_qgmma_gemms(cudaStream_t st, int dev, int mode, const gemm_args &a1, const gemm_args &a2, int64_t P,
                           int lc, const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs,
                           size_t off_gt, int64_t I, void *xp) {
     const int64_t tiles = P / 128 + (P < lc ? P : lc) + 1;
     MOE_TRY(moe__fq_qgmma(st, dev, mode, true, a1, P, tiles, xp));
-    MOE_TRY(fq_quant_act(ws, mode, inter, P, I, off_gc, off_gs, off_gt));
+    if (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK || mode == MOE_QUANT_NVFP4)
+        MOE_TRY(fq_quant_act(ws, mode, inter, P, I, off_gc, off_gs, off_gt));
     return moe__fq_qgmma(st, dev, mode, false, a2, P, tiles, nullptr);
 }
 
@@ -603,7 +604,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         /* 1. x */
         if (wq) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
         /* 2. align */
-        const bool qg = moe__fq_qgmma_use(mode, P, lc, H, I); /* Hopper wgmma, fp8 / fp8_block */
+        const bool qg = moe__fq_qgmma_use(mode, P, lc, H, I); /* Hopper wgmma kernels */
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = fq_bm[cfg];
         const size_t sm = (size_t)2 * lc * sizeof(int);

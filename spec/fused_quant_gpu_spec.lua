@@ -3,11 +3,11 @@
 -- {1, 5, 64, 300} (both tile configurations), deepseekv3 routing, relu2 + biases, llama4,
 -- expert parallelism, routed-mode bit-exactness and replay, qtensor parts, T = 0, and CUDA
 -- graph capture + replay with new inputs; the decode GEMV path of fp8 and fp8_block (T <= 4;
--- MOE_FUSED_QGEMV) on and off against the CPU and each other; fp8 / fp8_block prefill with
--- >= 96 pairs per local expert (the large tile configuration, past the wgmma path's default
--- bound of 64: T = 800..1600, skewed routing, llama4, expert parallelism, biases, routed mode,
--- a graph) with the Hopper wgmma kernels on (default) and off (MOE_FUSED_QWGMMA=0) against the
--- CPU and each other; the default GEMV rule (MOE_FUSED_QGEMV unset) at T = 16, T*K = 2E.
+-- MOE_FUSED_QGEMV) on and off against the CPU and each other; prefill with >= 96 pairs per local
+-- expert (past the Hopper wgmma kernels' default bounds of 32 and 64 (mxint4): T = 800..1600, skewed routing,
+-- llama4, expert parallelism, biases, routed mode, graphs), every mode, with the wgmma kernels
+-- on (default) and off (MOE_FUSED_QWGMMA=0) against the CPU and each other; the default GEMV
+-- rule (MOE_FUSED_QGEMV unset) at T = 16, T*K = 2E.
 -- Prints each mode's error against the bf16 output, and the wgmma kernels' difference from
 -- the mma.sync ones.
 -- Exits 77 without a CUDA device.
@@ -268,13 +268,13 @@ local function per_expert(r)
   return c
 end
 
-describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE_FUSED_QWGMMA; 0 = the mma.sync tile kernels)",
+describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUSED_QWGMMA; 0 = the mma.sync tile kernels)",
          function()
   -- The large tile configuration: P = T*K >= 96 pairs per local expert (E = 16: P >= 1536).
-  -- MOE_FUSED_QWGMMA unset, fp8 / fp8_block take the wgmma kernels there on sm_90a (from 32 pairs
+  -- MOE_FUSED_QWGMMA unset, every mode takes the wgmma kernels there on sm_90a (from 32 pairs
   -- per local expert; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
   -- GPUs, where both settings must pass as well).
-  local QMODES = { "fp8", "fp8_block" }
+  local QMODES = MODES
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- w / mode on x, L (method m, call options more): the CPU once, CUDA with MOE_FUSED_QWGMMA
   -- unset and "0"; each CUDA output and routing against the CPU's, and the two against each
@@ -315,8 +315,9 @@ describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE
     end)
   end
 
-  it("fp8_block / relu2 with biases and fp8 / swiglu_oai with biases (T=800)", function()
-    for _, c in ipairs{ { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" } } do
+  it("relu2 with biases (fp8_block, nvfp4, mxint4) and swiglu_oai with biases (fp8, mxfp4) (T=800)", function()
+    for _, c in ipairs{ { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" }, { "nvfp4", "relu2" },
+                        { "mxfp4", "swiglu_oai" }, { "mxint4", "relu2" } } do
       local x, L = inputs(800, 9300)
       both(weights(c[2], true), c[1], x, L, METHODS.renormalize, nil, c[1] .. "/" .. c[2] .. " T=800")
     end
@@ -363,7 +364,7 @@ describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE
   -- differ from the exact kernels on a Hopper GPU (a silent fallback to them would pass 1e-2 too)
   it("fp8 and fp8_block with MOE_FUSED_FP8MMA=1 (FP8 tensor cores): within 1e-2 of the CPU, not the exact bits",
      function()
-    for _, mode in ipairs(QMODES) do
+    for _, mode in ipairs{ "fp8", "fp8_block" } do
       local w, m = weights("swiglu", false), METHODS.renormalize
       local x, L = inputs800(9800)
       local yc = call(experts(w, mode, "cpu"), x, L, m, "cpu")
@@ -380,13 +381,15 @@ describe("#gpu quantised fused MoE: fp8 / fp8_block prefill on Hopper wgmma (MOE
     end
   end)
 
-  it("fp8_block: captured at T=800 (deepseekv3 top-4, P = 3200), replayed with new hidden and logits; the first " ..
-     "inputs again give the same bits", function()
-    local y1, again = qwgmma(nil, function()
-      return graph_rounds(weights("swiglu", false), "fp8_block", 800, METHODS.deepseekv3, 9700)
+  for _, mode in ipairs{ "fp8_block", "nvfp4", "mxint4" } do
+    it(mode .. ": captured at T=800 (deepseekv3 top-4, P = 3200), replayed with new hidden and logits; the first " ..
+       "inputs again give the same bits", function()
+      local y1, again = qwgmma(nil, function()
+        return graph_rounds(weights("swiglu", false), mode, 800, METHODS.deepseekv3, 9700)
+      end)
+      assert.same(y1, again)
     end)
-    assert.same(y1, again)
-  end)
+  end
 end)
 
 describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FUSED_QGEMV=0 off, =N for T <= N)",

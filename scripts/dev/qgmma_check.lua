@@ -1,7 +1,7 @@
--- qgmma_check.lua -- developer check of the Hopper fp8 / fp8_block prefill kernels
--- (kernels/fused_qgmma.cu) on a GPU machine, not part of the tests (spec/fused_quant_gpu_spec.lua
--- is): relative L2 of the default (exact) kernels, the FP8-tensor-core kernels
--- (MOE_FUSED_FP8MMA=1) and the mma.sync tile kernels (MOE_FUSED_QWGMMA=0) against the CPU
+-- qgmma_check.lua -- developer check of the Hopper prefill kernels (kernels/fused_qgmma.cu) in
+-- every mode on a GPU machine, not part of the tests (spec/fused_quant_gpu_spec.lua is):
+-- relative L2 of the default (exact) kernels, the FP8-tensor-core kernels (MOE_FUSED_FP8MMA=1,
+-- fp8 / fp8_block) and the mma.sync tile kernels (MOE_FUSED_QWGMMA=0) against the CPU
 -- reference, and of the exact kernels against the tile kernels (0 = the same bits).
 -- Usage: luajit scripts/moe run scripts/dev/qgmma_check.lua
 local moe = require("moe")
@@ -36,7 +36,7 @@ for _, cfg in ipairs{ { E = 16, HD = 384, I = 640, T = 800, K = 2, act = "swiglu
   local b13 = moe.randn({ cfg.E, N1 }, { seed = 5, std = 0.2 })
   local x = moe.randn({ cfg.T, cfg.HD }, { dtype = "bf16", seed = 3 })
   local L = moe.randn({ cfg.T, cfg.E }, { seed = 4 })
-  for _, mode in ipairs{ "fp8", "fp8_block" } do
+  for _, mode in ipairs{ "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" } do
     local function run(dev)
       local ex = moe.experts{ gate_up = w13, down = w2, bias_gate_up = b13, activation = cfg.act, quant = mode,
                               device = dev }
@@ -44,8 +44,11 @@ for _, cfg in ipairs{ { E = 16, HD = 384, I = 640, T = 800, K = 2, act = "swiglu
     end
     local yc, ye = run("cpu"), run("cuda")
     local yt = with("MOE_FUSED_QWGMMA", "0", function() return run("cuda") end)
-    local yf = with("MOE_FUSED_FP8MMA", "1", function() return run("cuda") end)
-    print(string.format("%-9s %-6s T=%d  exact/cpu %.3e  fp8-tc/cpu %.3e  tile/cpu %.3e  exact/tile %.3e", mode,
-      cfg.act, cfg.T, rel(ye, yc), rel(yf, yc), rel(yt, yc), rel(ye, yt)))
+    local fp8 = mode == "fp8" or mode == "fp8_block"
+    local function col(f) return fp8 and string.format("%.3e", f()) or "-" end
+    print(string.format("%-9s %-6s T=%d  exact/cpu %.3e  fp8-tc/cpu %s  tile/cpu %.3e  exact/tile %.3e",
+      mode, cfg.act, cfg.T, rel(ye, yc),
+      col(function() return rel(with("MOE_FUSED_FP8MMA", "1", function() return run("cuda") end), yc) end),
+      rel(yt, yc), rel(ye, yt)))
   end
 end
