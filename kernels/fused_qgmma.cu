@@ -27,6 +27,7 @@
 #include "cuda_common.cuh"
 #include "fused_moe.cuh"
 #include "fused_quant.cuh"
+#include "quant_rows.cuh"
 
 #include <cuda_fp8.h>
 #include <stdlib.h>
@@ -682,6 +683,19 @@ __global__ void __launch_bounds__(256)
     }
 }
 
+/* fp8_block's intermediate for the exact kernel in one pass: every 128-column group of the rows
+ * of the row tiles quantised with the quantiser's own code (moe__q_rows: the same codes and
+ * scales as moe_quantize), the codes' f16 values written over the bf16 values, the scales to
+ * scales [rows, I / 128]. */
+__global__ void __launch_bounds__(256) k_qg_block16(uint16_t *inter, const int32_t *tile_r0, const int32_t *tile_n,
+                                                    const int32_t *ntiles, int I, float *scales) {
+    const int nt = *ntiles;
+    const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+    constexpr int GPB = 256 / moe__q_rows_geom<128>::L;
+    moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, 256, true>(inter, MOE_BF16, (int64_t)blockIdx.x * GPB, nv * (I / 128),
+                                                     (int64_t)gridDim.x * GPB, 0, nullptr, (uint8_t *)inter, scales);
+}
+
 /* ---------------------------------------------------------- host glue -- */
 
 typedef void (*qg_kernel)(const moe__fq_gemm_args, const CUtensorMap, const CUtensorMap);
@@ -732,6 +746,8 @@ int qg_variant(int mode) {
 }
 
 } // namespace
+
+bool moe__fq_qgmma_quantises_inter(int mode) { return mode == MOE_QUANT_FP8_BLOCK && qg_variant(mode) == 0; }
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
@@ -795,6 +811,11 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
             k_qg_codes16<true><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
                 a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
                 a.Kd, (uint4 *)A16);
+            MOE_CUDA_LAUNCHED(FN);
+        } else if (!g1 && mode == MOE_QUANT_FP8_BLOCK) {
+            /* quantised and widened in one pass (moe__fq_qgmma_quantises_inter) */
+            k_qg_block16<<<moe__cuda_grid(dev, P * (a.Kd / 128), 256 / moe__q_rows_geom<128>::L), 256, 0, st>>>(
+                (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_scales);
             MOE_CUDA_LAUNCHED(FN);
         } else {
             k_qg_codes16<false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(

@@ -549,7 +549,8 @@ moe_status fq_qgmma_gemms(cudaStream_t st, int dev, int mode, const gemm_args &a
                           size_t off_gt, int64_t I, void *xp) {
     const int64_t tiles = P / 128 + (P < lc ? P : lc) + 1;
     MOE_TRY(moe__fq_qgmma(st, dev, mode, true, a1, P, tiles, xp));
-    if (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK || mode == MOE_QUANT_NVFP4)
+    if ((mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK || mode == MOE_QUANT_NVFP4) &&
+        !moe__fq_qgmma_quantises_inter(mode))
         MOE_TRY(fq_quant_act(ws, mode, inter, P, I, off_gc, off_gs, off_gt));
     return moe__fq_qgmma(st, dev, mode, false, a2, P, tiles, nullptr);
 }

@@ -126,6 +126,9 @@ __device__ __forceinline__ void moe__fq_epi_down2(float *yrow, const float *bias
  * must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's codes into
  * xp, P x Kd bytes), grid from the tile bound max_tiles. */
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
+/* Whether moe__fq_qgmma's GEMM2 quantises the intermediate itself (fp8_block on the exact
+ * kernel: quantised and widened in one pass), so the caller must not. */
+bool moe__fq_qgmma_quantises_inter(int mode);
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp);
 
