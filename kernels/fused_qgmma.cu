@@ -1,29 +1,36 @@
-/* fused_qgmma.cu -- Hopper (sm_90a) grouped GEMMs of the quantised fused MoE for fp8 and
- * fp8_block at prefill sizes (fused_quant.cu's large configuration), replacing its mma.sync tile
- * kernels there.  Two kernels, both warp-specialised like fused_moe.cu's moe__k_fm_gemm_ws
- * (384 threads, 1 CTA per SM, persistent over (row tile, column tile) work items in groups of 8
- * row tiles; mbarrier pipelines; consumers = warpgroups 1-2, 64 rows each; tiles 128 x 128;
- * gated GEMM1 tiles hold 64 gate rows then the 64 matching up rows, so accumulator columns j
- * (gate) and j + 64 (up) sit in the same thread and the activation runs on registers):
+/* fused_qgmma.cu -- Hopper (sm_90a) grouped GEMMs of the quantised fused MoE at prefill sizes
+ * (fused_quant.cu's large configuration), every mode, replacing its mma.sync tile kernels there.
+ * Two kernels, both warp-specialised like fused_moe.cu's moe__k_fm_gemm_ws (384 threads, 1 CTA
+ * per SM, persistent over (row tile, column tile) work items in groups of 8 row tiles; mbarrier
+ * pipelines; consumers = warpgroups 1-2, 64 rows each; tiles 128 x 128; gated GEMM1 tiles hold
+ * 64 gate rows then the 64 matching up rows, so accumulator columns j (gate) and j + 64 (up) sit
+ * in the same thread and the activation runs on registers):
  *
- *   k_qg_exact (default): the weight tile's e4m3 codes come by bulk tensor copy, warps 1-3 turn
- *     them into f16 (exact: every e4m3 value is an f16) in a swizzled shared tile, and
- *     wgmma.m64n128k16 f16 multiplies them with the activations' codes, also as f16 (x's codes
- *     permuted into sorted order and widened by k_qg_codes16 into the workspace's y region,
- *     unused until GEMM2's epilogue; the intermediate's codes widened into the intermediate's
- *     own region once they are quantised).  f16 products are exact and the MMA accumulates in
- *     f32, so the result is the CPU reference's up to f32 accumulation order.  BK 64, 5 stages.
- *   k_qg_fp8 (MOE_FUSED_FP8MMA=1): e4m3 A and B straight into wgmma.m64n128k32 .e4m3 (twice the
- *     f16 rate, half the shared bytes).  Hopper's fp8 MMAs sum their products at reduced
- *     precision (about 14 bits: DeepSeek-V3 report, section 3.3.2); measured 2.5-3.2e-3 relative
- *     L2 off the CPU reference on an H100/H200 even with every k32 MMA started from zero and
- *     added up in f32 by the CUDA cores (as done here): the numerics of engines that run fp8
- *     tensor cores (DeepGEMM promotes every 128), not the reference's.  BK 128, 6 stages.
+ *   k_qg_exact (default, every mode): the weight tile's codes come by bulk tensor copy and are
+ *     widened into a swizzled 16-bit shared tile -- e4m3 to f16 by warps 1-3 (exact: every e4m3
+ *     value is an f16), e2m1 x its scale / int4 to bf16 by the consumers themselves while the
+ *     previous stage multiplies (exact in bf16) -- and wgmma.m64n128k16 f16 / bf16 multiplies
+ *     them with 16-bit activations: x's rows permuted into sorted order in the workspace's y
+ *     region (unused until GEMM2's epilogue; fp8 / nvfp4 codes widened by k_qg_codes16, mx modes
+ *     x itself), the intermediate widened in its own region once quantised (fp8_block:
+ *     quantised and widened in one pass, k_qg_block16; mx modes: as it is).  The products are
+ *     exact and the MMA accumulates in f32, so the result is the CPU reference's up to f32
+ *     accumulation order (on an H100, bit-identical to the tile kernels).  BK 64, 5 stages
+ *     (4-bit: 6).
+ *   k_qg_fp8 (MOE_FUSED_FP8MMA=1, fp8 / fp8_block): e4m3 A and B straight into
+ *     wgmma.m64n128k32 .e4m3 (twice the f16 rate, half the shared bytes).  Hopper's fp8 MMAs sum
+ *     their products at reduced precision (about 14 bits: DeepSeek-V3 report, section 3.3.2);
+ *     measured 2.5-3.2e-3 relative L2 off the CPU reference on an H100/H200 even with every k32
+ *     MMA started from zero and added up in f32 by the CUDA cores (as done here): the numerics
+ *     of engines that run fp8 tensor cores (DeepGEMM promotes every 128), not the reference's.
+ *     BK 128, 6 stages.
  *
- * fp8 scales by sx * sw[e] in the epilogue; fp8_block adds each 128-column K block's partial
- * sum to the f32 accumulator times a_scale(row, block) * w_scale(block) (DeepSeek-V3's
- * promotion), as the tile kernels do.  Rows r >= nr of an A box (next expert, stale rows, zero
- * fill past P) are computed and never written. */
+ * Scales: fp8 sx * sw[e] and nvfp4's two global scales in the epilogue; fp8_block adds each
+ * 128-column K block's partial sum to the f32 accumulator times a_scale(row, block) *
+ * w_scale(block) (DeepSeek-V3's promotion), mxint4 each 32-column group's times the bf16 weight
+ * scale of its column, as the tile kernels do; nvfp4's e4m3 and mxfp4's ue8m0 block scales are in
+ * the widened values.  Rows r >= nr of an A box (next expert, stale rows, zero fill past P) are
+ * computed and never written. */
 #include "cuda_common.cuh"
 #include "fused_moe.cuh"
 #include "fused_quant.cuh"

@@ -20,8 +20,9 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. k_finalize: out[t] = bf16(sum over local k, in order).
- * fp8 / fp8_block on sm_90a with >= 32 pairs per local expert (moe__fq_qgmma_use) run steps 3
- * and 5 as the warp-specialised wgmma kernels of fused_qgmma.cu instead (128-row tiles).
+ * On sm_90a, from 32 pairs per local expert (mxint4 64; moe__fq_qgmma_use), steps 3 and 5 run as
+ * the warp-specialised wgmma kernels of fused_qgmma.cu instead (128-row tiles; fp8_block's step 4
+ * moves into its GEMM2 launch, quantising and widening the intermediate in one pass).
  * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
  * fp8 / 32 fp4 weight bytes per thread in flight), medium 64 x 64 x 128, large 128 x 128 x 64
  * (8 warps); one shared stage, the next step's codes prefetched into registers while the

@@ -120,11 +120,11 @@ __device__ __forceinline__ void moe__fq_epi_down2(float *yrow, const float *bias
     *(float2 *)(yrow + n) = make_float2(v0 * wt, v1 * wt);
 }
 
-/* Hopper wgmma GEMMs for fp8 / fp8_block (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call
- * with P pairs over lc local experts takes them (sm_90a, H and I multiples of 128, at least
- * MOE_FUSED_QWGMMA (default 32) pairs per local expert on average; "0": never); the row tiles
- * must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's codes into
- * xp, P x Kd bytes), grid from the tile bound max_tiles. */
+/* Hopper wgmma GEMMs, every mode (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call with P
+ * pairs over lc local experts takes them (sm_90a, H and I multiples of 128, at least
+ * MOE_FUSED_QWGMMA (default 32; mxint4 64) pairs per local expert on average; "0": never); the
+ * row tiles must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's rows
+ * as 16-bit values into xp, P x Kd x 2 bytes), grid from the tile bound max_tiles. */
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
 /* Whether moe__fq_qgmma's GEMM2 quantises the intermediate itself (fp8_block on the exact
  * kernel: quantised and widened in one pass), so the caller must not. */
