@@ -293,7 +293,7 @@ __device__ __forceinline__ void qg_epi(const moe__fq_gemm_args &a, const float (
  * the second. */
 __device__ __forceinline__ int qg_brow(int r, int h0, int h1) { return r < 64 ? h0 + r : h1 + r - 64; }
 
-/* The 4-bit modes' converters load the scale codes of the next stage while converting this one:
+/* The 4-bit modes' consumers load the scale codes of the next stage while this one multiplies:
  * the scale code of chunk c = (row c / 4, columns 16 (c % 4)) of stage kt of item (e, h0, h1)
  * (nvfp4: e4m3 per 16, mxfp4: ue8m0 per 32, mxint4: bf16 per 32; 0 for chunks past the tile). */
 template <int MODE>
@@ -317,27 +317,16 @@ __device__ __forceinline__ void qg_add_col(float (&acc)[64], const float (&t)[64
         acc[4 * j + 3] += t[4 * j + 3] * f.y;
     }
 }
-/* Consumer-side widening (every 4-bit mode; fp8 / fp8_block with CW): each of the 256 consumer
- * threads widens chunks ct and ct + 256 of a stage (chunk c = row c / 4, columns 16 (c % 4)):
- * codes from B8s (CB bytes a row), 4-bit scale codes in sc (loaded a stage ahead), 16-bit into
- * the swizzled Bfs; mxint4 also stores the chunk's bf16 scale as f32 into Scs [2 groups][128 rows]. */
+/* Consumer-side widening (the 4-bit modes): each of the 256 consumer threads widens chunks ct and
+ * ct + 256 of a stage (chunk c = row c / 4, columns 16 (c % 4)): 8 code bytes each from B8s, the
+ * scale codes in sc (loaded a stage ahead), bf16 into the swizzled Bfs; mxint4 also stores the
+ * chunk's bf16 scale as f32 into Scs [2 groups][128 rows]. */
 template <int MODE>
 __device__ __forceinline__ void qg_widen(const uint8_t *B8s, uint16_t *Bfs, float *Scs, int ct, const uint32_t (&sc)[2]) {
     constexpr int CB = qx_cfg<MODE>::CB;
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const int c = ct + 256 * i, r = c >> 2, q = c & 3;
-        if (!qx_cfg<MODE>::W4) {
-            const uint4 v = *(const uint4 *)(B8s + r * CB + q * 16);
-            uint32_t o[8];
-            qg_e4m3x4_f16(v.x, o[0], o[1]);
-            qg_e4m3x4_f16(v.y, o[2], o[3]);
-            qg_e4m3x4_f16(v.z, o[4], o[5]);
-            qg_e4m3x4_f16(v.w, o[6], o[7]);
-            *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q)) = make_uint4(o[0], o[1], o[2], o[3]);
-            *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
-            continue;
-        }
         const uint2 v = *(const uint2 *)(B8s + r * CB + q * 8);
         const uint32_t s2 = qg_scale2<MODE>(sc[i]);
         *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q)) = qg_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.x, s2);
