@@ -87,6 +87,22 @@ describe("moe command", function()
       assert.is_true(has(out, "no benchmark 'no_such_bench'"), out)
     end)
 
+    it("moe bench NAME rejects a bad option value with exit 2, naming the option (before any GPU check)",
+       function()
+      for _, c in ipairs{ { "fused_quant --reps x", "--reps: expected a positive number, got x" },
+                          { "fused --t 1,a", "--t: expected numbers, got a" },
+                          { "route --cases nope", "--cases: unknown nope" },
+                          { "copy --mib", "--mib: expected a value after it" },
+                          { "fused_quant --quant fp9", "--quant: expected fp8, fp8_block, nvfp4, mxfp4 or mxint4, got fp9" } } do
+        local code, out = sh(MOE .. " bench " .. c[1])
+        assert.equal(2, code, c[1] .. ": " .. out)
+        assert.is_true(has(out, c[2]), c[1] .. ": " .. out)
+      end
+      local code, out = sh(MOE .. " bench fused_quant --help")
+      assert.equal(0, code, out)
+      assert.is_true(has(out, "usage: moe bench fused_quant"), out)
+    end)
+
     it("runs scripts/cmd/NAME.lua for `moe NAME`, through a symlink too", function()
       local d = newdir()
       os.execute("mkdir -p " .. q(d .. "/tree/scripts/cmd") .. " " .. q(d .. "/bin"))

@@ -1,5 +1,5 @@
--- bench/common.lua -- the small helpers every `moe bench` script shares: comma lists, the
--- selection of named cases, numeric lists, the CUDA check and the median of timings.
+-- bench/common.lua -- the small helpers every `moe bench` script shares: option parsing, comma
+-- lists, the selection of named cases, numeric lists, the CUDA check and the median of timings.
 local M = {}
 
 -- "a,b,c" -> {"a", "b", "c"}
@@ -62,12 +62,69 @@ function M.graph_us(moe, calls, reps, call)
   return M.median(times)
 end
 
--- The argument of --compare-env, "NAME=VALUE" -> NAME, VALUE; nil (after telling stderr) when
--- it is not of that form.
-function M.env_arg(bench, s)
-  local k, v = (s or ""):match("^([%w_]+)=(.*)$")
-  if not k then io.stderr:write("moe bench " .. bench .. ": --compare-env: expected NAME=VALUE\n") end
-  return k, v
+-- A bench script's options from its arguments, by a table of options { flag, key =, kind =,
+-- value =, aliases = } with kind
+--   "flag"    opts[key] = value;
+--   "string"  the next argument;
+--   "number"  the next argument, a positive number;
+--   "numbers" the next argument, a non-empty comma list of numbers;
+--   "names"   the next argument, a comma list of names picked from the list `value` (common.pick);
+--   "env"     the next argument, NAME=VALUE, into opts.env_k and opts.env_v.
+-- Starts from a copy of `defaults`.  -h / --help prints `usage` and returns nil, 0; an unknown
+-- option, a missing or bad value tells stderr (naming the option, what it expects and what it
+-- got) and returns nil, 2.
+function M.parse(bench, args, defaults, spec, usage)
+  local opts, by = {}, {}
+  for k, v in pairs(defaults or {}) do opts[k] = v end
+  for _, o in ipairs(spec) do
+    by[o[1]] = o
+    for _, a in ipairs(o.aliases or {}) do by[a] = o end
+  end
+  local function fail(msg)
+    io.stderr:write("moe bench " .. bench .. ": " .. msg .. "\n")
+    return nil, 2
+  end
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "-h" or a == "--help" then
+      print(usage)
+      return nil, 0
+    end
+    local o = by[a]
+    if not o then return fail("unknown option " .. a) end
+    if o.kind == "flag" then
+      opts[o.key] = o.value
+    else
+      i = i + 1
+      local v = args[i]
+      if v == nil then return fail(a .. ": expected a value after it") end
+      if o.kind == "string" then
+        opts[o.key] = v
+      elseif o.kind == "number" then
+        local n = tonumber(v)
+        if not n or n <= 0 then return fail(a .. ": expected a positive number, got " .. v) end
+        opts[o.key] = n
+      elseif o.kind == "numbers" then
+        local ns, why = M.numbers(v)
+        if ns and #ns == 0 then ns, why = nil, "expected a comma list of numbers, got '" .. v .. "'" end
+        if not ns then return fail(a .. ": " .. why) end
+        opts[o.key] = ns
+      elseif o.kind == "names" then
+        local keep, why = M.pick(o.value, v)
+        if not keep then return fail(a .. ": " .. why) end
+        opts[o.key] = keep
+      elseif o.kind == "env" then
+        local k, ev = v:match("^([%w_]+)=(.*)$")
+        if not k then return fail(a .. ": expected NAME=VALUE, got " .. v) end
+        opts.env_k, opts.env_v = k, ev
+      else
+        error("bench.common.parse: option " .. a .. " has unknown kind " .. tostring(o.kind))
+      end
+    end
+    i = i + 1
+  end
+  return opts
 end
 
 -- f()'s result with the environment variable `name` set to `value`, unset afterwards (the

@@ -9,22 +9,11 @@ local common = require("bench.common")
 local median = common.median
 
 local HBM = 3.35e12
-local opts = { mib = 256, reps = 20 }
-local args = { ... }
-local i = 1
-while i <= #args do
-  local a = args[i]
-  if a == "--mib" then i = i + 1; opts.mib = tonumber(args[i])
-  elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
-  elseif a == "-h" or a == "--help" then
-    print("usage: moe bench copy [--mib N] [--reps N]   (N MiB of f32 input per case)")
-    return 0
-  else
-    io.stderr:write("moe bench copy: unknown option " .. a .. "\n")
-    return 2
-  end
-  i = i + 1
-end
+local opts, code = common.parse("copy", { ... }, { mib = 256, reps = 20 }, {
+  { "--mib", key = "mib", kind = "number" },
+  { "--reps", key = "reps", kind = "number" },
+}, "usage: moe bench copy [--mib N] [--reps N]   (N MiB of f32 input per case)")
+if not opts then return code end
 
 if not common.have_cuda(moe, "copy") then return 77 end
 

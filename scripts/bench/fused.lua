@@ -27,49 +27,20 @@ local SHAPES = {
 }
 local TS = { 1, 16, 64, 256, 1024, 4096 }
 
-local opts = { torch = true, reps = 30 }
-local args = { ... }
-local i = 1
-while i <= #args do
-  local a = args[i]
-  if a == "--shape" then i = i + 1; opts.shape = args[i]
-  elseif a == "--t" or a == "--T" then i = i + 1; opts.t = args[i]
-  elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
-  elseif a == "--no-torch" then opts.torch = false
-  elseif a == "--json" then i = i + 1; opts.json = args[i]
-  elseif a == "--compare-mma" then opts.compare = true
-  elseif a == "--compare-pdl" then opts.compare_pdl = true
-  elseif a == "--compare-env" then
-    i = i + 1
-    opts.env_k, opts.env_v = common.env_arg("fused", args[i])
-    if not opts.env_k then return 2 end
-  elseif a == "-h" or a == "--help" then
-    print("usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH] " ..
-          "[--compare-mma] [--compare-pdl] [--compare-env NAME=VALUE]")
-    print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b")
-    return 0
-  else
-    io.stderr:write("moe bench fused: unknown option " .. a .. "\n")
-    return 2
-  end
-  i = i + 1
-end
-if opts.shape then
-  local keep, why = common.pick(SHAPES, opts.shape)
-  if not keep then
-    io.stderr:write("moe bench fused: --shape: " .. why .. "\n")
-    return 2
-  end
-  SHAPES = keep
-end
-if opts.t then
-  local ts, why = common.numbers(opts.t)
-  if not ts then
-    io.stderr:write("moe bench fused: --t: " .. why .. "\n")
-    return 2
-  end
-  TS = ts
-end
+local opts, code = common.parse("fused", { ... }, { torch = true, reps = 30 }, {
+  { "--shape", key = "shape", kind = "names", value = SHAPES },
+  { "--t", key = "t", kind = "numbers", aliases = { "--T" } },
+  { "--reps", key = "reps", kind = "number" },
+  { "--no-torch", key = "torch", kind = "flag", value = false },
+  { "--json", key = "json", kind = "string" },
+  { "--compare-mma", key = "compare", kind = "flag", value = true },
+  { "--compare-pdl", key = "compare_pdl", kind = "flag", value = true },
+  { "--compare-env", kind = "env" },
+}, "usage: moe bench fused [--shape NAME[,NAME]] [--t 1,16,...] [--reps N] [--no-torch] [--json PATH] " ..
+   "[--compare-mma] [--compare-pdl] [--compare-env NAME=VALUE]\nshapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b")
+if not opts then return code end
+SHAPES = opts.shape or SHAPES
+TS = opts.t or TS
 
 if not common.have_cuda(moe, "fused") then return 77 end
 

@@ -4,7 +4,7 @@
 -- --compare-env NAME=VALUE times every case again with that environment variable set, then
 -- once more without it (the spread between the two default timings is the noise), e.g.
 -- MOE_FUSED_QGEMV=0: decode (T <= 4) on the tile kernels instead of the GEMV path;
--- MOE_FUSED_QWGMMA=0: fp8 / fp8_block prefill on the tile kernels instead of the Hopper wgmma ones;
+-- MOE_FUSED_QWGMMA=0: prefill on the tile kernels instead of the Hopper wgmma ones (every mode);
 -- MOE_FUSED_FP8MMA=1: those on the FP8 tensor cores (not the reference numerics, see docs/quantization.md).
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
@@ -39,39 +39,19 @@ local SHAPES = {
 local TS = { 1, 16, 64, 256, 1024, 4096 }
 local QUANTS = { "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" }
 
-local opts = { reps = 20 }
-local args = { ... }
-local i = 1
-while i <= #args do
-  local a = args[i]
-  if a == "--shape" then i = i + 1; opts.shape = args[i]
-  elseif a == "--quant" then i = i + 1; opts.quant = args[i]
-  elseif a == "--t" or a == "--T" then i = i + 1; opts.t = args[i]
-  elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
-  elseif a == "--json" then i = i + 1; opts.json = args[i]
-  elseif a == "--compare-env" then
-    i = i + 1
-    opts.env_k, opts.env_v = common.env_arg("fused_quant", args[i])
-    if not opts.env_k then return 2 end
-  elseif a == "-h" or a == "--help" then
-    print("usage: moe bench fused_quant [--quant fp8,fp8_block,nvfp4,mxfp4,mxint4] [--shape NAME[,NAME]] " ..
-          "[--t 1,16,...] [--reps N] [--json PATH] [--compare-env NAME=VALUE]")
-    print("shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b; bf16 is always timed as the baseline")
-    return 0
-  else
-    io.stderr:write("moe bench fused_quant: unknown option " .. a .. "\n")
-    return 2
-  end
-  i = i + 1
-end
-if opts.shape then
-  local keep, why = common.pick(SHAPES, opts.shape)
-  if not keep then
-    io.stderr:write("moe bench fused_quant: --shape: " .. why .. "\n")
-    return 2
-  end
-  SHAPES = keep
-end
+local opts, code = common.parse("fused_quant", { ... }, { reps = 20 }, {
+  { "--shape", key = "shape", kind = "names", value = SHAPES },
+  { "--quant", key = "quant", kind = "string" },
+  { "--t", key = "t", kind = "numbers", aliases = { "--T" } },
+  { "--reps", key = "reps", kind = "number" },
+  { "--json", key = "json", kind = "string" },
+  { "--compare-env", kind = "env" },
+}, "usage: moe bench fused_quant [--quant fp8,fp8_block,nvfp4,mxfp4,mxint4] [--shape NAME[,NAME]] " ..
+   "[--t 1,16,...] [--reps N] [--json PATH] [--compare-env NAME=VALUE]\n" ..
+   "shapes: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b; bf16 is always timed as the baseline")
+if not opts then return code end
+SHAPES = opts.shape or SHAPES
+TS = opts.t or TS
 if opts.quant then
   QUANTS = split(opts.quant)
   for _, q in ipairs(QUANTS) do
@@ -80,14 +60,6 @@ if opts.quant then
       return 2
     end
   end
-end
-if opts.t then
-  local ts, why = common.numbers(opts.t)
-  if not ts then
-    io.stderr:write("moe bench fused_quant: --t: " .. why .. "\n")
-    return 2
-  end
-  TS = ts
 end
 local MODES = { "bf16" }
 for _, q in ipairs(QUANTS) do MODES[#MODES + 1] = q end

@@ -25,41 +25,16 @@ local CASES = {
 local TS = { 1, 16, 128, 1024, 4096, 16384 }
 
 -- ------------------------------------------------------------------ options --
-local opts = { json = false, torch = true, reps = 200 }
-local args = { ... }
-local i = 1
-while i <= #args do
-  local a = args[i]
-  if a == "--json" then opts.json = true
-  elseif a == "--no-torch" then opts.torch = false
-  elseif a == "--cases" then i = i + 1; opts.cases = args[i]
-  elseif a == "--T" then i = i + 1; opts.T = args[i]
-  elseif a == "--reps" then i = i + 1; opts.reps = tonumber(args[i])
-  elseif a == "-h" or a == "--help" then
-    print("usage: moe bench route [--json] [--no-torch] [--cases a,b] [--T 1,16,...] [--reps N]")
-    return 0
-  else
-    io.stderr:write("moe bench route: unknown option " .. a .. "\n")
-    return 2
-  end
-  i = i + 1
-end
-if opts.cases then
-  local keep, why = common.pick(CASES, opts.cases)
-  if not keep then
-    io.stderr:write("moe bench route: --cases: " .. why .. "\n")
-    return 2
-  end
-  CASES = keep
-end
-if opts.T then
-  local ts, why = common.numbers(opts.T)
-  if not ts then
-    io.stderr:write("moe bench route: --T: " .. why .. "\n")
-    return 2
-  end
-  TS = ts
-end
+local opts, code = common.parse("route", { ... }, { json = false, torch = true, reps = 200 }, {
+  { "--json", key = "json", kind = "flag", value = true },
+  { "--no-torch", key = "torch", kind = "flag", value = false },
+  { "--cases", key = "cases", kind = "names", value = CASES },
+  { "--T", key = "T", kind = "numbers" },
+  { "--reps", key = "reps", kind = "number" },
+}, "usage: moe bench route [--json] [--no-torch] [--cases a,b] [--T 1,16,...] [--reps N]")
+if not opts then return code end
+CASES = opts.cases or CASES
+TS = opts.T or TS
 
 if not common.have_cuda(moe, "route") then return 77 end
 
