@@ -171,8 +171,7 @@ __global__ void __launch_bounds__(256)
     moe__k_fm_permute(const uint4 *__restrict__ hidden, const int32_t *sorted, const int32_t *tile_r0,
                       const int32_t *tile_n, const int32_t *ntiles, int K, int H8, uint4 *__restrict__ xp) {
     moe__fm_pdl_enter();
-    const int nt = *ntiles;
-    const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
     const int nb = blockDim.x;
     for (int64_t i = blockIdx.x; i < nv; i += gridDim.x) {
         const uint4 *src = hidden + (int64_t)(sorted[i] / K) * H8;

@@ -176,6 +176,13 @@ __device__ __forceinline__ void moe__fm_mma(float (&d)[4], const uint32_t (&a)[4
  * groups. */
 __device__ __forceinline__ int moe__fm_swz(int r, int c) { return r * 64 + ((c ^ (r & 7)) << 3); }
 
+/* Rows covered by the row tiles of a tile table (the last tile's first row + its rows). */
+__device__ __forceinline__ int64_t moe__fm_tile_rows(const int32_t *tile_r0, const int32_t *tile_n,
+                                                     const int32_t *ntiles) {
+    const int nt = *ntiles;
+    return nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+}
+
 /* Programmatic dependent launch (sm_90): a kernel launched with programmatic stream
  * serialisation may start while its predecessor drains; griddepcontrol.wait (first thing in
  * every fused kernel) blocks until the predecessor has completed and its writes are visible,

@@ -173,20 +173,38 @@ __device__ __forceinline__ void qg_wrows(const moe__fq_gemm_args &a, bool gated,
     }
 }
 
+/* The work of one grouped GEMM: gated GEMM1 or not, its row tiles, its column tiles (gated: 64
+ * intermediate columns, i.e. 64 gate + 64 up rows; else 128 output columns), its work items
+ * (row tile x column tile) and K steps of BK. */
+struct qg_grid {
+    bool gated;
+    int ntiles, ntn, KT;
+    int64_t total;
+};
+template <bool G1, int BK> __device__ __forceinline__ qg_grid qg_grid_of(const moe__fq_gemm_args &a) {
+    qg_grid g;
+    g.gated = G1 && a.gated;
+    g.ntiles = *a.ntiles;
+    g.ntn = g.gated ? a.I / 64 : a.N / QG_BN;
+    g.total = (int64_t)g.ntiles * g.ntn;
+    g.KT = a.Kd / BK;
+    return g;
+}
+
 /* Work item w of a grouped GEMM: its expert, its row tile's first row and rows, and the rows of
  * its two 64-row weight halves. */
 struct qg_work {
     int64_t e;
     int r0, nr, h0, h1;
 };
-__device__ __forceinline__ qg_work qg_work_of(const moe__fq_gemm_args &a, bool gated, int64_t w, int ntiles, int ntn) {
+__device__ __forceinline__ qg_work qg_work_of(const moe__fq_gemm_args &a, const qg_grid &g, int64_t w) {
     int tile, nb;
-    qg_item(w, ntiles, ntn, tile, nb);
+    qg_item(w, g.ntiles, g.ntn, tile, nb);
     qg_work q;
     q.e = (int64_t)a.lo + a.tile_e[tile];
     q.r0 = a.tile_r0[tile];
     q.nr = a.tile_n[tile];
-    qg_wrows(a, gated, nb, q.h0, q.h1);
+    qg_wrows(a, g.gated, nb, q.h0, q.h1);
     return q;
 }
 
@@ -196,13 +214,13 @@ __device__ __forceinline__ qg_work qg_work_of(const moe__fq_gemm_args &a, bool g
  * wdst + s*128*CB and the 128-row A box (abytes a stage, at column kt * BK) to adst + s*abytes. */
 template <int S, int CB, int BK>
 __device__ __forceinline__ void qg_produce(const moe__fq_gemm_args &a, const CUtensorMap *tmw, const CUtensorMap *tma,
-                                           bool gated, int ntiles, int ntn, int64_t total, int KT, uint32_t full0,
-                                           uint32_t empty0, uint32_t wdst, uint32_t adst, uint32_t abytes) {
+                                           const qg_grid &g, uint32_t full0, uint32_t empty0, uint32_t wdst,
+                                           uint32_t adst, uint32_t abytes) {
     int it = 0;
-    for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-        const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
+    for (int64_t w = blockIdx.x; w < g.total; w += gridDim.x) {
+        const qg_work q = qg_work_of(a, g, w);
         const int w0 = (int)(q.e * a.N) + q.h0, w1 = (int)(q.e * a.N) + q.h1;
-        for (int kt = 0; kt < KT; kt++, it++) {
+        for (int kt = 0; kt < g.KT; kt++, it++) {
             const int s = it % S;
             const uint32_t full = full0 + 8 * s, ws = wdst + s * QG_BN * CB;
             moe__fm_mbar_wait(empty0 + 8 * s, ((it / S) & 1) ^ 1);
@@ -368,10 +386,10 @@ __global__ void __launch_bounds__(384, 1)
         moe__fm_mbar_init_fence();
     }
     __syncthreads();
-    const bool gated = G1 && a.gated;
-    const int ntiles = *a.ntiles, ntn = gated ? a.I / 64 : a.N / BN;
-    const int64_t total = (int64_t)ntiles * ntn;
-    const int KT = a.Kd / BK;
+    const qg_grid gr = qg_grid_of<G1, BK>(a);
+    const bool gated = gr.gated;
+    const int64_t total = gr.total;
+    const int KT = gr.KT;
 
     if (tid < 128) {
         /* converters: 3 chunks of codes in flight, 18 offsets; the 4-bit modes have none (the
@@ -380,8 +398,8 @@ __global__ void __launch_bounds__(384, 1)
         else moe__fm_setmaxnreg_dec<72>();
         if (tid == 0) {
             /* ---------------- producer: A 16-bit and B codes by bulk tensor copy ---------------- */
-            qg_produce<S, CB, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * 2 * S,
-                                  moe__fm_smem(B8), moe__fm_smem(As), BM * BK * 2);
+            qg_produce<S, CB, BK>(a, &tmw, &tma, gr, bar0, bar0 + 8 * 2 * S, moe__fm_smem(B8), moe__fm_smem(As),
+                                  BM * BK * 2);
         } else if (!CW && tid >= 32) {
             /* ------------- converters (warps 1-3; fp8 / fp8_block): e4m3 codes -> f16, swizzled ------------- */
             constexpr int NCH = BN * BK / 16, PER = (NCH + QX_CONV - 1) / QX_CONV; /* 16-code chunks */
@@ -459,18 +477,18 @@ __global__ void __launch_bounds__(384, 1)
             if (++kc == KT) {
                 kc = 0;
                 wc += gridDim.x;
-                if (wc < total) qc = qg_work_of(a, gated, wc, ntiles, ntn);
+                if (wc < total) qc = qg_work_of(a, gr, wc);
             }
             load_sc();
         };
         if (CW) {
-            if (wc < total) qc = qg_work_of(a, gated, wc, ntiles, ntn);
+            if (wc < total) qc = qg_work_of(a, gr, wc);
             load_sc();
             widen();
             qg_consumers_sync();
         }
         for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-            const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
+            const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
             const int64_t e = q.e;
             const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
@@ -571,16 +589,15 @@ __global__ void __launch_bounds__(384, 1)
         moe__fm_mbar_init_fence();
     }
     __syncthreads();
-    const bool gated = G1 && a.gated;
-    const int ntiles = *a.ntiles, ntn = gated ? a.I / 64 : a.N / BN;
-    const int64_t total = (int64_t)ntiles * ntn;
-    const int KT = a.Kd / BK;
+    const qg_grid gr = qg_grid_of<G1, BK>(a);
+    const bool gated = gr.gated;
+    const int64_t total = gr.total;
+    const int KT = gr.KT;
 
     if (tid < 128) {
         moe__fm_setmaxnreg_dec<40>();
         if (tid == 0)
-            qg_produce<S, BK, BK>(a, &tmw, &tma, gated, ntiles, ntn, total, KT, bar0, bar0 + 8 * S, moe__fm_smem(Bs),
-                              moe__fm_smem(As), BM * BK);
+            qg_produce<S, BK, BK>(a, &tmw, &tma, gr, bar0, bar0 + 8 * S, moe__fm_smem(Bs), moe__fm_smem(As), BM * BK);
         __syncwarp();
     } else {
         moe__fm_setmaxnreg_inc<232>();
@@ -591,7 +608,7 @@ __global__ void __launch_bounds__(384, 1)
          * added in f32 by the CUDA cores): the least the fp8 MMA's own summation can do */
         float acc[64], t0[64], t1[64];
         for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-            const qg_work q = qg_work_of(a, gated, w, ntiles, ntn);
+            const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
             const int64_t e = q.e;
             const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
@@ -649,8 +666,7 @@ __global__ void __launch_bounds__(256)
     k_qg_codes16(const uint8_t *__restrict__ src, const uint8_t *__restrict__ scales, const int32_t *sorted, int K,
                  const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles, int cols,
                  uint4 *__restrict__ dst) {
-    const int nt = *ntiles;
-    const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
     const int c16 = cols / 16;
     const int64_t units = nv * c16;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
@@ -685,8 +701,7 @@ __global__ void __launch_bounds__(256)
  * scales [rows, I / 128]. */
 __global__ void __launch_bounds__(256) k_qg_block16(uint16_t *inter, const int32_t *tile_r0, const int32_t *tile_n,
                                                     const int32_t *ntiles, int I, float *scales) {
-    const int nt = *ntiles;
-    const int64_t nv = nt > 0 ? (int64_t)tile_r0[nt - 1] + tile_n[nt - 1] : 0;
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
     constexpr int GPB = 256 / moe__q_rows_geom<128>::L;
     moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, 256, true>(inter, MOE_BF16, (int64_t)blockIdx.x * GPB, nv * (I / 128),
                                                      (int64_t)gridDim.x * GPB, 0, nullptr, (uint8_t *)inter, scales);
