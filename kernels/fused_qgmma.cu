@@ -387,9 +387,6 @@ __global__ void __launch_bounds__(384, 1)
     }
     __syncthreads();
     const qg_grid gr = qg_grid_of<G1, BK>(a);
-    const bool gated = gr.gated;
-    const int64_t total = gr.total;
-    const int KT = gr.KT;
 
     if (tid < 128) {
         /* converters: 3 chunks of codes in flight, 18 offsets; the 4-bit modes have none (the
@@ -416,8 +413,8 @@ __global__ void __launch_bounds__(384, 1)
                 d0[i] = moe__fm_swz(r, 2 * q);
                 d1[i] = moe__fm_swz(r, 2 * q + 1);
             }
-            for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
-                for (int kt = 0; kt < KT; kt++, it++) {
+            for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
+                for (int kt = 0; kt < gr.KT; kt++, it++) {
                     const int s = it % S;
                     moe__fm_mbar_wait(bar0 + 8 * s, (it / S) & 1);
                     const uint8_t *src = B8 + s * BN * CB;
@@ -462,32 +459,32 @@ __global__ void __launch_bounds__(384, 1)
         qg_work qc = {0, 0, 0, 0, 0};
         uint32_t scl[2] = {0, 0};
         auto load_sc = [&]() {
-            if (W4 && wc < total) {
+            if (W4 && wc < gr.total) {
 #pragma unroll
                 for (int i = 0; i < 2; i++) scl[i] = qg_wscale<MODE>(a, qc.e, qc.h0, qc.h1, kc, ct + 256 * i);
             }
         };
         auto widen = [&]() { /* all consumers at once: uniform */
-            if (wc >= total) return;
+            if (wc >= gr.total) return;
             const int s = ic % S;
             moe__fm_mbar_wait(bar0 + 8 * s, (ic / S) & 1);
             qg_widen<MODE>(B8 + s * BN * CB, Bf + s * BN * BK, Sc + s * 2 * BN, ct, scl);
             moe__fm_fence_async(); /* our shared writes, before the wgmma reads */
             ic++;
-            if (++kc == KT) {
+            if (++kc == gr.KT) {
                 kc = 0;
                 wc += gridDim.x;
-                if (wc < total) qc = qg_work_of(a, gr, wc);
+                if (wc < gr.total) qc = qg_work_of(a, gr, wc);
             }
             load_sc();
         };
         if (CW) {
-            if (wc < total) qc = qg_work_of(a, gr, wc);
+            if (wc < gr.total) qc = qg_work_of(a, gr, wc);
             load_sc();
             widen();
             qg_consumers_sync();
         }
-        for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+        for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
             const int64_t e = q.e;
@@ -495,7 +492,7 @@ __global__ void __launch_bounds__(384, 1)
             if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, a.Kd / 128, sa0, sa1, sw0, sw1);
 #pragma unroll
             for (int i = 0; i < 64; i++) acc[i] = 0.0f;
-            for (int kt = 0; kt < KT; kt++, it++) {
+            for (int kt = 0; kt < gr.KT; kt++, it++) {
                 const int s = it % S;
                 float x0 = 0, x1 = 0, g = 0, u = 0;
                 if (BLOCK && (kt & 1)) { /* the 128-column block ends here: loaded now, used after the MMAs */
@@ -562,7 +559,7 @@ __global__ void __launch_bounds__(384, 1)
                 if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + (it - 1) % S));
             }
             const float ts = (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
-            qg_epi<G1>(a, acc, ts, gated, rA, c2, r0, nr, e, h0);
+            qg_epi<G1>(a, acc, ts, gr.gated, rA, c2, r0, nr, e, h0);
         }
     }
 #endif
@@ -590,9 +587,6 @@ __global__ void __launch_bounds__(384, 1)
     }
     __syncthreads();
     const qg_grid gr = qg_grid_of<G1, BK>(a);
-    const bool gated = gr.gated;
-    const int64_t total = gr.total;
-    const int KT = gr.KT;
 
     if (tid < 128) {
         moe__fm_setmaxnreg_dec<40>();
@@ -607,15 +601,15 @@ __global__ void __launch_bounds__(384, 1)
         /* every k32 MMA starts from zero (t0 / t1 alternate, one in flight while the other is
          * added in f32 by the CUDA cores): the least the fp8 MMA's own summation can do */
         float acc[64], t0[64], t1[64];
-        for (int64_t w = blockIdx.x; w < total; w += gridDim.x) {
+        for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
             const int64_t e = q.e;
             const float *sa0 = nullptr, *sa1 = nullptr, *sw0 = nullptr, *sw1 = nullptr;
-            if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, KT, sa0, sa1, sw0, sw1);
+            if (BLOCK) qg_scales<G1>(a, rA, r0, nr, e, h0, h1, gr.KT, sa0, sa1, sw0, sw1);
 #pragma unroll
             for (int i = 0; i < 64; i++) acc[i] = 0.0f;
-            for (int kt = 0; kt < KT; kt++, it++) {
+            for (int kt = 0; kt < gr.KT; kt++, it++) {
                 const int s = it % S;
                 float x0 = 1, x1 = 1, g = 1, u = 1;
                 if (BLOCK) { /* loaded now, multiplied once the stage has landed */
@@ -649,7 +643,7 @@ __global__ void __launch_bounds__(384, 1)
                 if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
                 qg_add<BLOCK>(acc, t1, f00, f01, f10, f11);
             }
-            qg_epi<G1>(a, acc, BLOCK ? 1.0f : a.A_tensor[0] * a.W_tensor[e], gated, rA, c2, r0, nr, e, h0);
+            qg_epi<G1>(a, acc, BLOCK ? 1.0f : a.A_tensor[0] * a.W_tensor[e], gr.gated, rA, c2, r0, nr, e, h0);
         }
     }
 #endif
