@@ -509,24 +509,22 @@ __global__ void __launch_bounds__(384, 1)
                 moe__fm_wg_fence();
                 if (INT4) {
                     /* per 32-column group: its two k16 MMAs into tmp / t1 from zero, then added
-                     * times the weight scale of each column while the next group multiplies */
+                     * times the weight scale of each column; both groups drained within the
+                     * stage (a group left in flight across iterations made ptxas serialise every
+                     * wgmma of the kernel: warning C7514) */
                     qg_wgmma_16<BF>(tmp, da, db, 0);
                     qg_wgmma_16<BF>(tmp, da + 2, db + 2, 1);
                     moe__fm_wg_commit();
-                    if (kt > 0) {
-                        const int sp = (it - 1) % S;
-                        moe__fm_wg_wait1();
-                        qg_add_col(acc, t1, Sc + (sp * 2 + 1) * BN, c2);
-                        __syncwarp();
-                        if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + sp));
-                    }
-                    moe__fm_wg_fence();
                     qg_wgmma_16<BF>(t1, da + 4, db + 4, 0);
                     qg_wgmma_16<BF>(t1, da + 6, db + 6, 1);
                     moe__fm_wg_commit();
                     widen();
                     moe__fm_wg_wait1();
                     qg_add_col(acc, tmp, Sc + (s * 2) * BN, c2);
+                    moe__fm_wg_wait0();
+                    qg_add_col(acc, t1, Sc + (s * 2 + 1) * BN, c2);
+                    __syncwarp();
+                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + s));
                     qg_consumers_sync();
                 } else if (BLOCK) {
 #pragma unroll
@@ -548,13 +546,7 @@ __global__ void __launch_bounds__(384, 1)
                     if (CW) qg_consumers_sync(); /* the next stage widened by everyone */
                 }
             }
-            if (INT4) {
-                const int sp = (it - 1) % S;
-                moe__fm_wg_wait0();
-                qg_add_col(acc, t1, Sc + (sp * 2 + 1) * BN, c2);
-                __syncwarp();
-                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + sp));
-            } else if (!BLOCK) {
+            if (!INT4 && !BLOCK) {
                 moe__fm_wg_wait0();
                 if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (2 * S + (it - 1) % S));
             }
