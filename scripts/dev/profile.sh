@@ -4,7 +4,7 @@
 # T = 16384), the warp-specialised GEMM (Mixtral 8x7B, T = 4096), the Hopper fp8_block GEMMs
 # (DeepSeek-V3 T = 4096, exact and FP8 tensor cores) and per-kernel durations of one
 # Qwen3-30B-A3B T = 1 fused call.  Logs to $OUT.
-# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|decode ...]
+# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|w4stall|decode ...]
 set -o pipefail
 OUT=${OUT:-prof-out}
 mkdir -p "$OUT"
@@ -58,6 +58,33 @@ for w in $what; do
       luajit scripts/moe bench fused_quant --quant fp8_block --shape deepseek-v3 --t 4096 --reps 1 \
       > "$OUT/ncu_qgcall.txt" 2>&1
     grep -E "^  [a-zA-Z_].*\(|gpu__time_duration" "$OUT/ncu_qgcall.txt" | sed -E 's/\(moe__fq_gemm_args.*//; s/Context.*//' | tail -60 ;;
+  midt)
+    # the mma.sync tile kernels at 16 pairs per expert (Mixtral 8x7B T = 64), fp8 and nvfp4:
+    # GEMM1 and GEMM2 of the second call, speed of light, memory, stalls, occupancy
+    for m in fp8 nvfp4; do
+      timeout 300 "$NCU" -k "regex:k_gemm" --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        luajit scripts/moe bench fused_quant --quant $m --shape mixtral-8x7b --t 64 --reps 1 \
+        > "$OUT/ncu_midt_$m.txt" 2>&1
+      grep -E "k_gemm|Duration|Throughput|Eligible|Active Warps|Achieved Occ|Theoretical Occ|Busy|Bandwidth|stalled" \
+        "$OUT/ncu_midt_$m.txt" | awk '!/stalled/ || $NF+0 > 0.3' | sed -E 's/\(moe__fq_gemm_args.*//' | head -70
+    done ;;
+  qdecode)
+    # per-kernel durations of fp8 fused calls at Qwen3-30B-A3B T = 1 (routing, GEMV kernels)
+    timeout 120 "$NCU" --metrics gpu__time_duration.sum --launch-skip 20 --launch-count 16 \
+      luajit scripts/moe bench fused_quant --quant fp8 --shape qwen3-30b-a3b --t 1 --reps 3 > "$OUT/ncu_qdecode.txt" 2>&1
+    grep -E "^  [a-zA-Z_].*\(|gpu__time_duration" "$OUT/ncu_qdecode.txt" | sed -E 's/\(.*//' | head -40 ;;
+  w4stall)
+    # warp stall reasons and pipes of the Hopper 4-bit GEMM1 (nvfp4, mxint4) and fp8_block's, Qwen3-30B-A3B T = 4096
+    for m in nvfp4 mxint4 fp8_block; do
+      timeout 300 "$NCU" -k "regex:k_qg_exact" --launch-skip 2 --launch-count 1 --section SpeedOfLight --section SchedulerStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_.*cycles_active.avg.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum.pct_of_peak_sustained_elapsed,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum" \
+        luajit scripts/moe bench fused_quant --quant $m --shape qwen3-30b-a3b --t 4096 --reps 1 \
+        > "$OUT/ncu_w4stall_$m.txt" 2>&1
+      grep -E "k_qg|Duration|Throughput|Eligible|Issued|stalled|pipe|shared" "$OUT/ncu_w4stall_$m.txt" |
+        awk '!/stalled|pipe/ || $NF+0 > 0.3' | sed -E 's/\(moe__fq_gemm_args.*//' | head -60
+    done ;;
   decode)
     timeout 120 "$NCU" --metrics gpu__time_duration.sum --launch-skip 40 --launch-count 24 \
       luajit scripts/moe bench fused --shape qwen3-30b-a3b --t 1 --reps 3 --no-torch > "$OUT/ncu_decode.txt" 2>&1
