@@ -735,8 +735,11 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
 /* ------------------------------------------------------------- host glue -- */
 
 /* Whether the call takes the path.  MOE_FUSED_QGEMV set: T <= its value (0 = off, capped at
- * QV_MAX_T).  Unset: T <= 4, and for the 4-bit modes up to T = 64 while T*K <= 2E (at most ~2
- * pairs per expert, one pass of 8 pairs a leader).  Measured with moe bench fused_quant
+ * QV_MAX_T).  Unset: T <= 4, and up to T = 64 for nvfp4 / mxfp4 while T*K < E (below one pair
+ * per expert) and for mxint4 while T*K <= 2E (at most ~2 pairs per expert, one pass of 8 pairs a
+ * leader).  Since the register-operand tile kernel (fused_quant.cu, k_wreg; H100 2026-11-27):
+ * DeepSeek-V3 T = 64 nvfp4 / mxfp4 3392 / 3096 us there vs 4318 / 4336 here, T = 16 1589 / 1406
+ * vs 1481 / 1237; Qwen3 T = 16 nvfp4 189 vs 203, mxfp4 156 vs 154.  Earlier, with moe bench fused_quant
  * --compare-env (H100 80GB HBM3, 2026-11-26 19:58 UTC, GEMV vs tile kernels): DeepSeek-V3
  * T = 16 nvfp4/mxfp4/mxint4 1481/1256/1191 vs 2371/2234/2120 us, T = 64 4320/4368/4131 vs
  * 5174/4884/4609; Qwen3 T = 16 206/153/137 vs 252/223/212.  fp8 gains nothing reliable there
@@ -753,9 +756,13 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const char *env = getenv("MOE_FUSED_QGEMV");
     if (env && env[0]) {
         if (A->T > moe__fm_env_bound("MOE_FUSED_QGEMV", QV_DEFAULT_T, QV_MAX_T)) return false;
-    } else if (A->T > QV_DEFAULT_T && (m == MOE_QUANT_FP8 || m == MOE_QUANT_FP8_BLOCK || A->T > QV_MAX_T ||
-                                      A->T * A->K > 2 * (int64_t)ex->E)) {
-        return false;
+    } else if (A->T > QV_DEFAULT_T) {
+        /* past decode only the 4-bit modes, below one pair per expert (nvfp4 / mxfp4: from there
+         * fused_quant.cu's k_wreg is faster) or up to two (mxint4, against the tile kernels); H100,
+         * docs/performance.md */
+        const int64_t tk = A->T * A->K, E = ex->E;
+        if (m == MOE_QUANT_FP8 || m == MOE_QUANT_FP8_BLOCK || A->T > QV_MAX_T) return false;
+        if (m == MOE_QUANT_MXINT4 ? tk > 2 * E : tk >= E) return false;
     }
     if (ex->H % 128 != 0 || ex->I % 128 != 0) return false; /* checked when the experts are made */
     /* 16-byte loads of x and the codes (views and qtensors made from parts may be offset) */

@@ -61,51 +61,6 @@ template <int MODE> struct qx_cfg {
 constexpr int Q8_BK = 128, Q8_S = 6;
 constexpr size_t Q8_SMEM = (size_t)Q8_S * (QG_BM + QG_BN) * Q8_BK + 1024 + 2 * Q8_S * 8;
 
-/* Eight packed 4-bit codes (element i = nibble i, low nibble first) -> eight bf16 in o (x: elements
- * 0-1, ..., w: 6-7), exactly.  Nibbles i and i + 4 are spread into the two halves of a word
- * ((w >> 4i) & 0x000F000F) and placed with one multiply:
- *   e2m1 (E2M1): magnitude bits at bf16 bits 6-8 and the sign at bit 15 (t * 0x1040, masked) read
- *     as e2m1 x 2^-126 (code 1, 0.5, lands on the bf16 subnormal 2^-127), times 2^126, times the
- *     scale s2 (bf16x2; e2m1 x e4m3 and e2m1 x 2^k are exact in bf16);
- *   int4: (nibble ^ 8) in the low bits of bf16 128 (= 128 + n + 8), minus 136.
- * A byte permute puts the pairs (i, i + 4) back in order. */
-template <bool E2M1>
-__device__ __forceinline__ uint4 qg_w4x8_bf16(uint32_t w, uint32_t s2) {
-    uint32_t r[4];
-    if (!E2M1) w ^= 0x88888888u;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const uint32_t t = (w >> (4 * j)) & 0x000F000Fu;
-        if (E2M1) {
-            const uint32_t b = (t * 0x1040u) & 0x81C081C0u;
-            uint32_t m;
-            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(m) : "r"(b), "r"(0x7E807E80u), "r"(0x80008000u));
-            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(m), "r"(s2), "r"(0x80008000u));
-        } else {
-            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(t | 0x43004300u), "r"(0x3F803F80u), "r"(0xC308C308u));
-        }
-    }
-    uint4 o;
-    o.x = __byte_perm(r[0], r[1], 0x5410);
-    o.y = __byte_perm(r[2], r[3], 0x5410);
-    o.z = __byte_perm(r[0], r[1], 0x7632);
-    o.w = __byte_perm(r[2], r[3], 0x7632);
-    return o;
-}
-
-/* bf16x2 (s, s) of a scale code: nvfp4 e4m3, mxfp4 ue8m0 (2^(k - 127); k = 0 the subnormal
- * 2^-127, 255 NaN); others 1. */
-template <int MODE> __device__ __forceinline__ uint32_t qg_scale2(uint32_t code) {
-    uint32_t b = 0x3F80u;
-    if (MODE == MOE_QUANT_NVFP4) {
-        const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, __NV_E4M3);
-        b = __float_as_uint(__half2float(__half(h))) >> 16; /* exact: 4 significant bits */
-    } else if (MODE == MOE_QUANT_MXFP4) {
-        b = code == 0 ? 0x40u : code == 255 ? 0x7FC0u : code << 7;
-    }
-    return b | (b << 16);
-}
-
 /* device helpers: only the sm_90a pass has the kernel bodies that use them */
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 /* d (64 f32) = (scale_d ? d : 0) + A(64 x 32 e4m3, smem desc) * B(32 x 128 e4m3, smem desc);
@@ -346,9 +301,9 @@ __device__ __forceinline__ void qg_widen(const uint8_t *B8s, uint16_t *Bfs, floa
     for (int i = 0; i < 2; i++) {
         const int c = ct + 256 * i, r = c >> 2, q = c & 3;
         const uint2 v = *(const uint2 *)(B8s + r * CB + q * 8);
-        const uint32_t s2 = qg_scale2<MODE>(sc[i]);
-        *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q)) = qg_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.x, s2);
-        *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q + 1)) = qg_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.y, s2);
+        const uint32_t s2 = moe__fq_scale2<MODE>(sc[i]);
+        *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q)) = moe__fq_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.x, s2);
+        *(uint4 *)(Bfs + moe__fm_swz(r, 2 * q + 1)) = moe__fq_w4x8_bf16<MODE != MOE_QUANT_MXINT4>(v.y, s2);
         if (MODE == MOE_QUANT_MXINT4 && !(q & 1)) Scs[(q >> 1) * QG_BN + r] = __uint_as_float(sc[i] << 16);
     }
 }
@@ -661,9 +616,9 @@ __global__ void __launch_bounds__(256)
         const int64_t row = sorted ? sorted[i] / K : i;
         if (FP4) {
             const uint2 v = __ldg((const uint2 *)(src + row * (cols / 2)) + c);
-            const uint32_t s2 = qg_scale2<MOE_QUANT_NVFP4>(__ldg(scales + row * c16 + c));
-            dst[i * (2 * c16) + 2 * c] = qg_w4x8_bf16<true>(v.x, s2);
-            dst[i * (2 * c16) + 2 * c + 1] = qg_w4x8_bf16<true>(v.y, s2);
+            const uint32_t s2 = moe__fq_scale2<MOE_QUANT_NVFP4>(__ldg(scales + row * c16 + c));
+            dst[i * (2 * c16) + 2 * c] = moe__fq_w4x8_bf16<true>(v.x, s2);
+            dst[i * (2 * c16) + 2 * c + 1] = moe__fq_w4x8_bf16<true>(v.y, s2);
             continue;
         }
         const uint4 v = __ldg((const uint4 *)(src + row * cols) + c);
@@ -750,12 +705,13 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
     if (lc <= 0 || H % 128 != 0 || I % 128 != 0) return false;
     const char *env = getenv("MOE_FUSED_QWGMMA");
-    /* average pairs per local expert from which the kernels run: H100, 2026-11-26, against the
-     * tile kernels (docs/performance.md): 20-29% faster at 32 (DeepSeek-V3 T = 1024), 2x at 64;
-     * at 16 Mixtral gains 7-14% but Qwen3-30B-A3B fp8 loses 13%; at 8 DeepSeek-V3 loses 37-44%.
-     * nvfp4 / mxfp4 at 32 (DeepSeek-V3 T = 1024): 14-16% faster; mxint4 (its scale applied per 32
-     * columns by the consumers) 20% slower there, 13-18% faster at 64 (Qwen3, Mixtral T = 1024) */
-    long rows = mode == MOE_QUANT_MXINT4 ? 64 : 32;
+    /* average pairs per local expert from which the kernels run (below: fused_quant.cu's k_wreg;
+     * H100, 2026-11-27, docs/performance.md): at 32 k_wreg is faster in every mode (Qwen3-30B-A3B
+     * T = 512 fp8_block 351 vs 452 us, nvfp4 386 vs 636, mxfp4 303 vs 554; Mixtral T = 128
+     * fp8_block 811 vs 844, nvfp4 741 vs 1154); at 64 these kernels win for fp8_block (Mixtral
+     * T = 256 987 vs 1314) and mxint4 (1663 vs 1699), nvfp4 / mxfp4 are even (1199 / 1068 vs 1179 /
+     * 1046).  Hence 48 for fp8 / fp8_block, 64 for the 4-bit modes. */
+    long rows = mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK ? 48 : 64;
     if (env && env[0]) {
         char *end = nullptr;
         const long v = strtol(env, &end, 10);
@@ -768,6 +724,40 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
         return false;
     }
     return qg_attrs() == MOE_OK;
+}
+
+moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P, void *xp,
+                       const uint4 **out) {
+    /* A as 16-bit: GEMM1 x's rows permuted into xp (fp8 / nvfp4: their codes widened; mxfp4 /
+     * mxint4: x itself), GEMM2 the intermediate's codes widened into the intermediate's region
+     * (its bf16 values are quantised already; fp8_block: quantised and widened in one pass;
+     * mxfp4 / mxint4 read it as it is) */
+    const uint4 *A16 = g1 ? (const uint4 *)xp : (const uint4 *)a.A_bf16;
+    const int threads = 256;
+    const int64_t pcap = moe__cuda_sm_count(dev) * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
+    if (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) {
+        if (g1) {
+            moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_bf16, a.sorted, a.tile_r0, a.tile_n,
+                                                            a.ntiles, a.K, a.Kd / 8, (uint4 *)xp);
+            MOE_CUDA_LAUNCHED(FN);
+        }
+    } else if (mode == MOE_QUANT_NVFP4) {
+        k_qg_codes16<true><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+            a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd,
+            (uint4 *)A16);
+        MOE_CUDA_LAUNCHED(FN);
+    } else if (!g1 && mode == MOE_QUANT_FP8_BLOCK) {
+        /* quantised and widened in one pass (moe__fq_qgmma_quantises_inter) */
+        k_qg_block16<<<moe__cuda_grid(dev, P * (a.Kd / 128), 256 / moe__q_rows_geom<128>::L), 256, 0, st>>>(
+            (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_scales);
+        MOE_CUDA_LAUNCHED(FN);
+    } else {
+        k_qg_codes16<false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+            a.A_codes, nullptr, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
+        MOE_CUDA_LAUNCHED(FN);
+    }
+    *out = A16;
+    return MOE_OK;
 }
 
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
@@ -793,32 +783,8 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
     } else {
         const bool w4 = qg_w4(mode);
         MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, w4 ? a.Kd / 2 : a.Kd, 1, w4 ? QX_BK / 2 : QX_BK, 64, false, wn));
-        /* A as 16-bit: GEMM1 x's rows permuted into xp (fp8 / nvfp4: their codes widened; mxfp4 /
-         * mxint4: x itself), GEMM2 the intermediate's codes widened into the intermediate's
-         * region (its bf16 values are quantised already; mxfp4 / mxint4 read it as it is) */
-        const uint4 *A16 = g1 ? (const uint4 *)xp : (const uint4 *)a.A_bf16;
-        const int threads = 256;
-        if (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) {
-            if (g1) {
-                moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_bf16, a.sorted, a.tile_r0, a.tile_n,
-                                                                a.ntiles, a.K, a.Kd / 8, (uint4 *)xp);
-                MOE_CUDA_LAUNCHED(FN);
-            }
-        } else if (mode == MOE_QUANT_NVFP4) {
-            k_qg_codes16<true><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
-                a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
-                a.Kd, (uint4 *)A16);
-            MOE_CUDA_LAUNCHED(FN);
-        } else if (!g1 && mode == MOE_QUANT_FP8_BLOCK) {
-            /* quantised and widened in one pass (moe__fq_qgmma_quantises_inter) */
-            k_qg_block16<<<moe__cuda_grid(dev, P * (a.Kd / 128), 256 / moe__q_rows_geom<128>::L), 256, 0, st>>>(
-                (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_scales);
-            MOE_CUDA_LAUNCHED(FN);
-        } else {
-            k_qg_codes16<false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
-                a.A_codes, nullptr, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
-            MOE_CUDA_LAUNCHED(FN);
-        }
+        const uint4 *A16 = nullptr;
+        MOE_TRY(moe__fq_a16(st, dev, mode, g1, a, P, xp, &A16));
         MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
     }
     qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);

@@ -20,7 +20,9 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. k_finalize: out[t] = bf16(sum over local k, in order).
- * On sm_90a, from 32 pairs per local expert (mxint4 64; moe__fq_qgmma_use), steps 3 and 5 run as
+ * Below 48 pairs per local expert (4-bit: 64; fq_wreg_use) steps 3 and 5 run as k_wreg, whose
+ * weight operands go from global memory to registers (no shared-memory tile); on sm_90a from
+ * there (moe__fq_qgmma_use) as
  * the warp-specialised wgmma kernels of fused_qgmma.cu instead (128-row tiles; fp8_block's step 4
  * moves into its GEMM2 launch, quantising and widening the intermediate in one pass).
  * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
@@ -33,6 +35,7 @@
 #include "fused_quant.cuh"
 #include "quant_math.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define FN "moe_fused_moe"
@@ -444,6 +447,335 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
         }
 }
 
+/* ------------------------------------------- register-operand tile kernel -- */
+
+/* k_wreg: the grouped GEMMs at a few to ~24 rows per local expert for fp8, fp8_block, nvfp4 and
+ * mxfp4, where k_gemm's small tiles were bound by shared-memory traffic (Nsight Compute, H100,
+ * Mixtral 8x7B T = 64: L1 93-98% busy, DRAM 16-59%).  Tile WR_BM rows x 128 weight rows (gated
+ * GEMM1: 64 gate + their 64 up rows), 4 warps of 32 weight rows, K in chunks of 128.
+ * The weights never pass through shared memory: thread (g, t) of a warp loads, one chunk ahead,
+ * the 32 codes 32t .. 32t + 31 of the chunk of weight row g of each of its four 8-row blocks
+ * (fp8: 32 bytes, 4-bit: 16) and widens them in registers into mma.sync's B fragments, whose k
+ * slots are 2t, 2t + 1, 2t + 8, 2t + 9 of each MMA step j:
+ *   fp8 modes: the codes 32t + 4j + i (i = 0..3) in slots 2t + (i & 1) + 8 (i >> 1) (cvt.rn.f16x2.e4m3x2
+ *     gives the pairs (0, 1), (2, 3));
+ *   4-bit: code n of byte-word m (element 32t + 8m + n) in step 2m + ((n >> 1) & 1), slot 2t + (n >> 2)
+ *     + 8 (n & 1) (moe__fq_w4x8_pairs gives the pairs (n, n + 4) unpermuted).
+ * The activations come 16-bit from moe__fq_a16 (one pass before each GEMM: codes widened once,
+ * not once per column tile) and are staged in shared memory (two buffers, one barrier a chunk)
+ * with the same permutation of each chunk's columns, so every product pairs the same k.  Gated GEMM1: a
+ * warp's blocks are gate, up, gate, up of the same 16 intermediate columns, so the activation
+ * runs on the accumulators.  Numerics as k_gemm's: exact 16-bit values of the codes (fp8 modes:
+ * f16 MMAs on e4m3 values; 4-bit: bf16 MMAs on e2m1 x its scale), f32 sums, fp8_block's scales on
+ * each chunk's f32 partial sums (a chunk is one 128-column block). */
+constexpr int WR_BM = 32, WR_BN = 128, WR_NT = 128;
+
+/* four e4m3 codes -> two f16x2 words (codes 0-1, 2-3), exactly */
+__device__ __forceinline__ void wr_e4m3x4_f16(uint32_t w, uint32_t &lo, uint32_t &hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("{\n"
+        ".reg .b16 l, h;\n"
+        "mov.b32 {l, h}, %2;\n"
+        "cvt.rn.f16x2.e4m3x2 %0, l;\n"
+        "cvt.rn.f16x2.e4m3x2 %1, h;\n"
+        "}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+#else
+    /* sign and magnitude at f16 bits 15 and 7-14 read the e4m3 value x 2^-8 (subnormals too),
+     * times 256 */
+    const uint32_t a = __byte_perm(w, 0, 0x1404), b = __byte_perm(w, 0, 0x3424);
+    const uint32_t fa = (a & 0x80008000u) | ((a >> 1) & 0x3F803F80u);
+    const uint32_t fb = (b & 0x80008000u) | ((b >> 1) & 0x3F803F80u);
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(lo) : "r"(fa), "r"(0x5C005C00u));
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(hi) : "r"(fb), "r"(0x5C005C00u));
+#endif
+}
+
+template <bool F16>
+__device__ __forceinline__ void wr_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if (F16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else fq_mma(d, a, b0, b1);
+}
+
+template <int MODE, bool G1>
+__global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
+    constexpr int BM = WR_BM, MI = BM / 16, NB = 4, KC = 128, SROW = KC + 8, NT = WR_NT;
+    constexpr bool F16 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK; /* also: A as codes */
+    constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK, NV = MODE == MOE_QUANT_NVFP4;
+    constexpr bool MX = MODE == MOE_QUANT_MXFP4, INT4 = MODE == MOE_QUANT_MXINT4, W4 = !F16;
+    constexpr int WW = W4 ? 4 : 8;                         /* code words of a thread's row a chunk */
+    constexpr int PIECES = BM * KC / 16, PT = PIECES / NT; /* 16-element activation pieces */
+    static_assert(PIECES % NT == 0, "k_wreg tile");
+    __shared__ __align__(16) uint16_t As[2][BM * SROW];
+    __shared__ float sA[2][BM]; /* fp8_block: the rows' scales of the chunk */
+    __shared__ int rowsrc[BM], rowpair[BM];
+
+    const bool gated = G1 && a.gated;
+    const int ntn = gated ? a.I / 64 : a.N / WR_BN;
+    const int tile = blockIdx.x / ntn, nb = blockIdx.x % ntn;
+    if (tile >= *a.ntiles) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
+    const int64_t e = (int64_t)a.lo + le;
+    for (int r = tid; r < BM; r += NT) {
+        if (r < nr) {
+            const int p = a.sorted[r0 + r];
+            rowpair[r] = p;
+            rowsrc[r] = G1 ? p / a.K : r0 + r; /* fp8 modes: the row of its codes and scales */
+        } else {
+            rowpair[r] = -1;
+            rowsrc[r] = -1;
+        }
+    }
+    __syncthreads();
+
+    /* this thread's weight rows: row g of each of its warp's four 8-row blocks (mxint4: also the
+     * scales of its accumulator columns, rows 2t and 2t + 1 of each block) */
+    const uint8_t *wp[NB];
+    const void *sp[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        const int wb = gated ? ((b & 1) ? a.I : 0) + nb * 64 + warp * 16 + (b >> 1) * 8 : nb * WR_BN + warp * 32 + b * 8;
+        const int64_t row = e * a.N + wb + g;
+        wp[b] = a.W + row * (W4 ? a.Kd / 2 : a.Kd) + (INT4 ? 4 * t : t * (W4 ? 16 : 32));
+        if (NV) sp[b] = (const uint8_t *)a.W_scales + row * (a.Kd / 16) + 2 * t;
+        else if (MX) sp[b] = (const uint8_t *)a.W_scales + row * (a.Kd / 32) + t;
+        else if (INT4) sp[b] = (const uint16_t *)a.W_scales + (e * a.N + wb + 2 * t) * (a.Kd / 32);
+        else if (BLOCK) sp[b] = (const float *)a.W_scales + (e * (a.N / 128) + (wb + g) / 128) * (a.Kd / 128);
+        else sp[b] = nullptr;
+    }
+    /* codes of the chunk and its next; scale codes (mxint4: rows 2t, 2t + 1 x the chunk's 4 groups) */
+    constexpr int NS = INT4 ? 4 : 1;
+    uint32_t wc[NB][WW], wn[NB][WW], sc[NB][NS], sn[NB][NS];
+    auto load_w = [&](int kc, uint32_t (&w)[NB][WW], uint32_t (&s)[NB][NS]) {
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            if (INT4) { /* byte-word m at bytes 16m + 4t of the chunk's 64 */
+#pragma unroll
+                for (int m = 0; m < 4; m++) w[b][m] = __ldg((const uint32_t *)(wp[b] + (int64_t)kc * (KC / 2) + 16 * m));
+                const uint16_t *s0 = (const uint16_t *)sp[b] + kc * 4;
+                const uint2 u0 = __ldg((const uint2 *)s0), u1 = __ldg((const uint2 *)(s0 + a.Kd / 32));
+                s[b][0] = u0.x;
+                s[b][1] = u0.y;
+                s[b][2] = u1.x;
+                s[b][3] = u1.y;
+                continue;
+            }
+            const uint4 *p = (const uint4 *)(wp[b] + (int64_t)kc * (W4 ? KC / 2 : KC));
+#pragma unroll
+            for (int v = 0; v < WW / 4; v++) {
+                const uint4 x = __ldg(p + v);
+                w[b][4 * v] = x.x;
+                w[b][4 * v + 1] = x.y;
+                w[b][4 * v + 2] = x.z;
+                w[b][4 * v + 3] = x.w;
+            }
+            /* scale codes: nvfp4 the two of the thread's 32 codes, mxfp4 its one */
+            if (NV) s[b][0] = __ldg((const uint16_t *)((const uint8_t *)sp[b] + kc * 8));
+            else if (MX) s[b][0] = __ldg((const uint8_t *)sp[b] + kc * 4);
+            else if (BLOCK) s[b][0] = __float_as_uint(__ldg((const float *)sp[b] + kc));
+            else s[b][0] = 0;
+        }
+    };
+
+    /* activation pieces: piece c = (row c / 8, columns 16 (c % 8)) of a chunk; fp8 modes: codes
+     * from the quantiser (a row from rowsrc), 4-bit: 16-bit from a.A_bf16 (moe__fq_a16's rows, in
+     * tile order) */
+    uint4 ra[PT][2];
+    uint32_t rs[PT];
+    auto load_a = [&](int kc) {
+#pragma unroll
+        for (int i = 0; i < PT; i++) {
+            const int c = tid + i * NT, r = c >> 3, q = c & 7;
+            rs[i] = 0;
+            ra[i][0] = ra[i][1] = make_uint4(0, 0, 0, 0);
+            if (r >= nr) continue;
+            if (F16) {
+                const int src = rowsrc[r];
+                ra[i][0] = *(const uint4 *)(a.A_codes + (int64_t)src * a.Kd + (int64_t)kc * KC + q * 16);
+                if (BLOCK && q == 0) rs[i] = __float_as_uint(((const float *)a.A_scales)[(int64_t)src * (a.Kd / 128) + kc]);
+            } else {
+                const uint4 *p = (const uint4 *)(a.A_bf16 + (int64_t)(r0 + r) * a.Kd + (int64_t)kc * KC + q * 16);
+                ra[i][0] = p[0];
+                ra[i][1] = p[1];
+            }
+        }
+    };
+    /* a piece's 16-bit pairs into buffer bf, in the slots its weights' codes take (above) */
+    auto store_a = [&](int bf) {
+#pragma unroll
+        for (int i = 0; i < PT; i++) {
+            const int c = tid + i * NT, r = c >> 3, q = c & 7;
+            uint4 v[2] = {ra[i][0], ra[i][1]};
+            if (F16) { /* e4m3 codes -> f16 pairs (0, 1), (2, 3), ...; zero codes give zeros */
+                uint32_t o[8];
+                wr_e4m3x4_f16(ra[i][0].x, o[0], o[1]);
+                wr_e4m3x4_f16(ra[i][0].y, o[2], o[3]);
+                wr_e4m3x4_f16(ra[i][0].z, o[4], o[5]);
+                wr_e4m3x4_f16(ra[i][0].w, o[6], o[7]);
+                v[0] = make_uint4(o[0], o[1], o[2], o[3]);
+                v[1] = make_uint4(o[4], o[5], o[6], o[7]);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) { /* elements 8h .. 8h + 7 of the piece: byte-word m of quarter tq */
+                const int m = INT4 ? q >> 1 : 2 * (q & 1) + h, tq = INT4 ? 2 * (q & 1) + h : q >> 1;
+                uint16_t *row = As[bf] + r * SROW + 2 * tq;
+                const uint4 x = v[h];
+                if (F16) { /* element 4jj + i (jj = 2h, 2h + 1): step 4 (q & 1) + jj, pairs (0, 1), (2, 3) */
+                    *(uint32_t *)(row + 16 * (2 * m)) = x.x;
+                    *(uint32_t *)(row + 16 * (2 * m) + 8) = x.y;
+                    *(uint32_t *)(row + 16 * (2 * m + 1)) = x.z;
+                    *(uint32_t *)(row + 16 * (2 * m + 1) + 8) = x.w;
+                } else { /* pairs (n, n + 4) into step 2m + (n >> 1), slot 2t + 8 (n & 1) */
+                    *(uint32_t *)(row + 16 * (2 * m)) = __byte_perm(x.x, x.z, 0x5410);
+                    *(uint32_t *)(row + 16 * (2 * m) + 8) = __byte_perm(x.x, x.z, 0x7632);
+                    *(uint32_t *)(row + 16 * (2 * m + 1)) = __byte_perm(x.y, x.w, 0x5410);
+                    *(uint32_t *)(row + 16 * (2 * m + 1) + 8) = __byte_perm(x.y, x.w, 0x7632);
+                }
+            }
+            if (BLOCK && q == 0) sA[bf][r] = __uint_as_float(rs[i]);
+        }
+    };
+
+    float acc[MI][NB][4], part[MI][NB][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int b = 0; b < NB; b++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[mi][b][q] = part[mi][b][q] = 0.0f;
+
+    const int NC = a.Kd / KC;
+    load_w(0, wc, sc);
+    load_a(0);
+    store_a(0);
+    __syncthreads();
+    for (int kc = 0; kc < NC; kc++) {
+        const bool more = kc + 1 < NC;
+        if (more) {
+            load_w(kc + 1, wn, sn);
+            load_a(kc + 1);
+        }
+        const uint16_t *as = As[kc & 1];
+        uint32_t pr[NB][4];
+#pragma unroll
+        for (int j = 0; j < KC / 16; j++) {
+            uint32_t af[MI][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+                fq_ldsm4(af[mi], fq_smem(as + (mi * 16 + (lane & 15)) * SROW + 16 * j + (lane >> 4) * 8));
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                uint32_t b0, b1;
+                if (F16) {
+                    wr_e4m3x4_f16(wc[b][j], b0, b1);
+                } else {
+                    const int m = j >> 1; /* byte-word m: steps 2m and 2m + 1 */
+                    if (!(j & 1)) {
+                        /* its scale: nvfp4 byte m / 2 of the quarter's, mxfp4 its one; mxint4 on the sums */
+                        const uint32_t code = NV ? (sc[b][0] >> (8 * (m >> 1))) & 0xFF : sc[b][0];
+                        moe__fq_w4x8_pairs<!INT4>(wc[b][m], moe__fq_scale2<MODE>(code), pr[b]);
+                    }
+                    b0 = pr[b][(j & 1) * 2];
+                    b1 = pr[b][(j & 1) * 2 + 1];
+                }
+#pragma unroll
+                for (int mi = 0; mi < MI; mi++) {
+                    if (BLOCK || INT4) wr_mma<F16>(part[mi][b], af[mi], b0, b1);
+                    else wr_mma<F16>(acc[mi][b], af[mi], b0, b1);
+                }
+            }
+            if (INT4 && (j & 1)) { /* the end of 32-column group G: acc += part x the column's scale */
+                const int G = j >> 1;
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    /* rows 2t (sc[b][0..1]) and 2t + 1 (sc[b][2..3]): group G is bf16 G of the four */
+                    const float s0 = __uint_as_float(((sc[b][G >> 1] >> (16 * (G & 1))) & 0xFFFFu) << 16);
+                    const float s1 = __uint_as_float(((sc[b][2 + (G >> 1)] >> (16 * (G & 1))) & 0xFFFFu) << 16);
+#pragma unroll
+                    for (int mi = 0; mi < MI; mi++) {
+                        acc[mi][b][0] += part[mi][b][0] * s0;
+                        acc[mi][b][1] += part[mi][b][1] * s1;
+                        acc[mi][b][2] += part[mi][b][2] * s0;
+                        acc[mi][b][3] += part[mi][b][3] * s1;
+#pragma unroll
+                        for (int q = 0; q < 4; q++) part[mi][b][q] = 0.0f;
+                    }
+                }
+            }
+        }
+        if (BLOCK) { /* acc += part x a_scale(row) x w_scale(block) */
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                const float x0 = sA[kc & 1][mi * 16 + g], x1 = sA[kc & 1][mi * 16 + g + 8];
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    const float w = __uint_as_float(sc[b][0]);
+                    acc[mi][b][0] += part[mi][b][0] * (x0 * w);
+                    acc[mi][b][1] += part[mi][b][1] * (x0 * w);
+                    acc[mi][b][2] += part[mi][b][2] * (x1 * w);
+                    acc[mi][b][3] += part[mi][b][3] * (x1 * w);
+#pragma unroll
+                    for (int q = 0; q < 4; q++) part[mi][b][q] = 0.0f;
+                }
+            }
+        }
+        if (more) {
+            store_a((kc + 1) & 1);
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+#pragma unroll
+                for (int u = 0; u < NS; u++) sc[b][u] = sn[b][u];
+#pragma unroll
+                for (int v = 0; v < WW; v++) wc[b][v] = wn[b][v];
+            }
+        }
+        __syncthreads();
+    }
+
+    /* epilogue, from registers: acc[mi][b][q] is tile row mi * 16 + g (+8 for q >= 2), column
+     * 2t (+1 for odd q) of block b */
+    float ts = 1.0f;
+    if (MODE == MOE_QUANT_FP8 || NV) ts = a.A_tensor[0] * a.W_tensor[e];
+    const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int r = mi * 16 + g + hf * 8;
+            if (r >= nr) continue;
+            const int p = rowpair[r];
+            if (G1) {
+                const float c1 = a.llama4 ? a.wts[p] : 1.0f;
+                uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
+                if (gated) {
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        moe__fq_epi_gated2(a, orow, bias, nb * 64 + warp * 16 + h * 8 + 2 * t, acc[mi][2 * h][2 * hf],
+                                           acc[mi][2 * h][2 * hf + 1], acc[mi][2 * h + 1][2 * hf],
+                                           acc[mi][2 * h + 1][2 * hf + 1], ts, c1);
+                } else {
+#pragma unroll
+                    for (int b = 0; b < NB; b++)
+                        moe__fq_epi_relu2_2(a, orow, bias, nb * WR_BN + warp * 32 + b * 8 + 2 * t, acc[mi][b][2 * hf],
+                                            acc[mi][b][2 * hf + 1], ts, c1);
+                }
+            } else {
+                const float w = a.llama4 ? 1.0f : a.wts[p];
+                float *yrow = a.y + (int64_t)p * a.N;
+#pragma unroll
+                for (int b = 0; b < NB; b++)
+                    moe__fq_epi_down2(yrow, bias, nb * WR_BN + warp * 32 + b * 8 + 2 * t, acc[mi][b][2 * hf],
+                                      acc[mi][b][2 * hf + 1], ts, w);
+            }
+        }
+}
+
 /* ---------------------------------------------------------- finalize -- */
 
 __global__ void k_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
@@ -556,6 +888,59 @@ moe_status fq_qgmma_gemms(cudaStream_t st, int dev, int mode, const gemm_args &a
     return moe__fq_qgmma(st, dev, mode, false, a2, P, tiles, nullptr);
 }
 
+/* k_wreg's GEMMs (fp8, fp8_block, nvfp4, mxfp4; H and I multiples of 128), tile table of WR_BM rows;
+ * GEMM1's 16-bit A rows in xp (the y region, unused until GEMM2's epilogue). */
+template <int MODE>
+moe_status fq_wreg_gemms(cudaStream_t st, int dev, const gemm_args &a1, const gemm_args &a2, int64_t P, int lc,
+                         const moe_workspace *ws, const moe_tensor *inter, size_t off_gc, size_t off_gs, size_t off_gt,
+                         int64_t I, void *xp) {
+    const int64_t tiles = P / WR_BM + (P < lc ? P : lc) + 1;
+    const unsigned g1 = (unsigned)(tiles * (a1.gated ? a1.I / 64 : a1.N / WR_BN)), g2 = (unsigned)(tiles * (a2.N / WR_BN));
+    if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK) {
+        /* the activations' codes straight from the quantiser (their e4m3 -> f16 is one instruction a pair) */
+        k_wreg<MODE, true><<<g1, WR_NT, 0, st>>>(a1);
+        MOE_CUDA_LAUNCHED(FN);
+        MOE_TRY(fq_quant_act(ws, MODE, inter, P, I, off_gc, off_gs, off_gt));
+        k_wreg<MODE, false><<<g2, WR_NT, 0, st>>>(a2);
+        MOE_CUDA_LAUNCHED(FN);
+        return MOE_OK;
+    }
+    /* 4-bit: the activations widened to 16-bit once, not once per column tile */
+    gemm_args b1 = a1, b2 = a2;
+    const uint4 *A16 = nullptr;
+    MOE_TRY(moe__fq_a16(st, dev, MODE, true, a1, P, xp, &A16));
+    b1.A_bf16 = (const uint16_t *)A16;
+    k_wreg<MODE, true><<<g1, WR_NT, 0, st>>>(b1);
+    MOE_CUDA_LAUNCHED(FN);
+    if (MODE == MOE_QUANT_NVFP4) MOE_TRY(fq_quant_act(ws, MODE, inter, P, I, off_gc, off_gs, off_gt));
+    MOE_TRY(moe__fq_a16(st, dev, MODE, false, a2, P, nullptr, &A16));
+    b2.A_bf16 = (const uint16_t *)A16;
+    k_wreg<MODE, false><<<g2, WR_NT, 0, st>>>(b2);
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}
+
+/* Whether a call with P pairs over lc local experts runs k_wreg: H and I multiples of 128, codes
+ * 16-byte aligned, fewer than MOE_FUSED_QWREG pairs per local expert on average (unset: 48 for fp8
+ * / fp8_block, 64 for the 4-bit modes, where the Hopper wgmma kernels start (fused_qgmma.cu has
+ * the measurements); "0": never). */
+bool fq_wreg_use(int mode, int64_t P, int lc, const struct moe_experts *ex) {
+    long bound = mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK ? 48 : 64;
+    const char *env = getenv("MOE_FUSED_QWREG");
+    if (env && env[0]) {
+        char *end = nullptr;
+        const long v = strtol(env, &end, 10);
+        if (end && *end == '\0' && v >= 0) bound = v;
+    }
+    if (ex->H % 128 != 0 || ex->I % 128 != 0 || P >= (int64_t)bound * lc) return false;
+    /* 16-byte loads of the codes, 8-byte loads of mxint4's scales (qtensors made from parts may be offset) */
+    const uintptr_t w = (uintptr_t)moe_tensor_data(moe_qtensor_data(ex->q13)) |
+                        (uintptr_t)moe_tensor_data(moe_qtensor_data(ex->q2));
+    const uintptr_t sc = (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q13)) |
+                         (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q2));
+    return (w & 15) == 0 && (sc & 7) == 0;
+}
+
 /* Row tile of each configuration, chosen from the average rows per local expert. */
 int fq_config(int64_t P, int lc) {
     if (P < (int64_t)24 * lc) return 0;
@@ -607,8 +992,9 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         if (wq) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
         /* 2. align */
         const bool qg = moe__fq_qgmma_use(mode, P, lc, H, I); /* Hopper wgmma kernels */
+        const bool wr = !qg && fq_wreg_use(mode, P, lc, ex); /* register-operand tiles */
         const int cfg = qg ? 2 : fq_config(P, lc);
-        const int BM = fq_bm[cfg];
+        const int BM = wr ? WR_BM : fq_bm[cfg];
         const size_t sm = (size_t)2 * lc * sizeof(int);
         k_align<<<1, ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n,
                                                     ntiles, err);
@@ -669,6 +1055,15 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         moe_status s;
         if (qg)
             s = fq_qgmma_gemms(g.stream, g.dev, mode, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
+        else if (wr) switch (mode) {
+        case MOE_QUANT_FP8: s = fq_wreg_gemms<MOE_QUANT_FP8>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
+        case MOE_QUANT_FP8_BLOCK:
+            s = fq_wreg_gemms<MOE_QUANT_FP8_BLOCK>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
+            break;
+        case MOE_QUANT_NVFP4: s = fq_wreg_gemms<MOE_QUANT_NVFP4>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
+        case MOE_QUANT_MXFP4: s = fq_wreg_gemms<MOE_QUANT_MXFP4>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
+        default: s = fq_wreg_gemms<MOE_QUANT_MXINT4>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
+        }
         else switch (mode) {
         case MOE_QUANT_FP8: s = fq_mode<MOE_QUANT_FP8>(g.stream, cfg, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I); break;
         case MOE_QUANT_FP8_BLOCK:

@@ -8,6 +8,8 @@
 #include "fused_quant.h"
 #include "fused_moe.cuh" /* moe__fm_act */
 
+#include <cuda_fp8.h>
+
 /* Byte offsets into the workspace buffer of the regions moe__fused_quant_ws_bytes sizes,
  * computed from the workspace's own max_tokens, top_k, E, H and I (each region 256-aligned):
  *   misc   +0 ntiles (i32); +16 x's per-tensor scale (fp8) or global scale (nvfp4), f32;
@@ -120,9 +122,62 @@ __device__ __forceinline__ void moe__fq_epi_down2(float *yrow, const float *bias
     *(float2 *)(yrow + n) = make_float2(v0 * wt, v1 * wt);
 }
 
+/* 4-bit widening shared by the Hopper kernels (fused_qgmma.cu) and the register-operand tile
+ * kernel (fused_quant.cu). */
+/* Eight packed 4-bit codes (element i = nibble i, low nibble first) -> eight bf16 in o (x: elements
+ * 0-1, ..., w: 6-7), exactly.  Nibbles i and i + 4 are spread into the two halves of a word
+ * ((w >> 4i) & 0x000F000F) and placed with one multiply:
+ *   e2m1 (E2M1): magnitude bits at bf16 bits 6-8 and the sign at bit 15 (t * 0x1040, masked) read
+ *     as e2m1 x 2^-126 (code 1, 0.5, lands on the bf16 subnormal 2^-127), times 2^126, times the
+ *     scale s2 (bf16x2; e2m1 x e4m3 and e2m1 x 2^k are exact in bf16);
+ *   int4: (nibble ^ 8) in the low bits of bf16 128 (= 128 + n + 8), minus 136.
+ * moe__fq_w4x8_pairs leaves the pairs as they come: r[i] = (element i, element i + 4) (low half
+ * first); moe__fq_w4x8_bf16 puts them back in order with four byte permutes. */
+template <bool E2M1>
+static __device__ __forceinline__ void moe__fq_w4x8_pairs(uint32_t w, uint32_t s2, uint32_t (&r)[4]) {
+    if (!E2M1) w ^= 0x88888888u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t t = (w >> (4 * j)) & 0x000F000Fu;
+        if (E2M1) {
+            const uint32_t b = (t * 0x1040u) & 0x81C081C0u;
+            uint32_t m;
+            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(m) : "r"(b), "r"(0x7E807E80u), "r"(0x80008000u));
+            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(m), "r"(s2), "r"(0x80008000u));
+        } else {
+            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(t | 0x43004300u), "r"(0x3F803F80u), "r"(0xC308C308u));
+        }
+    }
+}
+template <bool E2M1>
+static __device__ __forceinline__ uint4 moe__fq_w4x8_bf16(uint32_t w, uint32_t s2) {
+    uint32_t r[4];
+    moe__fq_w4x8_pairs<E2M1>(w, s2, r);
+    uint4 o;
+    o.x = __byte_perm(r[0], r[1], 0x5410);
+    o.y = __byte_perm(r[2], r[3], 0x5410);
+    o.z = __byte_perm(r[0], r[1], 0x7632);
+    o.w = __byte_perm(r[2], r[3], 0x7632);
+    return o;
+}
+
+/* bf16x2 (s, s) of a scale code: nvfp4 e4m3, mxfp4 ue8m0 (2^(k - 127); k = 0 the subnormal
+ * 2^-127, 255 NaN); others 1. */
+template <int MODE> static __device__ __forceinline__ uint32_t moe__fq_scale2(uint32_t code) {
+    uint32_t b = 0x3F80u;
+    if (MODE == MOE_QUANT_NVFP4) {
+        const __half_raw h = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, __NV_E4M3);
+        b = __float_as_uint(__half2float(__half(h))) >> 16; /* exact: 4 significant bits */
+    } else if (MODE == MOE_QUANT_MXFP4) {
+        b = code == 0 ? 0x40u : code == 255 ? 0x7FC0u : code << 7;
+    }
+    return b | (b << 16);
+}
+
 /* Hopper wgmma GEMMs, every mode (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call with P
  * pairs over lc local experts takes them (sm_90a, H and I multiples of 128, at least
- * MOE_FUSED_QWGMMA (default 32; mxint4 64) pairs per local expert on average; "0": never); the
+ * MOE_FUSED_QWGMMA (default 48 for fp8 / fp8_block, 64 for the 4-bit modes) pairs per local
+ * expert on average; "0": never); the
  * row tiles must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's rows
  * as 16-bit values into xp, P x Kd x 2 bytes), grid from the tile bound max_tiles. */
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
@@ -131,6 +186,14 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
 bool moe__fq_qgmma_quantises_inter(int mode);
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp);
+
+/* The 16-bit A operand of one GEMM (for k_qg_exact and fused_quant.cu's k_wreg), rows in the
+ * tile table's order: GEMM1 x's rows permuted into xp (fp8 / fp8_block: e4m3 codes as f16; nvfp4:
+ * e2m1 x scale as bf16; mx modes: x), GEMM2 the intermediate's region (fp8 / nvfp4 codes widened
+ * over it; fp8_block: quantised and widened in one pass, scales into a.A_scales; mx modes: as it
+ * is).  *out: the rows. */
+moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P, void *xp,
+                       const uint4 **out);
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A);
 moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A);

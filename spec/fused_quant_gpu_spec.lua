@@ -7,7 +7,9 @@
 -- expert (past the Hopper wgmma kernels' default bounds of 32 and 64 (mxint4): T = 800..1600, skewed routing,
 -- llama4, expert parallelism, biases, routed mode, graphs), every mode, with the wgmma kernels
 -- on (default) and off (MOE_FUSED_QWGMMA=0) against the CPU and each other; the default GEMV
--- rule (MOE_FUSED_QGEMV unset) at T = 16, T*K = 2E.
+-- rule (MOE_FUSED_QGEMV unset) at T = 7 and 16 (T*K < E, = 2E); the register-operand tile kernel
+-- below 48 (fp8 modes) / 64 (4-bit) pairs per expert, every mode (MOE_FUSED_QWREG on and off,
+-- T = 60..240).
 -- Prints each mode's error against the bf16 output, and the wgmma kernels' difference from
 -- the mma.sync ones.
 -- Exits 77 without a CUDA device.
@@ -271,8 +273,8 @@ end
 describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUSED_QWGMMA; 0 = the mma.sync tile kernels)",
          function()
   -- The large tile configuration: P = T*K >= 96 pairs per local expert (E = 16: P >= 1536).
-  -- MOE_FUSED_QWGMMA unset, every mode takes the wgmma kernels there on sm_90a (from 32 pairs
-  -- per local expert; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
+  -- MOE_FUSED_QWGMMA unset, every mode takes the wgmma kernels there on sm_90a (from 48 pairs
+  -- per local expert, 64 for the 4-bit modes; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
   -- GPUs, where both settings must pass as well).
   local QMODES = MODES
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
@@ -390,6 +392,68 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
       assert.same(y1, again)
     end)
   end
+end)
+
+describe("#gpu quantised fused MoE: register-operand tile kernel at a few rows per expert (MOE_FUSED_QWREG; " ..
+         "0 = the shared-memory tile kernels)", function()
+  -- Every mode below 48 pairs per local expert (4-bit: 64; past the GEMV path's T): the weights
+  -- widened in registers (k_wreg, 32-row tiles) by default, k_gemm's tiles with
+  -- MOE_FUSED_QWREG=0; both against the CPU and each other.
+  local RMODES = MODES
+  local function qwreg(v, f) return H.with_env("MOE_FUSED_QWREG", v, f) end
+  local function both(w, mode, x, L, m, more, what)
+    local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
+    local ys = {}
+    for i, v in ipairs{ false, "0" } do
+      local y, r = qwreg(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
+      near(y, yc, string.format("%s, MOE_FUSED_QWREG %s: CUDA vs CPU", what, v or "unset"))
+      ys[i] = y
+    end
+    near(ys[1], ys[2], what .. ": default vs MOE_FUSED_QWREG=0")
+    return ys[1], rc
+  end
+
+  for _, mode in ipairs(RMODES) do
+    it(mode .. " / swiglu / T=100 top-2 (12 pairs per expert; expert 5 favoured past one 32-row tile), " ..
+       "same bits again, routed mode bit for bit", function()
+      local w, m = weights("swiglu", false), METHODS.renormalize
+      local x, L = inputs(100, 9700 + #mode)
+      L = skew(L, { [5] = 1.5 })
+      local y, rc = both(w, mode, x, L, m, nil, mode .. " T=100")
+      assert.is_true(per_expert(rc)[5] > 32, "expert 5: " .. per_expert(rc)[5] .. " pairs")
+      local ex = experts(w, mode, "cuda")
+      local again, r = call(ex, x, L, m, "cuda")
+      assert.same(bits(y), bits(again))
+      local y2 = moe.fused_moe{ hidden = x:to("cuda"), experts = ex, routed = { ids = r.ids, weights = r.weights } }
+      assert.same(bits(y), bits(y2))
+    end)
+
+    it(mode .. ": llama4 (top-1, T=150), expert parallelism (experts 4..11, T=64), deepseekv3 top-4 (T=60), " ..
+       "renormalize T=240 (30 pairs per expert)", function()
+      local w = weights("swiglu", false)
+      local x0, L0 = inputs(240, 9740 + #mode)
+      both(w, mode, x0, L0, METHODS.renormalize, nil, mode .. " T=240")
+      local x, L = inputs(150, 9750 + #mode)
+      both(w, mode, x, L, METHODS.llama4, nil, mode .. " llama4 T=150")
+      x, L = inputs(64, 9760 + #mode)
+      both(w, mode, x, L, METHODS.renormalize, { local_offset = 4, local_count = 8 }, mode .. " EP T=64")
+      x, L = inputs(60, 9770 + #mode)
+      both(w, mode, x, L, METHODS.deepseekv3, nil, mode .. " deepseekv3 T=60")
+    end)
+  end
+
+  it("relu2 with biases (fp8_block, nvfp4, mxint4) and swiglu_oai with biases (fp8, mxfp4) (T=90)", function()
+    for _, c in ipairs{ { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" }, { "nvfp4", "relu2" },
+                        { "mxfp4", "swiglu_oai" }, { "mxint4", "relu2" } } do
+      local x, L = inputs(90, 9800)
+      both(weights(c[2], true), c[1], x, L, METHODS.renormalize, nil, c[1] .. "/" .. c[2] .. " T=90")
+    end
+  end)
+
+  it("fp8, mxfp4 and mxint4 under a CUDA graph (T=64, deepseekv3 top-4: 16 pairs per expert)", function()
+    for _, mode in ipairs{ "fp8", "mxfp4", "mxint4" } do graph_rounds(weights("swiglu", false), mode, 64, METHODS.deepseekv3, 990) end
+  end)
 end)
 
 describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FUSED_QGEMV=0 off, =N for T <= N)",
@@ -547,27 +611,30 @@ describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FU
 end)
 
 describe("#gpu quantised fused MoE: default decode GEMV rule (no MOE_FUSED_QGEMV set)", function()
-  -- Unset: the 4-bit modes take the GEMV path for T <= 64 with T*K <= 2E, fp8 / fp8_block only
-  -- for T <= 4.  T = 16, top-2 over E = 16: T*K = 32 = 2E.
+  -- Unset: fp8 / fp8_block take the GEMV path for T <= 4 only; past that, up to T = 64, nvfp4 and
+  -- mxfp4 while T*K < E (below one pair per expert), mxint4 while T*K <= 2E.  Top-2 over E = 16:
+  -- T = 7 (T*K = 14 < E) and T = 16 (T*K = 32 = 2E).
   for _, mode in ipairs(MODES) do
-    local gemv = mode ~= "fp8" and mode ~= "fp8_block"
-    it(mode .. " / swiglu / renormalize / T=16: " ..
-       (gemv and "the GEMV path (the bits of MOE_FUSED_QGEMV=16), near the tile kernels (=0)"
-             or "the tile kernels (the bits of MOE_FUSED_QGEMV=0)") .. "; agrees with the CPU", function()
-      local w, m = weights("swiglu", false), METHODS.renormalize
-      local x, L = inputs(16, 8300 + #mode)
-      local function go(v) return qgemv(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end) end
-      local yd, rd = go(nil)
-      local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu")
-      assert.same(rc.ids:totable(), rd.ids:to("cpu"):totable())
-      near(yd, yc, mode .. " T=16, MOE_FUSED_QGEMV unset: CUDA vs CPU")
-      local yt = go("0")
-      if gemv then
-        near(yd, yt, mode .. " T=16: default (GEMV) vs MOE_FUSED_QGEMV=0 (tile kernels)")
-        assert.same(bits(go("16")), bits(yd))
-      else
-        assert.same(bits(yt), bits(yd))
-      end
-    end)
+    for _, T in ipairs{ 7, 16 } do
+      local gemv = (mode == "nvfp4" or mode == "mxfp4") and T * 2 < E or mode == "mxint4"
+      it(mode .. " / swiglu / renormalize / T=" .. T .. ": " ..
+         (gemv and "the GEMV path (the bits of MOE_FUSED_QGEMV=16), near the tile kernels (=0)"
+               or "the tile kernels (the bits of MOE_FUSED_QGEMV=0)") .. "; agrees with the CPU", function()
+        local w, m = weights("swiglu", false), METHODS.renormalize
+        local x, L = inputs(T, 8300 + #mode + T)
+        local function go(v) return qgemv(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end) end
+        local yd, rd = go(nil)
+        local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu")
+        assert.same(rc.ids:totable(), rd.ids:to("cpu"):totable())
+        near(yd, yc, mode .. " T=" .. T .. ", MOE_FUSED_QGEMV unset: CUDA vs CPU")
+        local yt = go("0")
+        if gemv then
+          near(yd, yt, mode .. " T=" .. T .. ": default (GEMV) vs MOE_FUSED_QGEMV=0 (tile kernels)")
+          assert.same(bits(go("16")), bits(yd))
+        else
+          assert.same(bits(yt), bits(yd))
+        end
+      end)
+    end
   end
 end)
