@@ -555,9 +555,34 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
     auto load_w = [&](int kc, uint32_t (&w)[NB][WW], uint32_t (&s)[NB][NS]) {
 #pragma unroll
         for (int b = 0; b < NB; b++) {
-            if (INT4) { /* byte-word m at bytes 16m + 4t of the chunk's 64 */
-#pragma unroll
-                for (int m = 0; m < 4; m++) w[b][m] = __ldg((const uint32_t *)(wp[b] + (int64_t)kc * (KC / 2) + 16 * m));
+            if (INT4) {
+                /* byte-word m at bytes 16m + 4t of the chunk's 64: the 16 bytes 16t .. 16t + 15 by one
+                 * load, then a 4 x 4 word transpose over the row's four lanes (t ^ 2, then t ^ 1) */
+                const uint4 x = __ldg((const uint4 *)(wp[b] + (int64_t)kc * (KC / 2) + 12 * t));
+                uint32_t a0 = x.x, a1 = x.y, a2 = x.z, a3 = x.w;
+                const bool hi = t & 2, odd = t & 1;
+                const uint32_t r0 = __shfl_xor_sync(0xffffffffu, hi ? a0 : a2, 2);
+                const uint32_t r1 = __shfl_xor_sync(0xffffffffu, hi ? a1 : a3, 2);
+                if (hi) {
+                    a0 = r0;
+                    a1 = r1;
+                } else {
+                    a2 = r0;
+                    a3 = r1;
+                }
+                const uint32_t q0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : a1, 1);
+                const uint32_t q1 = __shfl_xor_sync(0xffffffffu, odd ? a2 : a3, 1);
+                if (odd) {
+                    a0 = q0;
+                    a2 = q1;
+                } else {
+                    a1 = q0;
+                    a3 = q1;
+                }
+                w[b][0] = a0;
+                w[b][1] = a1;
+                w[b][2] = a2;
+                w[b][3] = a3;
                 const uint16_t *s0 = (const uint16_t *)sp[b] + kc * 4;
                 const uint2 u0 = __ldg((const uint2 *)s0), u1 = __ldg((const uint2 *)(s0 + a.Kd / 32));
                 s[b][0] = u0.x;

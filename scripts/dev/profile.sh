@@ -4,7 +4,7 @@
 # T = 16384), the warp-specialised GEMM (Mixtral 8x7B, T = 4096), the Hopper fp8_block GEMMs
 # (DeepSeek-V3 T = 4096, exact and FP8 tensor cores) and per-kernel durations of one
 # Qwen3-30B-A3B T = 1 fused call.  Logs to $OUT.
-# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|w4stall|decode ...]
+# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|w4stall|wreg|decode ...]
 set -o pipefail
 OUT=${OUT:-prof-out}
 mkdir -p "$OUT"
@@ -84,6 +84,16 @@ for w in $what; do
         > "$OUT/ncu_w4stall_$m.txt" 2>&1
       grep -E "k_qg|Duration|Throughput|Eligible|Issued|stalled|pipe|shared" "$OUT/ncu_w4stall_$m.txt" |
         awk '!/stalled|pipe/ || $NF+0 > 0.3' | sed -E 's/\(moe__fq_gemm_args.*//' | head -60
+    done ;;
+  wreg)
+    # the register-operand tile kernel (k_wreg) at 16 pairs per expert (Mixtral 8x7B T = 64): GEMM1 and
+    # GEMM2 of mxfp4 and mxint4 (speed of light, stalls, pipes)
+    for m in mxfp4 mxint4; do
+      timeout 300 "$NCU" -k "regex:k_wreg" --launch-skip 2 --launch-count 2 --section SpeedOfLight --section SchedulerStats \
+        --section Occupancy --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_(alu|fma|lsu|tensor).*avg.pct_of_peak_sustained_active,smsp__inst_executed.sum" \
+        luajit scripts/moe bench fused_quant --quant $m --shape mixtral-8x7b --t 64 --reps 1 > "$OUT/ncu_wreg_$m.txt" 2>&1
+      grep -E "k_wreg|Duration|DRAM Throughput|Eligible|Issued|stalled|pipe_|inst_executed.sum|Achieved Occ" "$OUT/ncu_wreg_$m.txt" |
+        awk '!/stalled|pipe_/ || $NF+0 > 0.3' | sed -E 's/\(moe__fq_gemm_args.*//' | head -50
     done ;;
   decode)
     timeout 120 "$NCU" --metrics gpu__time_duration.sum --launch-skip 40 --launch-count 24 \
