@@ -1245,7 +1245,10 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     const int BM = large ? 128 : 32; /* row tile of MOE_FM_LARGE / MOE_FM_SMALL */
     size_t sm = (size_t)(lc > 0 ? 2 * lc : 1) * sizeof(int);
     const bool pdl = moe__fm_use_pdl();
-    if (moe__fm_gemv_eligible(A)) return moe__fm_gemv(g, A, pdl); /* decode GEMV path: fused_gemv.cu */
+    if (moe__fm_gemv_eligible(A)) {
+        if (lc > 0) moe__fused_path_hit(MOE_FUSED_PATH_GEMV);
+        return moe__fm_gemv(g, A, pdl); /* decode GEMV path: fused_gemv.cu */
+    }
     /* the folds only while GEMM1's grid fits in one wave: each block's align prologue
      * costs ~1.5 us, paid once per wave (measured on an H100, Qwen3-30B-A3B: T=1 46.2 ->
      * 43.8 us with the folds, but T=16 294 -> 302 and T=64 445 -> 465 us in 5-8 waves) */
@@ -1301,6 +1304,7 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
     a2.Kd = (int)ex->I;
     a2.y = y;
     const int wgm = lc > 0 && large ? moe__fm_wg_mode() : 0;
+    if (lc > 0) moe__fused_path_hit(wgm ? MOE_FUSED_PATH_WGMMA : MOE_FUSED_PATH_TILE);
     if (wgm == 2) {
         CUtensorMap t1, t2;
         MOE_TRY(moe__fm_tmap(&t1, a1.W, ex->E * ex->N1, ex->H, MOE_FM_WG_BN / 2, "gate/up weight"));

@@ -995,7 +995,10 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     const int lc = A->local_count, lo = A->local_offset;
     unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
 
-    if (moe__fq_gemv_eligible(A)) return moe__fq_gemv(g, A); /* decode GEMV path: fused_qgemv.cu */
+    if (moe__fq_gemv_eligible(A)) {
+        if (lc > 0) moe__fused_path_hit(MOE_FUSED_PATH_GEMV);
+        return moe__fq_gemv(g, A); /* decode GEMV path: fused_qgemv.cu */
+    }
 
     const moe__fq_layout L = moe__fq_layout_of(ws); /* as moe__fused_quant_ws_bytes */
     const int64_t wtiles = L.wtiles;
@@ -1020,6 +1023,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const bool wr = !qg && fq_wreg_use(mode, P, lc, ex); /* register-operand tiles */
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = wr ? WR_BM : fq_bm[cfg];
+        moe__fused_path_hit(qg ? MOE_FUSED_PATH_WGMMA : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
         k_align<<<1, ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n,
                                                     ntiles, err);

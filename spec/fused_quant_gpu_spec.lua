@@ -75,6 +75,22 @@ local function near(a, b, what)
   return err
 end
 
+-- the kernel path (moe.fused_paths) that the one fused call made by f() took, and f's results
+local function path_of(f)
+  moe.fused_paths_reset()
+  local r = { f() }
+  local hit
+  for name, n in pairs(moe.fused_paths(true)) do
+    if n > 0 then
+      assert.is_nil(hit, "more than one path counted: " .. tostring(hit) .. ", " .. name)
+      assert.equal(1, n, name .. " counted " .. n .. " times for one call")
+      hit = name
+    end
+  end
+  return hit, unpack(r)
+end
+local HOPPER = moe.cuda_available() and moe.cuda_device_info(0):find("sm_90", 1, true) ~= nil
+
 local report = {}
 
 describe("#gpu quantised fused MoE: CUDA vs the CPU reference", function()
@@ -285,7 +301,10 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
     local ys = {}
     for i, v in ipairs{ false, "0" } do
-      local y, r = qwgmma(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      local path, y, r = path_of(function()
+        return qwgmma(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      end)
+      assert.equal((v or not HOPPER) and "tile" or "wgmma", path, what .. ": the path taken")
       assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
       near(y, yc, string.format("%s, MOE_FUSED_QWGMMA %s: CUDA vs CPU", what, v or "unset"))
       ys[i] = y
@@ -405,7 +424,10 @@ describe("#gpu quantised fused MoE: register-operand tile kernel at a few rows p
     local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
     local ys = {}
     for i, v in ipairs{ false, "0" } do
-      local y, r = qwreg(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      local path, y, r = path_of(function()
+        return qwreg(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      end)
+      assert.equal(v and "tile" or "wreg", path, what .. ": the path taken")
       assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
       near(y, yc, string.format("%s, MOE_FUSED_QWREG %s: CUDA vs CPU", what, v or "unset"))
       ys[i] = y
@@ -623,7 +645,8 @@ describe("#gpu quantised fused MoE: default decode GEMV rule (no MOE_FUSED_QGEMV
         local w, m = weights("swiglu", false), METHODS.renormalize
         local x, L = inputs(T, 8300 + #mode + T)
         local function go(v) return qgemv(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end) end
-        local yd, rd = go(nil)
+        local path, yd, rd = path_of(function() return go(nil) end)
+        assert.equal(gemv and "gemv" or "wreg", path, mode .. " T=" .. T .. ": the path taken")
         local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu")
         assert.same(rc.ids:totable(), rd.ids:to("cpu"):totable())
         near(yd, yc, mode .. " T=" .. T .. ", MOE_FUSED_QGEMV unset: CUDA vs CPU")

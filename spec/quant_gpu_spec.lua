@@ -153,6 +153,22 @@ describe("CUDA quantisers equal the CPU reference bit for bit #gpu", function()
     end
   end)
 
+  it("a bf16 source that starts one element into its storage (the per-row kernel's unaligned loads)", function()
+    -- kernels/quant_rows.cuh loads a lane's elements as one 8-byte vector only when the source is
+    -- 8-byte aligned; this view is 2 bytes off, so the element-wise fallback runs
+    local N, K = 7, 384
+    for _, c in ipairs{ { "fp8_block", { block_rows = 1 } }, { "nvfp4" }, { "mxfp4" }, { "mxint4" } } do
+      local base = make({ N * K + 1 }, 41, "mixed", "bf16")
+      local view = base:narrow(1, 2, N * K):reshape({ N, K })
+      local gview = base:to("cuda"):narrow(1, 2, N * K):reshape({ N, K })
+      local qc, qg = moe.quantize(view, c[1], c[2]), moe.quantize(gview, c[1], c[2])
+      same_bytes(c[1] .. " offset view: data", qc.data, qg.data)
+      same_bytes(c[1] .. " offset view: scales", qc.scales, qg.scales)
+      -- and the aligned copy gives the same bits
+      same_bytes(c[1] .. " offset view vs aligned copy", qg.data, moe.quantize(gview:clone(), c[1], c[2]).data)
+    end
+  end)
+
   it("parts on different devices are refused", function()
     local q = moe.quantize(moe.randn({ 4, 64 }, { seed = 1 }), "nvfp4")
     local ok, err = pcall(moe.quant_from_parts, { mode = "nvfp4", data = q.data:to("cuda"), scales = q.scales,

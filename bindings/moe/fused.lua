@@ -318,6 +318,25 @@ return function(moe)
     return y
   end
 
+  -- moe.fused_paths() -> {cpu = n, gemv = n, tile = n, wreg = n, wgmma = n}: how many
+  -- fused_moe calls each kernel path ran since the start or moe.fused_paths_reset()
+  -- (process-wide; a call captured into a CUDA graph counts once, at capture).
+  -- moe.fused_paths(true) also resets the counts after reading them.
+  local counts_box = ffi.new("int64_t[?]", tonumber(C.MOE_FUSED_PATH_COUNT))
+  function moe.fused_paths(reset)
+    if reset ~= nil and type(reset) ~= "boolean" then
+      error("moe.fused_paths: reset: expected a boolean or nil, got " .. describe(reset), 2)
+    end
+    C.moe_fused_path_counts(counts_box)
+    local r = {}
+    for i = 0, tonumber(C.MOE_FUSED_PATH_COUNT) - 1 do
+      r[ffi.string(C.moe_fused_path_name(i))] = tonumber(counts_box[i])
+    end
+    if reset then C.moe_fused_path_reset() end
+    return r
+  end
+  function moe.fused_paths_reset() C.moe_fused_path_reset() end
+
   function moe.activations()
     local r = {}
     for i = 0, tonumber(C.MOE_ACTIVATION_COUNT) - 1 do r[#r + 1] = ffi.string(C.moe_activation_name(i)) end

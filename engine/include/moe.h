@@ -626,6 +626,24 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex,
                          moe_tensor **out, moe_tensor *ids_out, moe_tensor *weights_out,
                          moe_workspace *ws);
 
+/* Which kernels ran the expert GEMMs of moe_fused_moe calls: one count per call that ran them
+ * (T > 0 and local experts), process-wide, since the start or moe_fused_path_reset.  A call
+ * captured into a CUDA graph counts once, when it is captured (not per replay).  For specs and
+ * experiments that must know which path a setting (the MOE_FUSED_* variables) or a size took. */
+typedef enum moe_fused_path {
+    MOE_FUSED_PATH_CPU = 0, /* the CPU reference */
+    MOE_FUSED_PATH_GEMV,    /* CUDA decode GEMV kernels (bf16 and quantised) */
+    MOE_FUSED_PATH_TILE,    /* CUDA mma.sync tile kernels (weights through shared memory) */
+    MOE_FUSED_PATH_WREG,    /* CUDA register-operand tile kernel (quantised modes) */
+    MOE_FUSED_PATH_WGMMA,   /* CUDA Hopper wgmma kernels (sm_90a) */
+    MOE_FUSED_PATH_COUNT
+} moe_fused_path;
+
+/* counts[i] = calls of path i (MOE_FUSED_PATH_COUNT entries). */
+void moe_fused_path_counts(int64_t *counts);
+void moe_fused_path_reset(void);
+const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma"; NULL if out of range */
+
 /* ---- traces ---- */
 
 /* A routing replay trace: the expert ids chosen for T tokens in L MoE layers, K per token

@@ -46,6 +46,28 @@ moe_experts_cfg moe_experts_cfg_default(void) {
     return c;
 }
 
+/* ---- path counts ---- */
+
+static int64_t moe__path_counts[MOE_FUSED_PATH_COUNT];
+
+void moe__fused_path_hit(int path) {
+    if (path >= 0 && path < MOE_FUSED_PATH_COUNT) __atomic_fetch_add(&moe__path_counts[path], 1, __ATOMIC_RELAXED);
+}
+
+void moe_fused_path_counts(int64_t *counts) {
+    if (!counts) return;
+    for (int i = 0; i < MOE_FUSED_PATH_COUNT; i++) counts[i] = __atomic_load_n(&moe__path_counts[i], __ATOMIC_RELAXED);
+}
+
+void moe_fused_path_reset(void) {
+    for (int i = 0; i < MOE_FUSED_PATH_COUNT; i++) __atomic_store_n(&moe__path_counts[i], 0, __ATOMIC_RELAXED);
+}
+
+const char *moe_fused_path_name(int path) {
+    static const char *const names[MOE_FUSED_PATH_COUNT] = {"cpu", "gemv", "tile", "wreg", "wgmma"};
+    return path >= 0 && path < MOE_FUSED_PATH_COUNT ? names[path] : NULL;
+}
+
 moe_fused_cfg moe_fused_cfg_default(void) {
     moe_fused_cfg c;
     memset(&c, 0, sizeof c);
@@ -493,6 +515,7 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
         args.llama4 = cfg->route.method == MOE_ROUTE_LLAMA4;
         args.routed = routed;
         s = ex->quant != MOE_QUANT_BF16 ? moe__fused_quant_run(&args) : be->fused(&args);
+        if (s == MOE_OK && lc > 0 && ex->dev.type == MOE_DEVICE_CPU) moe__fused_path_hit(MOE_FUSED_PATH_CPU);
     }
     moe_tensor_free(tmp_ids);
     moe_tensor_free(tmp_wts);

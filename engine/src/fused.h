@@ -52,6 +52,9 @@ moe_status moe__experts_check_cfg(const char *fn, const moe_experts_cfg *cfg);
 moe_status moe__experts_record(const char *fn, const moe_experts_cfg *cfg, moe_device dev, int64_t E, int64_t H,
                                int64_t I, int64_t N1, moe_experts **out);
 
+/* Count one call of moe_fused_path `path` (moe_fused_path_counts). */
+void moe__fused_path_hit(int path);
+
 /* CPU reference pieces shared by cpu/fused_cpu.c and cpu/fused_quant_cpu.c: the dot product
  * in a fixed order (8 interleaved partial sums, combined pairwise, then the tail), the
  * activation of ex on gate g and up u, and the combine (per token, f32 over k in order of

@@ -71,10 +71,15 @@ for w in $what; do
         "$OUT/ncu_midt_$m.txt" | awk '!/stalled/ || $NF+0 > 0.3' | sed -E 's/\(moe__fq_gemm_args.*//' | head -70
     done ;;
   qdecode)
-    # per-kernel durations of fp8 fused calls at Qwen3-30B-A3B T = 1 (routing, GEMV kernels)
-    timeout 120 "$NCU" --metrics gpu__time_duration.sum --launch-skip 20 --launch-count 16 \
-      luajit scripts/moe bench fused_quant --quant fp8 --shape qwen3-30b-a3b --t 1 --reps 3 > "$OUT/ncu_qdecode.txt" 2>&1
-    grep -E "^  [a-zA-Z_].*\(|gpu__time_duration" "$OUT/ncu_qdecode.txt" | sed -E 's/\(.*//' | head -40 ;;
+    # per-kernel durations and DRAM throughput of the routing and GEMV kernels of fused calls at
+    # Qwen3-30B-A3B T = 1 (fp8, fp8_block), and the whole call's graph replay time for reference
+    for m in fp8 fp8_block; do
+      timeout 120 "$NCU" -k "regex:k_qv|k_route" --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
+        --launch-skip 0 --launch-count 60 \
+        luajit scripts/moe bench fused_quant --quant $m --shape qwen3-30b-a3b --t 1 --reps 3 > "$OUT/ncu_qdecode_$m.txt" 2>&1
+      echo "== $m"
+      grep -E "^  [a-zA-Z_].*\(|gpu__time_duration|dram__|warps_active" "$OUT/ncu_qdecode_$m.txt" | sed -E 's/\(.*//' | tail -24
+    done ;;
   w4stall)
     # warp stall reasons and pipes of the Hopper 4-bit GEMM1 (nvfp4, mxint4) and fp8_block's, Qwen3-30B-A3B T = 4096
     for m in nvfp4 mxint4 fp8_block; do
