@@ -5,6 +5,8 @@
 -- once more without it (the spread between the two default timings is the noise), e.g.
 -- MOE_FUSED_QGEMV=0: decode (T <= 4) on the tile kernels instead of the GEMV path;
 -- MOE_FUSED_QWGMMA=0: prefill on the tile kernels instead of the Hopper wgmma ones (every mode);
+-- MOE_FUSED_QWREG=0: a few to 48 (4-bit: 64) pairs per expert on the tile kernels instead of the
+--   register-operand kernel;
 -- MOE_FUSED_FP8MMA=1: those on the FP8 tensor cores (not the reference numerics, see docs/quantization.md).
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
