@@ -99,23 +99,6 @@ __device__ __forceinline__ unsigned qv_ld_relaxed(const unsigned *p) {
     return v;
 }
 
-/* Four e4m3 codes (bytes of w) -> two f16x2 words (bytes 0, 1 -> lo; 2, 3 -> hi), exactly. */
-__device__ __forceinline__ void qv_e4m3x4(uint32_t w, uint32_t &lo, uint32_t &hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
-        : "=r"(lo), "=r"(hi)
-        : "r"(w));
-#else
-    /* code c -> f16 bits (c & 0x80) << 8 | (c & 0x7F) << 7, which read as the value / 256
-     * (normals and subnormals alike); one exact multiply by 256 (the NaN code gives 480) */
-    const uint32_t l = (w & 0xFFu) | ((w & 0xFF00u) << 8), h = ((w >> 16) & 0xFFu) | ((w >> 8) & 0xFF0000u);
-    const uint32_t fl = ((l & 0x00800080u) << 8) | ((l & 0x007F007Fu) << 7);
-    const uint32_t fh = ((h & 0x00800080u) << 8) | ((h & 0x007F007Fu) << 7);
-    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(lo) : "r"(fl), "r"(0x5C005C00u));
-    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(hi) : "r"(fh), "r"(0x5C005C00u));
-#endif
-}
-
 /* d += a * b, m16n8k16, f16 operands, f32 accumulation (fragments as moe__fm_mma). */
 __device__ __forceinline__ void qv_mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                        uint32_t b1) {
@@ -133,9 +116,9 @@ __device__ __forceinline__ void qv_step(float (&d)[4], const uint4 &w0, const ui
 #pragma unroll
     for (int s = 0; s < 4; s++) {
         uint32_t a0, a1, a2, a3, b0, b1;
-        qv_e4m3x4(u0[s], a0, a2);
-        qv_e4m3x4(u1[s], a1, a3);
-        qv_e4m3x4(ub[s], b0, b1);
+        moe__fq_e4m3x4_f16(u0[s], a0, a2);
+        moe__fq_e4m3x4_f16(u1[s], a1, a3);
+        moe__fq_e4m3x4_f16(ub[s], b0, b1);
         qv_mma(d, a0, a1, a2, a3, b0, b1);
     }
 }
@@ -165,7 +148,7 @@ template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uin
     uint32_t s01 = 0, s0 = 0, s1 = 0;
     if (MODE == MOE_QUANT_NVFP4) {
         uint32_t hi;
-        qv_e4m3x4(sc, s01, hi);
+        moe__fq_e4m3x4_f16(sc, s01, hi);
         s0 = __byte_perm(s01, 0, 0x1010);
         s1 = __byte_perm(s01, 0, 0x3232);
     }

@@ -94,18 +94,6 @@ __device__ __forceinline__ void qg_wgmma_16(float (&d)[64], uint64_t da, uint64_
 }
 #undef QG_WGMMA16
 
-/* Four e4m3 codes (low byte first) -> two f16x2 words (codes 0-1, 2-3): exact. */
-__device__ __forceinline__ void qg_e4m3x4_f16(uint32_t w, uint32_t &lo, uint32_t &hi) {
-    asm("{\n"
-        ".reg .b16 l, h;\n"
-        "mov.b32 {l, h}, %2;\n"
-        "cvt.rn.f16x2.e4m3x2 %0, l;\n"
-        "cvt.rn.f16x2.e4m3x2 %1, h;\n"
-        "}\n"
-        : "=r"(lo), "=r"(hi)
-        : "r"(w));
-}
-
 /* (row tile, column tile) of work item w: groups of 8 row tiles, the row tile fastest inside
  * a group (the CTAs running at once share a few A tiles and weight tiles in L2). */
 __device__ __forceinline__ void qg_item(int64_t w, int ntiles, int ntn, int &tile, int &nb) {
@@ -384,10 +372,10 @@ __global__ void __launch_bounds__(384, 1)
                         for (int i = 0; i < 3; i++) {
                             if (!(b0 + i < PER - 1 || last)) continue;
                             uint32_t o[8];
-                            qg_e4m3x4_f16(v[i].x, o[0], o[1]);
-                            qg_e4m3x4_f16(v[i].y, o[2], o[3]);
-                            qg_e4m3x4_f16(v[i].z, o[4], o[5]);
-                            qg_e4m3x4_f16(v[i].w, o[6], o[7]);
+                            moe__fq_e4m3x4_f16(v[i].x, o[0], o[1]);
+                            moe__fq_e4m3x4_f16(v[i].y, o[2], o[3]);
+                            moe__fq_e4m3x4_f16(v[i].z, o[4], o[5]);
+                            moe__fq_e4m3x4_f16(v[i].w, o[6], o[7]);
                             *(uint4 *)(dst + d0[b0 + i]) = make_uint4(o[0], o[1], o[2], o[3]);
                             *(uint4 *)(dst + d1[b0 + i]) = make_uint4(o[4], o[5], o[6], o[7]);
                         }

@@ -470,26 +470,18 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
  * each chunk's f32 partial sums (a chunk is one 128-column block). */
 constexpr int WR_BM = 32, WR_BN = 128, WR_NT = 128;
 
-/* four e4m3 codes -> two f16x2 words (codes 0-1, 2-3), exactly */
-__device__ __forceinline__ void wr_e4m3x4_f16(uint32_t w, uint32_t &lo, uint32_t &hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    asm("{\n"
-        ".reg .b16 l, h;\n"
-        "mov.b32 {l, h}, %2;\n"
-        "cvt.rn.f16x2.e4m3x2 %0, l;\n"
-        "cvt.rn.f16x2.e4m3x2 %1, h;\n"
-        "}\n"
-        : "=r"(lo), "=r"(hi)
-        : "r"(w));
-#else
-    /* sign and magnitude at f16 bits 15 and 7-14 read the e4m3 value x 2^-8 (subnormals too),
-     * times 256 */
-    const uint32_t a = __byte_perm(w, 0, 0x1404), b = __byte_perm(w, 0, 0x3424);
-    const uint32_t fa = (a & 0x80008000u) | ((a >> 1) & 0x3F803F80u);
-    const uint32_t fb = (b & 0x80008000u) | ((b >> 1) & 0x3F803F80u);
-    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(lo) : "r"(fa), "r"(0x5C005C00u));
-    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(hi) : "r"(fb), "r"(0x5C005C00u));
-#endif
+/* One step of k_wreg's 4 x 4 word transpose over a row's four lanes: swap (x0, x1) with lane
+ * ^ m when first, else (y0, y1). */
+__device__ __forceinline__ void wr_xchg(uint32_t &x0, uint32_t &x1, uint32_t &y0, uint32_t &y1, bool first, int m) {
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, first ? x0 : y0, m);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, first ? x1 : y1, m);
+    if (first) {
+        x0 = r0;
+        x1 = r1;
+    } else {
+        y0 = r0;
+        y1 = r1;
+    }
 }
 
 template <bool F16>
@@ -560,25 +552,8 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
                  * load, then a 4 x 4 word transpose over the row's four lanes (t ^ 2, then t ^ 1) */
                 const uint4 x = __ldg((const uint4 *)(wp[b] + (int64_t)kc * (KC / 2) + 12 * t));
                 uint32_t a0 = x.x, a1 = x.y, a2 = x.z, a3 = x.w;
-                const bool hi = t & 2, odd = t & 1;
-                const uint32_t r0 = __shfl_xor_sync(0xffffffffu, hi ? a0 : a2, 2);
-                const uint32_t r1 = __shfl_xor_sync(0xffffffffu, hi ? a1 : a3, 2);
-                if (hi) {
-                    a0 = r0;
-                    a1 = r1;
-                } else {
-                    a2 = r0;
-                    a3 = r1;
-                }
-                const uint32_t q0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : a1, 1);
-                const uint32_t q1 = __shfl_xor_sync(0xffffffffu, odd ? a2 : a3, 1);
-                if (odd) {
-                    a0 = q0;
-                    a2 = q1;
-                } else {
-                    a1 = q0;
-                    a3 = q1;
-                }
+                wr_xchg(a0, a1, a2, a3, t & 2, 2); /* words 0-1 with lane t ^ 2 (t >= 2), else 2-3 */
+                wr_xchg(a0, a2, a1, a3, t & 1, 1); /* words 0, 2 with lane t ^ 1 (t odd), else 1, 3 */
                 w[b][0] = a0;
                 w[b][1] = a1;
                 w[b][2] = a2;
@@ -639,10 +614,10 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
             uint4 v[2] = {ra[i][0], ra[i][1]};
             if (F16) { /* e4m3 codes -> f16 pairs (0, 1), (2, 3), ...; zero codes give zeros */
                 uint32_t o[8];
-                wr_e4m3x4_f16(ra[i][0].x, o[0], o[1]);
-                wr_e4m3x4_f16(ra[i][0].y, o[2], o[3]);
-                wr_e4m3x4_f16(ra[i][0].z, o[4], o[5]);
-                wr_e4m3x4_f16(ra[i][0].w, o[6], o[7]);
+                moe__fq_e4m3x4_f16(ra[i][0].x, o[0], o[1]);
+                moe__fq_e4m3x4_f16(ra[i][0].y, o[2], o[3]);
+                moe__fq_e4m3x4_f16(ra[i][0].z, o[4], o[5]);
+                moe__fq_e4m3x4_f16(ra[i][0].w, o[6], o[7]);
                 v[0] = make_uint4(o[0], o[1], o[2], o[3]);
                 v[1] = make_uint4(o[4], o[5], o[6], o[7]);
             }
@@ -698,7 +673,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
             for (int b = 0; b < NB; b++) {
                 uint32_t b0, b1;
                 if (F16) {
-                    wr_e4m3x4_f16(wc[b][j], b0, b1);
+                    moe__fq_e4m3x4_f16(wc[b][j], b0, b1);
                 } else {
                     const int m = j >> 1; /* byte-word m: steps 2m and 2m + 1 */
                     if (!(j & 1)) {

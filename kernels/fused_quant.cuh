@@ -122,6 +122,24 @@ __device__ __forceinline__ void moe__fq_epi_down2(float *yrow, const float *bias
     *(float2 *)(yrow + n) = make_float2(v0 * wt, v1 * wt);
 }
 
+/* Four e4m3 codes (bytes of w) -> two f16x2 words (bytes 0, 1 -> lo; 2, 3 -> hi), exactly: every
+ * e4m3 value is an f16 (shared by the GEMV, register-operand and Hopper kernels). */
+static __device__ __forceinline__ void moe__fq_e4m3x4_f16(uint32_t w, uint32_t &lo, uint32_t &hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+#else
+    /* code c -> f16 bits (c & 0x80) << 8 | (c & 0x7F) << 7, which read as the value / 256
+     * (normals and subnormals alike); one exact multiply by 256 (the NaN code gives 480) */
+    const uint32_t l = (w & 0xFFu) | ((w & 0xFF00u) << 8), h = ((w >> 16) & 0xFFu) | ((w >> 8) & 0xFF0000u);
+    const uint32_t fl = ((l & 0x00800080u) << 8) | ((l & 0x007F007Fu) << 7);
+    const uint32_t fh = ((h & 0x00800080u) << 8) | ((h & 0x007F007Fu) << 7);
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(lo) : "r"(fl), "r"(0x5C005C00u));
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(hi) : "r"(fh), "r"(0x5C005C00u));
+#endif
+}
+
 /* 4-bit widening shared by the Hopper kernels (fused_qgmma.cu) and the register-operand tile
  * kernel (fused_quant.cu). */
 /* Eight packed 4-bit codes (element i = nibble i, low nibble first) -> eight bf16 in o (x: elements

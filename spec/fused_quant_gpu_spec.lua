@@ -91,6 +91,26 @@ local function path_of(f)
 end
 local HOPPER = moe.cuda_available() and moe.cuda_device_info(0):find("sm_90", 1, true) ~= nil
 
+-- w / mode on x, L (method m, call options more): the CPU once, CUDA with the variable env
+-- unset (expecting path `default`) and "0" (expecting the tile kernels); each CUDA output and
+-- routing against the CPU's, and the two against each other.  Returns the default's output, the
+-- "0" one's, their relative L2 and the CPU routing.
+local function env_on_off(env, default, w, mode, x, L, m, more, what)
+  local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
+  local ys = {}
+  for i, v in ipairs{ false, "0" } do
+    local path, y, r = path_of(function()
+      return H.with_env(env, v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+    end)
+    assert.equal(v and "tile" or default, path, what .. ", " .. env .. " " .. (v or "unset") .. ": the path taken")
+    assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
+    near(y, yc, string.format("%s, %s %s: CUDA vs CPU", what, env, v or "unset"))
+    ys[i] = y
+  end
+  local err = near(ys[1], ys[2], what .. ": default vs " .. env .. "=0")
+  return ys[1], ys[2], err, rc
+end
+
 local report = {}
 
 describe("#gpu quantised fused MoE: CUDA vs the CPU reference", function()
@@ -294,23 +314,9 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- GPUs, where both settings must pass as well).
   local QMODES = MODES
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
-  -- w / mode on x, L (method m, call options more): the CPU once, CUDA with MOE_FUSED_QWGMMA
-  -- unset and "0"; each CUDA output and routing against the CPU's, and the two against each
-  -- other.  Returns the default's output, the "0" one's, their relative L2 and the CPU routing.
+  -- env_on_off with MOE_FUSED_QWGMMA: the wgmma kernels by default on sm_90a
   local function both(w, mode, x, L, m, more, what)
-    local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
-    local ys = {}
-    for i, v in ipairs{ false, "0" } do
-      local path, y, r = path_of(function()
-        return qwgmma(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
-      end)
-      assert.equal((v or not HOPPER) and "tile" or "wgmma", path, what .. ": the path taken")
-      assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
-      near(y, yc, string.format("%s, MOE_FUSED_QWGMMA %s: CUDA vs CPU", what, v or "unset"))
-      ys[i] = y
-    end
-    local err = near(ys[1], ys[2], what .. ": default vs MOE_FUSED_QWGMMA=0")
-    return ys[1], ys[2], err, rc
+    return env_on_off("MOE_FUSED_QWGMMA", HOPPER and "wgmma" or "tile", w, mode, x, L, m, more, what)
   end
   -- T = 800 top-2 (P = 1600, 100 rows per expert on average) with experts 3 and 9 favoured
   -- (~200 and ~150 rows: two 128-row tiles)
@@ -419,21 +425,10 @@ describe("#gpu quantised fused MoE: register-operand tile kernel at a few rows p
   -- widened in registers (k_wreg, 32-row tiles) by default, k_gemm's tiles with
   -- MOE_FUSED_QWREG=0; both against the CPU and each other.
   local RMODES = MODES
-  local function qwreg(v, f) return H.with_env("MOE_FUSED_QWREG", v, f) end
+  -- env_on_off with MOE_FUSED_QWREG: k_wreg by default; its output and the CPU routing
   local function both(w, mode, x, L, m, more, what)
-    local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
-    local ys = {}
-    for i, v in ipairs{ false, "0" } do
-      local path, y, r = path_of(function()
-        return qwreg(v or nil, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
-      end)
-      assert.equal(v and "tile" or "wreg", path, what .. ": the path taken")
-      assert.same(rc.ids:totable(), r.ids:to("cpu"):totable())
-      near(y, yc, string.format("%s, MOE_FUSED_QWREG %s: CUDA vs CPU", what, v or "unset"))
-      ys[i] = y
-    end
-    near(ys[1], ys[2], what .. ": default vs MOE_FUSED_QWREG=0")
-    return ys[1], rc
+    local y, _, _, rc = env_on_off("MOE_FUSED_QWREG", "wreg", w, mode, x, L, m, more, what)
+    return y, rc
   end
 
   for _, mode in ipairs(RMODES) do
