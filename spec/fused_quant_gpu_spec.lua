@@ -468,6 +468,28 @@ describe("#gpu quantised fused MoE: register-operand tile kernel at a few rows p
     end
   end)
 
+  it("qtensor parts whose codes start 1 byte off 16-byte alignment are refused (the kernels load vectors); " ..
+     "an aligned copy works", function()
+    local w = weights("swiglu", false)
+    for _, mode in ipairs{ "fp8", "fp8_block" } do
+      local q13 = moe.quantize(w.w13:to("cuda"), mode)
+      local n = q13.data:numel()
+      local buf = moe.empty({ n + 1 }, { dtype = q13.data:dtype(), device = "cuda" })
+      local codes = buf:narrow(1, 2, n):reshape(q13.data:shape())
+      codes:copy_(q13.data)
+      local down = moe.quantize(w.w2:to("cuda"), mode)
+      local ok, err = pcall(moe.experts, { gate_up = moe.quant_from_parts{ mode = mode, data = codes, scales = q13.scales },
+                                           down = down })
+      assert.is_false(ok)
+      assert.matches("gate_up: expected CUDA codes 16%-byte aligned .* got codes at offset 1 mod 16", tostring(err))
+      local ex = moe.experts{ gate_up = moe.quant_from_parts{ mode = mode, data = codes:clone(), scales = q13.scales },
+                              down = down }
+      local x, L = inputs(64, 9900)
+      near(call(ex, x, L, METHODS.renormalize, "cuda"), call(experts(w, mode, "cpu"), x, L, METHODS.renormalize, "cpu"),
+           mode .. " parts copied to aligned storage: CUDA vs CPU")
+    end
+  end)
+
   it("fp8, mxfp4 and mxint4 under a CUDA graph (T=64, deepseekv3 top-4: 16 pairs per expert)", function()
     for _, mode in ipairs{ "fp8", "mxfp4", "mxint4" } do graph_rounds(weights("swiglu", false), mode, 64, METHODS.deepseekv3, 990) end
   end)

@@ -115,6 +115,14 @@ static moe_status moe__fq_make(const char *arg, int mode, const moe_tensor *t, c
         if (!moe__same_device(qd, dev))
             return moe__err(MOE_ERR_DEVICE, FNQ ": %s: expected a qtensor on %s (the experts' device), got one on %s", arg,
                             moe__device_str(dev, b, sizeof b), moe__device_str(qd, c, sizeof c));
+        /* every CUDA GEMM kernel loads the codes 16 bytes at a time (a misaligned view faulted
+         * the device); scales are read at their own alignment, or the kernels needing more fall back */
+        const uintptr_t pd = (uintptr_t)moe_tensor_data(moe_qtensor_data(q));
+        if (dev.type == MOE_DEVICE_CUDA && (pd & 15))
+            return moe__err(MOE_ERR_ARG,
+                            FNQ ": %s: expected CUDA codes 16-byte aligned (the GEMM kernels load them 16 bytes at "
+                            "a time), got codes at offset %d mod 16 (a view at an offset: pass a copy, t:clone())",
+                            arg, (int)(pd & 15));
         moe_quant_opts o = moe_quant_opts_default();
         o.block_rows = mode == MOE_QUANT_FP8_BLOCK ? 128 : 0;
         return moe_qtensor_from_parts(out, mode, moe_qtensor_data(q), moe_qtensor_scales(q),
