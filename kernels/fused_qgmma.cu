@@ -692,19 +692,13 @@ bool moe__fq_qgmma_quantises_inter(int mode) { return mode == MOE_QUANT_FP8_BLOC
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
     if (lc <= 0 || H % 128 != 0 || I % 128 != 0) return false;
-    const char *env = getenv("MOE_FUSED_QWGMMA");
     /* average pairs per local expert from which the kernels run (below: fused_quant.cu's k_wreg;
      * H100, 2026-11-27, docs/performance.md): at 32 k_wreg is faster in every mode (Qwen3-30B-A3B
      * T = 512 fp8_block 351 vs 452 us, nvfp4 386 vs 636, mxfp4 303 vs 554; Mixtral T = 128
      * fp8_block 811 vs 844, nvfp4 741 vs 1154); at 64 these kernels win for fp8_block (Mixtral
      * T = 256 987 vs 1314) and mxint4 (1663 vs 1699), nvfp4 / mxfp4 are even (1199 / 1068 vs 1179 /
      * 1046).  Hence 48 for fp8 / fp8_block, 64 for the 4-bit modes. */
-    long rows = mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK ? 48 : 64;
-    if (env && env[0]) {
-        char *end = nullptr;
-        const long v = strtol(env, &end, 10);
-        if (end && *end == '\0' && v >= 0) rows = v;
-    }
+    const long rows = moe__fq_pairs_bound("MOE_FUSED_QWGMMA", mode);
     if (rows == 0 || P < (int64_t)rows * lc) return false;
     bool ok = false;
     if (moe__fm_hopper_ready(&ok) != MOE_OK || !ok) {

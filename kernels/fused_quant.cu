@@ -449,9 +449,9 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
 
 /* ------------------------------------------- register-operand tile kernel -- */
 
-/* k_wreg: the grouped GEMMs at a few to ~24 rows per local expert for fp8, fp8_block, nvfp4 and
- * mxfp4, where k_gemm's small tiles were bound by shared-memory traffic (Nsight Compute, H100,
- * Mixtral 8x7B T = 64: L1 93-98% busy, DRAM 16-59%).  Tile WR_BM rows x 128 weight rows (gated
+/* k_wreg: the grouped GEMMs of every mode below moe__fq_pairs_bound pairs per local expert, where
+ * k_gemm's tiles were bound by shared-memory traffic (Nsight Compute, H100, Mixtral 8x7B T = 64:
+ * L1 93-98% busy, DRAM 16-59%).  Tile WR_BM rows x 128 weight rows (gated
  * GEMM1: 64 gate + their 64 up rows), 4 warps of 32 weight rows, K in chunks of 128.
  * The weights never pass through shared memory: thread (g, t) of a warp loads, one chunk ahead,
  * the 32 codes 32t .. 32t + 31 of the chunk of weight row g of each of its four 8-row blocks
@@ -461,13 +461,17 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
  *     gives the pairs (0, 1), (2, 3));
  *   4-bit: code n of byte-word m (element 32t + 8m + n) in step 2m + ((n >> 1) & 1), slot 2t + (n >> 2)
  *     + 8 (n & 1) (moe__fq_w4x8_pairs gives the pairs (n, n + 4) unpermuted).
- * The activations come 16-bit from moe__fq_a16 (one pass before each GEMM: codes widened once,
- * not once per column tile) and are staged in shared memory (two buffers, one barrier a chunk)
- * with the same permutation of each chunk's columns, so every product pairs the same k.  Gated GEMM1: a
+ *   mxint4 (its scale on per-32 partial sums needs every MMA step inside one group): byte-word m
+ *     is group m's bytes 16m + 4t, from the lane's 16 bytes 16t .. 16t + 15 by a 4 x 4 word
+ *     transpose over the row's four lanes.
+ * The activations (fp8 modes: their codes, widened while staging; 4-bit: 16-bit rows from
+ * moe__fq_a16, widened once before the GEMM, not once per column tile) are staged in shared
+ * memory (two buffers, one barrier a chunk) with the same permutation of each chunk's columns,
+ * so every product pairs the same k.  Gated GEMM1: a
  * warp's blocks are gate, up, gate, up of the same 16 intermediate columns, so the activation
  * runs on the accumulators.  Numerics as k_gemm's: exact 16-bit values of the codes (fp8 modes:
- * f16 MMAs on e4m3 values; 4-bit: bf16 MMAs on e2m1 x its scale), f32 sums, fp8_block's scales on
- * each chunk's f32 partial sums (a chunk is one 128-column block). */
+ * f16 MMAs on e4m3 values; 4-bit: bf16 MMAs on e2m1 x its scale, int4), f32 sums, the scales that
+ * do not fold on f32 partial sums (fp8_block: each chunk, one 128-column block; mxint4: each 32). */
 constexpr int WR_BM = 32, WR_BN = 128, WR_NT = 128;
 
 /* One step of k_wreg's 4 x 4 word transpose over a row's four lanes: swap (x0, x1) with lane
@@ -482,6 +486,16 @@ __device__ __forceinline__ void wr_xchg(uint32_t &x0, uint32_t &x1, uint32_t &y0
         y0 = r0;
         y1 = r1;
     }
+}
+
+/* acc += part x (f0, f1, f2, f3) element-wise, part = 0 (a scale group's promotion). */
+__device__ __forceinline__ void wr_promote(float (&acc)[4], float (&part)[4], float f0, float f1, float f2, float f3) {
+    acc[0] += part[0] * f0;
+    acc[1] += part[1] * f1;
+    acc[2] += part[2] * f2;
+    acc[3] += part[3] * f3;
+#pragma unroll
+    for (int q = 0; q < 4; q++) part[q] = 0.0f;
 }
 
 template <bool F16>
@@ -534,7 +548,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
     for (int b = 0; b < NB; b++) {
         const int wb = gated ? ((b & 1) ? a.I : 0) + nb * 64 + warp * 16 + (b >> 1) * 8 : nb * WR_BN + warp * 32 + b * 8;
         const int64_t row = e * a.N + wb + g;
-        wp[b] = a.W + row * (W4 ? a.Kd / 2 : a.Kd) + (INT4 ? 4 * t : t * (W4 ? 16 : 32));
+        wp[b] = a.W + row * (W4 ? a.Kd / 2 : a.Kd) + t * (W4 ? 16 : 32);
         if (NV) sp[b] = (const uint8_t *)a.W_scales + row * (a.Kd / 16) + 2 * t;
         else if (MX) sp[b] = (const uint8_t *)a.W_scales + row * (a.Kd / 32) + t;
         else if (INT4) sp[b] = (const uint16_t *)a.W_scales + (e * a.N + wb + 2 * t) * (a.Kd / 32);
@@ -547,25 +561,6 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
     auto load_w = [&](int kc, uint32_t (&w)[NB][WW], uint32_t (&s)[NB][NS]) {
 #pragma unroll
         for (int b = 0; b < NB; b++) {
-            if (INT4) {
-                /* byte-word m at bytes 16m + 4t of the chunk's 64: the 16 bytes 16t .. 16t + 15 by one
-                 * load, then a 4 x 4 word transpose over the row's four lanes (t ^ 2, then t ^ 1) */
-                const uint4 x = __ldg((const uint4 *)(wp[b] + (int64_t)kc * (KC / 2) + 12 * t));
-                uint32_t a0 = x.x, a1 = x.y, a2 = x.z, a3 = x.w;
-                wr_xchg(a0, a1, a2, a3, t & 2, 2); /* words 0-1 with lane t ^ 2 (t >= 2), else 2-3 */
-                wr_xchg(a0, a2, a1, a3, t & 1, 1); /* words 0, 2 with lane t ^ 1 (t odd), else 1, 3 */
-                w[b][0] = a0;
-                w[b][1] = a1;
-                w[b][2] = a2;
-                w[b][3] = a3;
-                const uint16_t *s0 = (const uint16_t *)sp[b] + kc * 4;
-                const uint2 u0 = __ldg((const uint2 *)s0), u1 = __ldg((const uint2 *)(s0 + a.Kd / 32));
-                s[b][0] = u0.x;
-                s[b][1] = u0.y;
-                s[b][2] = u1.x;
-                s[b][3] = u1.y;
-                continue;
-            }
             const uint4 *p = (const uint4 *)(wp[b] + (int64_t)kc * (W4 ? KC / 2 : KC));
 #pragma unroll
             for (int v = 0; v < WW / 4; v++) {
@@ -574,6 +569,19 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
                 w[b][4 * v + 1] = x.y;
                 w[b][4 * v + 2] = x.z;
                 w[b][4 * v + 3] = x.w;
+            }
+            if (INT4) {
+                /* byte-word m at bytes 16m + 4t of the chunk's 64 (this lane loaded 16t .. 16t + 15):
+                 * a 4 x 4 word transpose over the row's four lanes (t ^ 2, then t ^ 1) */
+                wr_xchg(w[b][0], w[b][1], w[b][2], w[b][3], t & 2, 2); /* words 0-1 with t ^ 2 (t >= 2), else 2-3 */
+                wr_xchg(w[b][0], w[b][2], w[b][1], w[b][3], t & 1, 1); /* words 0, 2 with t ^ 1 (t odd), else 1, 3 */
+                const uint16_t *s0 = (const uint16_t *)sp[b] + kc * 4;
+                const uint2 u0 = __ldg((const uint2 *)s0), u1 = __ldg((const uint2 *)(s0 + a.Kd / 32));
+                s[b][0] = u0.x;
+                s[b][1] = u0.y;
+                s[b][2] = u1.x;
+                s[b][3] = u1.y;
+                continue;
             }
             /* scale codes: nvfp4 the two of the thread's 32 codes, mxfp4 its one */
             if (NV) s[b][0] = __ldg((const uint16_t *)((const uint8_t *)sp[b] + kc * 8));
@@ -642,13 +650,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
         }
     };
 
-    float acc[MI][NB][4], part[MI][NB][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; mi++)
-#pragma unroll
-        for (int b = 0; b < NB; b++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) acc[mi][b][q] = part[mi][b][q] = 0.0f;
+    float acc[MI][NB][4] = {}, part[MI][NB][4] = {};
 
     const int NC = a.Kd / KC;
     load_w(0, wc, sc);
@@ -698,14 +700,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
                     const float s0 = __uint_as_float(((sc[b][G >> 1] >> (16 * (G & 1))) & 0xFFFFu) << 16);
                     const float s1 = __uint_as_float(((sc[b][2 + (G >> 1)] >> (16 * (G & 1))) & 0xFFFFu) << 16);
 #pragma unroll
-                    for (int mi = 0; mi < MI; mi++) {
-                        acc[mi][b][0] += part[mi][b][0] * s0;
-                        acc[mi][b][1] += part[mi][b][1] * s1;
-                        acc[mi][b][2] += part[mi][b][2] * s0;
-                        acc[mi][b][3] += part[mi][b][3] * s1;
-#pragma unroll
-                        for (int q = 0; q < 4; q++) part[mi][b][q] = 0.0f;
-                    }
+                    for (int mi = 0; mi < MI; mi++) wr_promote(acc[mi][b], part[mi][b], s0, s1, s0, s1);
                 }
             }
         }
@@ -716,12 +711,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
                     const float w = __uint_as_float(sc[b][0]);
-                    acc[mi][b][0] += part[mi][b][0] * (x0 * w);
-                    acc[mi][b][1] += part[mi][b][1] * (x0 * w);
-                    acc[mi][b][2] += part[mi][b][2] * (x1 * w);
-                    acc[mi][b][3] += part[mi][b][3] * (x1 * w);
-#pragma unroll
-                    for (int q = 0; q < 4; q++) part[mi][b][q] = 0.0f;
+                    wr_promote(acc[mi][b], part[mi][b], x0 * w, x0 * w, x1 * w, x1 * w);
                 }
             }
         }
@@ -920,25 +910,17 @@ moe_status fq_wreg_gemms(cudaStream_t st, int dev, const gemm_args &a1, const ge
     return MOE_OK;
 }
 
-/* Whether a call with P pairs over lc local experts runs k_wreg: H and I multiples of 128, codes
- * 16-byte aligned, fewer than MOE_FUSED_QWREG pairs per local expert on average (unset: 48 for fp8
- * / fp8_block, 64 for the 4-bit modes, where the Hopper wgmma kernels start (fused_qgmma.cu has
- * the measurements); "0": never). */
+/* Whether a call with P pairs over lc local experts runs k_wreg: H and I multiples of 128, scales
+ * 8-byte aligned, fewer pairs per local expert on average than moe__fq_pairs_bound (unset: where
+ * the Hopper wgmma kernels start; MOE_FUSED_QWREG=0: never). */
 bool fq_wreg_use(int mode, int64_t P, int lc, const struct moe_experts *ex) {
-    long bound = mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK ? 48 : 64;
-    const char *env = getenv("MOE_FUSED_QWREG");
-    if (env && env[0]) {
-        char *end = nullptr;
-        const long v = strtol(env, &end, 10);
-        if (end && *end == '\0' && v >= 0) bound = v;
-    }
+    const long bound = moe__fq_pairs_bound("MOE_FUSED_QWREG", mode);
     if (ex->H % 128 != 0 || ex->I % 128 != 0 || P >= (int64_t)bound * lc) return false;
-    /* 16-byte loads of the codes, 8-byte loads of mxint4's scales (qtensors made from parts may be offset) */
-    const uintptr_t w = (uintptr_t)moe_tensor_data(moe_qtensor_data(ex->q13)) |
-                        (uintptr_t)moe_tensor_data(moe_qtensor_data(ex->q2));
+    /* codes are 16-byte aligned (checked when the experts are made); mxint4's scales are loaded 8
+     * bytes at a time (qtensors made from parts may be offset: the tile kernels read bytes) */
     const uintptr_t sc = (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q13)) |
                          (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q2));
-    return (w & 15) == 0 && (sc & 7) == 0;
+    return (sc & 7) == 0;
 }
 
 /* Row tile of each configuration, chosen from the average rows per local expert. */

@@ -9,6 +9,7 @@
 #include "fused_moe.cuh" /* moe__fm_act */
 
 #include <cuda_fp8.h>
+#include <stdlib.h>
 
 /* Byte offsets into the workspace buffer of the regions moe__fused_quant_ws_bytes sizes,
  * computed from the workspace's own max_tokens, top_k, E, H and I (each region 256-aligned):
@@ -190,6 +191,22 @@ template <int MODE> static __device__ __forceinline__ uint32_t moe__fq_scale2(ui
         b = code == 0 ? 0x40u : code == 255 ? 0x7FC0u : code << 7;
     }
     return b | (b << 16);
+}
+
+/* Average pairs per local expert at which the quantised path moves from the register-operand
+ * tile kernel (fused_quant.cu's k_wreg, below) to the Hopper wgmma kernels (fused_qgmma.cu, from
+ * there): 48 for fp8 / fp8_block, 64 for the 4-bit modes (H100 measurements in
+ * moe__fq_qgmma_use); the environment variable `name` (MOE_FUSED_QWREG, MOE_FUSED_QWGMMA), when
+ * a whole non-negative integer, replaces it ("0": the kernel never runs). */
+static inline long moe__fq_pairs_bound(const char *name, int mode) {
+    long bound = mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK ? 48 : 64;
+    const char *env = getenv(name);
+    if (env && env[0]) {
+        char *end = nullptr;
+        const long v = strtol(env, &end, 10);
+        if (end && *end == '\0' && v >= 0) bound = v;
+    }
+    return bound;
 }
 
 /* Hopper wgmma GEMMs, every mode (fused_qgmma.cu).  moe__fq_qgmma_use: whether a call with P
