@@ -197,6 +197,23 @@ __device__ __forceinline__ void fq_convert(const raw16 &r, bool bf16_src, const 
     *(uint4 *)(dst + 8) = o1;
 }
 
+/* The row map of a row tile (first row r0, nr rows) of a grouped GEMM, by the NT threads of the
+ * CTA: rowpair[r] its pair, rowsrc[r] the row of its A operand (GEMM1: the pair's token; GEMM2:
+ * the sorted row); -1 past nr. */
+template <bool G1, int BM, int NT>
+__device__ __forceinline__ void fq_row_map(const gemm_args &a, int r0, int nr, int *rowpair, int *rowsrc) {
+    for (int r = threadIdx.x; r < BM; r += NT) {
+        if (r < nr) {
+            const int p = a.sorted[r0 + r];
+            rowpair[r] = p;
+            rowsrc[r] = G1 ? p / a.K : r0 + r;
+        } else {
+            rowpair[r] = -1;
+            rowsrc[r] = -1;
+        }
+    }
+}
+
 /* Grouped GEMM tile BM x BN x BK, WM x WN warps.  Shared tiles are bf16 rows of BK + 8
  * (the pad spreads ldmatrix rows over the banks), one stage: each thread owns CA chunks of A
  * and CB of B (16 consecutive K elements of one row each), loads the next step's codes into
@@ -234,16 +251,7 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
     if (tid < 16) lut4[tid] = moe__e2m1_to_f32((uint8_t)tid);
     const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
     const int64_t e = (int64_t)a.lo + le;
-    for (int r = tid; r < BM; r += NT) {
-        if (r < nr) {
-            const int p = a.sorted[r0 + r];
-            rowpair[r] = p;
-            rowsrc[r] = G1 ? p / a.K : r0 + r;
-        } else {
-            rowpair[r] = -1;
-            rowsrc[r] = -1;
-        }
-    }
+    fq_row_map<G1, BM, NT>(a, r0, nr, rowpair, rowsrc);
     __syncthreads();
     const bool gated = G1 && a.gated;
     const int KT = a.Kd / BK;
@@ -528,16 +536,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int le = a.tile_e[tile], r0 = a.tile_r0[tile], nr = a.tile_n[tile];
     const int64_t e = (int64_t)a.lo + le;
-    for (int r = tid; r < BM; r += NT) {
-        if (r < nr) {
-            const int p = a.sorted[r0 + r];
-            rowpair[r] = p;
-            rowsrc[r] = G1 ? p / a.K : r0 + r; /* fp8 modes: the row of its codes and scales */
-        } else {
-            rowpair[r] = -1;
-            rowsrc[r] = -1;
-        }
-    }
+    fq_row_map<G1, BM, NT>(a, r0, nr, rowpair, rowsrc); /* rowsrc: fp8 modes' rows of codes and scales */
     __syncthreads();
 
     /* this thread's weight rows: row g of each of its warp's four 8-row blocks (mxint4: also the
