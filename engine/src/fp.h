@@ -167,15 +167,28 @@ MOE_HD float moe__e5m2_to_f32(uint8_t c) {
 }
 
 /* ---- e2m1 (4 bits: S.EE.M; values 0 .5 1 1.5 2 3 4 6) ---- */
+/* The e2m1 magnitude code of a >= 0 (not NaN) by comparisons: the 7 rounding boundaries
+ * between 0, 0.5, 1, 1.5, 2, 3, 4, 6, each tie going to the even code (0.25 -> 0, 0.75 -> 1,
+ * 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4); past 5 (inf too) saturated to 6.  The
+ * same codes as moe__minifloat_mag (spec/c/test_fp.c), in a dozen instructions: the device's
+ * encoder (sm_90 has no e2m1 conversion instruction). */
+MOE_HD uint32_t moe__e2m1_mag_cmp(float a) {
+    return (uint32_t)(a > 0.25f) + (uint32_t)(a >= 0.75f) + (uint32_t)(a > 1.25f) + (uint32_t)(a >= 1.75f) +
+           (uint32_t)(a > 2.5f) + (uint32_t)(a >= 3.5f) + (uint32_t)(a > 5.0f);
+}
 MOE_HD uint8_t moe__f32_to_e2m1(float f) {
     uint32_t u = moe__f32_bits(f);
     uint32_t sign = (u >> 28) & 0x8u;
     uint32_t a = u & 0x7FFFFFFFu;
     if (a > 0x7F800000u) return 0;
+#ifdef __CUDA_ARCH__
+    return (uint8_t)(sign | moe__e2m1_mag_cmp(moe__bits_f32(a)));
+#else
     if (a == 0x7F800000u) return (uint8_t)(sign | 0x7);
     uint32_t m = moe__minifloat_mag(moe__bits_f32(a), 1, 1);
     if (m > 0x7u) m = 0x7;
     return (uint8_t)(sign | m);
+#endif
 }
 MOE_HD float moe__e2m1_to_f32(uint8_t c) {
     uint32_t e = (c >> 1) & 3, m = c & 1;

@@ -26,7 +26,7 @@ for n in "${names[@]}"; do
   ( cd "/tmp/ab-src-$n" && MOE_LIB=$OLDPWD/build-ab-$n/libmoe.so MOE_CDEF=$OLDPWD/build-ab-$n/moe_cdef.h \
       luajit scripts/moe run scripts/dev/qgmma_check.lua 2>&1 | grep -E "exact/tile|rror" || true )
   if [ -n "$AB_CTEST" ] && [ "$n" != "${names[0]}" ]; then
-    ( cd "build-ab-$n" && ctest -R "$AB_CTEST" 2>&1 | grep -E "tests passed|Failed|\*\*\*" || true )
+    ( cd "build-ab-$n" && ctest -j4 -R "$AB_CTEST" 2>&1 | grep -E "tests passed|Failed|\*\*\*" || true )
   fi
 done
 for round in $(seq 1 "${AB_ROUNDS:-2}"); do
