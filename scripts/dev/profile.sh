@@ -4,7 +4,7 @@
 # T = 16384), the warp-specialised GEMM (Mixtral 8x7B, T = 4096), the Hopper fp8_block GEMMs
 # (DeepSeek-V3 T = 4096, exact and FP8 tensor cores) and per-kernel durations of one
 # Qwen3-30B-A3B T = 1 fused call.  Logs to $OUT.
-# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|w4stall|wreg|decode ...]
+# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|qvsrc|w4stall|wreg|decode ...]
 set -o pipefail
 OUT=${OUT:-prof-out}
 mkdir -p "$OUT"
@@ -79,6 +79,18 @@ for w in $what; do
         luajit scripts/moe bench fused_quant --quant $m --shape qwen3-30b-a3b --t 1 --reps 3 > "$OUT/ncu_qdecode_$m.txt" 2>&1
       echo "== $m"
       grep -E "^  [a-zA-Z_].*\(|gpu__time_duration|dram__|warps_active" "$OUT/ncu_qdecode_$m.txt" | sed -E 's/\(.*//' | tail -24
+    done ;;
+  qvsrc)
+    # where the decode GEMV kernels' warps wait, per SASS line (Qwen3-30B-A3B T = 1 fp8 and
+    # fp8_block): boost clocks, cold L2, warp-state samples; summarised by ncu_src_top.py
+    for m in fp8 fp8_block; do
+      timeout 240 "$NCU" -k "regex:k_qv" --launch-skip 4 --launch-count 2 --clock-control none \
+        --section SpeedOfLight --section WarpStateStats --section SourceCounters --section Occupancy \
+        --import-source no -o "$OUT/qvsrc_$m" -f \
+        luajit scripts/moe bench fused_quant --quant $m --shape qwen3-30b-a3b --t 1 --reps 3 > "$OUT/ncu_qvsrc_$m.txt" 2>&1
+      "$NCU" -i "$OUT/qvsrc_$m.ncu-rep" --print-summary none | grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput"
+      "$NCU" -i "$OUT/qvsrc_$m.ncu-rep" --page source --print-source sass --csv > "$OUT/qvsrc_$m.csv" 2>&1
+      python3 scripts/dev/ncu_src_top.py "$OUT/qvsrc_$m.csv" 12
     done ;;
   w4stall)
     # warp stall reasons and pipes of the Hopper 4-bit GEMM1 (nvfp4, mxint4) and fp8_block's, Qwen3-30B-A3B T = 4096
