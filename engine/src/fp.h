@@ -125,6 +125,8 @@ MOE_HD uint8_t moe__f32_to_e4m3(float f) {
     uint32_t sign = (u >> 24) & 0x80u;
     uint32_t a = u & 0x7FFFFFFFu;
     if (a > 0x7F800000u) return (uint8_t)(sign | 0x7F);
+    if (a <= 0x3A800000u) return (uint8_t)sign; /* |f| <= 2^-10, half the least subnormal: +-0 (the tie
+                                                  * to even), f32 subnormals included */
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
     /* the same rounding in one instruction: nearest-even, finite values and infinities past
      * 448 saturated to +-448 (spec/quant_gpu_spec.lua compares every code with the host's) */
