@@ -129,7 +129,9 @@ MOE_HD uint8_t moe__f32_to_e4m3(float f) {
                                                   * to even), f32 subnormals included */
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
     /* the same rounding in one instruction: nearest-even, finite values and infinities past
-     * 448 saturated to +-448 (spec/quant_gpu_spec.lua compares every code with the host's) */
+     * 448 saturated to +-448 (spec/tensor_gpu_spec.lua casts the special values -- +-inf, 448,
+     * the 464 tie, 480, huge and tiny ones -- and spec/quant_gpu_spec.lua every quantiser's
+     * codes on both devices, bit for bit) */
     unsigned short r;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(r) : "f"(0.0f), "f"(f));
     return (uint8_t)r;
