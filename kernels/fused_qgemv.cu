@@ -31,6 +31,12 @@
  * of activation row g, and feeds them to 4 MMAs as the MMA's columns 2q, 2q+1, 2q+8, 2q+9 (any
  * one-to-one map of the columns serves when both operands use it): 16-byte loads straight from
  * global memory, no shared-memory staging.
+ * Block-local activations (fp8, fp8_block; x of at most QV_LOC_UP values, a token's intermediate
+ * rows of at most QV_LOC_MAX: Qwen3-30B-A3B at T = 1): every block loads the activations it needs
+ * into registers before the routed ids and its weights, quantises them itself into shared memory
+ * (the same codes and scales as the shared steps) and skips those steps -- the redundant work
+ * costs less than the grid-wide waits.  fp8's intermediate amax then lives in its own slot,
+ * which the last k_qv_down block to have read it resets.
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are
@@ -74,6 +80,8 @@ struct qv_args : moe__fg_shape {
     unsigned *ctr;           /* MOE__FQ_NCTR counters (fused_quant.cuh), zero between calls */
     uint16_t *out;           /* bf16 [T, H] */
     int32_t *err;            /* routed ids out of range */
+    int loc;                 /* fp8 modes, small T: each block quantises the activations it
+                              * needs itself (qv_loc_quant), no shared steps */
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -310,6 +318,75 @@ __device__ __forceinline__ void qv_fp8_codes(const uint16_t *src, int64_t i0, in
     }
 }
 
+/* ------------------------------------------------- local activation work -- */
+
+#define QV_LOC_UP 2048  /* activation values a block quantises itself: T*H for GEMM1 */
+#define QV_LOC_MAX 8192 /* K*I for GEMM2 */
+
+/* Load the n (<= QV_LOC_MAX, a multiple of 128) bf16 values at src, 8 a thread (uint4 i = tid +
+ * NT*j), into registers: issued before the weights, so they are not queued behind them. */
+template <int NT, int NV> __device__ __forceinline__ void qv_loc_load(const uint16_t *src, int64_t n, uint4 (&v)[NV]) {
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        const int64_t i = threadIdx.x + (int64_t)NT * j;
+        v[j] = 8 * i < n ? __ldcg((const uint4 *)src + i) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+/* Those values quantised as the quantisers do, codes into c[n] and (fp8_block) the per-128 scales
+ * into sc[n / 128] (shared memory): fp8 with the scale s = amax / 448 of the amax bits `bits` (the
+ * caller's: per tensor), fp8_block per 128 values (16 consecutive lanes hold a group). */
+template <int MODE, int NT, int NV>
+__device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, float s, uint8_t *c, float *sc) {
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        const int64_t i = threadIdx.x + (int64_t)NT * j;
+        const uint32_t w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+        float f[8];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            f[2 * k] = moe__bf16_to_f32((uint16_t)w[k]);
+            f[2 * k + 1] = moe__bf16_to_f32((uint16_t)(w[k] >> 16));
+        }
+        float sj = s;
+        if (MODE == MOE_QUANT_FP8_BLOCK) {
+            uint32_t b = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++) b = max(b, moe__q_absbits(f[k]));
+            b = moe__q_warp_max(b, 16); /* every lane: shuffles */
+            sj = moe__q_fp8_scale(moe__q_amax(b));
+            if (8 * i < n && (threadIdx.x & 15) == 0) sc[i >> 4] = sj;
+        }
+        if (8 * i < n) {
+            uint32_t cw[2] = {0, 0};
+#pragma unroll
+            for (int k = 0; k < 8; k++) cw[k >> 2] |= (uint32_t)moe__q_fp8_code(f[k], sj) << (8 * (k & 3));
+            *(uint2 *)(c + 8 * i) = make_uint2(cw[0], cw[1]);
+        }
+    }
+}
+
+/* Maximum absolute-value bits of the loaded values over the block (every thread gets it). */
+template <int NT, int NV> __device__ __forceinline__ uint32_t qv_loc_amax(const uint4 (&v)[NV]) {
+    __shared__ uint32_t s_m[NT / 32];
+    uint32_t b = 0;
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        const uint32_t w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            b = max(b, max(moe__q_absbits(moe__bf16_to_f32((uint16_t)w[k])),
+                           moe__q_absbits(moe__bf16_to_f32((uint16_t)(w[k] >> 16)))));
+    }
+    b = moe__q_warp_max(b, 32);
+    if ((threadIdx.x & 31) == 0) s_m[threadIdx.x >> 5] = b;
+    __syncthreads();
+    b = 0;
+#pragma unroll
+    for (int w = 0; w < NT / 32; w++) b = max(b, s_m[w]);
+    return b;
+}
+
 /* ------------------------------------------------------------ GEMM1 + act -- */
 
 /* grid (N1 / 16, T*K); block (tile u, pair p). */
@@ -321,6 +398,14 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     moe__fm_pdl_enter();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t P = a.T * a.K, p = blockIdx.y;
+    /* loc: x into registers first (before the routed ids are known; not queued behind the weights) */
+    constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
+    constexpr int XV = F8 ? QV_LOC_UP / 8 / QV_UP_THREADS : 1;
+    __shared__ __align__(16) uint8_t s_xc[F8 ? QV_LOC_UP : 16];
+    __shared__ float s_xs[F8 ? QV_LOC_UP / 128 : 1];
+    const bool loc = F8 && a.loc;
+    uint4 xl[XV];
+    if (loc) qv_loc_load<QV_UP_THREADS>(a.x, a.T * a.H, xl);
     if (blockIdx.x == 0 && blockIdx.y == 0 && warp == 0) moe__fg_count_bad(a.ids, P, a.E, a.err);
     const int e = a.ids[p];
     if (!moe__fg_local(e, a.E, a.lo, a.lc)) return;
@@ -334,6 +419,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     constexpr int kbb = PK ? 64 : 128;
     const uint8_t *wa = a.w13 + ((int64_t)e * a.N1 + ra) * rowb + 16 * q;
     const uint8_t *wb = a.w13 + ((int64_t)e * a.N1 + rb) * rowb + 16 * q;
+
 
     /* the first round's weights, in flight during the x quantisation */
     uint4 w0[UG][NH], w1[UG][NH];
@@ -353,7 +439,12 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     /* x: codes (and fp8_block / nvfp4 scales) into the workspace, shared out in chunks (mx
      * modes multiply x in bf16: nothing to do) */
     const int64_t nx = a.T * H;
-    if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
+    float xsl = 1.0f; /* loc, fp8: x's scale */
+    if (loc) {
+        if (MODE == MOE_QUANT_FP8) xsl = moe__q_fp8_scale(moe__q_amax(qv_loc_amax<QV_UP_THREADS>(xl)));
+        qv_loc_quant<MODE, QV_UP_THREADS>(xl, nx, xsl, s_xc, s_xs);
+        __syncthreads();
+    } else if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
         __shared__ uint32_t s_xa;
         uint32_t xamax = 0;
         bool have_amax = false;
@@ -388,7 +479,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
         });
     }
     float ts = 1.0f;
-    if (MODE == MOE_QUANT_FP8) ts = __ldcg(a.xt) * a.s13[e];
+    if (MODE == MOE_QUANT_FP8) ts = (loc ? xsl : __ldcg(a.xt)) * a.s13[e];
     if (MODE == MOE_QUANT_NVFP4) ts = __ldcg(a.xt) * a.g13[e];
     const int64_t srow = ((int64_t)e * (a.N1 >> 7) + (ra >> 7)) * nkb; /* fp8_block: scale rows of ra, rb */
     const int64_t srow_b = ((int64_t)e * (a.N1 >> 7) + (rb >> 7)) * nkb;
@@ -414,7 +505,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
         }
         if (GC && (g & 3) != q) pg = -1; /* B is zero outside the column's group */
         const int64_t tg = pg >= 0 ? pg / a.K : 0;
-        const uint8_t *xr = a.xc + tg * (PK ? H / 2 : H) + 16 * q;
+        const uint8_t *xr = (loc ? s_xc : a.xc) + tg * (PK ? H / 2 : H) + 16 * q;
         const int64_t tc0 = pc0 >= 0 ? pc0 / a.K : 0, tc1 = pc1 >= 0 ? pc1 / a.K : 0;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int kb0 = warp; kb0 < nkb; kb0 += NW * UG) {
@@ -428,13 +519,15 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
                 if (!GC) {
 #pragma unroll
                     for (int h = 0; h < NH; h++)
-                        xv[j][h] = pg >= 0 ? __ldcg((const uint4 *)(xr + kbb * kb + 64 * h)) : make_uint4(0, 0, 0, 0);
+                        xv[j][h] = pg < 0 ? make_uint4(0, 0, 0, 0)
+                                   : loc  ? *(const uint4 *)(xr + kbb * kb + 64 * h)
+                                          : __ldcg((const uint4 *)(xr + kbb * kb + 64 * h));
                 }
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     sa[j] = a.s13[srow + kb];
                     sb[j] = a.s13[srow_b + kb];
-                    sx0[j] = __ldcg(a.xs + tc0 * nkb + kb);
-                    sx1[j] = __ldcg(a.xs + tc1 * nkb + kb);
+                    sx0[j] = loc ? s_xs[tc0 * nkb + kb] : __ldcg(a.xs + tc0 * nkb + kb);
+                    sx1[j] = loc ? s_xs[tc1 * nkb + kb] : __ldcg(a.xs + tc1 * nkb + kb);
                 }
                 if (MODE == MOE_QUANT_NVFP4) {
                     ua[j] = *(const uint16_t *)(sra + 8 * kb + 2 * q);
@@ -529,7 +622,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
             }
             if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) {
                 amax = moe__q_warp_max(amax, 32);
-                if (lane == 0 && amax != 0) atomicMax(a.ctr + 4, amax);
+                if (lane == 0 && amax != 0) atomicMax(a.ctr + (loc ? 5 : 4), amax);
             }
         }
         __syncthreads(); /* s_red is reused by the next pass */
@@ -549,24 +642,52 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t t = blockIdx.x % a.T, P = a.T * a.K, p0 = t * a.K;
     const int c0 = (int)(blockIdx.x / a.T) * 16, I = a.I, nkb = I >> 7;
-    /* the token's local pairs in k order */
+    /* loc: the token's K intermediate rows (local or not) and (fp8) the intermediate's amax bits
+     * into registers first: nothing here waits on the routed ids */
+    constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
+    const bool loc = F8 && a.loc;
+    constexpr int IV = F8 ? QV_LOC_MAX / 8 / QV_DN_THREADS : 1;
+    __shared__ __align__(16) uint8_t s_ic[F8 ? QV_LOC_MAX : 16];
+    __shared__ float s_is[F8 ? QV_LOC_MAX / 128 : 1];
+    uint4 il[IV];
+    uint32_t lamax = 0;
+    if (loc) {
+        qv_loc_load<QV_DN_THREADS>(a.inter + p0 * I, (int64_t)a.K * I, il);
+        if (MODE == MOE_QUANT_FP8) lamax = __ldcg(a.ctr + 5);
+    }
+    /* the token's local pairs in k order (ids and routing weights read together) */
     __shared__ int s_e[32], s_p[32], s_nl;
     __shared__ float s_w[32];
     if (warp == 0) {
-        int id;
-        const unsigned m = moe__fg_token_local(a, a.ids, p0, id);
+        int id = -1;
+        float wt = 1.0f;
+        if (lane < a.K) {
+            id = a.ids[p0 + lane];
+            if (!a.llama4) wt = a.wts[p0 + lane];
+        }
+        const unsigned m = __ballot_sync(0xffffffffu, lane < a.K && moe__fg_local(id, a.E, a.lo, a.lc));
         if (m >> lane & 1u) {
             const int kl = __popc(m & ((1u << lane) - 1u));
             s_e[kl] = id;
             s_p[kl] = (int)(p0 + lane);
-            s_w[kl] = a.llama4 ? 1.0f : a.wts[p0 + lane];
+            s_w[kl] = wt;
         }
         if (lane == 0) s_nl = __popc(m);
     }
     __syncthreads();
+    /* loc, fp8: every block has read the amax slot (above: lamax is used after this point only
+     * through its register); the last block to count resets the slot for the next call (k_qv_up's
+     * epilogues take its max) */
+    auto loc_count = [&]() {
+        if (loc && MODE == MOE_QUANT_FP8 && tid == 0 && atomicAdd(a.ctr + 6, 1u) == gridDim.x - 1) {
+            a.ctr[5] = 0;
+            a.ctr[6] = 0;
+        }
+    };
     const int nl = s_nl;
     if (nl == 0) {
         if (tid < 16) a.out[t * a.H + c0 + tid] = 0;
+        loc_count();
         return;
     }
     /* unit u = (local pair u / nkb, 128-column block u % nkb); warp w takes w, w + NW, ... */
@@ -588,15 +709,26 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
         }
     };
     if (warp < nu) load_w(warp);
+    /* fp8 modes: the first round's weight scales, in flight with its weights */
+    auto wscale = [&](int uu) {
+        const int kl = uu / nkb, kb = uu - kl * nkb, e = s_e[kl];
+        return MODE == MOE_QUANT_FP8_BLOCK ? a.s2[((int64_t)e * (a.H >> 7) + (c0 >> 7)) * nkb + kb] : a.s2[e];
+    };
+    float ws0[UG];
+#pragma unroll
+    for (int j = 0; j < UG; j++) ws0[j] = F8 && warp < nu ? wscale(warp + NW * j < nu ? warp + NW * j : warp) : 0.0f;
 
     /* the intermediate rows of the local pairs: codes (and fp8_block / nvfp4 scales), shared
      * out in chunks (pair, 1024 columns); rows of other pairs are skipped (mx modes: bf16) */
     const int cpr = (I + QV_CHUNK - 1) / QV_CHUNK;
     const bool pt = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4; /* per-tensor amax */
-    const uint32_t gamax = pt ? __ldcg(a.ctr + 4) : 0u;            /* complete: step 1 ended */
+    const uint32_t gamax = pt ? (loc ? lamax : __ldcg(a.ctr + 4)) : 0u; /* complete: step 1 ended */
     const float sg = MODE == MOE_QUANT_NVFP4 ? moe__q_nvfp4_global(moe__q_amax(gamax))
                                              : moe__q_fp8_scale(moe__q_amax(gamax));
-    if (!GC) {
+    if (loc) {
+        qv_loc_quant<MODE, QV_DN_THREADS>(il, (int64_t)a.K * I, sg, s_ic, s_is);
+        __syncthreads();
+    } else if (!GC) {
         qv_share(a.ctr + 2, (unsigned)(P * cpr), [&](unsigned c) {
             const int64_t pp = c / cpr, i0 = pp * I + (int64_t)(c % cpr) * QV_CHUNK, i1 = min(pp * I + I, i0 + QV_CHUNK);
             if (moe__fg_local(a.ids[pp], a.E, a.lo, a.lc)) {
@@ -629,16 +761,20 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0;
             const int kl = uu / nkb, kb = uu - kl * nkb, pp = s_p[kl], e = s_e[kl];
             if (!GC) {
-                const uint8_t *xr = a.gc + (int64_t)pp * rowb + kbb * kb + 16 * q;
+                const uint8_t *xr = loc ? s_ic + (int64_t)(pp - p0) * rowb + kbb * kb + 16 * q
+                                        : a.gc + (int64_t)pp * rowb + kbb * kb + 16 * q;
 #pragma unroll
                 for (int h = 0; h < NH; h++)
-                    xv[j][h] = g == 0 ? __ldcg((const uint4 *)(xr + 64 * h)) : make_uint4(0, 0, 0, 0);
+                    xv[j][h] = g != 0 ? make_uint4(0, 0, 0, 0)
+                               : loc  ? *(const uint4 *)(xr + 64 * h)
+                                      : __ldcg((const uint4 *)(xr + 64 * h));
             }
             /* the unit's factor: its scales (as the tile path: activation x weight) and weight */
             if (MODE == MOE_QUANT_FP8_BLOCK)
-                f[j] = __ldcg(a.gs + (int64_t)pp * nkb + kb) * a.s2[((int64_t)e * (a.H >> 7) + (c0 >> 7)) * nkb + kb];
+                f[j] = (loc ? s_is[(pp - p0) * nkb + kb] : __ldcg(a.gs + (int64_t)pp * nkb + kb)) *
+                       (u0 == warp ? ws0[j] : wscale(uu));
             else if (MODE == MOE_QUANT_FP8)
-                f[j] = sg * a.s2[e];
+                f[j] = sg * (u0 == warp ? ws0[j] : wscale(uu));
             else if (MODE == MOE_QUANT_NVFP4)
                 f[j] = sg * a.g2[e];
             else
@@ -703,6 +839,7 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
             for (int kl = 0; kl < nl; kl++) v += s_w[kl] * a.b2[(int64_t)s_e[kl] * a.H + c0 + tid];
         a.out[t * a.H + c0 + tid] = moe__f32_to_bf16(v);
     }
+    loc_count();
 }
 
 template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
@@ -729,6 +866,18 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
  * (DeepSeek-V3 T = 16 1623 vs 1734, T = 64 3989 vs 3897; Qwen3 T = 16 202 vs 197) and fp8_block
  * loses (its per-128-column scale work); with more pairs per expert (Qwen3 T = 64, Mixtral
  * T = 16/64) the passes re-read the weights and the tile kernels win in every mode. */
+/* Whether the fp8 modes quantise their activations block-locally (k_qv_up: x of T*H <= QV_LOC_UP
+ * values; k_qv_down: a token's K*I <= QV_LOC_MAX) instead of in the shared steps.  Off with
+ * MOE_FUSED_QVLOC=0.  H100, moe bench fused_quant --compare-env MOE_FUSED_QVLOC=0 (2026-11-27,
+ * docs/performance.md): Qwen3-30B-A3B T = 1 fp8 32.2 -> 27.3 us, fp8_block 34.2 -> 30.4. */
+static bool qv_loc_eligible(const moe__fused_args *A) {
+    const struct moe_experts *ex = A->ex;
+    if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK) return false;
+    const char *env = getenv("MOE_FUSED_QVLOC");
+    if (env && env[0] == '0' && !env[1]) return false;
+    return A->T * ex->H <= QV_LOC_UP && A->K * ex->I <= QV_LOC_MAX;
+}
+
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
     const int m = ex->quant;
@@ -790,6 +939,7 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     a.out = (uint16_t *)moe_tensor_data(A->out);
     a.err = (int32_t *)(base + ws->off_err);
     moe__fg_shape_set(&a, A);
+    a.loc = qv_loc_eligible(A);
     switch (ex->quant) {
     case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a);
     case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a);

@@ -15,11 +15,14 @@
  * computed from the workspace's own max_tokens, top_k, E, H and I (each region 256-aligned):
  *   misc   +0 ntiles (i32); +16 x's per-tensor scale (fp8) or global scale (nvfp4), f32;
  *          +32 the intermediate's; +64 the GEMV path's counters (MOE__FQ_NCTR u32: x chunks
- *          claimed, x chunks done, intermediate chunks claimed, done, intermediate amax bits);
+ *          claimed, x chunks done, intermediate chunks claimed, done, intermediate amax bits;
+ *          with block-local activations, the intermediate amax bits and the k_qv_down blocks
+ *          that have read them); MOE__FQ_MISC_BYTES (128) holds up to 16;
  *   tiles  tile table: expert, first row, rows (wtiles i32 each);
  *   xc/xs  x codes [max_tokens, H] and scales; gc/gs the intermediate's [max_pairs, I]. */
 #define MOE__FQ_CTR_OFF 64
-#define MOE__FQ_NCTR 5
+#define MOE__FQ_NCTR 7
+static_assert(MOE__FQ_CTR_OFF + 4 * MOE__FQ_NCTR <= MOE__FQ_MISC_BYTES, "GEMV counters outside misc");
 struct moe__fq_layout {
     size_t misc, tiles, xc, xs, gc, gs;
     int64_t wtiles;

@@ -9,7 +9,8 @@
 -- on (default) and off (MOE_FUSED_QWGMMA=0) against the CPU and each other; the default GEMV
 -- rule (MOE_FUSED_QGEMV unset) at T = 7 and 16 (T*K < E, = 2E); the register-operand tile kernel
 -- below 48 (fp8 modes) / 64 (4-bit) pairs per expert, every mode (MOE_FUSED_QWREG on and off,
--- T = 60..240).
+-- T = 60..240); the decode path's block-local activations (fp8 modes, MOE_FUSED_QVLOC) against the
+-- shared steps bit for bit.
 -- Prints each mode's error against the bf16 output, and the wgmma kernels' difference from
 -- the mma.sync ones.
 -- Exits 77 without a CUDA device.
@@ -644,6 +645,64 @@ describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FU
           end)
         end)
         assert.same(y1, again)
+      end
+    end)
+  end
+end)
+
+describe("#gpu quantised fused MoE: block-local activations of the decode GEMV path (fp8 modes; " ..
+         "MOE_FUSED_QVLOC=0 off)", function()
+  -- Where x has at most 2048 values and a token's intermediate rows at most 8192 (here T <= 5),
+  -- fp8 and fp8_block quantise their activations in every block instead of in shared steps: the
+  -- same codes and scales, the same sums in the same order, so the bits of the shared steps.
+  local function qvloc(v, f) return H.with_env("MOE_FUSED_QVLOC", v, f) end
+  local function same(w, mode, x, L, m, more, what)
+    local function go(v)
+      return qvloc(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+    end
+    local path, yl, rl = path_of(function() return go(nil) end)
+    assert.equal("gemv", path, what .. ": the path taken")
+    local ys = go("0")
+    assert.same(bits(ys), bits(yl), what .. ": block-local vs shared steps")
+    local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
+    assert.same(rc.ids:totable(), rl.ids:to("cpu"):totable())
+    near(yl, yc, what .. ": CUDA vs CPU")
+    return yl
+  end
+  for _, mode in ipairs{ "fp8", "fp8_block" } do
+    it(mode .. ": T = 1..5, relu2 / swiglu_oai / geglu with biases, deepseekv3 / llama4, expert shards", function()
+      for T = 1, 5 do
+        local x, L = inputs(T, 9100 + T)
+        same(weights("swiglu", false), mode, x, L, METHODS.renormalize, nil, mode .. " T=" .. T)
+      end
+      for _, c in ipairs{ { "relu2", "deepseekv3" }, { "swiglu_oai", "renormalize" }, { "geglu", "llama4" } } do
+        for _, T in ipairs{ 1, 3 } do
+          local x, L = inputs(T, 9200 + T + #c[1])
+          same(weights(c[1], true), mode, x, L, METHODS[c[2]], nil, mode .. " " .. c[1] .. "/" .. c[2] .. " T=" .. T)
+        end
+      end
+      -- shards of 2 experts: some tokens (blocks of k_qv_down) have no local pair
+      local x, L = inputs(4, 9300)
+      for s = 0, 7 do
+        same(weights("swiglu", false), mode, x, L, METHODS.renormalize, { local_offset = 2 * s, local_count = 2 },
+             mode .. " shard " .. s)
+      end
+    end)
+
+    it(mode .. ": the intermediate's amax is per call (a large call, then a small one, alternating with the " ..
+       "shared steps; all-zero input)", function()
+      local w, m = weights("swiglu", false), METHODS.renormalize
+      local x, L = inputs(1, 9400)
+      local big = moe.randn({ 1, HD }, { dtype = "bf16", seed = 9401, std = 64 })
+      local y1 = same(w, mode, x, L, m, nil, mode .. " first")
+      same(w, mode, big, L, m, nil, mode .. " std 64")
+      assert.same(bits(y1), bits(same(w, mode, x, L, m, nil, mode .. " again")))
+      qvloc("0", function() call(experts(w, mode, "cuda"), big, L, m, "cuda") end)
+      assert.same(bits(y1), bits(same(w, mode, x, L, m, nil, mode .. " after the shared steps")))
+      local z = moe.zeros({ 2, HD }, { dtype = "bf16" })
+      local _, Lz = inputs(2, 9410)
+      for _, row in ipairs(bits(same(w, mode, z, Lz, m, nil, mode .. " zeros"))) do
+        for _, v in ipairs(row) do assert.equal(0, v) end
       end
     end)
   end
