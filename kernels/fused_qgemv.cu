@@ -31,11 +31,11 @@
  * of activation row g, and feeds them to 4 MMAs as the MMA's columns 2q, 2q+1, 2q+8, 2q+9 (any
  * one-to-one map of the columns serves when both operands use it): 16-byte loads straight from
  * global memory, no shared-memory staging.
- * Block-local activations (fp8, fp8_block; x of at most QV_LOC_UP values, a token's intermediate
+ * Block-local activations (fp8, fp8_block, nvfp4; x of at most QV_LOC_UP values, a token's intermediate
  * rows of at most QV_LOC_MAX: Qwen3-30B-A3B at T = 1): every block loads the activations it needs
  * into registers before the routed ids and its weights, quantises them itself into shared memory
  * (the same codes and scales as the shared steps) and skips those steps -- the redundant work
- * costs less than the grid-wide waits.  fp8's intermediate amax then lives in its own slot,
+ * costs less than the grid-wide waits.  The intermediate's amax (fp8, nvfp4) then lives in its own slot,
  * which the last k_qv_down block to have read it resets.
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
@@ -80,7 +80,7 @@ struct qv_args : moe__fg_shape {
     unsigned *ctr;           /* MOE__FQ_NCTR counters (fused_quant.cuh), zero between calls */
     uint16_t *out;           /* bf16 [T, H] */
     int32_t *err;            /* routed ids out of range */
-    int loc;                 /* fp8 modes, small T: each block quantises the activations it
+    int loc;                 /* fp8, fp8_block, nvfp4, small T: each block quantises the activations it
                               * needs itself (qv_loc_quant), no shared steps */
 };
 
@@ -333,11 +333,12 @@ template <int NT, int NV> __device__ __forceinline__ void qv_loc_load(const uint
     }
 }
 
-/* Those values quantised as the quantisers do, codes into c[n] and (fp8_block) the per-128 scales
- * into sc[n / 128] (shared memory): fp8 with the scale s = amax / 448 of the amax bits `bits` (the
- * caller's: per tensor), fp8_block per 128 values (16 consecutive lanes hold a group). */
+/* Those values quantised as the quantisers do (moe__q_rows, qv_fp8_codes), codes into c and scales
+ * into sc (shared memory): fp8 with the per-tensor scale s (codes c[n]); fp8_block per 128 values
+ * (16 consecutive lanes hold a group; f32 scales sc[n / 128]); nvfp4 per 16 values (2 lanes) with
+ * the global scale s (packed codes c[n / 2], e4m3 scale codes sc[n / 16]). */
 template <int MODE, int NT, int NV>
-__device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, float s, uint8_t *c, float *sc) {
+__device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, float s, uint8_t *c, uint8_t *sc) {
 #pragma unroll
     for (int j = 0; j < NV; j++) {
         const int64_t i = threadIdx.x + (int64_t)NT * j;
@@ -349,13 +350,25 @@ __device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, fl
             f[2 * k + 1] = moe__bf16_to_f32((uint16_t)(w[k] >> 16));
         }
         float sj = s;
-        if (MODE == MOE_QUANT_FP8_BLOCK) {
+        if (MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4) {
             uint32_t b = 0;
 #pragma unroll
             for (int k = 0; k < 8; k++) b = max(b, moe__q_absbits(f[k]));
-            b = moe__q_warp_max(b, 16); /* every lane: shuffles */
+            b = moe__q_warp_max(b, MODE == MOE_QUANT_NVFP4 ? 2 : 16); /* every lane: shuffles */
+            if (MODE == MOE_QUANT_NVFP4) {
+                const uint8_t code = moe__q_nvfp4_scale(moe__q_amax(b), s);
+                if (8 * i < n && (threadIdx.x & 1) == 0) sc[i >> 1] = code;
+                const float bs = moe__e4m3_to_f32(code);
+                if (8 * i < n) {
+                    uint32_t cw = 0;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) cw |= (uint32_t)moe__q_nvfp4_code(f[k], bs, s) << (4 * k);
+                    *(uint32_t *)(c + 4 * i) = cw;
+                }
+                continue;
+            }
             sj = moe__q_fp8_scale(moe__q_amax(b));
-            if (8 * i < n && (threadIdx.x & 15) == 0) sc[i >> 4] = sj;
+            if (8 * i < n && (threadIdx.x & 15) == 0) ((float *)sc)[i >> 4] = sj;
         }
         if (8 * i < n) {
             uint32_t cw[2] = {0, 0};
@@ -399,11 +412,11 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t P = a.T * a.K, p = blockIdx.y;
     /* loc: x into registers first (before the routed ids are known; not queued behind the weights) */
-    constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
-    constexpr int XV = F8 ? QV_LOC_UP / 8 / QV_UP_THREADS : 1;
-    __shared__ __align__(16) uint8_t s_xc[F8 ? QV_LOC_UP : 16];
-    __shared__ float s_xs[F8 ? QV_LOC_UP / 128 : 1];
-    const bool loc = F8 && a.loc;
+    constexpr bool LQ = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4;
+    constexpr int XV = LQ ? QV_LOC_UP / 8 / QV_UP_THREADS : 1;
+    __shared__ __align__(16) uint8_t s_xc[LQ ? QV_LOC_UP : 16];
+    __shared__ __align__(16) uint8_t s_xs[LQ ? QV_LOC_UP / 16 : 16]; /* fp8_block f32 / 128, nvfp4 e4m3 / 16 */
+    const bool loc = LQ && a.loc;
     uint4 xl[XV];
     if (loc) qv_loc_load<QV_UP_THREADS>(a.x, a.T * a.H, xl);
     if (blockIdx.x == 0 && blockIdx.y == 0 && warp == 0) moe__fg_count_bad(a.ids, P, a.E, a.err);
@@ -439,9 +452,10 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     /* x: codes (and fp8_block / nvfp4 scales) into the workspace, shared out in chunks (mx
      * modes multiply x in bf16: nothing to do) */
     const int64_t nx = a.T * H;
-    float xsl = 1.0f; /* loc, fp8: x's scale */
+    float xsl = 1.0f; /* loc: x's per-tensor scale (fp8) or global scale (nvfp4) */
     if (loc) {
         if (MODE == MOE_QUANT_FP8) xsl = moe__q_fp8_scale(moe__q_amax(qv_loc_amax<QV_UP_THREADS>(xl)));
+        if (MODE == MOE_QUANT_NVFP4) xsl = moe__q_nvfp4_global(moe__q_amax(qv_loc_amax<QV_UP_THREADS>(xl)));
         qv_loc_quant<MODE, QV_UP_THREADS>(xl, nx, xsl, s_xc, s_xs);
         __syncthreads();
     } else if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
@@ -480,7 +494,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     }
     float ts = 1.0f;
     if (MODE == MOE_QUANT_FP8) ts = (loc ? xsl : __ldcg(a.xt)) * a.s13[e];
-    if (MODE == MOE_QUANT_NVFP4) ts = __ldcg(a.xt) * a.g13[e];
+    if (MODE == MOE_QUANT_NVFP4) ts = (loc ? xsl : __ldcg(a.xt)) * a.g13[e];
     const int64_t srow = ((int64_t)e * (a.N1 >> 7) + (ra >> 7)) * nkb; /* fp8_block: scale rows of ra, rb */
     const int64_t srow_b = ((int64_t)e * (a.N1 >> 7) + (rb >> 7)) * nkb;
     /* packed: scale bytes of rows ra, rb (nvfp4: per 16 columns; mx: per 32) */
@@ -526,13 +540,14 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     sa[j] = a.s13[srow + kb];
                     sb[j] = a.s13[srow_b + kb];
-                    sx0[j] = loc ? s_xs[tc0 * nkb + kb] : __ldcg(a.xs + tc0 * nkb + kb);
-                    sx1[j] = loc ? s_xs[tc1 * nkb + kb] : __ldcg(a.xs + tc1 * nkb + kb);
+                    sx0[j] = loc ? ((const float *)s_xs)[tc0 * nkb + kb] : __ldcg(a.xs + tc0 * nkb + kb);
+                    sx1[j] = loc ? ((const float *)s_xs)[tc1 * nkb + kb] : __ldcg(a.xs + tc1 * nkb + kb);
                 }
                 if (MODE == MOE_QUANT_NVFP4) {
                     ua[j] = *(const uint16_t *)(sra + 8 * kb + 2 * q);
                     ub[j] = *(const uint16_t *)(srb + 8 * kb + 2 * q);
-                    ux[j] = __ldcg((const uint16_t *)((const uint8_t *)a.xs + tg * (H / 16) + 8 * kb + 2 * q));
+                    ux[j] = loc ? *(const uint16_t *)(s_xs + tg * (H / 16) + 8 * kb + 2 * q)
+                                : __ldcg((const uint16_t *)((const uint8_t *)a.xs + tg * (H / 16) + 8 * kb + 2 * q));
                 }
                 if (GC) {
                     ua[j] = qv_mx_raw<MODE>(sra, 4 * kb + gj);
@@ -645,15 +660,16 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     /* loc: the token's K intermediate rows (local or not) and (fp8) the intermediate's amax bits
      * into registers first: nothing here waits on the routed ids */
     constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
-    const bool loc = F8 && a.loc;
-    constexpr int IV = F8 ? QV_LOC_MAX / 8 / QV_DN_THREADS : 1;
-    __shared__ __align__(16) uint8_t s_ic[F8 ? QV_LOC_MAX : 16];
-    __shared__ float s_is[F8 ? QV_LOC_MAX / 128 : 1];
+    constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
+    const bool loc = LQ && a.loc;
+    constexpr int IV = LQ ? QV_LOC_MAX / 8 / QV_DN_THREADS : 1;
+    __shared__ __align__(16) uint8_t s_ic[LQ ? QV_LOC_MAX : 16];
+    __shared__ __align__(16) uint8_t s_is[LQ ? QV_LOC_MAX / 16 : 16]; /* fp8_block f32 / 128, nvfp4 e4m3 / 16 */
     uint4 il[IV];
     uint32_t lamax = 0;
     if (loc) {
         qv_loc_load<QV_DN_THREADS>(a.inter + p0 * I, (int64_t)a.K * I, il);
-        if (MODE == MOE_QUANT_FP8) lamax = __ldcg(a.ctr + 5);
+        if (PT) lamax = __ldcg(a.ctr + 5);
     }
     /* the token's local pairs in k order (ids and routing weights read together) */
     __shared__ int s_e[32], s_p[32], s_nl;
@@ -675,11 +691,11 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
         if (lane == 0) s_nl = __popc(m);
     }
     __syncthreads();
-    /* loc, fp8: every block has read the amax slot (above: lamax is used after this point only
+    /* loc, fp8 / nvfp4: every block has read the amax slot (above: lamax is used after this point only
      * through its register); the last block to count resets the slot for the next call (k_qv_up's
      * epilogues take its max) */
     auto loc_count = [&]() {
-        if (loc && MODE == MOE_QUANT_FP8 && tid == 0 && atomicAdd(a.ctr + 6, 1u) == gridDim.x - 1) {
+        if (loc && PT && tid == 0 && atomicAdd(a.ctr + 6, 1u) == gridDim.x - 1) {
             a.ctr[5] = 0;
             a.ctr[6] = 0;
         }
@@ -771,7 +787,7 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
             }
             /* the unit's factor: its scales (as the tile path: activation x weight) and weight */
             if (MODE == MOE_QUANT_FP8_BLOCK)
-                f[j] = (loc ? s_is[(pp - p0) * nkb + kb] : __ldcg(a.gs + (int64_t)pp * nkb + kb)) *
+                f[j] = (loc ? ((const float *)s_is)[(pp - p0) * nkb + kb] : __ldcg(a.gs + (int64_t)pp * nkb + kb)) *
                        (u0 == warp ? ws0[j] : wscale(uu));
             else if (MODE == MOE_QUANT_FP8)
                 f[j] = sg * (u0 == warp ? ws0[j] : wscale(uu));
@@ -784,7 +800,8 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
             if (MODE == MOE_QUANT_NVFP4) {
                 ua[j] = *(const uint16_t *)(sr + 8 * kb + 2 * q);
                 ub[j] = *(const uint16_t *)(sr + 8 * spr + 8 * kb + 2 * q);
-                ux[j] = __ldcg((const uint16_t *)((const uint8_t *)a.gs + (int64_t)pp * (I / 16) + 8 * kb + 2 * q));
+                ux[j] = loc ? *(const uint16_t *)(s_is + (int64_t)(pp - p0) * (I / 16) + 8 * kb + 2 * q)
+                            : __ldcg((const uint16_t *)((const uint8_t *)a.gs + (int64_t)pp * (I / 16) + 8 * kb + 2 * q));
             }
             if (GC) {
                 ua[j] = qv_mx_raw<MODE>(sr, 4 * kb + gj);
@@ -866,13 +883,13 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
  * (DeepSeek-V3 T = 16 1623 vs 1734, T = 64 3989 vs 3897; Qwen3 T = 16 202 vs 197) and fp8_block
  * loses (its per-128-column scale work); with more pairs per expert (Qwen3 T = 64, Mixtral
  * T = 16/64) the passes re-read the weights and the tile kernels win in every mode. */
-/* Whether the fp8 modes quantise their activations block-locally (k_qv_up: x of T*H <= QV_LOC_UP
+/* Whether fp8, fp8_block and nvfp4 quantise their activations block-locally (k_qv_up: x of T*H <= QV_LOC_UP
  * values; k_qv_down: a token's K*I <= QV_LOC_MAX) instead of in the shared steps.  Off with
  * MOE_FUSED_QVLOC=0.  H100, moe bench fused_quant --compare-env MOE_FUSED_QVLOC=0 (2026-11-27,
  * docs/performance.md): Qwen3-30B-A3B T = 1 fp8 32.2 -> 27.3 us, fp8_block 34.2 -> 30.4. */
 static bool qv_loc_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
-    if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK) return false;
+    if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK && ex->quant != MOE_QUANT_NVFP4) return false;
     const char *env = getenv("MOE_FUSED_QVLOC");
     if (env && env[0] == '0' && !env[1]) return false;
     return A->T * ex->H <= QV_LOC_UP && A->K * ex->I <= QV_LOC_MAX;

@@ -9,8 +9,8 @@
 -- on (default) and off (MOE_FUSED_QWGMMA=0) against the CPU and each other; the default GEMV
 -- rule (MOE_FUSED_QGEMV unset) at T = 7 and 16 (T*K < E, = 2E); the register-operand tile kernel
 -- below 48 (fp8 modes) / 64 (4-bit) pairs per expert, every mode (MOE_FUSED_QWREG on and off,
--- T = 60..240); the decode path's block-local activations (fp8 modes, MOE_FUSED_QVLOC) against the
--- shared steps bit for bit.
+-- T = 60..240); the decode path's block-local activations (fp8, fp8_block, nvfp4; MOE_FUSED_QVLOC)
+-- against the shared steps bit for bit.
 -- Prints each mode's error against the bf16 output, and the wgmma kernels' difference from
 -- the mma.sync ones.
 -- Exits 77 without a CUDA device.
@@ -650,15 +650,18 @@ describe("#gpu quantised fused MoE: decode GEMV path (every mode; T <= 4; MOE_FU
   end
 end)
 
-describe("#gpu quantised fused MoE: block-local activations of the decode GEMV path (fp8 modes; " ..
-         "MOE_FUSED_QVLOC=0 off)", function()
+describe("#gpu quantised fused MoE: block-local activations of the decode GEMV path (fp8, fp8_block, " ..
+         "nvfp4; MOE_FUSED_QVLOC=0 off)", function()
   -- Where x has at most 2048 values and a token's intermediate rows at most 8192 (here T <= 5),
-  -- fp8 and fp8_block quantise their activations in every block instead of in shared steps: the
-  -- same codes and scales, the same sums in the same order, so the bits of the shared steps.
+  -- fp8, fp8_block and nvfp4 quantise their activations in every block instead of in shared steps:
+  -- the same codes and scales, the same sums in the same order, so the bits of the shared steps.
+  -- MOE_FUSED_QGEMV=5: T = 5 on the GEMV path too.
   local function qvloc(v, f) return H.with_env("MOE_FUSED_QVLOC", v, f) end
   local function same(w, mode, x, L, m, more, what)
     local function go(v)
-      return qvloc(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      return qgemv("5", function()
+        return qvloc(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", more) end)
+      end)
     end
     local path, yl, rl = path_of(function() return go(nil) end)
     assert.equal("gemv", path, what .. ": the path taken")
@@ -669,7 +672,7 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
     near(yl, yc, what .. ": CUDA vs CPU")
     return yl
   end
-  for _, mode in ipairs{ "fp8", "fp8_block" } do
+  for _, mode in ipairs{ "fp8", "fp8_block", "nvfp4" } do
     it(mode .. ": T = 1..5, relu2 / swiglu_oai / geglu with biases, deepseekv3 / llama4, expert shards", function()
       for T = 1, 5 do
         local x, L = inputs(T, 9100 + T)
