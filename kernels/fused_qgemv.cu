@@ -322,6 +322,11 @@ __device__ __forceinline__ void qv_fp8_codes(const uint16_t *src, int64_t i0, in
 
 #define QV_LOC_UP 2048  /* activation values a block quantises itself: T*H for GEMM1 */
 #define QV_LOC_MAX 8192 /* K*I for GEMM2 */
+/* their codes and scales in dynamic shared memory, requested only when used (a kernel's static
+ * shared memory would change the L1 / shared split of every launch) */
+#define QV_LOC_UP_SMEM (QV_LOC_UP + QV_LOC_UP / 16)
+#define QV_LOC_DN_SMEM (QV_LOC_MAX + QV_LOC_MAX / 16)
+extern __shared__ __align__(16) uint8_t qv_dyn[];
 
 /* Load the n (<= QV_LOC_MAX, a multiple of 128) bf16 values at src, 8 a thread (uint4 i = tid +
  * NT*j), into registers: issued before the weights, so they are not queued behind them. */
@@ -414,8 +419,9 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     /* loc: x into registers first (before the routed ids are known; not queued behind the weights) */
     constexpr bool LQ = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4;
     constexpr int XV = LQ ? QV_LOC_UP / 8 / QV_UP_THREADS : 1;
-    __shared__ __align__(16) uint8_t s_xc[LQ ? QV_LOC_UP : 16];
-    __shared__ __align__(16) uint8_t s_xs[LQ ? QV_LOC_UP / 16 : 16]; /* fp8_block f32 / 128, nvfp4 e4m3 / 16 */
+    /* dynamic shared memory (QV_LOC_UP_SMEM bytes, only when loc): codes, then scales (fp8_block
+     * f32 per 128, nvfp4 e4m3 per 16) */
+    uint8_t *s_xc = qv_dyn, *s_xs = qv_dyn + QV_LOC_UP;
     const bool loc = LQ && a.loc;
     uint4 xl[XV];
     if (loc) qv_loc_load<QV_UP_THREADS>(a.x, a.T * a.H, xl);
@@ -663,8 +669,7 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
     const bool loc = LQ && a.loc;
     constexpr int IV = LQ ? QV_LOC_MAX / 8 / QV_DN_THREADS : 1;
-    __shared__ __align__(16) uint8_t s_ic[LQ ? QV_LOC_MAX : 16];
-    __shared__ __align__(16) uint8_t s_is[LQ ? QV_LOC_MAX / 16 : 16]; /* fp8_block f32 / 128, nvfp4 e4m3 / 16 */
+    uint8_t *s_ic = qv_dyn, *s_is = qv_dyn + QV_LOC_MAX; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
     uint4 il[IV];
     uint32_t lamax = 0;
     if (loc) {
@@ -860,9 +865,9 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
 }
 
 template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
-    k_qv_up<MODE><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, 0, st>>>(a);
+    k_qv_up<MODE><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, a.loc ? QV_LOC_UP_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
-    k_qv_down<MODE><<<(unsigned)(a.T * (a.H / 16)), QV_DN_THREADS, 0, st>>>(a);
+    k_qv_down<MODE><<<(unsigned)(a.T * (a.H / 16)), QV_DN_THREADS, a.loc ? QV_LOC_DN_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }
