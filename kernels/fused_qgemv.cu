@@ -408,7 +408,7 @@ template <int NT, int NV> __device__ __forceinline__ uint32_t qv_loc_amax(const 
 /* ------------------------------------------------------------ GEMM1 + act -- */
 
 /* grid (N1 / 16, T*K); block (tile u, pair p). */
-template <int MODE>
+template <int MODE, bool LOC>
 __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     using M = qv_mode<MODE>;
     constexpr int UG = M::UGU, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
@@ -422,7 +422,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     /* dynamic shared memory (QV_LOC_UP_SMEM bytes, only when loc): codes, then scales (fp8_block
      * f32 per 128, nvfp4 e4m3 per 16) */
     uint8_t *s_xc = qv_dyn, *s_xs = qv_dyn + QV_LOC_UP;
-    const bool loc = LQ && a.loc;
+    constexpr bool loc = LQ && LOC;
     uint4 xl[XV];
     if (loc) qv_loc_load<QV_UP_THREADS>(a.x, a.T * a.H, xl);
     if (blockIdx.x == 0 && blockIdx.y == 0 && warp == 0) moe__fg_count_bad(a.ids, P, a.E, a.err);
@@ -654,7 +654,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
 /* --------------------------------------------------------- GEMM2 + combine -- */
 
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
-template <int MODE>
+template <int MODE, bool LOC>
 __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     using M = qv_mode<MODE>;
     constexpr int UG = QV_DN_UG, NW = QV_DN_THREADS / 32, NH = M::NH;
@@ -667,7 +667,7 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
      * into registers first: nothing here waits on the routed ids */
     constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
     constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
-    const bool loc = LQ && a.loc;
+    constexpr bool loc = LQ && LOC;
     constexpr int IV = LQ ? QV_LOC_MAX / 8 / QV_DN_THREADS : 1;
     uint8_t *s_ic = qv_dyn, *s_is = qv_dyn + QV_LOC_MAX; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
     uint4 il[IV];
@@ -864,12 +864,20 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     loc_count();
 }
 
-template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
-    k_qv_up<MODE><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, a.loc ? QV_LOC_UP_SMEM : 0, st>>>(a);
+/* The kernels with the activations block-local (LOC, a.loc) or shared: separate instantiations,
+ * so that neither carries the other's code and registers. */
+template <int MODE, bool LOC> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
+    k_qv_up<MODE, LOC><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
-    k_qv_down<MODE><<<(unsigned)(a.T * (a.H / 16)), QV_DN_THREADS, a.loc ? QV_LOC_DN_SMEM : 0, st>>>(a);
+    k_qv_down<MODE, LOC><<<(unsigned)(a.T * (a.H / 16)), QV_DN_THREADS, LOC ? QV_LOC_DN_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
+}
+
+template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
+    if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
+        if (a.loc) return qv_launch2<MODE, true>(st, a);
+    return qv_launch2<MODE, false>(st, a);
 }
 
 } // namespace
