@@ -896,10 +896,11 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
  * (DeepSeek-V3 T = 16 1623 vs 1734, T = 64 3989 vs 3897; Qwen3 T = 16 202 vs 197) and fp8_block
  * loses (its per-128-column scale work); with more pairs per expert (Qwen3 T = 64, Mixtral
  * T = 16/64) the passes re-read the weights and the tile kernels win in every mode. */
-/* Whether fp8, fp8_block and nvfp4 quantise their activations block-locally (k_qv_up: x of T*H <= QV_LOC_UP
- * values; k_qv_down: a token's K*I <= QV_LOC_MAX) instead of in the shared steps.  Off with
- * MOE_FUSED_QVLOC=0.  H100, moe bench fused_quant --compare-env MOE_FUSED_QVLOC=0 (2026-11-27,
- * docs/performance.md): Qwen3-30B-A3B T = 1 fp8 32.2 -> 27.3 us, fp8_block 34.2 -> 30.4. */
+/* Whether fp8, fp8_block and nvfp4 quantise their activations block-locally (k_qv_up: x of
+ * T*H <= QV_LOC_UP values; k_qv_down: a token's K*I <= QV_LOC_MAX) instead of in the shared steps.
+ * Off with MOE_FUSED_QVLOC=0.  H100, moe bench fused_quant --compare-env MOE_FUSED_QVLOC=0
+ * (2026-11-27, docs/performance.md): Qwen3-30B-A3B T = 1 fp8 31.4 -> 25.5 us, fp8_block 33.5 ->
+ * 26.2, nvfp4 33.0 -> 30.0. */
 static bool qv_loc_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
     if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK && ex->quant != MOE_QUANT_NVFP4) return false;
