@@ -52,6 +52,7 @@
 
 #define QV_UP_THREADS 128 /* GEMM1: 4 warps split H over one 16-row tile */
 #define QV_DN_THREADS 256 /* GEMM2: 8 warps split the token's units over one 16-column tile */
+#define QV_DN_LOC_THREADS 512 /* ... 16 with block-local activations (a grid of at most 128 blocks) */
 #define QV_UP_UG 1        /* GEMM1: 128-column blocks a round (4 weight loads a lane) */
 #define QV_DN_UG 4        /* GEMM2: units a round (16 weight loads a lane) */
 #define QV_NB 8           /* pairs (MMA columns) a pass */
@@ -655,9 +656,10 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
 
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
 template <int MODE, bool LOC>
-__global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
+__global__ void __launch_bounds__(LOC ? QV_DN_LOC_THREADS : QV_DN_THREADS, LOC ? 1 : 2) k_qv_down(const qv_args a) {
     using M = qv_mode<MODE>;
-    constexpr int UG = QV_DN_UG, NW = QV_DN_THREADS / 32, NH = M::NH;
+    constexpr int DT = LOC ? QV_DN_LOC_THREADS : QV_DN_THREADS; /* threads */
+    constexpr int UG = QV_DN_UG, NW = DT / 32, NH = M::NH;
     constexpr bool PK = M::PK, GC = M::GC;
     moe__fm_pdl_enter();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
@@ -668,12 +670,12 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
     constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
     constexpr bool loc = LQ && LOC;
-    constexpr int IV = LQ ? QV_LOC_MAX / 8 / QV_DN_THREADS : 1;
+    constexpr int IV = LQ ? QV_LOC_MAX / 8 / DT : 1;
     uint8_t *s_ic = qv_dyn, *s_is = qv_dyn + QV_LOC_MAX; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
     uint4 il[IV];
     uint32_t lamax = 0;
     if (loc) {
-        qv_loc_load<QV_DN_THREADS>(a.inter + p0 * I, (int64_t)a.K * I, il);
+        qv_loc_load<DT>(a.inter + p0 * I, (int64_t)a.K * I, il);
         if (PT) lamax = __ldcg(a.ctr + 5);
     }
     /* the token's local pairs in k order (ids and routing weights read together) */
@@ -747,22 +749,22 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
     const float sg = MODE == MOE_QUANT_NVFP4 ? moe__q_nvfp4_global(moe__q_amax(gamax))
                                              : moe__q_fp8_scale(moe__q_amax(gamax));
     if (loc) {
-        qv_loc_quant<MODE, QV_DN_THREADS>(il, (int64_t)a.K * I, sg, s_ic, s_is);
+        qv_loc_quant<MODE, DT>(il, (int64_t)a.K * I, sg, s_ic, s_is);
         __syncthreads();
     } else if (!GC) {
         qv_share(a.ctr + 2, (unsigned)(P * cpr), [&](unsigned c) {
             const int64_t pp = c / cpr, i0 = pp * I + (int64_t)(c % cpr) * QV_CHUNK, i1 = min(pp * I + I, i0 + QV_CHUNK);
             if (moe__fg_local(a.ids[pp], a.E, a.lo, a.lc)) {
                 if (MODE == MOE_QUANT_FP8)
-                    qv_fp8_codes<QV_DN_THREADS>(a.inter, i0, i1, sg, a.gc);
+                    qv_fp8_codes<DT>(a.inter, i0, i1, sg, a.gc);
                 else if (MODE == MOE_QUANT_NVFP4)
-                    moe__q_rows<MOE_QUANT_NVFP4, 16, QV_DN_THREADS>(a.inter, MOE_BF16, i0 / 16, i1 / 16,
-                                                                    QV_DN_THREADS / moe__q_rows_geom<16>::L, P * I,
-                                                                    a.ctr + 4, a.gc, a.gs);
+                    moe__q_rows<MOE_QUANT_NVFP4, 16, DT>(a.inter, MOE_BF16, i0 / 16, i1 / 16,
+                                                         DT / moe__q_rows_geom<16>::L, P * I, a.ctr + 4, a.gc,
+                                                         a.gs);
                 else
-                    moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, QV_DN_THREADS>(a.inter, MOE_BF16, i0 / 128, i1 / 128,
-                                                                         QV_DN_THREADS / moe__q_rows_geom<128>::L, 1,
-                                                                         nullptr, a.gc, a.gs);
+                    moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, DT>(a.inter, MOE_BF16, i0 / 128, i1 / 128,
+                                                              DT / moe__q_rows_geom<128>::L, 1, nullptr, a.gc,
+                                                              a.gs);
             }
             if (c == 0 && tid < 2) a.ctr[tid] = 0; /* step 1's counters (it has ended) */
         });
@@ -869,7 +871,8 @@ __global__ void __launch_bounds__(QV_DN_THREADS, 2) k_qv_down(const qv_args a) {
 template <int MODE, bool LOC> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     k_qv_up<MODE, LOC><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
-    k_qv_down<MODE, LOC><<<(unsigned)(a.T * (a.H / 16)), QV_DN_THREADS, LOC ? QV_LOC_DN_SMEM : 0, st>>>(a);
+    k_qv_down<MODE, LOC><<<(unsigned)(a.T * (a.H / 16)), LOC ? QV_DN_LOC_THREADS : QV_DN_THREADS, LOC ? QV_LOC_DN_SMEM : 0,
+                           st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }
