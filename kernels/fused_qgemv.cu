@@ -908,8 +908,8 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
 /* Whether fp8, fp8_block and nvfp4 quantise their activations block-locally (k_qv_up: x of
  * T*H <= QV_LOC_UP values; k_qv_down: a token's K*I <= QV_LOC_MAX) instead of in the shared steps.
  * Off with MOE_FUSED_QVLOC=0.  H100, moe bench fused_quant --compare-env MOE_FUSED_QVLOC=0
- * (2026-11-27, docs/performance.md): Qwen3-30B-A3B T = 1 fp8 31.4 -> 25.5 us, fp8_block 33.5 ->
- * 26.2, nvfp4 33.0 -> 30.0. */
+ * (2026-11-27, docs/performance.md): Qwen3-30B-A3B T = 1 fp8 31.3 -> 25.5 us, fp8_block 33.7 ->
+ * 26.2, nvfp4 33.0 -> 27.2. */
 static bool qv_loc_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
     if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK && ex->quant != MOE_QUANT_NVFP4) return false;
