@@ -446,7 +446,6 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     const uint8_t *wa = a.w13 + ((int64_t)e * a.N1 + ra) * rowb + 16 * q;
     const uint8_t *wb = a.w13 + ((int64_t)e * a.N1 + rb) * rowb + 16 * q;
 
-
     /* the first round's weights, in flight during the x quantisation */
     uint4 w0[UG][NH], w1[UG][NH];
     auto load_w = [&](int kb0) {

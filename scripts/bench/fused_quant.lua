@@ -7,7 +7,9 @@
 -- MOE_FUSED_QWGMMA=0: prefill on the tile kernels instead of the Hopper wgmma ones (every mode);
 -- MOE_FUSED_QWREG=0: a few to 48 (4-bit: 64) pairs per expert on the tile kernels instead of the
 --   register-operand kernel;
--- MOE_FUSED_FP8MMA=1: those on the FP8 tensor cores (not the reference numerics, see docs/quantization.md).
+-- MOE_FUSED_FP8MMA=1: those on the FP8 tensor cores (not the reference numerics, see docs/quantization.md);
+-- MOE_FUSED_QVLOC=0: decode (Qwen3-30B-A3B T = 1 and similar sizes) with the activations quantised in
+--   shared grid-wide steps instead of by every block.
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
