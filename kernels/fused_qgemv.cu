@@ -87,8 +87,6 @@ struct qv_args : moe__fg_shape {
     unsigned *ctr;           /* MOE__FQ_NCTR counters (fused_quant.cuh), zero between calls */
     uint16_t *out;           /* bf16 [T, H] */
     int32_t *err;            /* routed ids out of range */
-    int loc;                 /* fp8, fp8_block, nvfp4, small T: each block quantises the activations it
-                              * needs itself (qv_loc_quant), no shared steps */
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -872,7 +870,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     loc_count();
 }
 
-/* The kernels with the activations block-local (LOC, a.loc) or shared: separate instantiations,
+/* The kernels with the activations block-local (LOC, qv_loc_eligible) or shared: separate instantiations,
  * so that neither carries the other's code and registers. */
 template <int MODE, bool LOC> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     k_qv_up<MODE, LOC><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st>>>(a);
@@ -882,9 +880,9 @@ template <int MODE, bool LOC> moe_status qv_launch2(cudaStream_t st, const qv_ar
     return MOE_OK;
 }
 
-template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a) {
+template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool loc) {
     if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
-        if (a.loc) return qv_launch2<MODE, true>(st, a);
+        if (loc) return qv_launch2<MODE, true>(st, a);
     return qv_launch2<MODE, false>(st, a);
 }
 
@@ -978,12 +976,12 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     a.out = (uint16_t *)moe_tensor_data(A->out);
     a.err = (int32_t *)(base + ws->off_err);
     moe__fg_shape_set(&a, A);
-    a.loc = qv_loc_eligible(A);
+    const bool loc = qv_loc_eligible(A);
     switch (ex->quant) {
-    case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a);
-    case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a);
-    case MOE_QUANT_MXFP4: return qv_launch<MOE_QUANT_MXFP4>(g.stream, a);
-    case MOE_QUANT_MXINT4: return qv_launch<MOE_QUANT_MXINT4>(g.stream, a);
-    default: return qv_launch<MOE_QUANT_FP8_BLOCK>(g.stream, a);
+    case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a, loc);
+    case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a, loc);
+    case MOE_QUANT_MXFP4: return qv_launch<MOE_QUANT_MXFP4>(g.stream, a, loc);
+    case MOE_QUANT_MXINT4: return qv_launch<MOE_QUANT_MXINT4>(g.stream, a, loc);
+    default: return qv_launch<MOE_QUANT_FP8_BLOCK>(g.stream, a, loc);
     }
 }
