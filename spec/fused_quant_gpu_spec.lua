@@ -54,6 +54,11 @@ local METHODS = {
   llama4 = { method = "llama4", top_k = 1 },
 }
 
+-- mode / activation pairs with biases on both GEMMs: relu2 for fp8_block, nvfp4, mxint4, swiglu_oai for
+-- fp8, mxfp4
+local BIAS_CASES = { { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" }, { "nvfp4", "relu2" },
+                     { "mxfp4", "swiglu_oai" }, { "mxint4", "relu2" } }
+
 local function inputs(T, seed)
   return moe.randn({ T, HD }, { dtype = "bf16", seed = seed }), moe.randn({ T, E }, { seed = seed + 1 })
 end
@@ -344,8 +349,7 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   end
 
   it("relu2 with biases (fp8_block, nvfp4, mxint4) and swiglu_oai with biases (fp8, mxfp4) (T=800)", function()
-    for _, c in ipairs{ { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" }, { "nvfp4", "relu2" },
-                        { "mxfp4", "swiglu_oai" }, { "mxint4", "relu2" } } do
+    for _, c in ipairs(BIAS_CASES) do
       local x, L = inputs(800, 9300)
       both(weights(c[2], true), c[1], x, L, METHODS.renormalize, nil, c[1] .. "/" .. c[2] .. " T=800")
     end
@@ -462,8 +466,7 @@ describe("#gpu quantised fused MoE: register-operand tile kernel at a few rows p
   end
 
   it("relu2 with biases (fp8_block, nvfp4, mxint4) and swiglu_oai with biases (fp8, mxfp4) (T=90)", function()
-    for _, c in ipairs{ { "fp8_block", "relu2" }, { "fp8", "swiglu_oai" }, { "nvfp4", "relu2" },
-                        { "mxfp4", "swiglu_oai" }, { "mxint4", "relu2" } } do
+    for _, c in ipairs(BIAS_CASES) do
       local x, L = inputs(90, 9800)
       both(weights(c[2], true), c[1], x, L, METHODS.renormalize, nil, c[1] .. "/" .. c[2] .. " T=90")
     end
