@@ -392,9 +392,16 @@ template <int NT, int NV> __device__ __forceinline__ void qv_loc_load(const uint
     }
 }
 
+/* Whether block-local activations are kept as f16 values (fp8_block, nvfp4) or as codes (fp8).  f16
+ * values spare the MMAs' B operand its conversion: H100, Qwen3-30B-A3B T = 1, fp8_block 26.0-26.1 ->
+ * 25.2-25.4 us, nvfp4 27.0-27.2 -> 24.7-24.8; fp8 25.3-25.5 -> 25.7-25.8, so it keeps its codes. */
+template <int MODE> struct qv_loc_h {
+    static constexpr bool V = MODE != MOE_QUANT_FP8;
+};
+
 /* Those values quantised as the quantisers do (moe__q_rows, qv_fp8_codes) -- the same codes and
  * scales -- into shared memory as the f16 values the MMAs take (exact), c[i] for value i: fp8 with
- * the per-tensor scale s (the codes' values); fp8_block per 128 values (16 consecutive lanes hold a
+ * the per-tensor scale s (its codes instead, bytes: qv_loc_h); fp8_block per 128 values (16 consecutive lanes hold a
  * group; the codes' values, f32 scales sc[n / 128]); nvfp4 per 16 values (2 lanes) with the global
  * scale s (code x its e4m3 block scale, exact in f16: qv_conv4; a thread's 8 values (8i .. 8i+7) as
  * the pairs (8i + j, 8i + j + 4), j < 4, in qv_conv4's order). */
@@ -440,6 +447,10 @@ __device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, fl
             uint32_t cw[2] = {0, 0};
 #pragma unroll
             for (int k = 0; k < 8; k++) cw[k >> 2] |= (uint32_t)moe__q_fp8_code(f[k], sj) << (8 * (k & 3));
+            if (MODE == MOE_QUANT_FP8) { /* the codes themselves (qv_loc_h) */
+                *(uint2 *)((uint8_t *)c + 8 * i) = make_uint2(cw[0], cw[1]);
+                continue;
+            }
             uint32_t h[4];
             moe__fq_e4m3x4_f16(cw[0], h[0], h[1]);
             moe__fq_e4m3x4_f16(cw[1], h[2], h[3]);
@@ -491,7 +502,7 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
      * f32 scales per 128 */
     uint16_t *s_xh = (uint16_t *)qv_dyn;
     float *s_xs = (float *)(qv_dyn + 2 * QV_LOC_UP);
-    constexpr bool loc = LQ && LOC;
+    constexpr bool loc = LQ && LOC, LH = loc && qv_loc_h<MODE>::V;
     uint4 xl[XV];
     if (loc) qv_loc_load<NT>(a.x, a.T * a.H, xl);
     if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 32) moe__fg_count_bad(a.ids, P, a.E, a.err);
@@ -592,8 +603,9 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
         }
         if (GC && (g & 3) != q) pg = -1; /* B is zero outside the column's group */
         const int64_t tg = pg >= 0 ? pg / a.K : 0;
-        const uint8_t *xr = a.xc + tg * (PK ? H / 2 : H) + 16 * q; /* shared steps */
-        const uint16_t *xh = s_xh + tg * H;                      /* loc */
+        /* codes (shared steps; loc fp8: in shared memory), f16 values (loc fp8_block, nvfp4) */
+        const uint8_t *xr = (loc ? (const uint8_t *)s_xh : a.xc) + tg * (PK ? H / 2 : H) + 16 * q;
+        const uint16_t *xh = s_xh + tg * H;
         const int64_t tc0 = pc0 >= 0 ? pc0 / a.K : 0, tc1 = pc1 >= 0 ? pc1 / a.K : 0;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int kb0 = warp; kb0 < nkb; kb0 += NW * UG) {
@@ -604,10 +616,12 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
 #pragma unroll
             for (int j = 0; j < UG; j++) {
                 const int kb = kb0 + NW * j < nkb ? kb0 + NW * j : kb0;
-                if (!GC && !loc) {
+                if (!GC && !LH) {
 #pragma unroll
                     for (int h = 0; h < NH; h++)
-                        xv[j][h] = pg < 0 ? make_uint4(0, 0, 0, 0) : __ldcg((const uint4 *)(xr + kbb * kb + 64 * h));
+                        xv[j][h] = pg < 0 ? make_uint4(0, 0, 0, 0)
+                                   : loc  ? *(const uint4 *)(xr + kbb * kb + 64 * h)
+                                          : __ldcg((const uint4 *)(xr + kbb * kb + 64 * h));
                 }
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     sa[j] = a.s13[srow + kb];
@@ -630,11 +644,11 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
             for (int j = 0; j < UG; j++) {
                 const int kb = kb0 + NW * j;
                 if (kb >= nkb) break;
-                uint4 xq[4]; /* loc: B's f16 values from shared memory */
-                if (loc) qv_ld_h<MODE>(xh + 128 * kb, q, pg >= 0, xq);
+                uint4 xq[4]; /* LH: B's f16 values from shared memory */
+                if (LH) qv_ld_h<MODE>(xh + 128 * kb, q, pg >= 0, xq);
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    if (loc) qv_unit_h<MODE, NH>(part, w0[j], w1[j], xq, 0, 0);
+                    if (LH) qv_unit_h<MODE, NH>(part, w0[j], w1[j], xq, 0, 0);
                     else qv_unit<MODE, NH>(part, w0[j], w1[j], xv[j], 0, 0, 0);
                     /* as the tile path: partial x (activation scale x weight scale) */
                     acc[0] += part[0] * (sx0[j] * sa[j]);
@@ -642,7 +656,7 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
                     acc[2] += part[2] * (sx0[j] * sb[j]);
                     acc[3] += part[3] * (sx1[j] * sb[j]);
                 } else if (!GC) {
-                    if (loc) qv_unit_h<MODE, NH>(acc, w0[j], w1[j], xq, ua[j], ub[j]);
+                    if (LH) qv_unit_h<MODE, NH>(acc, w0[j], w1[j], xq, ua[j], ub[j]);
                     else qv_unit<MODE, NH>(acc, w0[j], w1[j], xv[j], ua[j], ub[j], ux[j]);
                 } else {
                     uint4 xb[4];
@@ -739,7 +753,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
      * into registers first: nothing here waits on the routed ids */
     constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
     constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
-    constexpr bool loc = LQ && LOC;
+    constexpr bool loc = LQ && LOC, LH = loc && qv_loc_h<MODE>::V;
     constexpr int IV = LQ ? QV_LOC_MAX / 8 / DT : 1;
     uint16_t *s_ih = (uint16_t *)qv_dyn; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
     float *s_is = (float *)(qv_dyn + 2 * QV_LOC_MAX);
@@ -854,11 +868,14 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         for (int j = 0; j < UG; j++) {
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0;
             const int kl = uu / nkb, kb = uu - kl * nkb, pp = s_p[kl], e = s_e[kl];
-            if (!GC && !loc) {
-                const uint8_t *xr = a.gc + (int64_t)pp * rowb + kbb * kb + 16 * q;
+            if (!GC && !LH) {
+                const uint8_t *xr = loc ? (const uint8_t *)s_ih + (int64_t)(pp - p0) * rowb + kbb * kb + 16 * q
+                                        : a.gc + (int64_t)pp * rowb + kbb * kb + 16 * q;
 #pragma unroll
                 for (int h = 0; h < NH; h++)
-                    xv[j][h] = g != 0 ? make_uint4(0, 0, 0, 0) : __ldcg((const uint4 *)(xr + 64 * h));
+                    xv[j][h] = g != 0 ? make_uint4(0, 0, 0, 0)
+                               : loc  ? *(const uint4 *)(xr + 64 * h)
+                                      : __ldcg((const uint4 *)(xr + 64 * h));
             }
             /* the unit's factor: its scales (as the tile path: activation x weight) and weight */
             if (MODE == MOE_QUANT_FP8_BLOCK)
@@ -887,7 +904,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         for (int j = 0; j < UG; j++) {
             if (u0 + NW * j >= nu) break;
             float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (!GC && loc) {
+            if (!GC && LH) {
                 const int uu = u0 + NW * j, kl = uu / nkb, kb = uu - kl * nkb;
                 uint4 xq[4]; /* B's f16 values from shared memory */
                 qv_ld_h<MODE>(s_ih + (int64_t)(s_p[kl] - p0) * I + 128 * kb, q, g == 0, xq);
