@@ -57,7 +57,7 @@
                                * so their sums keep the shared steps' order) */
 /* row tiles a k_qv_up block (QV_UP_THREADS each): 4 for nvfp4 with block-local activations (its x
  * quantisation, redone by every block, then by a quarter as many blocks with 4x the threads; H100
- * Qwen3-30B-A3B T = 1: 27.0-27.1 -> 26.5 us; fp8 modes +0.1 us, so they keep 1) */
+ * Qwen3-30B-A3B T = 1, before qv_loc_h: 27.0-27.1 -> 26.5 us; fp8 modes +0.1 us, so they keep 1) */
 #define QV_UP_LOC_TILES 4
 template <int MODE, bool LOC> struct qv_up_tiles {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
@@ -393,8 +393,9 @@ template <int NT, int NV> __device__ __forceinline__ void qv_loc_load(const uint
 }
 
 /* Whether block-local activations are kept as f16 values (fp8_block, nvfp4) or as codes (fp8).  f16
- * values spare the MMAs' B operand its conversion: H100, Qwen3-30B-A3B T = 1, fp8_block 26.0-26.1 ->
- * 25.2-25.4 us, nvfp4 27.0-27.2 -> 24.7-24.8; fp8 25.3-25.5 -> 25.7-25.8, so it keeps its codes. */
+ * values spare the MMAs' B operand its conversion: H100, Qwen3-30B-A3B T = 1 (3 rounds each):
+ * fp8_block 26.0-26.2 -> 25.2-25.3 us, nvfp4 26.9-27.2 -> 24.6 (with its 4 row tiles); fp8 25.3-25.5
+ * -> 25.7-25.8, so it keeps its codes (25.4-25.6 either way then). */
 template <int MODE> struct qv_loc_h {
     static constexpr bool V = MODE != MOE_QUANT_FP8;
 };
