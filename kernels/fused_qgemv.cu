@@ -55,6 +55,13 @@
 #define QV_DN_LOC_THREADS 512 /* ... 16 for nvfp4 with block-local activations (a grid of at most 128 blocks;
                                * H100: Qwen3 T = 1 29.8 -> 26.9 us; fp8 modes gain <= 0.4 us and keep 8 warps,
                                * so their sums keep the shared steps' order) */
+/* row tiles a k_qv_up block (QV_UP_THREADS each): 4 for nvfp4 with block-local activations (its x
+ * quantisation, redone by every block, then by a quarter as many blocks with 4x the threads; H100
+ * Qwen3-30B-A3B T = 1, before qv_loc_h: 27.0-27.1 -> 26.5 us; fp8 modes +0.1 us, so they keep 1) */
+#define QV_UP_LOC_TILES 4
+template <int MODE, bool LOC> struct qv_up_tiles {
+    static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
+};
 /* threads of k_qv_down */
 template <int MODE, bool LOC> struct qv_dn_threads {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_DN_LOC_THREADS : QV_DN_THREADS;
@@ -156,6 +163,14 @@ __device__ __forceinline__ void qv_mma_bf16(float (&d)[4], uint32_t a0, uint32_t
  * The mx scales (per 32 columns = one lane's codes) do not fold into bf16 exactly (mxint4) or
  * not into f16 range (mxfp4); they are applied to f32 sums of the groups, which the MMA keeps
  * apart as its columns (qv_gc). sc: nvfp4, the two scale codes of the lane's columns. */
+/* nvfp4: codes (j, j + 4) of x = (word >> 4j) & 0x000F000F times the scale s (f16 in both halves). */
+__device__ __forceinline__ uint32_t qv_e2m1x2_f16(uint32_t x, uint32_t s) {
+    const uint32_t b = ((x & 0x00070007u) << 9) | ((x & 0x00080008u) << 12);
+    uint32_t r;
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(b), "r"(0x74007400u));
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(r), "r"(s));
+    return r;
+}
 template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uint32_t sc, uint32_t (&o)[16]) {
     const uint32_t u[4] = {w.x, w.y, w.z, w.w};
     uint32_t s01 = 0, s0 = 0, s1 = 0;
@@ -172,9 +187,7 @@ template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uin
             const uint32_t x = (u[i] >> (4 * j)) & 0x000F000Fu;
             uint32_t r;
             if (MODE == MOE_QUANT_NVFP4) {
-                const uint32_t b = ((x & 0x00070007u) << 9) | ((x & 0x00080008u) << 12);
-                asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(b), "r"(0x74007400u));
-                asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(r), "r"(i < 2 ? s0 : s1));
+                r = qv_e2m1x2_f16(x, i < 2 ? s0 : s1);
             } else if (MODE == MOE_QUANT_MXFP4) {
                 const uint32_t b = ((x & 0x00070007u) << 6) | ((x & 0x00080008u) << 12);
                 asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x7E807E80u), "r"(0u));
@@ -225,6 +238,42 @@ __device__ __forceinline__ void qv_unit(float (&d)[4], const uint4 (&w0)[NH], co
     } else {
         qv_step(d, w0[0], w1[0], x[0]);
         qv_step(d, w0[NH - 1], w1[NH - 1], x[NH - 1]);
+    }
+}
+
+/* Block-local activations (qv_loc_quant) reach the MMAs as f16 values in shared memory, so B needs
+ * no conversion.  A lane's 4 uint4 of a 128-column block: fp8 modes, columns 64h + 16q .. + 15 of
+ * both halves h in order (xh[2h], xh[2h + 1]); nvfp4, its 16 pairs in qv_conv4's order. */
+__device__ __forceinline__ void qv_step_h(float (&d)[4], const uint4 &w0, const uint4 &w1, const uint4 &b0,
+                                          const uint4 &b1) {
+    const uint32_t u0[4] = {w0.x, w0.y, w0.z, w0.w}, u1[4] = {w1.x, w1.y, w1.z, w1.w};
+    const uint32_t bh[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        uint32_t a0, a1, a2, a3;
+        moe__fq_e4m3x4_f16(u0[s], a0, a2);
+        moe__fq_e4m3x4_f16(u1[s], a1, a3);
+        qv_mma(d, a0, a1, a2, a3, bh[2 * s], bh[2 * s + 1]);
+    }
+}
+template <int MODE, int NH>
+__device__ __forceinline__ void qv_unit_h(float (&d)[4], const uint4 (&w0)[NH], const uint4 (&w1)[NH],
+                                          const uint4 (&xh)[4], uint32_t sa, uint32_t sb) {
+    if (MODE == MOE_QUANT_NVFP4) {
+        const uint32_t bw[16] = {xh[0].x, xh[0].y, xh[0].z, xh[0].w, xh[1].x, xh[1].y, xh[1].z, xh[1].w,
+                                 xh[2].x, xh[2].y, xh[2].z, xh[2].w, xh[3].x, xh[3].y, xh[3].z, xh[3].w};
+        qv_step4<MODE>(d, w0[0], sa, w1[0], sb, bw);
+    } else {
+        qv_step_h(d, w0[0], w1[0], xh[0], xh[1]);
+        qv_step_h(d, w0[NH - 1], w1[NH - 1], xh[2], xh[3]);
+    }
+}
+/* A lane's xh for the 128-column block at f16 element `at` (the row's block start); zeros when !ok. */
+template <int MODE> __device__ __forceinline__ void qv_ld_h(const uint16_t *at, int q, bool ok, uint4 (&xh)[4]) {
+#pragma unroll
+    for (int m = 0; m < 4; m++) {
+        const int off = MODE == MOE_QUANT_NVFP4 ? 32 * q + 8 * m : 64 * (m >> 1) + 16 * q + 8 * (m & 1);
+        xh[m] = ok ? *(const uint4 *)(at + off) : make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -327,10 +376,10 @@ __device__ __forceinline__ void qv_fp8_codes(const uint16_t *src, int64_t i0, in
 
 #define QV_LOC_UP 2048  /* activation values a block quantises itself: T*H for GEMM1 */
 #define QV_LOC_MAX 8192 /* K*I for GEMM2 */
-/* their codes and scales in dynamic shared memory, requested only when used (a kernel's static
- * shared memory would change the L1 / shared split of every launch) */
-#define QV_LOC_UP_SMEM (QV_LOC_UP + QV_LOC_UP / 16)
-#define QV_LOC_DN_SMEM (QV_LOC_MAX + QV_LOC_MAX / 16)
+/* their f16 values and fp8_block's scales in dynamic shared memory, requested only when used (a
+ * kernel's static shared memory would change the L1 / shared split of every launch) */
+#define QV_LOC_UP_SMEM (2 * QV_LOC_UP + QV_LOC_UP / 32)
+#define QV_LOC_DN_SMEM (2 * QV_LOC_MAX + QV_LOC_MAX / 32)
 extern __shared__ __align__(16) uint8_t qv_dyn[];
 
 /* Load the n (<= QV_LOC_MAX, a multiple of 128) bf16 values at src, 8 a thread (uint4 i = tid +
@@ -343,12 +392,22 @@ template <int NT, int NV> __device__ __forceinline__ void qv_loc_load(const uint
     }
 }
 
-/* Those values quantised as the quantisers do (moe__q_rows, qv_fp8_codes), codes into c and scales
- * into sc (shared memory): fp8 with the per-tensor scale s (codes c[n]); fp8_block per 128 values
- * (16 consecutive lanes hold a group; f32 scales sc[n / 128]); nvfp4 per 16 values (2 lanes) with
- * the global scale s (packed codes c[n / 2], e4m3 scale codes sc[n / 16]). */
+/* Whether block-local activations are kept as f16 values (fp8_block, nvfp4) or as codes (fp8).  f16
+ * values spare the MMAs' B operand its conversion: H100, Qwen3-30B-A3B T = 1 (3 rounds each):
+ * fp8_block 26.0-26.2 -> 25.2-25.3 us, nvfp4 26.9-27.2 -> 24.6 (with its 4 row tiles); fp8 25.3-25.5
+ * -> 25.7-25.8, so it keeps its codes (25.4-25.6 either way then). */
+template <int MODE> struct qv_loc_h {
+    static constexpr bool V = MODE != MOE_QUANT_FP8;
+};
+
+/* Those values quantised as the quantisers do (moe__q_rows, qv_fp8_codes) -- the same codes and
+ * scales -- into shared memory as the f16 values the MMAs take (exact), c[i] for value i: fp8 with
+ * the per-tensor scale s (its codes instead, bytes: qv_loc_h); fp8_block per 128 values (16 consecutive lanes hold a
+ * group; the codes' values, f32 scales sc[n / 128]); nvfp4 per 16 values (2 lanes) with the global
+ * scale s (code x its e4m3 block scale, exact in f16: qv_conv4; a thread's 8 values (8i .. 8i+7) as
+ * the pairs (8i + j, 8i + j + 4), j < 4, in qv_conv4's order). */
 template <int MODE, int NT, int NV>
-__device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, float s, uint8_t *c, uint8_t *sc) {
+__device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, float s, uint16_t *c, float *sc) {
 #pragma unroll
     for (int j = 0; j < NV; j++) {
         const int64_t i = threadIdx.x + (int64_t)NT * j;
@@ -367,24 +426,36 @@ __device__ __forceinline__ void qv_loc_quant(const uint4 (&v)[NV], int64_t n, fl
             b = moe__q_warp_max(b, MODE == MOE_QUANT_NVFP4 ? 2 : 16); /* every lane: shuffles */
             if (MODE == MOE_QUANT_NVFP4) {
                 const uint8_t code = moe__q_nvfp4_scale(moe__q_amax(b), s);
-                if (8 * i < n && (threadIdx.x & 1) == 0) sc[i >> 1] = code;
                 const float bs = moe__e4m3_to_f32(code);
                 if (8 * i < n) {
                     uint32_t cw = 0;
 #pragma unroll
                     for (int k = 0; k < 8; k++) cw |= (uint32_t)moe__q_nvfp4_code(f[k], bs, s) << (4 * k);
-                    *(uint32_t *)(c + 4 * i) = cw;
+                    uint32_t sl, sh;
+                    moe__fq_e4m3x4_f16(code, sl, sh);
+                    const uint32_t s2 = __byte_perm(sl, 0, 0x1010);
+                    *(uint4 *)(c + 8 * i) = make_uint4(qv_e2m1x2_f16(cw & 0x000F000Fu, s2),
+                                                       qv_e2m1x2_f16((cw >> 4) & 0x000F000Fu, s2),
+                                                       qv_e2m1x2_f16((cw >> 8) & 0x000F000Fu, s2),
+                                                       qv_e2m1x2_f16((cw >> 12) & 0x000F000Fu, s2));
                 }
                 continue;
             }
             sj = moe__q_fp8_scale(moe__q_amax(b));
-            if (8 * i < n && (threadIdx.x & 15) == 0) ((float *)sc)[i >> 4] = sj;
+            if (8 * i < n && (threadIdx.x & 15) == 0) sc[i >> 4] = sj;
         }
         if (8 * i < n) {
             uint32_t cw[2] = {0, 0};
 #pragma unroll
             for (int k = 0; k < 8; k++) cw[k >> 2] |= (uint32_t)moe__q_fp8_code(f[k], sj) << (8 * (k & 3));
-            *(uint2 *)(c + 8 * i) = make_uint2(cw[0], cw[1]);
+            if (MODE == MOE_QUANT_FP8) { /* the codes themselves (qv_loc_h) */
+                *(uint2 *)((uint8_t *)c + 8 * i) = make_uint2(cw[0], cw[1]);
+                continue;
+            }
+            uint32_t h[4];
+            moe__fq_e4m3x4_f16(cw[0], h[0], h[1]);
+            moe__fq_e4m3x4_f16(cw[1], h[2], h[3]);
+            *(uint4 *)(c + 8 * i) = make_uint4(h[0], h[1], h[2], h[3]);
         }
     }
 }
@@ -414,28 +485,34 @@ template <int NT, int NV> __device__ __forceinline__ uint32_t qv_loc_amax(const 
 
 /* grid (N1 / 16, T*K); block (tile u, pair p). */
 template <int MODE, bool LOC>
-__global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
+__global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 / qv_up_tiles<MODE, LOC>::N)
+    k_qv_up(const qv_args a) {
     using M = qv_mode<MODE>;
     constexpr int UG = M::UGU, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
+    constexpr int TPB = qv_up_tiles<MODE, LOC>::N, NT = TPB * QV_UP_THREADS; /* row tiles, threads */
     constexpr bool PK = M::PK, GC = M::GC;
     moe__fm_pdl_enter();
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    /* warp: within its row tile (NW warps a tile); sub: the tile within the block */
+    const int tid = threadIdx.x, lane = tid & 31, warp = TPB == 1 ? tid >> 5 : (tid >> 5) % NW,
+              sub = TPB == 1 ? 0 : (tid >> 5) / NW, g = lane >> 2, q = lane & 3;
     const int64_t P = a.T * a.K, p = blockIdx.y;
     /* loc: x into registers first (before the routed ids are known; not queued behind the weights) */
     constexpr bool LQ = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4;
-    constexpr int XV = LQ ? QV_LOC_UP / 8 / QV_UP_THREADS : 1;
-    /* dynamic shared memory (QV_LOC_UP_SMEM bytes, only when loc): codes, then scales (fp8_block
-     * f32 per 128, nvfp4 e4m3 per 16) */
-    uint8_t *s_xc = qv_dyn, *s_xs = qv_dyn + QV_LOC_UP;
-    constexpr bool loc = LQ && LOC;
+    constexpr int XV = LQ && QV_LOC_UP / 8 / NT > 0 ? QV_LOC_UP / 8 / NT : 1;
+    /* dynamic shared memory (QV_LOC_UP_SMEM bytes, only when loc): f16 values, then fp8_block's
+     * f32 scales per 128 */
+    uint16_t *s_xh = (uint16_t *)qv_dyn;
+    float *s_xs = (float *)(qv_dyn + 2 * QV_LOC_UP);
+    constexpr bool loc = LQ && LOC, LH = loc && qv_loc_h<MODE>::V;
     uint4 xl[XV];
-    if (loc) qv_loc_load<QV_UP_THREADS>(a.x, a.T * a.H, xl);
-    if (blockIdx.x == 0 && blockIdx.y == 0 && warp == 0) moe__fg_count_bad(a.ids, P, a.E, a.err);
+    if (loc) qv_loc_load<NT>(a.x, a.T * a.H, xl);
+    if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 32) moe__fg_count_bad(a.ids, P, a.E, a.err);
     const int e = a.ids[p];
     if (!moe__fg_local(e, a.E, a.lo, a.lc)) return;
     if (!moe__fg_leader(a.ids, p, e)) return; /* not the leader of e: its block does the work */
     const bool gated = a.act != MOE_ACT_RELU2;
-    const int u = blockIdx.x, H = a.H, nkb = H >> 7;
+    /* the row tile (a tile past the last one redoes the last: the same values written twice) */
+    const int u = TPB == 1 ? (int)blockIdx.x : min((int)blockIdx.x * TPB + sub, a.N1 / 16 - 1), H = a.H, nkb = H >> 7;
     /* A rows g and g + 8: gate and up rows of intermediate column 8u + g (relu2: rows 16u + g, +8) */
     const int ra = gated ? 8 * u + g : 16 * u + g, rb = gated ? a.I + 8 * u + g : 16 * u + 8 + g;
     /* bytes of a row, of a 128-column block */
@@ -464,9 +541,9 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     const int64_t nx = a.T * H;
     float xsl = 1.0f; /* loc: x's per-tensor scale (fp8) or global scale (nvfp4) */
     if (loc) {
-        if (MODE == MOE_QUANT_FP8) xsl = moe__q_fp8_scale(moe__q_amax(qv_loc_amax<QV_UP_THREADS>(xl)));
-        if (MODE == MOE_QUANT_NVFP4) xsl = moe__q_nvfp4_global(moe__q_amax(qv_loc_amax<QV_UP_THREADS>(xl)));
-        qv_loc_quant<MODE, QV_UP_THREADS>(xl, nx, xsl, s_xc, s_xs);
+        if (MODE == MOE_QUANT_FP8) xsl = moe__q_fp8_scale(moe__q_amax(qv_loc_amax<NT>(xl)));
+        if (MODE == MOE_QUANT_NVFP4) xsl = moe__q_nvfp4_global(moe__q_amax(qv_loc_amax<NT>(xl)));
+        qv_loc_quant<MODE, NT>(xl, nx, xsl, s_xh, s_xs);
         __syncthreads();
     } else if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
         __shared__ uint32_t s_xa;
@@ -476,7 +553,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
             const int64_t i0 = (int64_t)c * QV_CHUNK, i1 = min(nx, i0 + QV_CHUNK);
             if (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4) {
                 if (!have_amax) {
-                    xamax = qv_amax_bf16<QV_UP_THREADS>(a.x, nx);
+                    xamax = qv_amax_bf16<NT>(a.x, nx);
                     if (MODE == MOE_QUANT_NVFP4) {
                         if (tid == 0) s_xa = xamax;
                         __syncthreads();
@@ -486,17 +563,15 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
             }
             if (MODE == MOE_QUANT_FP8) {
                 const float s = moe__q_fp8_scale(moe__q_amax(xamax));
-                qv_fp8_codes<QV_UP_THREADS>(a.x, i0, i1, s, a.xc);
+                qv_fp8_codes<NT>(a.x, i0, i1, s, a.xc);
                 if (c == 0 && tid == 0) a.xt[0] = s;
             } else if (MODE == MOE_QUANT_NVFP4) {
-                moe__q_rows<MOE_QUANT_NVFP4, 16, QV_UP_THREADS>(a.x, MOE_BF16, i0 / 16, i1 / 16,
-                                                                QV_UP_THREADS / moe__q_rows_geom<16>::L, nx, &s_xa,
-                                                                a.xc, a.xs);
+                moe__q_rows<MOE_QUANT_NVFP4, 16, NT>(a.x, MOE_BF16, i0 / 16, i1 / 16, NT / moe__q_rows_geom<16>::L,
+                                                     nx, &s_xa, a.xc, a.xs);
                 if (c == 0 && tid == 0) a.xt[0] = moe__q_nvfp4_global(moe__q_amax(xamax));
             } else {
-                moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, QV_UP_THREADS>(a.x, MOE_BF16, i0 / 128, i1 / 128,
-                                                                     QV_UP_THREADS / moe__q_rows_geom<128>::L, 1,
-                                                                     nullptr, a.xc, a.xs);
+                moe__q_rows<MOE_QUANT_FP8_BLOCK, 128, NT>(a.x, MOE_BF16, i0 / 128, i1 / 128,
+                                                          NT / moe__q_rows_geom<128>::L, 1, nullptr, a.xc, a.xs);
             }
             /* step 2's counters and the intermediate amax, before any block passes this step */
             if (c == 0 && tid < 3) a.ctr[2 + tid] = 0;
@@ -512,7 +587,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
     const uint8_t *sra = a.sb13 + ((int64_t)e * a.N1 + ra) * spr, *srb = a.sb13 + ((int64_t)e * a.N1 + rb) * spr;
     const int gj = 2 * (q & 1); /* mx: the groups of this lane's accumulator columns: gj, gj + 1 */
 
-    __shared__ float s_red[NW][32][4];
+    __shared__ float s_red[TPB][NW][32][4];
     int mem[NB];
     for (int r0 = 0;; r0 += NB) {
         const int nm = moe__fg_members<NB>(a.ids, P, p, e, r0, mem);
@@ -529,7 +604,9 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
         }
         if (GC && (g & 3) != q) pg = -1; /* B is zero outside the column's group */
         const int64_t tg = pg >= 0 ? pg / a.K : 0;
-        const uint8_t *xr = (loc ? s_xc : a.xc) + tg * (PK ? H / 2 : H) + 16 * q;
+        /* codes (shared steps; loc fp8: in shared memory), f16 values (loc fp8_block, nvfp4) */
+        const uint8_t *xr = (loc ? (const uint8_t *)s_xh : a.xc) + tg * (PK ? H / 2 : H) + 16 * q;
+        const uint16_t *xh = s_xh + tg * H;
         const int64_t tc0 = pc0 >= 0 ? pc0 / a.K : 0, tc1 = pc1 >= 0 ? pc1 / a.K : 0;
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int kb0 = warp; kb0 < nkb; kb0 += NW * UG) {
@@ -540,7 +617,7 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
 #pragma unroll
             for (int j = 0; j < UG; j++) {
                 const int kb = kb0 + NW * j < nkb ? kb0 + NW * j : kb0;
-                if (!GC) {
+                if (!GC && !LH) {
 #pragma unroll
                     for (int h = 0; h < NH; h++)
                         xv[j][h] = pg < 0 ? make_uint4(0, 0, 0, 0)
@@ -550,13 +627,13 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     sa[j] = a.s13[srow + kb];
                     sb[j] = a.s13[srow_b + kb];
-                    sx0[j] = loc ? ((const float *)s_xs)[tc0 * nkb + kb] : __ldcg(a.xs + tc0 * nkb + kb);
-                    sx1[j] = loc ? ((const float *)s_xs)[tc1 * nkb + kb] : __ldcg(a.xs + tc1 * nkb + kb);
+                    sx0[j] = loc ? s_xs[tc0 * nkb + kb] : __ldcg(a.xs + tc0 * nkb + kb);
+                    sx1[j] = loc ? s_xs[tc1 * nkb + kb] : __ldcg(a.xs + tc1 * nkb + kb);
                 }
                 if (MODE == MOE_QUANT_NVFP4) {
                     ua[j] = *(const uint16_t *)(sra + 8 * kb + 2 * q);
                     ub[j] = *(const uint16_t *)(srb + 8 * kb + 2 * q);
-                    ux[j] = loc ? *(const uint16_t *)(s_xs + tg * (H / 16) + 8 * kb + 2 * q)
+                    ux[j] = loc ? 0u
                                 : __ldcg((const uint16_t *)((const uint8_t *)a.xs + tg * (H / 16) + 8 * kb + 2 * q));
                 }
                 if (GC) {
@@ -568,16 +645,20 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
             for (int j = 0; j < UG; j++) {
                 const int kb = kb0 + NW * j;
                 if (kb >= nkb) break;
+                uint4 xq[4]; /* LH: B's f16 values from shared memory */
+                if (LH) qv_ld_h<MODE>(xh + 128 * kb, q, pg >= 0, xq);
                 if (MODE == MOE_QUANT_FP8_BLOCK) {
                     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    qv_unit<MODE, NH>(part, w0[j], w1[j], xv[j], 0, 0, 0);
+                    if (LH) qv_unit_h<MODE, NH>(part, w0[j], w1[j], xq, 0, 0);
+                    else qv_unit<MODE, NH>(part, w0[j], w1[j], xv[j], 0, 0, 0);
                     /* as the tile path: partial x (activation scale x weight scale) */
                     acc[0] += part[0] * (sx0[j] * sa[j]);
                     acc[1] += part[1] * (sx1[j] * sa[j]);
                     acc[2] += part[2] * (sx0[j] * sb[j]);
                     acc[3] += part[3] * (sx1[j] * sb[j]);
                 } else if (!GC) {
-                    qv_unit<MODE, NH>(acc, w0[j], w1[j], xv[j], ua[j], ub[j], ux[j]);
+                    if (LH) qv_unit_h<MODE, NH>(acc, w0[j], w1[j], xq, ua[j], ub[j]);
+                    else qv_unit<MODE, NH>(acc, w0[j], w1[j], xv[j], ua[j], ub[j], ux[j]);
                 } else {
                     uint4 xb[4];
                     const uint16_t *xp = a.x + tg * H + 128 * kb + 32 * q;
@@ -598,15 +679,15 @@ __global__ void __launch_bounds__(QV_UP_THREADS, 8) k_qv_up(const qv_args a) {
         }
         /* the warps' sums in warp order, then the epilogue on warp 0's registers */
 #pragma unroll
-        for (int i = 0; i < 4; i++) s_red[warp][lane][i] = acc[i];
+        for (int i = 0; i < 4; i++) s_red[sub][warp][lane][i] = acc[i];
         __syncthreads();
         if (warp == 0) {
             uint32_t amax = 0;
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                float v = s_red[0][lane][i];
+                float v = s_red[sub][0][lane][i];
 #pragma unroll
-                for (int w = 1; w < NW; w++) v += s_red[w][lane][i];
+                for (int w = 1; w < NW; w++) v += s_red[sub][w][lane][i];
                 acc[i] = v;
             }
             if (GC) { /* the pair's 4 groups: this lane's 2 and its neighbour's (q ^ 1) */
@@ -673,9 +754,10 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
      * into registers first: nothing here waits on the routed ids */
     constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
     constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
-    constexpr bool loc = LQ && LOC;
+    constexpr bool loc = LQ && LOC, LH = loc && qv_loc_h<MODE>::V;
     constexpr int IV = LQ ? QV_LOC_MAX / 8 / DT : 1;
-    uint8_t *s_ic = qv_dyn, *s_is = qv_dyn + QV_LOC_MAX; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
+    uint16_t *s_ih = (uint16_t *)qv_dyn; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
+    float *s_is = (float *)(qv_dyn + 2 * QV_LOC_MAX);
     uint4 il[IV];
     uint32_t lamax = 0;
     if (loc) {
@@ -753,7 +835,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     const float sg = MODE == MOE_QUANT_NVFP4 ? moe__q_nvfp4_global(moe__q_amax(gamax))
                                              : moe__q_fp8_scale(moe__q_amax(gamax));
     if (loc) {
-        qv_loc_quant<MODE, DT>(il, (int64_t)a.K * I, sg, s_ic, s_is);
+        qv_loc_quant<MODE, DT>(il, (int64_t)a.K * I, sg, s_ih, s_is);
         __syncthreads();
     } else if (!GC) {
         qv_share(a.ctr + 2, (unsigned)(P * cpr), [&](unsigned c) {
@@ -787,8 +869,8 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         for (int j = 0; j < UG; j++) {
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0;
             const int kl = uu / nkb, kb = uu - kl * nkb, pp = s_p[kl], e = s_e[kl];
-            if (!GC) {
-                const uint8_t *xr = loc ? s_ic + (int64_t)(pp - p0) * rowb + kbb * kb + 16 * q
+            if (!GC && !LH) {
+                const uint8_t *xr = loc ? (const uint8_t *)s_ih + (int64_t)(pp - p0) * rowb + kbb * kb + 16 * q
                                         : a.gc + (int64_t)pp * rowb + kbb * kb + 16 * q;
 #pragma unroll
                 for (int h = 0; h < NH; h++)
@@ -798,7 +880,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             }
             /* the unit's factor: its scales (as the tile path: activation x weight) and weight */
             if (MODE == MOE_QUANT_FP8_BLOCK)
-                f[j] = (loc ? ((const float *)s_is)[(pp - p0) * nkb + kb] : __ldcg(a.gs + (int64_t)pp * nkb + kb)) *
+                f[j] = (loc ? s_is[(pp - p0) * nkb + kb] : __ldcg(a.gs + (int64_t)pp * nkb + kb)) *
                        (u0 == warp ? ws0[j] : wscale(uu));
             else if (MODE == MOE_QUANT_FP8)
                 f[j] = sg * (u0 == warp ? ws0[j] : wscale(uu));
@@ -811,7 +893,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             if (MODE == MOE_QUANT_NVFP4) {
                 ua[j] = *(const uint16_t *)(sr + 8 * kb + 2 * q);
                 ub[j] = *(const uint16_t *)(sr + 8 * spr + 8 * kb + 2 * q);
-                ux[j] = loc ? *(const uint16_t *)(s_is + (int64_t)(pp - p0) * (I / 16) + 8 * kb + 2 * q)
+                ux[j] = loc ? 0u
                             : __ldcg((const uint16_t *)((const uint8_t *)a.gs + (int64_t)pp * (I / 16) + 8 * kb + 2 * q));
             }
             if (GC) {
@@ -823,7 +905,12 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         for (int j = 0; j < UG; j++) {
             if (u0 + NW * j >= nu) break;
             float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (!GC) {
+            if (!GC && LH) {
+                const int uu = u0 + NW * j, kl = uu / nkb, kb = uu - kl * nkb;
+                uint4 xq[4]; /* B's f16 values from shared memory */
+                qv_ld_h<MODE>(s_ih + (int64_t)(s_p[kl] - p0) * I + 128 * kb, q, g == 0, xq);
+                qv_unit_h<MODE, NH>(part, w0[j], w1[j], xq, ua[j], ub[j]);
+            } else if (!GC) {
                 qv_unit<MODE, NH>(part, w0[j], w1[j], xv[j], ua[j], ub[j], ux[j]);
             } else {
                 /* B column j < 4 = group j of the pair's row (lanes g = q load it) */
@@ -873,7 +960,9 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
 /* The kernels with the activations block-local (LOC, qv_loc_eligible) or shared: separate instantiations,
  * so that neither carries the other's code and registers. */
 template <int MODE, bool LOC> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
-    k_qv_up<MODE, LOC><<<dim3((unsigned)(a.N1 / 16), (unsigned)(a.T * a.K)), QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st>>>(a);
+    constexpr int TPB = qv_up_tiles<MODE, LOC>::N;
+    k_qv_up<MODE, LOC><<<dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)), TPB * QV_UP_THREADS,
+                         LOC ? QV_LOC_UP_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
     k_qv_down<MODE, LOC><<<(unsigned)(a.T * (a.H / 16)), qv_dn_threads<MODE, LOC>::N, LOC ? QV_LOC_DN_SMEM : 0, st>>>(a);
     MOE_CUDA_LAUNCHED(FN);
