@@ -62,9 +62,11 @@
 template <int MODE, bool LOC> struct qv_up_tiles {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
 };
-/* threads of k_qv_down */
-template <int MODE, bool LOC> struct qv_dn_threads {
-    static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_DN_LOC_THREADS : QV_DN_THREADS;
+/* threads of k_qv_down (PRE: launched as a programmatic dependent, qv_pdl; fp8 modes then take 16 warps
+ * too -- EXPERIMENT (MOE_FUSED_QVPDL=1): blocks of 8 warps, scheduled as soon as k_qv_up's free their
+ * SMs, may pack two an SM) */
+template <int MODE, bool LOC, bool PRE = false> struct qv_dn_threads {
+    static constexpr int N = LOC && (MODE == MOE_QUANT_NVFP4 || PRE) ? QV_DN_LOC_THREADS : QV_DN_THREADS;
 };
 #define QV_UP_UG 1        /* GEMM1: 128-column blocks a round (4 weight loads a lane) */
 #define QV_DN_UG 4        /* GEMM2: units a round (16 weight loads a lane) */
@@ -755,11 +757,12 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
 /* --------------------------------------------------------- GEMM2 + combine -- */
 
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
-template <int MODE, bool LOC>
-__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MODE, LOC>::N == QV_DN_THREADS ? 2 : 1)
+template <int MODE, bool LOC, bool PRE>
+__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, PRE>::N,
+                                  qv_dn_threads<MODE, LOC, PRE>::N == QV_DN_THREADS ? 2 : 1)
     k_qv_down(const qv_args a) {
     using M = qv_mode<MODE>;
-    constexpr int DT = qv_dn_threads<MODE, LOC>::N;
+    constexpr int DT = qv_dn_threads<MODE, LOC, PRE>::N;
     constexpr int UG = QV_DN_UG, NW = DT / 32, NH = M::NH;
     constexpr bool PK = M::PK, GC = M::GC;
     moe__fm_pdl_enter();
@@ -998,7 +1001,7 @@ template <int MODE, bool LOC, bool PRE> moe_status qv_launch2(cudaStream_t st, c
     const bool pdl = PRE;
     MOE_TRY(qv_go(k_qv_up<MODE, LOC, PRE>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
                   TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl, a));
-    MOE_TRY(qv_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
+    MOE_TRY(qv_go(k_qv_down<MODE, LOC, PRE>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC, PRE>::N,
                   LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
     return MOE_OK;
 }
@@ -1044,8 +1047,13 @@ static bool qv_loc_eligible(const moe__fused_args *A) {
  * kernel before k_qv_up is then the caller's, which may let dependents start before x is written. */
 static bool qv_pdl(const moe__fused_args *A, int dev) {
     if (A->routed) return false;
+    /* default: nvfp4 only.  H100, Qwen3-30B-A3B T = 1 (3 rounds each, 2026-11-27): nvfp4 24.6-24.8
+     * -> 22.9 us; fp8 25.5-25.6 -> 27.3-27.4, fp8_block 25.1-25.3 -> 28.1 (their 8-warp k_qv_down);
+     * MOE_FUSED_QVPDL=1: every block-local mode (fp8 modes with a 16-warp k_qv_down), 0: none */
     const char *env = getenv("MOE_FUSED_QVPDL");
+    const bool all = env && env[0] == '1' && !env[1];
     if (env && env[0] == '0' && !env[1]) return false;
+    if (A->ex->quant != MOE_QUANT_NVFP4 && !all) return false;
     static int major[64]; /* per device, as cuda_backend.cu's caches */
     if (dev < 0 || dev >= 64) return false;
     int m = __atomic_load_n(&major[dev], __ATOMIC_RELAXED);
