@@ -52,9 +52,8 @@
 
 #define QV_UP_THREADS 128 /* GEMM1: 4 warps split H over one 16-row tile */
 #define QV_DN_THREADS 256 /* GEMM2: 8 warps split the token's units over one 16-column tile */
-#define QV_DN_LOC_THREADS 512 /* ... 16 for nvfp4 with block-local activations (a grid of at most 128 blocks;
-                               * H100: Qwen3 T = 1 29.8 -> 26.9 us; fp8 modes gain <= 0.4 us and keep 8 warps,
-                               * so their sums keep the shared steps' order) */
+#define QV_DN_LOC_THREADS 512 /* ... 16 with block-local activations (a grid of at most 128 blocks; H100:
+                               * Qwen3 T = 1 nvfp4 29.8 -> 26.9 us, eighth session; qv_dn_threads) */
 /* row tiles a k_qv_up block (QV_UP_THREADS each): 4 for nvfp4 with block-local activations (its x
  * quantisation, redone by every block, then by a quarter as many blocks with 4x the threads; H100
  * Qwen3-30B-A3B T = 1, before qv_loc_h: 27.0-27.1 -> 26.5 us; fp8 modes +0.1 us, so they keep 1) */
@@ -62,11 +61,15 @@
 template <int MODE, bool LOC> struct qv_up_tiles {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
 };
-/* threads of k_qv_down (PRE: launched as a programmatic dependent, qv_pdl; fp8 modes then take 16 warps
- * too -- EXPERIMENT (MOE_FUSED_QVPDL=1): blocks of 8 warps, scheduled as soon as k_qv_up's free their
- * SMs, may pack two an SM) */
-template <int MODE, bool LOC, bool PRE = false> struct qv_dn_threads {
-    static constexpr int N = LOC && (MODE == MOE_QUANT_NVFP4 || PRE) ? QV_DN_LOC_THREADS : QV_DN_THREADS;
+/* threads of k_qv_down: 16 warps with block-local activations (fp8, fp8_block, nvfp4), 8 otherwise.
+ * Launched as programmatic dependents (qv_pdl), blocks of 8 warps, scheduled as soon as k_qv_up's free
+ * their SMs, packed two an SM: H100, Qwen3-30B-A3B T = 1, fp8 / fp8_block 1.9 / 2.9 us slower than
+ * plain launches with 8 warps, 0.7 us faster with 16 (and plain launches: 16 warps within 0.1-0.6 us
+ * of 8, eighth session).  The same warps either launch, so routed calls reproduce native ones bit for
+ * bit; the fp8 modes sum in another order than the shared steps (within the CPU tolerance). */
+template <int MODE, bool LOC> struct qv_dn_threads {
+    static constexpr int N = LOC && MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4 ? QV_DN_LOC_THREADS
+                                                                                       : QV_DN_THREADS;
 };
 #define QV_UP_UG 1        /* GEMM1: 128-column blocks a round (4 weight loads a lane) */
 #define QV_DN_UG 4        /* GEMM2: units a round (16 weight loads a lane) */
@@ -757,12 +760,11 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
 /* --------------------------------------------------------- GEMM2 + combine -- */
 
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
-template <int MODE, bool LOC, bool PRE>
-__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, PRE>::N,
-                                  qv_dn_threads<MODE, LOC, PRE>::N == QV_DN_THREADS ? 2 : 1)
+template <int MODE, bool LOC>
+__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MODE, LOC>::N == QV_DN_THREADS ? 2 : 1)
     k_qv_down(const qv_args a) {
     using M = qv_mode<MODE>;
-    constexpr int DT = qv_dn_threads<MODE, LOC, PRE>::N;
+    constexpr int DT = qv_dn_threads<MODE, LOC>::N;
     constexpr int UG = QV_DN_UG, NW = DT / 32, NH = M::NH;
     constexpr bool PK = M::PK, GC = M::GC;
     moe__fm_pdl_enter();
@@ -1001,7 +1003,7 @@ template <int MODE, bool LOC, bool PRE> moe_status qv_launch2(cudaStream_t st, c
     const bool pdl = PRE;
     MOE_TRY(qv_go(k_qv_up<MODE, LOC, PRE>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
                   TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl, a));
-    MOE_TRY(qv_go(k_qv_down<MODE, LOC, PRE>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC, PRE>::N,
+    MOE_TRY(qv_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
                   LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
     return MOE_OK;
 }
@@ -1047,13 +1049,11 @@ static bool qv_loc_eligible(const moe__fused_args *A) {
  * kernel before k_qv_up is then the caller's, which may let dependents start before x is written. */
 static bool qv_pdl(const moe__fused_args *A, int dev) {
     if (A->routed) return false;
-    /* default: nvfp4 only.  H100, Qwen3-30B-A3B T = 1 (3 rounds each, 2026-11-27): nvfp4 24.6-24.8
-     * -> 22.9 us; fp8 25.5-25.6 -> 27.3-27.4, fp8_block 25.1-25.3 -> 28.1 (their 8-warp k_qv_down);
-     * MOE_FUSED_QVPDL=1: every block-local mode (fp8 modes with a 16-warp k_qv_down), 0: none */
+    /* H100, Qwen3-30B-A3B T = 1 (2026-11-27, one call): nvfp4 24.5-24.8 -> 22.7-22.8 us, fp8 25.4 ->
+     * 24.7, fp8_block 25.2-25.3 -> 24.5 (with a 16-warp k_qv_down: qv_dn_threads).  MOE_FUSED_QVPDL=0:
+     * off */
     const char *env = getenv("MOE_FUSED_QVPDL");
-    const bool all = env && env[0] == '1' && !env[1];
     if (env && env[0] == '0' && !env[1]) return false;
-    if (A->ex->quant != MOE_QUANT_NVFP4 && !all) return false;
     static int major[64]; /* per device, as cuda_backend.cu's caches */
     if (dev < 0 || dev >= 64) return false;
     int m = __atomic_load_n(&major[dev], __ATOMIC_RELAXED);
