@@ -52,9 +52,8 @@
 
 #define QV_UP_THREADS 128 /* GEMM1: 4 warps split H over one 16-row tile */
 #define QV_DN_THREADS 256 /* GEMM2: 8 warps split the token's units over one 16-column tile */
-#define QV_DN_LOC_THREADS 512 /* ... 16 for nvfp4 with block-local activations (a grid of at most 128 blocks;
-                               * H100: Qwen3 T = 1 29.8 -> 26.9 us; fp8 modes gain <= 0.4 us and keep 8 warps,
-                               * so their sums keep the shared steps' order) */
+#define QV_DN_LOC_THREADS 512 /* ... 16 with block-local activations (a grid of at most 128 blocks; H100:
+                               * Qwen3 T = 1 nvfp4 29.8 -> 26.9 us, eighth session; qv_dn_threads) */
 /* row tiles a k_qv_up block (QV_UP_THREADS each): 4 for nvfp4 with block-local activations (its x
  * quantisation, redone by every block, then by a quarter as many blocks with 4x the threads; H100
  * Qwen3-30B-A3B T = 1, before qv_loc_h: 27.0-27.1 -> 26.5 us; fp8 modes +0.1 us, so they keep 1) */
@@ -62,9 +61,15 @@
 template <int MODE, bool LOC> struct qv_up_tiles {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
 };
-/* threads of k_qv_down */
+/* threads of k_qv_down: 16 warps with block-local activations (fp8, fp8_block, nvfp4), 8 otherwise.
+ * Launched as programmatic dependents (qv_pdl), blocks of 8 warps, scheduled as soon as k_qv_up's free
+ * their SMs, packed two an SM: H100, Qwen3-30B-A3B T = 1, fp8 / fp8_block 1.9 / 2.9 us slower than
+ * plain launches with 8 warps, 0.7 us faster with 16 (and plain launches: 16 warps within 0.1-0.6 us
+ * of 8, eighth session).  The same warps either launch, so routed calls reproduce native ones bit for
+ * bit; the fp8 modes sum in another order than the shared steps (within the CPU tolerance). */
 template <int MODE, bool LOC> struct qv_dn_threads {
-    static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_DN_LOC_THREADS : QV_DN_THREADS;
+    static constexpr int N = LOC && MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4 ? QV_DN_LOC_THREADS
+                                                                                       : QV_DN_THREADS;
 };
 #define QV_UP_UG 1        /* GEMM1: 128-column blocks a round (4 weight loads a lane) */
 #define QV_DN_UG 4        /* GEMM2: units a round (16 weight loads a lane) */
@@ -94,6 +99,9 @@ struct qv_args : moe__fg_shape {
     unsigned *ctr;           /* MOE__FQ_NCTR counters (fused_quant.cuh), zero between calls */
     uint16_t *out;           /* bf16 [T, H] */
     int32_t *err;            /* routed ids out of range */
+    int xpre;                /* block-local k_qv_up launched as a programmatic dependent of this call's
+                              * routing kernel (qv_pdl): x is loaded and quantised before
+                              * griddepcontrol.wait, while the routing runs */
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -484,14 +492,14 @@ template <int NT, int NV> __device__ __forceinline__ uint32_t qv_loc_amax(const 
 /* ------------------------------------------------------------ GEMM1 + act -- */
 
 /* grid (N1 / 16, T*K); block (tile u, pair p). */
-template <int MODE, bool LOC>
+template <int MODE, bool LOC, bool PRE>
 __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 / qv_up_tiles<MODE, LOC>::N)
     k_qv_up(const qv_args a) {
     using M = qv_mode<MODE>;
     constexpr int UG = M::UGU, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N, NT = TPB * QV_UP_THREADS; /* row tiles, threads */
     constexpr bool PK = M::PK, GC = M::GC;
-    moe__fm_pdl_enter();
+    /* the wait (moe__fm_pdl_enter) comes below */
     /* warp: within its row tile (NW warps a tile); sub: the tile within the block */
     const int tid = threadIdx.x, lane = tid & 31, warp = TPB == 1 ? tid >> 5 : (tid >> 5) % NW,
               sub = TPB == 1 ? 0 : (tid >> 5) / NW, g = lane >> 2, q = lane & 3;
@@ -505,7 +513,25 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
     float *s_xs = (float *)(qv_dyn + 2 * QV_LOC_UP);
     constexpr bool loc = LQ && LOC, LH = loc && qv_loc_h<MODE>::V;
     uint4 xl[XV];
-    if (loc) qv_loc_load<NT>(a.x, a.T * a.H, xl);
+    const int64_t nx = a.T * a.H;
+    float xsl = 1.0f; /* loc: x's per-tensor scale (fp8) or global scale (nvfp4) */
+    /* loc: x into registers first (not queued behind the weights), quantised into shared memory
+     * (qv_loc_quant) once the weights' first loads are in flight -- or, PRE (a.xpre: launched as a
+     * programmatic dependent of this call's routing kernel), at once, before griddepcontrol.wait,
+     * while the routing runs (x was complete before that kernel started: it is launched without
+     * programmatic serialisation) */
+    auto loc_x = [&]() {
+        if (MODE == MOE_QUANT_FP8) xsl = moe__q_fp8_scale(moe__q_amax(qv_loc_amax<NT>(xl)));
+        if (MODE == MOE_QUANT_NVFP4) xsl = moe__q_nvfp4_global(moe__q_amax(qv_loc_amax<NT>(xl)));
+        qv_loc_quant<MODE, NT>(xl, nx, xsl, s_xh, s_xs);
+        __syncthreads();
+    };
+    if (loc && PRE) {
+        qv_loc_load<NT>(a.x, nx, xl);
+        loc_x();
+    }
+    moe__fm_pdl_enter();
+    if (loc && !PRE) qv_loc_load<NT>(a.x, nx, xl);
     if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 32) moe__fg_count_bad(a.ids, P, a.E, a.err);
     const int e = a.ids[p];
     if (!moe__fg_local(e, a.E, a.lo, a.lc)) return;
@@ -538,13 +564,8 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
 
     /* x: codes (and fp8_block / nvfp4 scales) into the workspace, shared out in chunks (mx
      * modes multiply x in bf16: nothing to do) */
-    const int64_t nx = a.T * H;
-    float xsl = 1.0f; /* loc: x's per-tensor scale (fp8) or global scale (nvfp4) */
     if (loc) {
-        if (MODE == MOE_QUANT_FP8) xsl = moe__q_fp8_scale(moe__q_amax(qv_loc_amax<NT>(xl)));
-        if (MODE == MOE_QUANT_NVFP4) xsl = moe__q_nvfp4_global(moe__q_amax(qv_loc_amax<NT>(xl)));
-        qv_loc_quant<MODE, NT>(xl, nx, xsl, s_xh, s_xs);
-        __syncthreads();
+        if (!PRE) loc_x();
     } else if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
         __shared__ uint32_t s_xa;
         uint32_t xamax = 0;
@@ -959,20 +980,38 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
 
 /* The kernels with the activations block-local (LOC, qv_loc_eligible) or shared: separate instantiations,
  * so that neither carries the other's code and registers. */
-template <int MODE, bool LOC> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
+/* Launch on st, with programmatic stream serialisation when pdl (both kernels start with
+ * griddepcontrol.wait, k_qv_up's PRE work aside). */
+static moe_status qv_go(void (*k)(const qv_args), dim3 grid, int threads, size_t smem, cudaStream_t st, bool pdl,
+                        const qv_args &a) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = pdl ? at : nullptr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, a));
+    return MOE_OK;
+}
+
+template <int MODE, bool LOC, bool PRE> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N;
-    k_qv_up<MODE, LOC><<<dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)), TPB * QV_UP_THREADS,
-                         LOC ? QV_LOC_UP_SMEM : 0, st>>>(a);
-    MOE_CUDA_LAUNCHED(FN);
-    k_qv_down<MODE, LOC><<<(unsigned)(a.T * (a.H / 16)), qv_dn_threads<MODE, LOC>::N, LOC ? QV_LOC_DN_SMEM : 0, st>>>(a);
-    MOE_CUDA_LAUNCHED(FN);
+    const bool pdl = PRE;
+    MOE_TRY(qv_go(k_qv_up<MODE, LOC, PRE>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
+                  TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl, a));
+    MOE_TRY(qv_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
+                  LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
     return MOE_OK;
 }
 
 template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool loc) {
     if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
-        if (loc) return qv_launch2<MODE, true>(st, a);
-    return qv_launch2<MODE, false>(st, a);
+        if (loc) return a.xpre ? qv_launch2<MODE, true, true>(st, a) : qv_launch2<MODE, true, false>(st, a);
+    return qv_launch2<MODE, false, false>(st, a);
 }
 
 } // namespace
@@ -1002,6 +1041,30 @@ static bool qv_loc_eligible(const moe__fused_args *A) {
     const char *env = getenv("MOE_FUSED_QVLOC");
     if (env && env[0] == '0' && !env[1]) return false;
     return A->T * ex->H <= QV_LOC_UP && A->K * ex->I <= QV_LOC_MAX;
+}
+
+/* Block-local calls that routed their own tokens (logits given) launch both kernels as programmatic
+ * dependents (sm_90+; MOE_FUSED_QVPDL=0: off): k_qv_up's blocks start while the routing kernel
+ * runs (it lets them, moe__rt_let_dependents) and quantise x meanwhile.  Not in routed mode: the
+ * kernel before k_qv_up is then the caller's, which may let dependents start before x is written. */
+static bool qv_pdl(const moe__fused_args *A, int dev) {
+    if (A->routed) return false;
+    /* H100, Qwen3-30B-A3B T = 1 (2026-11-27, one call): nvfp4 24.5-24.8 -> 22.7-22.8 us, fp8 25.4 ->
+     * 24.7, fp8_block 25.2-25.3 -> 24.5 (with a 16-warp k_qv_down: qv_dn_threads).  MOE_FUSED_QVPDL=0:
+     * off */
+    const char *env = getenv("MOE_FUSED_QVPDL");
+    if (env && env[0] == '0' && !env[1]) return false;
+    static int major[64]; /* per device, as cuda_backend.cu's caches */
+    if (dev < 0 || dev >= 64) return false;
+    int m = __atomic_load_n(&major[dev], __ATOMIC_RELAXED);
+    if (m == 0) {
+        if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+            (void)cudaGetLastError();
+            return false;
+        }
+        __atomic_store_n(&major[dev], m, __ATOMIC_RELAXED);
+    }
+    return m >= 9;
 }
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
@@ -1066,6 +1129,7 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     a.err = (int32_t *)(base + ws->off_err);
     moe__fg_shape_set(&a, A);
     const bool loc = qv_loc_eligible(A);
+    a.xpre = loc && qv_pdl(A, g.dev);
     switch (ex->quant) {
     case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a, loc);
     case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a, loc);

@@ -51,6 +51,15 @@ template <int NPL, int SZ> struct moe__rt_w {
     static constexpr int v = (cap >= 8 && NPL % 8 == 0) ? 8 : (cap >= 4 && NPL % 4 == 0) ? 4 : (NPL % 2 == 0) ? 2 : 1;
 };
 
+/* Lets a kernel launched after this one with programmatic stream serialisation start now (the
+ * quantised fused MoE's decode kernels prepare their activations while the routing runs, then wait
+ * for it with griddepcontrol.wait).  A no-op without such a dependent, and before sm_90. */
+__device__ __forceinline__ void moe__rt_let_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 template <int DT> __device__ __forceinline__ float moe__rt_cvt(uint32_t bits16) {
     if (DT == MOE_BF16) return moe__bf16_to_f32((uint16_t)bits16);
     return moe__f16_to_f32((uint16_t)bits16);
@@ -200,6 +209,7 @@ __device__ __forceinline__ uint32_t moe__rt_group_keys(const uint32_t (&key)[NPL
 
 template <int NPL, int DT>
 __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__route_args a) {
+    moe__rt_let_dependents();
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v;
     constexpr int NV = NPL / W;
@@ -421,6 +431,7 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route(const moe__rou
  * specialisation of it, whose single-lane replay stores cost +0.10 us (this kernel: +0.00). */
 template <int DT>
 __global__ void __launch_bounds__(MOE_RT_WARPS * 32) moe__k_route_top1(const moe__route_args a) {
+    moe__rt_let_dependents();
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = SZ == 4 ? 4 : 8; /* elements per 16-byte load */
     const int lane = threadIdx.x & 31, hl = lane & 15;
@@ -618,6 +629,7 @@ __device__ __forceinline__ int moe__rt_sb_exact(const moe__route_args &a, const 
  * else -1 (a.gshift). */
 template <int NPL, int DT, bool K8, int GS>
 __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_route_sb(const moe__route_args a) {
+    moe__rt_let_dependents();
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v; /* chunk of one vector load (rows are W-aligned) */
     constexpr int E = 32 * NPL;
