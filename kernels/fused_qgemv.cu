@@ -34,9 +34,13 @@
  * Block-local activations (fp8, fp8_block, nvfp4; x of at most QV_LOC_UP values, a token's intermediate
  * rows of at most QV_LOC_MAX: Qwen3-30B-A3B at T = 1): every block loads the activations it needs
  * into registers before the routed ids and its weights, quantises them itself into shared memory
- * (the same codes and scales as the shared steps) and skips those steps -- the redundant work
- * costs less than the grid-wide waits.  The intermediate's amax (fp8, nvfp4) then lives in its own slot,
- * which the last k_qv_down block to have read it resets.
+ * (the same codes and scales as the shared steps; fp8_block and nvfp4 as the f16 values the MMAs
+ * take, qv_loc_h) and skips those steps -- the redundant work costs less than the grid-wide waits.
+ * k_qv_down then runs 16 warps, nvfp4's k_qv_up 4 row tiles a block.  The intermediate's amax (fp8,
+ * nvfp4) then lives in its own slot, which the last k_qv_down block to have read it resets.  When
+ * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
+ * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
+ * while the routing runs.
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are

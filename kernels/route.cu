@@ -17,6 +17,8 @@
  *   4. weights with the same float formulas as the CPU reference (route_math.h), the
  *      softmax denominator over all E summed in double; ids, weights and (when given) the
  *      replay row written by lanes 0..K-1.
+ * Every kernel first lets programmatically dependent launches start (moe__rt_let_dependents: the
+ * quantised decode kernels that follow overlap it).
  * No host synchronisation, no allocation: graph-capturable.  Size classes (NPL) keep the
  * keys in registers: E <= 128, 256, 384, 512, 1024, 2048.
  */

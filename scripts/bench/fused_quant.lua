@@ -9,7 +9,9 @@
 --   register-operand kernel;
 -- MOE_FUSED_FP8MMA=1: those on the FP8 tensor cores (not the reference numerics, see docs/quantization.md);
 -- MOE_FUSED_QVLOC=0: decode (Qwen3-30B-A3B T = 1 and similar sizes) with the activations quantised in
---   shared grid-wide steps instead of by every block.
+--   shared grid-wide steps instead of by every block;
+-- MOE_FUSED_QVPDL=0: those block-local decode kernels launched plainly, not as programmatic
+--   dependents of the routing kernel.
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
