@@ -282,23 +282,6 @@ bool moe__fm_gemv_eligible(const moe__fused_args *A) {
     return ex->H % 128 == 0 && ex->I % 128 == 0;
 }
 
-/* Launch on the guard's stream, with programmatic stream serialisation when `pdl`. */
-template <typename... Params, typename... Args>
-static moe_status moe__fg_go(void (*k)(Params...), dim3 grid, cudaStream_t stream, bool pdl, Args... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(MOE_FG_THREADS);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = pdl ? at : nullptr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, args...));
-    return MOE_OK;
-}
-
 moe_status moe__fm_gemv(const moe__cuda_guard &g, const moe__fused_args *A, bool pdl) {
     const struct moe_experts *ex = A->ex;
     struct moe_workspace *ws = A->ws;
@@ -320,9 +303,9 @@ moe_status moe__fm_gemv(const moe__cuda_guard &g, const moe__fused_args *A, bool
     const int64_t units = ex->act != MOE_ACT_RELU2 ? ex->I : ex->I / 2; /* multiples of 64 */
     const dim3 g1((unsigned)(units / wpb), (unsigned)(A->T * A->K));
     const dim3 g2((unsigned)(A->T * (ex->H / wpb)));
-    if (A->T == 1) MOE_TRY(moe__fg_go(moe__k_fg_up<1>, g1, g.stream, pdl, a));
-    else if (A->T == 2) MOE_TRY(moe__fg_go(moe__k_fg_up<2>, g1, g.stream, pdl, a));
-    else MOE_TRY(moe__fg_go(moe__k_fg_up<4>, g1, g.stream, pdl, a));
-    MOE_TRY(moe__fg_go(moe__k_fg_down, g2, g.stream, pdl, a));
+    if (A->T == 1) MOE_TRY(moe__fm_go(moe__k_fg_up<1>, g1, MOE_FG_THREADS, 0, g.stream, pdl, a));
+    else if (A->T == 2) MOE_TRY(moe__fm_go(moe__k_fg_up<2>, g1, MOE_FG_THREADS, 0, g.stream, pdl, a));
+    else MOE_TRY(moe__fm_go(moe__k_fg_up<4>, g1, MOE_FG_THREADS, 0, g.stream, pdl, a));
+    MOE_TRY(moe__fm_go(moe__k_fg_down, g2, MOE_FG_THREADS, 0, g.stream, pdl, a));
     return MOE_OK;
 }

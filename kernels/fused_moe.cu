@@ -1144,24 +1144,6 @@ extern "C" moe_status moe__cuda_fused_pack(struct moe_experts *ex, const moe_ten
     return MOE_OK;
 }
 
-/* Launch on the guard's stream, with programmatic stream serialisation when `pdl`. */
-template <typename... Params, typename... Args>
-static moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl,
-                             Args... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3((unsigned)threads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = pdl ? at : nullptr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, args...));
-    return MOE_OK;
-}
-
 /* The warp-specialised kernel (tensor maps of W and, for the TA variant, of A), as `cs`-CTA
  * clusters when cs is 2. */
 static moe_status moe__fm_go_ws(void (*k)(const moe__fm_gemm_args, const CUtensorMap, const CUtensorMap),

@@ -73,6 +73,25 @@ static inline void moe__fg_shape_set(moe__fg_shape *s, const moe__fused_args *A)
     s->limit = ex->limit;
 }
 
+/* Launch one of the fused MoE's kernels on `stream`, with programmatic stream serialisation when
+ * `pdl` (errors name moe_fused_moe). */
+template <typename... Params, typename... Args>
+static inline moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                                    bool pdl, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3((unsigned)threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = pdl ? at : nullptr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    MOE_CUDA_TRY("moe_fused_moe", cudaLaunchKernelEx(&cfg, k, args...));
+    return MOE_OK;
+}
+
 /* 16 bytes of weights: read once, not worth a line in L1. */
 __device__ __forceinline__ uint4 moe__fg_ldw(const void *p) {
     uint4 v;

@@ -984,30 +984,12 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
 
 /* The kernels with the activations block-local (LOC, qv_loc_eligible) or shared: separate instantiations,
  * so that neither carries the other's code and registers. */
-/* Launch on st, with programmatic stream serialisation when pdl (both kernels start with
- * griddepcontrol.wait, k_qv_up's PRE work aside). */
-static moe_status qv_go(void (*k)(const qv_args), dim3 grid, int threads, size_t smem, cudaStream_t st, bool pdl,
-                        const qv_args &a) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3((unsigned)threads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = pdl ? at : nullptr;
-    cfg.numAttrs = pdl ? 1 : 0;
-    MOE_CUDA_TRY(FN, cudaLaunchKernelEx(&cfg, k, a));
-    return MOE_OK;
-}
-
 template <int MODE, bool LOC, bool PRE> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N;
-    const bool pdl = PRE;
-    MOE_TRY(qv_go(k_qv_up<MODE, LOC, PRE>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
+    const bool pdl = PRE; /* both kernels start with griddepcontrol.wait, k_qv_up's PRE work aside */
+    MOE_TRY(moe__fm_go(k_qv_up<MODE, LOC, PRE>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
                   TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl, a));
-    MOE_TRY(qv_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
+    MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
                   LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
     return MOE_OK;
 }
