@@ -771,12 +771,15 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     constexpr int DT = qv_dn_threads<MODE, LOC>::N;
     constexpr int UG = QV_DN_UG, NW = DT / 32, NH = M::NH;
     constexpr bool PK = M::PK, GC = M::GC;
-    moe__fm_pdl_enter();
+    /* griddepcontrol.wait (moe__fm_pdl_enter) comes after the routed ids are read and the first round
+     * of W2 loads is issued: launched as a programmatic dependent of k_qv_up, whose blocks trigger
+     * right after their own wait (the routing kernel has completed then), this block streams its
+     * weights while k_qv_up's last blocks run */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t t = blockIdx.x % a.T, P = a.T * a.K, p0 = t * a.K;
     const int c0 = (int)(blockIdx.x / a.T) * 16, I = a.I, nkb = I >> 7;
     /* loc: the token's K intermediate rows (local or not) and (fp8) the intermediate's amax bits
-     * into registers first: nothing here waits on the routed ids */
+     * into registers right after the wait, before the quantisation needs them */
     constexpr bool F8 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK;
     constexpr bool LQ = F8 || MODE == MOE_QUANT_NVFP4, PT = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4;
     constexpr bool loc = LQ && LOC, LH = loc && qv_loc_h<MODE>::V;
@@ -785,10 +788,6 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     float *s_is = (float *)(qv_dyn + 2 * QV_LOC_MAX);
     uint4 il[IV];
     uint32_t lamax = 0;
-    if (loc) {
-        qv_loc_load<DT>(a.inter + p0 * I, (int64_t)a.K * I, il);
-        if (PT) lamax = __ldcg(a.ctr + 5);
-    }
     /* the token's local pairs in k order (ids and routing weights read together) */
     __shared__ int s_e[32], s_p[32], s_nl;
     __shared__ float s_w[32];
@@ -819,11 +818,6 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         }
     };
     const int nl = s_nl;
-    if (nl == 0) {
-        if (tid < 16) a.out[t * a.H + c0 + tid] = 0;
-        loc_count();
-        return;
-    }
     /* unit u = (local pair u / nkb, 128-column block u % nkb); warp w takes w, w + NW, ... */
     const int nu = nl * nkb;
     const int64_t rowb = PK ? I / 2 : I;
@@ -851,6 +845,16 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     float ws0[UG];
 #pragma unroll
     for (int j = 0; j < UG; j++) ws0[j] = F8 && warp < nu ? wscale(warp + NW * j < nu ? warp + NW * j : warp) : 0.0f;
+    moe__fm_pdl_enter(); /* k_qv_up's intermediate from here on */
+    if (loc) {
+        qv_loc_load<DT>(a.inter + p0 * I, (int64_t)a.K * I, il);
+        if (PT) lamax = __ldcg(a.ctr + 5);
+    }
+    if (nl == 0) {
+        if (tid < 16) a.out[t * a.H + c0 + tid] = 0;
+        loc_count();
+        return;
+    }
 
     /* the intermediate rows of the local pairs: codes (and fp8_block / nvfp4 scales), shared
      * out in chunks (pair, 1024 columns); rows of other pairs are skipped (mx modes: bf16) */
