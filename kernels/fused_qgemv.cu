@@ -40,7 +40,8 @@
  * nvfp4) then lives in its own slot, which the last k_qv_down block to have read it resets.  When
  * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
  * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
- * while the routing runs.
+ * while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
+ * wait, while k_qv_up's last blocks run.
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are
@@ -774,7 +775,9 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     /* griddepcontrol.wait (moe__fm_pdl_enter) comes after the routed ids are read and the first round
      * of W2 loads is issued: launched as a programmatic dependent of k_qv_up, whose blocks trigger
      * right after their own wait (the routing kernel has completed then), this block streams its
-     * weights while k_qv_up's last blocks run */
+     * weights while k_qv_up's last blocks run.  H100, Qwen3-30B-A3B T = 1 (2026-11-27, one call, 3
+     * rounds): fp8 24.7-25.2 -> 23.7-23.8 us, fp8_block 24.5-24.6 -> 23.7-23.8, nvfp4 23.0-23.1 ->
+     * 23.3-23.4 (waiting first for nvfp4 only measured 25.0-25.1 in a later call: kept for all). */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int64_t t = blockIdx.x % a.T, P = a.T * a.K, p0 = t * a.K;
     const int c0 = (int)(blockIdx.x / a.T) * 16, I = a.I, nkb = I >> 7;
