@@ -41,7 +41,9 @@
  * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
  * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
  * while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
- * wait, while k_qv_up's last blocks run.
+ * wait, while k_qv_up's last blocks run.  At T = 1 (fp8, nvfp4; E <= 128) each k_qv_up block also
+ * routes its own pair with the routing kernel's code (route_tok.cuh) instead of waiting for its ids,
+ * and issues its first weight loads before the wait (qv_self_route; path gemv_route).
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are
@@ -50,6 +52,7 @@
 #include "fused_moe.cuh"
 #include "fused_quant.cuh"
 #include "quant_rows.cuh"
+#include "route_tok.cuh"
 
 #include <string.h>
 
@@ -107,6 +110,11 @@ struct qv_args : moe__fg_shape {
     int xpre;                /* block-local k_qv_up launched as a programmatic dependent of this call's
                               * routing kernel (qv_pdl): x is loaded and quantised before
                               * griddepcontrol.wait, while the routing runs */
+    /* k_qv_up routes its own pair (qv_self_route; T = 1): the call's routing as route.cu's general
+     * kernel takes it (E <= 128), logits of dtype rt_dt; rt_late: x quantised after the first weight
+     * loads instead of before the routing */
+    moe__route_args rt;
+    int rt_dt, rt_late;
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -497,7 +505,31 @@ template <int NT, int NV> __device__ __forceinline__ uint32_t qv_loc_amax(const 
 /* ------------------------------------------------------------ GEMM1 + act -- */
 
 /* grid (N1 / 16, T*K); block (tile u, pair p). */
-template <int MODE, bool LOC, bool PRE>
+/* The logits of lane's 4 experts (4 lane .. 4 lane + 3; 0 past E) of the token (T = 1), as route.cu's
+ * moe__k_route<4, DT> loads them (one chunk of W = 4 a lane for every logits dtype). */
+__device__ __forceinline__ void qv_route_logits(const qv_args &a, int lane, float (&x)[4]) {
+    const void *row = a.rt.logits;
+    const int dt = a.rt_dt, E = a.rt.E, vec = a.rt.vec, e0 = 4 * lane;
+    if (dt == MOE_F32) moe__rt_load<MOE_F32, 4>(row, e0, E, vec, x);
+    else if (dt == MOE_BF16) moe__rt_load<MOE_BF16, 4>(row, e0, E, vec, x);
+    else moe__rt_load<MOE_F16, 4>(row, e0, E, vec, x);
+}
+
+/* The expert of pair p of the token (T = 1: its rank-p choice), by one warp with route.cu's code for
+ * E <= 128 (moe__k_route<4, DT>: p + 1 of its top-K rounds, no weights), so the expert the routing
+ * kernel writes to ids[p]; lg: this lane's logits (qv_route_logits, loaded ahead). */
+__device__ __forceinline__ int qv_route_pair(const qv_args &a, int lane, int p, const float (&lg)[4]) {
+    const moe__rt_pick r = moe__rt_token<4, 4, false>(
+        a.rt, 0, lane, p + 1, false,
+        [&](int, float *x) { /* e0 = 4 lane: the chunk qv_route_logits loaded */
+#pragma unroll
+            for (int i = 0; i < 4; i++) x[i] = lg[i];
+        },
+        [](int) { return 0.0f; }); /* the logit of a chosen expert: for the weights only */
+    return __shfl_sync(0xffffffffu, r.id, p);
+}
+
+template <int MODE, bool LOC, bool PRE, bool RT>
 __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 / qv_up_tiles<MODE, LOC>::N)
     k_qv_up(const qv_args a) {
     using M = qv_mode<MODE>;
@@ -531,16 +563,39 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
         qv_loc_quant<MODE, NT>(xl, nx, xsl, s_xh, s_xs);
         __syncthreads();
     };
+    /* RT (PRE, T = 1): warp 0 routes this block's pair itself while the routing kernel runs (its logits
+     * loaded first, their latency under x's) and the first weight loads are issued before the wait;
+     * x is quantised before the routing or, rt_late, after those loads */
+    const bool x_late = RT && a.rt_late;
+    float lg[4];
+    if (RT && tid < 32) qv_route_logits(a, lane, lg);
     if (loc && PRE) {
         qv_loc_load<NT>(a.x, nx, xl);
-        loc_x();
+        if (!x_late) loc_x();
     }
-    moe__fm_pdl_enter();
-    if (loc && !PRE) qv_loc_load<NT>(a.x, nx, xl);
-    if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 32) moe__fg_count_bad(a.ids, P, a.E, a.err);
-    const int e = a.ids[p];
-    if (!moe__fg_local(e, a.E, a.lo, a.lc)) return;
-    if (!moe__fg_leader(a.ids, p, e)) return; /* not the leader of e: its block does the work */
+    int e;
+    if constexpr (RT) {
+        __shared__ int s_rt;
+        if (tid < 32) {
+            const int id = qv_route_pair(a, lane, (int)p, lg);
+            if (lane == 0) s_rt = id;
+        }
+        __syncthreads();
+        e = s_rt;
+    } else {
+        moe__fm_pdl_enter();
+        if (loc && !PRE) qv_loc_load<NT>(a.x, nx, xl);
+        if (blockIdx.x == 0 && blockIdx.y == 0 && tid < 32) moe__fg_count_bad(a.ids, P, a.E, a.err);
+        e = a.ids[p];
+    }
+    if (!moe__fg_local(e, a.E, a.lo, a.lc)) {
+        /* RT: k_qv_down may start (and read the routed ids) only once every block of this kernel has
+         * waited for the routing kernel or exited */
+        if constexpr (RT) moe__fm_pdl_enter();
+        return;
+    }
+    /* not the leader of e: its block does the work (RT, T = 1: the K experts differ) */
+    if (!RT && !moe__fg_leader(a.ids, p, e)) return;
     const bool gated = a.act != MOE_ACT_RELU2;
     /* the row tile (a tile past the last one redoes the last: the same values written twice) */
     const int u = TPB == 1 ? (int)blockIdx.x : min((int)blockIdx.x * TPB + sub, a.N1 / 16 - 1), H = a.H, nkb = H >> 7;
@@ -566,11 +621,12 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
         }
     };
     if (warp < nkb) load_w(warp);
+    if constexpr (RT) moe__fm_pdl_enter(); /* the routing kernel's end: k_qv_down reads its ids */
 
     /* x: codes (and fp8_block / nvfp4 scales) into the workspace, shared out in chunks (mx
      * modes multiply x in bf16: nothing to do) */
     if (loc) {
-        if (!PRE) loc_x();
+        if (!PRE || x_late) loc_x();
     } else if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
         __shared__ uint32_t s_xa;
         uint32_t xamax = 0;
@@ -616,7 +672,13 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
     __shared__ float s_red[TPB][NW][32][4];
     int mem[NB];
     for (int r0 = 0;; r0 += NB) {
-        const int nm = moe__fg_members<NB>(a.ids, P, p, e, r0, mem);
+        int nm = 1; /* RT (T = 1): pair p alone */
+        if constexpr (RT) {
+#pragma unroll
+            for (int j = 0; j < NB; j++) mem[j] = j == 0 ? (int)p : -1;
+        } else {
+            nm = moe__fg_members<NB>(a.ids, P, p, e, r0, mem);
+        }
         const int n = min(NB, nm - r0);
         /* pairs of B column g and of accumulator columns 2q, 2q+1 (mx: B column g = pair g / 4,
          * group g % 4; accumulator columns: pair q / 2) */
@@ -991,10 +1053,10 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
 
 /* The kernels with the activations block-local (LOC, qv_loc_eligible) or shared: separate instantiations,
  * so that neither carries the other's code and registers. */
-template <int MODE, bool LOC, bool PRE> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
+template <int MODE, bool LOC, bool PRE, bool RT = false> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N;
-    const bool pdl = PRE; /* both kernels start with griddepcontrol.wait, k_qv_up's PRE work aside */
-    MOE_TRY(moe__fm_go(k_qv_up<MODE, LOC, PRE>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
+    const bool pdl = PRE; /* both kernels start with griddepcontrol.wait, k_qv_up's PRE (and RT) work aside */
+    MOE_TRY(moe__fm_go(k_qv_up<MODE, LOC, PRE, RT>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
                   TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl, a));
     MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
                   LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
@@ -1003,7 +1065,12 @@ template <int MODE, bool LOC, bool PRE> moe_status qv_launch2(cudaStream_t st, c
 
 template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool loc) {
     if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
-        if (loc) return a.xpre ? qv_launch2<MODE, true, true>(st, a) : qv_launch2<MODE, true, false>(st, a);
+        if (loc) {
+            /* k_qv_up routing its pair: fp8 and nvfp4 only (qv_self_route) */
+            if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4)
+                if (a.rt.logits) return qv_launch2<MODE, true, true, true>(st, a);
+            return a.xpre ? qv_launch2<MODE, true, true>(st, a) : qv_launch2<MODE, true, false>(st, a);
+        }
     return qv_launch2<MODE, false, false>(st, a);
 }
 
@@ -1059,6 +1126,30 @@ static bool qv_pdl(const moe__fused_args *A, int dev) {
     }
     return m >= 9;
 }
+
+/* Whether k_qv_up routes its own pair (a call with block-local activations launched as programmatic
+ * dependents of its routing kernel, qv_loc_eligible and qv_pdl; T = 1): fp8 and nvfp4, E <= 128 (route.cu's moe__k_route<4,
+ * DT>, the kernel that computes the call's ids there; its code is shared, route_tok.cuh), not llama4 (its
+ * own top-1 kernel), MOE_FUSED_QVRT not "0".  Each block then issues its weight loads before
+ * griddepcontrol.wait instead of after the routing kernel's end and an ids read; k_qv_down still reads the
+ * routing kernel's ids.  x is quantised after those loads for fp8, before the routing for nvfp4
+ * (MOE_FUSED_QVRT=late / early: either for both).  H100, Qwen3-30B-A3B T = 1 (2026-11-27, one call,
+ * --compare-env): fp8 23.8 -> 23.1 us (x late; 23.7 x early), nvfp4 23.2-23.5 -> 22.5 (x early; 23.2 x
+ * late); fp8_block 23.8 -> 24.2 either way (so it keeps the routing kernel's ids).  Both kernels routing
+ * the token with no routing kernel at all measured slower (fp8 25.5, fp8_block 25.3, nvfp4 23.6 us:
+ * k_qv_down's blocks, which start as k_qv_up's leave, then route before their W2 loads; docs/performance.md). */
+static bool qv_self_route(const moe__fused_args *A, int dev) {
+    if (!qv_loc_eligible(A) || !qv_pdl(A, dev)) return false;
+    const int m = A->ex->quant;
+    if (m != MOE_QUANT_FP8 && m != MOE_QUANT_NVFP4) return false;
+    if (!A->route || A->routed || A->T != 1 || A->llama4 || A->ex->E > 128) return false;
+    const int dt = A->logits->dtype;
+    if (dt != MOE_F32 && dt != MOE_BF16 && dt != MOE_F16) return false;
+    const char *env = getenv("MOE_FUSED_QVRT");
+    return !(env && env[0] == '0' && !env[1]);
+}
+
+bool moe__fq_gemv_routes(const moe__fused_args *A, int dev) { return qv_self_route(A, dev); }
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
@@ -1123,6 +1214,38 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     moe__fg_shape_set(&a, A);
     const bool loc = qv_loc_eligible(A);
     a.xpre = loc && qv_pdl(A, g.dev);
+    if (moe__fq_gemv_routes(A, g.dev)) { /* as moe__cuda_route and moe__rt_launch<4, DT> set them (route.cu) */
+        const moe_route_cfg *c = A->route;
+        moe__route_args &r = a.rt;
+        r.logits = moe_tensor_data(A->logits);
+        r.bias = A->bias ? moe_tensor_data(A->bias) : nullptr;
+        r.bias_bf16 = A->bias && A->bias->dtype == MOE_BF16;
+        r.ids = nullptr; /* nothing is stored */
+        r.weights = nullptr;
+        r.replay = nullptr;
+        r.w_bf16 = 0;
+        r.T = 1;
+        r.E = (int)ex->E;
+        r.K = c->top_k;
+        r.method = c->method;
+        r.n_group = c->method == MOE_ROUTE_DEEPSEEKV3 && c->n_group > 1 ? c->n_group : 0;
+        r.G = r.n_group > 1 ? r.E / r.n_group : r.E;
+        r.topk_group = c->topk_group;
+        r.scale = c->scale;
+        r.normalize = c->normalize;
+        const int sz = A->logits->dtype == MOE_F32 ? 4 : 2;
+        r.vec = r.E % 4 == 0 && (uintptr_t)r.logits % (4 * sz) == 0;
+        r.bias_vec = r.bias && r.E % 4 == 0 && (uintptr_t)r.bias % (4 * (r.bias_bf16 ? 2 : 4)) == 0;
+        r.gshift = -1;
+        if (r.n_group > 1 && r.G % 4 == 0)
+            for (int s = 0; s <= 5; s++)
+                if (r.G / 4 == (1 << s)) r.gshift = s;
+        a.rt_dt = A->logits->dtype;
+        const char *env = getenv("MOE_FUSED_QVRT");
+        a.rt_late = ex->quant == MOE_QUANT_FP8;
+        if (env && !strcmp(env, "late")) a.rt_late = 1;
+        if (env && !strcmp(env, "early")) a.rt_late = 0;
+    }
     switch (ex->quant) {
     case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a, loc);
     case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a, loc);

@@ -952,7 +952,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
 
     if (moe__fq_gemv_eligible(A)) {
-        if (lc > 0) moe__fused_path_hit(MOE_FUSED_PATH_GEMV);
+        if (lc > 0) moe__fused_path_hit(moe__fq_gemv_routes(A, g.dev) ? MOE_FUSED_PATH_GEMV_ROUTE : MOE_FUSED_PATH_GEMV);
         return moe__fq_gemv(g, A); /* decode GEMV path: fused_qgemv.cu */
     }
 

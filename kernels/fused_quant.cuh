@@ -234,6 +234,8 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
                        const uint4 **out);
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A);
+/* ... and whether its GEMM1 kernel then routes its own pair (path MOE_FUSED_PATH_GEMV_ROUTE) */
+bool moe__fq_gemv_routes(const moe__fused_args *A, int dev);
 moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A);
 
 #endif

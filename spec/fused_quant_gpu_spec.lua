@@ -96,6 +96,8 @@ local function path_of(f)
   return hit, unpack(r)
 end
 local HOPPER = moe.cuda_available() and moe.cuda_device_info(0):find("sm_90", 1, true) ~= nil
+-- sm_90 and later: programmatic launches (the decode kernels' PDL and self-routing paths)
+local SM90UP = moe.cuda_available() and (tonumber(moe.cuda_device_info(0):match("sm_(%d+)")) or 0) >= 90
 
 -- w / mode on x, L (method m, call options more): the CPU once, CUDA with the variable env
 -- unset (expecting path `default`) and "0" (expecting the tile kernels); each CUDA output and
@@ -669,7 +671,9 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
       end)
     end
     local path, yl, rl = path_of(function() return go(nil) end)
-    assert.equal("gemv", path, what .. ": the path taken")
+    -- fp8 / nvfp4, T = 1 with logits (not llama4) on sm_90+: k_qv_up routes its own pair
+    local self = x:size(1) == 1 and m.method ~= "llama4" and SM90UP and (mode == "fp8" or mode == "nvfp4")
+    assert.equal(self and "gemv_route" or "gemv", path, what .. ": the path taken")
     local ys = go("0")
     near(yl, ys, what .. ": block-local vs shared steps")
     -- plain launches (MOE_FUSED_QVPDL=0; by default both kernels are programmatic dependents of the
@@ -718,6 +722,67 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
         for _, v in ipairs(row) do assert.equal(0, v) end
       end
     end)
+
+    -- fp8 / nvfp4 at T = 1 (sm_90+, path gemv_route): each block of k_qv_up routes its own pair with
+    -- route.cu's code while the routing kernel runs, and issues its weight loads before its wait;
+    -- k_qv_down reads the routing kernel's ids.  A block that picked another expert than the routing
+    -- kernel's ids[p] would change out.  MOE_FUSED_QVRT=0 (k_qv_up reads ids[p] after the routing
+    -- kernel), =early, =late (x quantised before the routing / after the first weight loads): the
+    -- same bits in out, ids, weights and replay (its other rows untouched); ids equal to the CPU's.
+    if mode == "fp8" or mode == "nvfp4" then
+      local it_sm90 = SM90UP and it or function() end -- before sm_90: no programmatic launches
+      it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 / early / late for " ..
+         "every method, logits f32 / bf16 / f16, expert shards", function()
+        local w = weights("swiglu", false)
+        local cases = {
+          { { method = "renormalize", top_k = 8 }, "f32" }, { { method = "renormalize", top_k = 8 }, "bf16" },
+          { { method = "renormalize", top_k = 8 }, "f16" }, { METHODS.deepseekv3, "f32" },
+          { METHODS.deepseekv3, "bf16" }, { { method = "default", top_k = 4 }, "f32" },
+          { { method = "renormalize_naive", top_k = 3 }, "bf16" }, { { method = "topk", top_k = 2 }, "f16" },
+          { { method = "sigmoid_renorm", top_k = 4 }, "f32" },
+          { { method = "minimax2", top_k = 4, scale = 1.5 }, "bf16", { bias = rbias:to("cuda") } },
+          { { method = "renormalize", top_k = 8 }, "f32", { local_offset = 4, local_count = 6 } },
+          { { method = "renormalize", top_k = 8 }, "bf16", { local_offset = 12, local_count = 4 } },
+        }
+        for i, c in ipairs(cases) do
+          local m, dt = c[1], c[2]
+          local what = string.format("%s %s %s logits (case %d)", mode, m.method, dt, i)
+          local x, L = inputs(1, 9500 + i)
+          L = L:to(dt)
+          local function go(v)
+            local rep = moe.full({ 3, m.top_k }, -5, { dtype = "i16", device = "cuda" })
+            local more = { replay = rep }
+            for k, val in pairs(c[3] or {}) do more[k] = val end
+            local y, r = H.with_env("MOE_FUSED_QVRT", v, function()
+              return call(experts(w, mode, "cuda"), x, L, m, "cuda", more)
+            end)
+            return y, r, rep:to("cpu"):totable()
+          end
+          local path, y1, r1, rep1 = path_of(function() return go(nil) end)
+          assert.equal("gemv_route", path, what .. ": the path taken")
+          local ids = r1.ids:to("cpu"):totable()
+          local wts = r1.weights:to("cpu"):totable()
+          assert.same(ids[1], rep1[1], what .. ": replay row 0")
+          for t = 2, 3 do
+            for k = 1, m.top_k do assert.equal(-5, rep1[t][k], what .. ": replay row " .. (t - 1) .. " untouched") end
+          end
+          for _, v in ipairs{ "0", "early", "late" } do
+            local p2, y2, r2, rep2 = path_of(function() return go(v) end)
+            local w2 = what .. ", MOE_FUSED_QVRT=" .. v
+            assert.equal(v == "0" and "gemv" or "gemv_route", p2, w2 .. ": the path taken")
+            assert.same(bits(y2), bits(y1), w2 .. ": out")
+            assert.same(r2.ids:to("cpu"):totable(), ids, w2 .. ": ids")
+            assert.same(r2.weights:to("cpu"):totable(), wts, w2 .. ": weights")
+            assert.same(rep2, rep1, w2 .. ": replay")
+          end
+          local more = {}
+          for k, val in pairs(c[3] or {}) do more[k] = k == "bias" and val:to("cpu") or val end
+          local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu", more)
+          assert.same(rc.ids:totable(), ids, what .. ": ids vs the CPU")
+          near(y1, yc, what .. ": CUDA vs CPU")
+        end
+      end)
+    end
   end
 end)
 

@@ -636,13 +636,15 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_TILE,    /* CUDA mma.sync tile kernels (weights through shared memory) */
     MOE_FUSED_PATH_WREG,    /* CUDA register-operand tile kernel (quantised modes) */
     MOE_FUSED_PATH_WGMMA,   /* CUDA Hopper wgmma kernels (sm_90a) */
+    MOE_FUSED_PATH_GEMV_ROUTE, /* CUDA decode GEMV kernels whose GEMM1 kernel routes its own pair
+                                * (fp8, nvfp4; T = 1, sm_90+) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 
 /* counts[i] = calls of path i (MOE_FUSED_PATH_COUNT entries). */
 void moe_fused_path_counts(int64_t *counts);
 void moe_fused_path_reset(void);
-const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma"; NULL if out of range */
+const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route"; NULL if out of range */
 
 /* ---- traces ---- */
 

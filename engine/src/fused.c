@@ -64,7 +64,7 @@ void moe_fused_path_reset(void) {
 }
 
 const char *moe_fused_path_name(int path) {
-    static const char *const names[MOE_FUSED_PATH_COUNT] = {"cpu", "gemv", "tile", "wreg", "wgmma"};
+    static const char *const names[MOE_FUSED_PATH_COUNT] = {"cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route"};
     return path >= 0 && path < MOE_FUSED_PATH_COUNT ? names[path] : NULL;
 }
 
@@ -468,6 +468,7 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
     moe_tensor *new_out = NULL, *tmp_ids = NULL, *tmp_wts = NULL, *rview = NULL;
     const moe_tensor *use_ids = NULL, *use_wts = NULL;
     moe_status s = MOE_OK;
+    moe_route_cfg rc_used; /* the routing run (not routed) */
     int64_t shape_tk[2] = {T, K};
     if (!*out) {
         int64_t shape_th[2] = {T, H};
@@ -485,6 +486,7 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
     } else {
         moe_route_cfg rc = cfg->route;
         rc.weights_dtype = MOE_F32;
+        rc_used = rc;
         moe_tensor *ri = ids_out, *rw = weights_out;
         if (!ri && ws) s = moe__ws_view(&tmp_ids, ws, ws->off_ids, MOE_I32, 2, shape_tk);
         if (s == MOE_OK && !rw && ws) s = moe__ws_view(&tmp_wts, ws, ws->off_wts, MOE_F32, 2, shape_tk);
@@ -514,6 +516,11 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
         args.local_count = lc;
         args.llama4 = cfg->route.method == MOE_ROUTE_LLAMA4;
         args.routed = routed;
+        if (!routed) {
+            args.route = &rc_used;
+            args.logits = logits;
+            args.bias = bias;
+        }
         s = ex->quant != MOE_QUANT_BF16 ? moe__fused_quant_run(&args) : be->fused(&args);
         if (s == MOE_OK && lc > 0 && ex->dev.type == MOE_DEVICE_CPU) moe__fused_path_hit(MOE_FUSED_PATH_CPU);
     }

@@ -79,6 +79,11 @@ typedef struct moe__fused_args {
     int32_t local_offset, local_count;
     int32_t llama4;             /* weight on the input, combine with 1 */
     int32_t routed;             /* ids came from the caller (may be out of range on CUDA) */
+    /* Not routed: the routing this call ran (moe_route, launched on the backend's stream before the
+     * fused step; ids and wts are its outputs), for kernels that recompute a token's routing ahead of
+     * the routing kernel's end (CUDA decode, fused_qgemv.cu).  NULL in routed mode. */
+    const moe_route_cfg *route;
+    const moe_tensor *logits, *bias;
 } moe__fused_args;
 
 #ifdef __cplusplus
