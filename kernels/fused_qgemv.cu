@@ -1215,31 +1215,10 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     const bool loc = qv_loc_eligible(A);
     a.xpre = loc && qv_pdl(A, g.dev);
     if (moe__fq_gemv_routes(A, g.dev)) { /* as moe__cuda_route and moe__rt_launch<4, DT> set them (route.cu) */
-        const moe_route_cfg *c = A->route;
-        moe__route_args &r = a.rt;
-        r.logits = moe_tensor_data(A->logits);
-        r.bias = A->bias ? moe_tensor_data(A->bias) : nullptr;
-        r.bias_bf16 = A->bias && A->bias->dtype == MOE_BF16;
-        r.ids = nullptr; /* nothing is stored */
-        r.weights = nullptr;
-        r.replay = nullptr;
-        r.w_bf16 = 0;
-        r.T = 1;
-        r.E = (int)ex->E;
-        r.K = c->top_k;
-        r.method = c->method;
-        r.n_group = c->method == MOE_ROUTE_DEEPSEEKV3 && c->n_group > 1 ? c->n_group : 0;
-        r.G = r.n_group > 1 ? r.E / r.n_group : r.E;
-        r.topk_group = c->topk_group;
-        r.scale = c->scale;
-        r.normalize = c->normalize;
-        const int sz = A->logits->dtype == MOE_F32 ? 4 : 2;
-        r.vec = r.E % 4 == 0 && (uintptr_t)r.logits % (4 * sz) == 0;
-        r.bias_vec = r.bias && r.E % 4 == 0 && (uintptr_t)r.bias % (4 * (r.bias_bf16 ? 2 : 4)) == 0;
-        r.gshift = -1;
-        if (r.n_group > 1 && r.G % 4 == 0)
-            for (int s = 0; s <= 5; s++)
-                if (r.G / 4 == (1 << s)) r.gshift = s;
+        moe__route_args &r = a.rt; /* nothing is stored: ids, weights, replay NULL */
+        moe__rt_args_init(r, A->route, A->logits, A->bias, nullptr, nullptr, nullptr);
+        if (A->logits->dtype == MOE_F32) moe__rt_general_flags<4, 4>(r);
+        else moe__rt_general_flags<4, 2>(r);
         a.rt_dt = A->logits->dtype;
         const char *env = getenv("MOE_FUSED_QVRT");
         a.rt_late = ex->quant == MOE_QUANT_FP8;

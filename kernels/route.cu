@@ -425,11 +425,6 @@ __global__ void __launch_bounds__(MOE_RT_WARPS * 32, NPL <= 8 ? 12 : 8) moe__k_r
     }
 }
 
-/* Vector-load flags of a call for chunks of W elements (both kernels' launchers). */
-template <int W, int SZ> static void moe__rt_vec_flags(moe__route_args &a) {
-    a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
-    a.bias_vec = a.bias && (a.E % W == 0) && ((uintptr_t)a.bias % (W * (a.bias_bf16 ? 2 : 4)) == 0);
-}
 
 /* The filter-and-verify kernel (the caller checked moe__rt_sb_ok). */
 template <int NPL, int DT>
@@ -476,13 +471,7 @@ template <int NPL, int DT>
 static moe_status moe__rt_launch(const moe__cuda_guard &g, moe__route_args a) {
     constexpr int SZ = moe__rt_size<DT>::v;
     constexpr int W = moe__rt_w<NPL, SZ>::v;
-    moe__rt_vec_flags<W, SZ>(a);
-    a.gshift = -1;
-    if (a.n_group > 1 && a.G % W == 0) {
-        const int P = a.G / W;
-        for (int s = 0; s <= 5; s++)
-            if (P == (1 << s)) a.gshift = s;
-    }
+    moe__rt_general_flags<W, SZ>(a);
     const int64_t blocks = (a.T + MOE_RT_WARPS - 1) / MOE_RT_WARPS;
     if (blocks > 0x7FFFFFFF) return moe__err(MOE_ERR_UNSUPPORTED, "moe_route: logits: expected T < 2^33, got %lld", (long long)a.T);
     bool top1 = false;
@@ -519,24 +508,7 @@ extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor
     if (a.T == 0) return MOE_OK;
     moe__cuda_guard g("moe_route", logits->dev.index);
     MOE_TRY(g.status);
-    a.logits = moe_tensor_data(logits);
-    a.bias = bias ? moe_tensor_data(bias) : NULL;
-    a.bias_bf16 = bias && bias->dtype == MOE_BF16;
-    a.ids = (int32_t *)moe_tensor_data(ids);
-    a.weights = moe_tensor_data(weights);
-    a.w_bf16 = weights->dtype == MOE_BF16;
-    a.replay = replay ? (int16_t *)moe_tensor_data(replay) : NULL;
-    a.E = (int)logits->shape[1];
-    a.K = cfg->top_k;
-    a.method = cfg->method;
-    a.n_group = cfg->method == MOE_ROUTE_DEEPSEEKV3 && cfg->n_group > 1 ? cfg->n_group : 0;
-    a.G = a.n_group > 1 ? a.E / a.n_group : a.E;
-    a.topk_group = cfg->topk_group;
-    a.scale = cfg->scale;
-    a.normalize = cfg->normalize;
-    a.vec = 0;
-    a.bias_vec = 0;
-    a.gshift = -1;
+    moe__rt_args_init(a, cfg, logits, bias, ids, weights, replay);
     switch (logits->dtype) {
     case MOE_F32: return moe__rt_dispatch<MOE_F32>(g, a);
     case MOE_BF16: return moe__rt_dispatch<MOE_BF16>(g, a);

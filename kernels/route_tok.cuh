@@ -181,6 +181,50 @@ __device__ __forceinline__ uint32_t moe__rt_group_keys(const uint32_t (&key)[NPL
     return mine;
 }
 
+/* Host: a call's arguments (ids, weights, replay may be NULL: nothing stored); vec, bias_vec and gshift
+ * are set per kernel (moe__rt_general_flags for the general kernel). */
+static inline void moe__rt_args_init(moe__route_args &a, const moe_route_cfg *cfg, const moe_tensor *logits,
+                                     const moe_tensor *bias, moe_tensor *ids, moe_tensor *weights,
+                                     moe_tensor *replay) {
+    a.T = logits->shape[0];
+    a.logits = moe_tensor_data(logits);
+    a.bias = bias ? moe_tensor_data(bias) : NULL;
+    a.bias_bf16 = bias && bias->dtype == MOE_BF16;
+    a.ids = ids ? (int32_t *)moe_tensor_data(ids) : NULL;
+    a.weights = weights ? moe_tensor_data(weights) : NULL;
+    a.w_bf16 = weights && weights->dtype == MOE_BF16;
+    a.replay = replay ? (int16_t *)moe_tensor_data(replay) : NULL;
+    a.E = (int)logits->shape[1];
+    a.K = cfg->top_k;
+    a.method = cfg->method;
+    a.n_group = cfg->method == MOE_ROUTE_DEEPSEEKV3 && cfg->n_group > 1 ? cfg->n_group : 0;
+    a.G = a.n_group > 1 ? a.E / a.n_group : a.E;
+    a.topk_group = cfg->topk_group;
+    a.scale = cfg->scale;
+    a.normalize = cfg->normalize;
+    a.vec = 0;
+    a.bias_vec = 0;
+    a.gshift = -1;
+}
+
+/* Host: vector-load flags of a call for chunks of W elements of SZ bytes (every kernel's launcher). */
+template <int W, int SZ> static inline void moe__rt_vec_flags(moe__route_args &a) {
+    a.vec = (a.E % W == 0) && ((uintptr_t)a.logits % (W * SZ) == 0);
+    a.bias_vec = a.bias && (a.E % W == 0) && ((uintptr_t)a.bias % (W * (a.bias_bf16 ? 2 : 4)) == 0);
+}
+
+/* Host: the general kernel's flags (chunks of W): vector loads, and gshift >= 0 when groups span 2^gshift
+ * whole chunks (the butterfly path). */
+template <int W, int SZ> static inline void moe__rt_general_flags(moe__route_args &a) {
+    moe__rt_vec_flags<W, SZ>(a);
+    a.gshift = -1;
+    if (a.n_group > 1 && a.G % W == 0) {
+        const int P = a.G / W;
+        for (int s = 0; s <= 5; s++)
+            if (P == (1 << s)) a.gshift = s;
+    }
+}
+
 /* A token's routing result in lane k < K: the k-th expert chosen (rank order) and its weight. */
 struct moe__rt_pick {
     int id;
