@@ -74,8 +74,6 @@ __global__ void moe__k_fm_pack_bias(const void *src, int src_bf16, float *dst, i
 
 /* ----------------------------------------------------------------- align -- */
 
-#define MOE_FM_ALIGN_THREADS 1024
-
 __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
     moe__k_fm_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted,
                     int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err) {

@@ -92,6 +92,22 @@ static inline moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads
     return MOE_OK;
 }
 
+
+/* The routing's bookkeeping kernels of the tile paths (fused_moe.cu), shared by the bf16 and the
+ * quantised paths (fused_quant.cu):
+ *   moe__k_fm_align (1 block of MOE_FM_ALIGN_THREADS, 2 * lc ints of dynamic shared memory): local
+ *     pairs per expert, the tile table (tiles of BM rows: expert, first row, rows; *ntiles), the
+ *     expert-sorted pair order, routed ids outside [0, E) counted into *err;
+ *   moe__k_fm_finalize (grid-stride over T x H / 8): out[t, :] = bf16(sum over the token's local k,
+ *     in k order, of y[t * K + k, :]).
+ * Both begin with griddepcontrol.wait (moe__fm_pdl_enter): a no-op unless launched as a programmatic
+ * dependent. */
+#define MOE_FM_ALIGN_THREADS 1024
+__global__ void moe__k_fm_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted,
+                                int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err);
+__global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
+                                   uint16_t *out);
+
 /* 16 bytes of weights: read once, not worth a line in L1. */
 __device__ __forceinline__ uint4 moe__fg_ldw(const void *p) {
     uint4 v;

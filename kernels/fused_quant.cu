@@ -6,7 +6,7 @@
  * host synchronisation (graph-capturable; grids are upper bounds from T):
  *   1. fp8 / fp8_block / nvfp4: the GEMM1 input x quantised by moe__cuda_quantize into the
  *      workspace (fp8: amax over T x H; fp8_block: per (token, 128); nvfp4: global + per 16);
- *   2. k_align (one block): local pairs per expert, tile table, expert-sorted pair order;
+ *   2. moe__k_fm_align (fused_moe.cu; one block): local pairs per expert, tile table, expert-sorted pair order;
  *   3. k_gemm<G1>: grouped GEMM over experts; the weights' codes (e4m3, e2m1, int4 nibbles)
  *      and, for W8A8/W4A4, the activations' codes are read from global memory and turned
  *      into bf16 in registers on their way into shared memory -- e4m3 values, e2m1 x e4m3
@@ -19,7 +19,7 @@
  *   4. fp8 / fp8_block / nvfp4: the intermediate quantised like x (per-tensor modes zero it
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
- *   6. k_finalize: out[t] = bf16(sum over local k, in order).
+ *   6. moe__k_fm_finalize (fused_moe.cu): out[t] = bf16(sum over local k, in order).
  * Below 48 pairs per local expert (4-bit: 64; fq_wreg_use) steps 3 and 5 run as k_wreg, whose
  * weight operands go from global memory to registers (no shared-memory tile); on sm_90a from
  * there (moe__fq_qgmma_use) as
@@ -41,83 +41,6 @@
 #define FN "moe_fused_moe"
 
 namespace {
-
-/* ---------------------------------------------------------------- PTX -- */
-
-__device__ __forceinline__ uint32_t fq_smem(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void fq_ldsm4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void fq_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* ------------------------------------------------------------- align -- */
-
-constexpr int ALIGN_THREADS = 1024;
-
-__global__ void __launch_bounds__(ALIGN_THREADS)
-    k_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted, int32_t *tile_e,
-            int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err) {
-    extern __shared__ int fq_sm[];
-    int *cnt = fq_sm, *cur = fq_sm + lc;
-    const int tid = threadIdx.x;
-    for (int e = tid; e < lc; e += blockDim.x) cnt[e] = 0;
-    __syncthreads();
-    int bad = 0;
-    for (int64_t p = tid; p < P; p += blockDim.x) {
-        const int id = ids[p];
-        if (id < 0 || id >= E) {
-            bad++;
-            continue;
-        }
-        if (id - lo >= 0 && id - lo < lc) atomicAdd(&cnt[id - lo], 1);
-    }
-    if (bad) atomicAdd(err, bad);
-    __syncthreads();
-    if (tid < 32) { /* one warp: serial chunks, then a warp scan */
-        const int per = (lc + 31) / 32, e0 = min(tid * per, lc), e1 = min(e0 + per, lc);
-        int rs = 0, ts = 0;
-        for (int e = e0; e < e1; e++) {
-            rs += cnt[e];
-            ts += (cnt[e] + BM - 1) / BM;
-        }
-        int ri = rs, ti = ts;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int a = __shfl_up_sync(0xffffffffu, ri, o), b = __shfl_up_sync(0xffffffffu, ti, o);
-            if (tid >= o) {
-                ri += a;
-                ti += b;
-            }
-        }
-        int roff = ri - rs, toff = ti - ts;
-        if (tid == 31) *ntiles = ti;
-        for (int e = e0; e < e1; e++) {
-            const int c = cnt[e];
-            cur[e] = roff;
-            for (int j = 0; j * BM < c; j++) {
-                tile_e[toff] = e;
-                tile_r0[toff] = roff + j * BM;
-                tile_n[toff] = min(BM, c - j * BM);
-                toff++;
-            }
-            roff += c;
-        }
-    }
-    __syncthreads();
-    for (int64_t p = tid; p < P; p += blockDim.x) {
-        const int id = ids[p];
-        if (id >= 0 && id < E && id - lo >= 0 && id - lo < lc) sorted[atomicAdd(&cur[id - lo], 1)] = (int32_t)p;
-    }
-}
 
 /* -------------------------------------------------------------- GEMM -- */
 
@@ -371,14 +294,14 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
 #pragma unroll
             for (int mi = 0; mi < MI; mi++) {
                 const int row = wm * WTM + mi * 16 + (lane & 15), col = ks * 16 + (lane >> 4) * 8;
-                fq_ldsm4(af[mi], fq_smem(as + row * SROW + col));
+                moe__fm_ldsm4(af[mi], moe__fm_smem(as + row * SROW + col));
             }
 #pragma unroll
             for (int nj = 0; nj < NI / 2; nj++) {
                 const int q = lane >> 3;
                 const int row = wn * WTN + nj * 16 + (q >> 1) * 8 + (lane & 7), col = ks * 16 + (q & 1) * 8;
                 uint32_t r[4];
-                fq_ldsm4(r, fq_smem(bs + row * SROW + col));
+                moe__fm_ldsm4(r, moe__fm_smem(bs + row * SROW + col));
                 bfr[2 * nj][0] = r[0];
                 bfr[2 * nj][1] = r[1];
                 bfr[2 * nj + 1][0] = r[2];
@@ -388,8 +311,8 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
             for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                 for (int ni = 0; ni < NI; ni++) {
-                    if (GCOLS) fq_mma(part[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
-                    else fq_mma(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                    if (GCOLS) moe__fm_mma(part[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                    else moe__fm_mma(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
                 }
             /* end of a scale group: acc += part * scale(row, col) */
             if (GCOLS && ((ks + 1) * 16) % GSPAN == 0 && (GCOLS <= BK || ((kt + 1) * BK) % GDIV == 0)) {
@@ -513,7 +436,7 @@ __device__ __forceinline__ void wr_mma(float (&d)[4], const uint32_t (&a)[4], ui
                      "{%8, %9}, {%0, %1, %2, %3};\n"
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else fq_mma(d, a, b0, b1);
+    else moe__fm_mma(d, a, b0, b1);
 }
 
 template <int MODE, bool G1>
@@ -669,7 +592,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
             uint32_t af[MI][4];
 #pragma unroll
             for (int mi = 0; mi < MI; mi++)
-                fq_ldsm4(af[mi], fq_smem(as + (mi * 16 + (lane & 15)) * SROW + 16 * j + (lane >> 4) * 8));
+                moe__fm_ldsm4(af[mi], moe__fm_smem(as + (mi * 16 + (lane & 15)) * SROW + 16 * j + (lane >> 4) * 8));
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 uint32_t b0, b1;
@@ -763,32 +686,6 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
                                       acc[mi][b][2 * hf + 1], ts, w);
             }
         }
-}
-
-/* ---------------------------------------------------------- finalize -- */
-
-__global__ void k_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
-                           uint16_t *out) {
-    const int H4 = H >> 2;
-    const int64_t units = T * H4;
-    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t t = u / H4;
-        const int c = (int)(u - t * H4) * 4;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        for (int k = 0; k < K; k++) {
-            const int id = ids[t * K + k];
-            if (id < 0 || id >= E || id - lo < 0 || id - lo >= lc) continue;
-            const float4 v = *(const float4 *)(y + (t * K + k) * (int64_t)H + c);
-            s0 += v.x;
-            s1 += v.y;
-            s2 += v.z;
-            s3 += v.w;
-        }
-        uint2 o;
-        o.x = (uint32_t)moe__f32_to_bf16(s0) | ((uint32_t)moe__f32_to_bf16(s1) << 16);
-        o.y = (uint32_t)moe__f32_to_bf16(s2) | ((uint32_t)moe__f32_to_bf16(s3) << 16);
-        *(uint2 *)(out + t * (int64_t)H + c) = o;
-    }
 }
 
 /* --------------------------------------------------------- host glue -- */
@@ -981,8 +878,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const int BM = wr ? WR_BM : fq_bm[cfg];
         moe__fused_path_hit(qg ? MOE_FUSED_PATH_WGMMA : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
-        k_align<<<1, ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n,
-                                                    ntiles, err);
+        moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e,
+                                                                  tile_r0, tile_n, ntiles, err); /* fused_moe.cu */
         MOE_CUDA_LAUNCHED(FN);
         /* per-tensor modes: rows past the local pairs must not enter the intermediate amax */
         if (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_NVFP4)
@@ -1064,8 +961,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     }
     /* 6. combine */
     const int threads = 256;
-    k_finalize<<<moe__cuda_grid(g.dev, T * (H / 4), threads), threads, 0, g.stream>>>(
-        y, ids, T, A->K, (int)H, (int)ex->E, lo, lc, (uint16_t *)moe_tensor_data(A->out));
+    moe__k_fm_finalize<<<moe__cuda_grid(g.dev, T * (H / 8), threads), threads, 0, g.stream>>>(
+        y, ids, T, A->K, (int)H, (int)ex->E, lo, lc, (uint16_t *)moe_tensor_data(A->out)); /* fused_moe.cu */
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }
