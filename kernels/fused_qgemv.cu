@@ -111,10 +111,9 @@ struct qv_args : moe__fg_shape {
                               * routing kernel (qv_pdl): x is loaded and quantised before
                               * griddepcontrol.wait, while the routing runs */
     /* k_qv_up routes its own pair (qv_self_route; T = 1): the call's routing as route.cu's general
-     * kernel takes it (E <= 128), logits of dtype rt_dt; rt_late: x quantised after the first weight
-     * loads instead of before the routing */
+     * kernel takes it (E <= 128), logits of dtype rt_dt */
     moe__route_args rt;
-    int rt_dt, rt_late;
+    int rt_dt;
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -565,8 +564,8 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
     };
     /* RT (PRE, T = 1): warp 0 routes this block's pair itself while the routing kernel runs (its logits
      * loaded first, their latency under x's) and the first weight loads are issued before the wait;
-     * x is quantised before the routing or, rt_late, after those loads */
-    const bool x_late = RT && a.rt_late;
+     * x is quantised after those loads for fp8 and before the routing for nvfp4 (qv_self_route) */
+    constexpr bool x_late = RT && MODE == MOE_QUANT_FP8;
     float lg[4];
     if (RT && tid < 32) qv_route_logits(a, lane, lg);
     if (loc && PRE) {
@@ -1132,10 +1131,11 @@ static bool qv_pdl(const moe__fused_args *A, int dev) {
  * DT>, the kernel that computes the call's ids there; its code is shared, route_tok.cuh), not llama4 (its
  * own top-1 kernel), MOE_FUSED_QVRT not "0".  Each block then issues its weight loads before
  * griddepcontrol.wait instead of after the routing kernel's end and an ids read; k_qv_down still reads the
- * routing kernel's ids.  x is quantised after those loads for fp8, before the routing for nvfp4
- * (MOE_FUSED_QVRT=late / early: either for both).  H100, Qwen3-30B-A3B T = 1 (2026-11-27, one call,
- * --compare-env): fp8 23.8 -> 23.1 us (x late; 23.7 x early), nvfp4 23.2-23.5 -> 22.5 (x early; 23.2 x
- * late); fp8_block 23.8 -> 24.2 either way (so it keeps the routing kernel's ids).  Both kernels routing
+ * routing kernel's ids.  x is quantised after those loads for fp8, before the routing for nvfp4 (a
+ * compile-time choice: 0.2 us faster for nvfp4 than a runtime switch).  H100, Qwen3-30B-A3B T = 1
+ * (2026-11-27, --compare-env MOE_FUSED_QVRT=0 in one build): fp8 23.7-23.8 -> 23.1-23.2 us (x late; 23.6
+ * x early), nvfp4 23.3 -> 22.1-22.2 (x early; 23.0 x late); fp8_block 23.6 -> 23.8 early, 23.7 late (so
+ * it keeps the routing kernel's ids).  Both kernels routing
  * the token with no routing kernel at all measured slower (fp8 25.5, fp8_block 25.3, nvfp4 23.6 us:
  * k_qv_down's blocks, which start as k_qv_up's leave, then route before their W2 loads; docs/performance.md). */
 static bool qv_self_route(const moe__fused_args *A, int dev) {
@@ -1220,10 +1220,6 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
         if (A->logits->dtype == MOE_F32) moe__rt_general_flags<4, 4>(r);
         else moe__rt_general_flags<4, 2>(r);
         a.rt_dt = A->logits->dtype;
-        const char *env = getenv("MOE_FUSED_QVRT");
-        a.rt_late = ex->quant == MOE_QUANT_FP8;
-        if (env && !strcmp(env, "late")) a.rt_late = 1;
-        if (env && !strcmp(env, "early")) a.rt_late = 0;
     }
     switch (ex->quant) {
     case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a, loc);

@@ -727,11 +727,11 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
     -- route.cu's code while the routing kernel runs, and issues its weight loads before its wait;
     -- k_qv_down reads the routing kernel's ids.  A block that picked another expert than the routing
     -- kernel's ids[p] would change out.  MOE_FUSED_QVRT=0 (k_qv_up reads ids[p] after the routing
-    -- kernel), =early, =late (x quantised before the routing / after the first weight loads): the
-    -- same bits in out, ids, weights and replay (its other rows untouched); ids equal to the CPU's.
+    -- kernel): the same bits in out, ids, weights and replay (its other rows untouched); ids equal to
+    -- the CPU's.
     if mode == "fp8" or mode == "nvfp4" then
       local it_sm90 = SM90UP and it or function() end -- before sm_90: no programmatic launches
-      it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 / early / late for " ..
+      it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 for " ..
          "every method, logits f32 / bf16 / f16, expert shards", function()
         local w = weights("swiglu", false)
         local cases = {
@@ -766,10 +766,10 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
           for t = 2, 3 do
             for k = 1, m.top_k do assert.equal(-5, rep1[t][k], what .. ": replay row " .. (t - 1) .. " untouched") end
           end
-          for _, v in ipairs{ "0", "early", "late" } do
-            local p2, y2, r2, rep2 = path_of(function() return go(v) end)
-            local w2 = what .. ", MOE_FUSED_QVRT=" .. v
-            assert.equal(v == "0" and "gemv" or "gemv_route", p2, w2 .. ": the path taken")
+          do
+            local p2, y2, r2, rep2 = path_of(function() return go("0") end)
+            local w2 = what .. ", MOE_FUSED_QVRT=0"
+            assert.equal("gemv", p2, w2 .. ": the path taken")
             assert.same(bits(y2), bits(y1), w2 .. ": out")
             assert.same(r2.ids:to("cpu"):totable(), ids, w2 .. ": ids")
             assert.same(r2.weights:to("cpu"):totable(), wts, w2 .. ": weights")

@@ -13,7 +13,7 @@
 -- MOE_FUSED_QVPDL=0: those block-local decode kernels launched plainly, not as programmatic
 --   dependents of the routing kernel;
 -- MOE_FUSED_QVRT=0: fp8 / nvfp4 at T = 1 with k_qv_up reading the routing kernel's ids instead of
---   routing its own pair (=early / =late: x quantised before the routing / after the weight loads).
+--   routing its own pair.
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
