@@ -41,7 +41,7 @@
  * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
  * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
  * while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
- * wait, while k_qv_up's last blocks run.  At T = 1 (fp8, nvfp4; E <= 128) each k_qv_up block also
+ * wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128) each k_qv_up block also
  * routes its own pair with the routing kernel's code (route_tok.cuh) instead of waiting for its ids,
  * and issues its first weight loads before the wait (qv_self_route; path gemv_route).
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
@@ -318,6 +318,15 @@ template <int MODE> struct qv_mode {
     static constexpr int UGU = QV_UP_UG;
 };
 
+/* 128-column blocks a k_qv_up round: 2 for the fp8 modes' self-routing kernels (half the rounds of
+ * latency a block; at least 6 blocks an SM then, so Qwen3-30B-A3B T = 1's 768 blocks stay resident:
+ * H100, fp8 23.1-23.3 -> 21.8-22.0 us; fp8_block's then self-routing 22.7-23.0 against 23.6-23.7
+ * reading the ids; rounds of 2 in every k_qv_up instead: fp8_block T = 4 93.8 -> 98.4, nvfp4 T = 4
+ * 74.0 -> 76.6, so only here), QV_UP_UG otherwise */
+template <int MODE, bool RT> struct qv_up_rt {
+    static constexpr int UG = RT && (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK) ? 2 : qv_mode<MODE>::UGU;
+};
+
 /* ------------------------------------------------ shared activation work -- */
 
 /* Chunks 0 .. n-1 of work that the blocks needing its result share, without a grid barrier:
@@ -529,10 +538,10 @@ __device__ __forceinline__ int qv_route_pair(const qv_args &a, int lane, int p, 
 }
 
 template <int MODE, bool LOC, bool PRE, bool RT>
-__global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 / qv_up_tiles<MODE, LOC>::N)
+__global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_up_rt<MODE, RT>::UG == 2 ? 6 : 8 / qv_up_tiles<MODE, LOC>::N)
     k_qv_up(const qv_args a) {
     using M = qv_mode<MODE>;
-    constexpr int UG = M::UGU, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
+    constexpr int UG = qv_up_rt<MODE, RT>::UG, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N, NT = TPB * QV_UP_THREADS; /* row tiles, threads */
     constexpr bool PK = M::PK, GC = M::GC;
     /* the wait (moe__fm_pdl_enter) comes below */
@@ -564,8 +573,8 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, 8 /
     };
     /* RT (PRE, T = 1): warp 0 routes this block's pair itself while the routing kernel runs (its logits
      * loaded first, their latency under x's) and the first weight loads are issued before the wait;
-     * x is quantised after those loads for fp8 and before the routing for nvfp4 (qv_self_route) */
-    constexpr bool x_late = RT && MODE == MOE_QUANT_FP8;
+     * x is quantised after those loads for the fp8 modes and before the routing for nvfp4 (qv_self_route) */
+    constexpr bool x_late = RT && (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK);
     float lg[4];
     if (RT && tid < 32) qv_route_logits(a, lane, lg);
     if (loc && PRE) {
@@ -1065,9 +1074,7 @@ template <int MODE, bool LOC, bool PRE, bool RT = false> moe_status qv_launch2(c
 template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool loc) {
     if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
         if (loc) {
-            /* k_qv_up routing its pair: fp8 and nvfp4 only (qv_self_route) */
-            if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_NVFP4)
-                if (a.rt.logits) return qv_launch2<MODE, true, true, true>(st, a);
+            if (a.rt.logits) return qv_launch2<MODE, true, true, true>(st, a); /* k_qv_up routing its pair */
             return a.xpre ? qv_launch2<MODE, true, true>(st, a) : qv_launch2<MODE, true, false>(st, a);
         }
     return qv_launch2<MODE, false, false>(st, a);
@@ -1127,21 +1134,22 @@ static bool qv_pdl(const moe__fused_args *A, int dev) {
 }
 
 /* Whether k_qv_up routes its own pair (a call with block-local activations launched as programmatic
- * dependents of its routing kernel, qv_loc_eligible and qv_pdl; T = 1): fp8 and nvfp4, E <= 128 (route.cu's moe__k_route<4,
- * DT>, the kernel that computes the call's ids there; its code is shared, route_tok.cuh), not llama4 (its
- * own top-1 kernel), MOE_FUSED_QVRT not "0".  Each block then issues its weight loads before
- * griddepcontrol.wait instead of after the routing kernel's end and an ids read; k_qv_down still reads the
- * routing kernel's ids.  x is quantised after those loads for fp8, before the routing for nvfp4 (a
- * compile-time choice: 0.2 us faster for nvfp4 than a runtime switch).  H100, Qwen3-30B-A3B T = 1
- * (2026-11-27, --compare-env MOE_FUSED_QVRT=0 in one build): fp8 23.7-23.8 -> 23.1-23.2 us (x late; 23.6
- * x early), nvfp4 23.3 -> 22.1-22.2 (x early; 23.0 x late); fp8_block 23.6 -> 23.8 early, 23.7 late (so
- * it keeps the routing kernel's ids).  Both kernels routing
- * the token with no routing kernel at all measured slower (fp8 25.5, fp8_block 25.3, nvfp4 23.6 us:
- * k_qv_down's blocks, which start as k_qv_up's leave, then route before their W2 loads; docs/performance.md). */
+ * dependents of its routing kernel, qv_loc_eligible and qv_pdl: fp8, fp8_block, nvfp4; T = 1): E <= 128
+ * (route.cu's moe__k_route<4, DT>, the kernel that computes the call's ids there; its code is shared,
+ * route_tok.cuh), not llama4 (its own top-1 kernel), MOE_FUSED_QVRT not "0".  Each block then issues its
+ * weight loads before griddepcontrol.wait instead of after the routing kernel's end and an ids read;
+ * k_qv_down still reads the routing kernel's ids.  x is quantised after those loads for the fp8 modes,
+ * before the routing for nvfp4 (compile-time: 0.2 us faster for nvfp4 than a runtime switch), and the fp8
+ * modes' kernels run rounds of 2 column blocks (qv_up_rt).  H100, Qwen3-30B-A3B T = 1 (2026-11-27,
+ * --compare-env MOE_FUSED_QVRT=0 in one build, 2 runs): fp8 23.8-23.9 -> 21.9-22.0 us, fp8_block 23.6-23.7
+ * -> 22.8-22.9, nvfp4 23.4 -> 22.2-22.3.  x early for the fp8 modes: 23.5 / 23.6-23.7.  Both kernels
+ * routing the token with no routing kernel at all measured slower (fp8 25.5, fp8_block 25.3, nvfp4 23.6
+ * us: k_qv_down's blocks, which start as k_qv_up's leave, then route before their W2 loads;
+ * docs/performance.md). */
 static bool qv_self_route(const moe__fused_args *A, int dev) {
     if (!qv_loc_eligible(A) || !qv_pdl(A, dev)) return false;
     const int m = A->ex->quant;
-    if (m != MOE_QUANT_FP8 && m != MOE_QUANT_NVFP4) return false;
+    if (m != MOE_QUANT_FP8 && m != MOE_QUANT_NVFP4 && m != MOE_QUANT_FP8_BLOCK) return false;
     if (!A->route || A->routed || A->T != 1 || A->llama4 || A->ex->E > 128) return false;
     const int dt = A->logits->dtype;
     if (dt != MOE_F32 && dt != MOE_BF16 && dt != MOE_F16) return false;

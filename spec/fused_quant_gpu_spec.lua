@@ -671,8 +671,8 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
       end)
     end
     local path, yl, rl = path_of(function() return go(nil) end)
-    -- fp8 / nvfp4, T = 1 with logits (not llama4) on sm_90+: k_qv_up routes its own pair
-    local self = x:size(1) == 1 and m.method ~= "llama4" and SM90UP and (mode == "fp8" or mode == "nvfp4")
+    -- T = 1 with logits (not llama4) on sm_90+: k_qv_up routes its own pair
+    local self = x:size(1) == 1 and m.method ~= "llama4" and SM90UP
     assert.equal(self and "gemv_route" or "gemv", path, what .. ": the path taken")
     local ys = go("0")
     near(yl, ys, what .. ": block-local vs shared steps")
@@ -723,13 +723,13 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
       end
     end)
 
-    -- fp8 / nvfp4 at T = 1 (sm_90+, path gemv_route): each block of k_qv_up routes its own pair with
+    -- fp8 / fp8_block / nvfp4 at T = 1 (sm_90+, path gemv_route): each block of k_qv_up routes its own pair with
     -- route.cu's code while the routing kernel runs, and issues its weight loads before its wait;
     -- k_qv_down reads the routing kernel's ids.  A block that picked another expert than the routing
     -- kernel's ids[p] would change out.  MOE_FUSED_QVRT=0 (k_qv_up reads ids[p] after the routing
     -- kernel): the same bits in out, ids, weights and replay (its other rows untouched); ids equal to
     -- the CPU's.
-    if mode == "fp8" or mode == "nvfp4" then
+    do
       local it_sm90 = SM90UP and it or function() end -- before sm_90: no programmatic launches
       it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 for " ..
          "every method, logits f32 / bf16 / f16, expert shards", function()
