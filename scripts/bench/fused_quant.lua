@@ -12,7 +12,7 @@
 --   shared grid-wide steps instead of by every block;
 -- MOE_FUSED_QVPDL=0: those block-local decode kernels launched plainly, not as programmatic
 --   dependents of the routing kernel;
--- MOE_FUSED_QVRT=0: fp8 / nvfp4 at T = 1 with k_qv_up reading the routing kernel's ids instead of
+-- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with k_qv_up reading the routing kernel's ids instead of
 --   routing its own pair.
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
