@@ -114,6 +114,9 @@ struct qv_args : moe__fg_shape {
      * kernel takes it (E <= 128), logits of dtype rt_dt */
     moe__route_args rt;
     int rt_dt;
+    int rt_flag; /* no routing kernel (route_in 2): k_qv_up's block (0, 0) routes the token fully, writes
+                  * ids, weights and replay, then sets ctr[7]; k_qv_down's blocks wait for that flag before
+                  * reading them, and the last of them to count in ctr[8] resets both */
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -537,6 +540,24 @@ __device__ __forceinline__ int qv_route_pair(const qv_args &a, int lane, int p, 
     return __shfl_sync(0xffffffffu, r.id, p);
 }
 
+/* The token's whole routing (T = 1) by one warp, as the routing kernel computes and stores it: ids,
+ * weights (f32) and replay (when given) of a.rt; returns the expert of pair p. */
+__device__ __forceinline__ int qv_route_store(const qv_args &a, int lane, int p, const float (&lg)[4]) {
+    const void *row = a.rt.logits;
+    const int dt = a.rt_dt;
+    const moe__rt_pick r = moe__rt_token<4, 4, true>(
+        a.rt, 0, lane, a.rt.K, true,
+        [&](int, float *x) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) x[i] = lg[i];
+        },
+        [&](int e) {
+            return dt == MOE_F32 ? moe__rt_load1<MOE_F32>(row, e)
+                 : dt == MOE_BF16 ? moe__rt_load1<MOE_BF16>(row, e) : moe__rt_load1<MOE_F16>(row, e);
+        });
+    return __shfl_sync(0xffffffffu, r.id, p);
+}
+
 template <int MODE, bool LOC, bool PRE, bool RT>
 __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_up_rt<MODE, RT>::UG == 2 ? 6 : 8 / qv_up_tiles<MODE, LOC>::N)
     k_qv_up(const qv_args a) {
@@ -585,7 +606,15 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
     if constexpr (RT) {
         __shared__ int s_rt;
         if (tid < 32) {
-            const int id = qv_route_pair(a, lane, (int)p, lg);
+            int id;
+            if (a.rt_flag && blockIdx.x == 0 && p == 0) { /* no routing kernel: this block writes the routing */
+                id = qv_route_store(a, lane, (int)p, lg);
+                __threadfence();
+                __syncwarp();
+                if (lane == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(a.ctr + 7), "r"(1u) : "memory");
+            } else {
+                id = qv_route_pair(a, lane, (int)p, lg);
+            }
             if (lane == 0) s_rt = id;
         }
         __syncthreads();
@@ -867,7 +896,19 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     if (warp == 0) {
         int id = -1;
         float wt = 1.0f;
-        if (lane < a.K) {
+        if (a.rt_flag) { /* k_qv_up's block (0, 0) routes the token (T = 1, not llama4): wait for it */
+            unsigned f;
+            do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(f) : "l"(a.ctr + 7) : "memory");
+            while (f == 0);
+            if (lane < a.K) {
+                id = __ldcg(a.ids + lane);
+                wt = __ldcg(a.wts + lane);
+            }
+            if (lane == 0 && atomicAdd(a.ctr + 8, 1u) == gridDim.x - 1) { /* every block has seen it */
+                a.ctr[7] = 0;
+                a.ctr[8] = 0;
+            }
+        } else if (lane < a.K) {
             id = a.ids[p0 + lane];
             if (!a.llama4) wt = a.wts[p0 + lane];
         }
@@ -1064,8 +1105,9 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
 template <int MODE, bool LOC, bool PRE, bool RT = false> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N;
     const bool pdl = PRE; /* both kernels start with griddepcontrol.wait, k_qv_up's PRE (and RT) work aside */
+    /* rt_flag: k_qv_up is the call's first kernel (a plain launch) */
     MOE_TRY(moe__fm_go(k_qv_up<MODE, LOC, PRE, RT>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
-                  TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl, a));
+                  TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl && !a.rt_flag, a));
     MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
                   LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
     return MOE_OK;
@@ -1157,7 +1199,11 @@ static bool qv_self_route(const moe__fused_args *A, int dev) {
     return !(env && env[0] == '0' && !env[1]);
 }
 
-bool moe__fq_gemv_routes(const moe__fused_args *A, int dev) { return qv_self_route(A, dev); }
+int moe__fq_gemv_routes(const moe__fused_args *A, int dev) {
+    if (!qv_self_route(A, dev)) return 0;
+    const char *env = getenv("MOE_FUSED_QVRT");
+    return A->route_pending && !(env && env[0] == '1' && !env[1]) ? 2 : 1;
+}
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
@@ -1188,7 +1234,7 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     return ((x | w13 | w2) & 15) == 0 && ((s13 | s2) & 3) == 0;
 }
 
-moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
+moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in) {
     const struct moe_experts *ex = A->ex;
     const struct moe_workspace *ws = A->ws;
     const moe__fq_layout L = moe__fq_layout_of(ws);
@@ -1222,9 +1268,11 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A) {
     moe__fg_shape_set(&a, A);
     const bool loc = qv_loc_eligible(A);
     a.xpre = loc && qv_pdl(A, g.dev);
-    if (moe__fq_gemv_routes(A, g.dev)) { /* as moe__cuda_route and moe__rt_launch<4, DT> set them (route.cu) */
-        moe__route_args &r = a.rt; /* nothing is stored: ids, weights, replay NULL */
-        moe__rt_args_init(r, A->route, A->logits, A->bias, nullptr, nullptr, nullptr);
+    if (route_in) { /* as moe__cuda_route and moe__rt_launch<4, DT> set them (route.cu) */
+        moe__route_args &r = a.rt; /* route_in 2: k_qv_up's block (0, 0) stores ids, weights, replay */
+        a.rt_flag = route_in == 2;
+        moe__rt_args_init(r, A->route, A->logits, A->bias, a.rt_flag ? (moe_tensor *)A->ids : nullptr,
+                          a.rt_flag ? (moe_tensor *)A->wts : nullptr, a.rt_flag ? A->replay : nullptr);
         if (A->logits->dtype == MOE_F32) moe__rt_general_flags<4, 4>(r);
         else moe__rt_general_flags<4, 2>(r);
         a.rt_dt = A->logits->dtype;

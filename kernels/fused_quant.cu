@@ -848,9 +848,15 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     const int lc = A->local_count, lo = A->local_offset;
     unsigned char *base = (unsigned char *)moe_tensor_data(ws->buf);
 
-    if (moe__fq_gemv_eligible(A)) {
-        if (lc > 0) moe__fused_path_hit(moe__fq_gemv_routes(A, g.dev) ? MOE_FUSED_PATH_GEMV_ROUTE : MOE_FUSED_PATH_GEMV);
-        return moe__fq_gemv(g, A); /* decode GEMV path: fused_qgemv.cu */
+    const bool gemv = moe__fq_gemv_eligible(A);
+    const int rin = gemv ? moe__fq_gemv_routes(A, g.dev) : 0;
+    /* routing left to this call (A->route_pending): by the decode kernels alone (rin 2), else by the
+     * routing kernel first */
+    if (A->route_pending && rin != 2)
+        MOE_TRY(moe__cuda_route(A->route, A->logits, A->bias, (moe_tensor *)A->ids, (moe_tensor *)A->wts, A->replay));
+    if (gemv) {
+        if (lc > 0) moe__fused_path_hit(rin ? MOE_FUSED_PATH_GEMV_ROUTE : MOE_FUSED_PATH_GEMV);
+        return moe__fq_gemv(g, A, rin); /* decode GEMV path: fused_qgemv.cu */
     }
 
     const moe__fq_layout L = moe__fq_layout_of(ws); /* as moe__fused_quant_ws_bytes */

@@ -17,11 +17,12 @@
  *          +32 the intermediate's; +64 the GEMV path's counters (MOE__FQ_NCTR u32: x chunks
  *          claimed, x chunks done, intermediate chunks claimed, done, intermediate amax bits;
  *          with block-local activations, the intermediate amax bits and the k_qv_down blocks
- *          that have read them); MOE__FQ_MISC_BYTES (128) holds up to 16;
+ *          that have read them; with no routing kernel, the routing-written flag and the
+ *          k_qv_down blocks that have seen it); MOE__FQ_MISC_BYTES (128) holds up to 16;
  *   tiles  tile table: expert, first row, rows (wtiles i32 each);
  *   xc/xs  x codes [max_tokens, H] and scales; gc/gs the intermediate's [max_pairs, I]. */
 #define MOE__FQ_CTR_OFF 64
-#define MOE__FQ_NCTR 7
+#define MOE__FQ_NCTR 9
 static_assert(MOE__FQ_CTR_OFF + 4 * MOE__FQ_NCTR <= MOE__FQ_MISC_BYTES, "GEMV counters outside misc");
 struct moe__fq_layout {
     size_t misc, tiles, xc, xs, gc, gs;
@@ -234,8 +235,13 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
                        const uint4 **out);
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A);
-/* ... and whether its GEMM1 kernel then routes its own pair (path MOE_FUSED_PATH_GEMV_ROUTE) */
-bool moe__fq_gemv_routes(const moe__fused_args *A, int dev);
-moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A);
+/* ... and whether its GEMM1 kernel then routes its own pair (path MOE_FUSED_PATH_GEMV_ROUTE): 0 no;
+ * 1 yes, after the routing kernel; 2 yes, and no routing kernel runs (A->route_pending: the decode
+ * kernels write ids, weights and replay).  moe__fq_gemv's route_in. */
+int moe__fq_gemv_routes(const moe__fused_args *A, int dev);
+/* route.cu: the backend's routing slot (arguments validated) */
+extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
+                                      moe_tensor *ids, moe_tensor *weights, moe_tensor *replay);
+moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in);
 
 #endif

@@ -723,15 +723,16 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
       end
     end)
 
-    -- fp8 / fp8_block / nvfp4 at T = 1 (sm_90+, path gemv_route): each block of k_qv_up routes its own pair with
-    -- route.cu's code while the routing kernel runs, and issues its weight loads before its wait;
-    -- k_qv_down reads the routing kernel's ids.  A block that picked another expert than the routing
-    -- kernel's ids[p] would change out.  MOE_FUSED_QVRT=0 (k_qv_up reads ids[p] after the routing
-    -- kernel): the same bits in out, ids, weights and replay (its other rows untouched); ids equal to
-    -- the CPU's.
+    -- fp8 / fp8_block / nvfp4 at T = 1 (sm_90+, path gemv_route): no routing kernel; each block of
+    -- k_qv_up routes its own pair with route.cu's code and issues its weight loads at once, block
+    -- (0, 0) also writes ids, weights and replay and releases a flag that k_qv_down's blocks acquire
+    -- before reading them.  A block that picked another expert than ids[p] would change out.
+    -- MOE_FUSED_QVRT=0 (the routing kernel, then k_qv_up reading ids[p]) and =1 (the routing kernel,
+    -- k_qv_up routing its pair all the same): the same bits in out, ids, weights and replay (its other
+    -- rows untouched); ids equal to the CPU's.
     do
       local it_sm90 = SM90UP and it or function() end -- before sm_90: no programmatic launches
-      it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 for " ..
+      it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 / 1 for " ..
          "every method, logits f32 / bf16 / f16, expert shards", function()
         local w = weights("swiglu", false)
         local cases = {
@@ -766,10 +767,10 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
           for t = 2, 3 do
             for k = 1, m.top_k do assert.equal(-5, rep1[t][k], what .. ": replay row " .. (t - 1) .. " untouched") end
           end
-          do
-            local p2, y2, r2, rep2 = path_of(function() return go("0") end)
-            local w2 = what .. ", MOE_FUSED_QVRT=0"
-            assert.equal("gemv", p2, w2 .. ": the path taken")
+          for _, v in ipairs{ "0", "1" } do
+            local p2, y2, r2, rep2 = path_of(function() return go(v) end)
+            local w2 = what .. ", MOE_FUSED_QVRT=" .. v
+            assert.equal(v == "0" and "gemv" or "gemv_route", p2, w2 .. ": the path taken")
             assert.same(bits(y2), bits(y1), w2 .. ": out")
             assert.same(r2.ids:to("cpu"):totable(), ids, w2 .. ": ids")
             assert.same(r2.weights:to("cpu"):totable(), wts, w2 .. ": weights")

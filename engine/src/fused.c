@@ -468,7 +468,8 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
     moe_tensor *new_out = NULL, *tmp_ids = NULL, *tmp_wts = NULL, *rview = NULL;
     const moe_tensor *use_ids = NULL, *use_wts = NULL;
     moe_status s = MOE_OK;
-    moe_route_cfg rc_used; /* the routing run (not routed) */
+    moe_route_cfg rc_used; /* the routing (not routed) */
+    int pending = 0;       /* ... left to the backend (moe__fused_args.route_pending) */
     int64_t shape_tk[2] = {T, K};
     if (!*out) {
         int64_t shape_th[2] = {T, H};
@@ -493,8 +494,17 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
         if (!ri) ri = tmp_ids; /* NULL without a workspace: moe_route allocates (CPU only) */
         if (!rw) rw = tmp_wts;
         moe_tensor *ri0 = ri, *rw0 = rw;
-        if (s == MOE_OK) s = moe_route(&rc, logits, bias, &ri, &rw, replay);
-        if (s == MOE_OK) {
+        /* CUDA, quantised experts: the backend routes (in its decode kernels where it can, else by the
+         * routing kernel before its own); the arguments are checked here as moe_route checks them */
+        pending = dev.type == MOE_DEVICE_CUDA && ex->quant != MOE_QUANT_BF16 && T > 0 && ri && rw;
+        if (s == MOE_OK && pending) {
+            s = moe__route_validate(&rc, logits, bias, ri, rw, replay);
+            use_ids = ri;
+            use_wts = rw;
+        } else if (s == MOE_OK) {
+            s = moe_route(&rc, logits, bias, &ri, &rw, replay);
+        }
+        if (s == MOE_OK && !pending) {
             if (!ri0) tmp_ids = ri; /* allocated by moe_route: ours to free */
             if (!rw0) tmp_wts = rw;
             use_ids = ri;
@@ -520,6 +530,8 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
             args.route = &rc_used;
             args.logits = logits;
             args.bias = bias;
+            args.route_pending = pending;
+            args.replay = pending ? replay : NULL;
         }
         s = ex->quant != MOE_QUANT_BF16 ? moe__fused_quant_run(&args) : be->fused(&args);
         if (s == MOE_OK && lc > 0 && ex->dev.type == MOE_DEVICE_CPU) moe__fused_path_hit(MOE_FUSED_PATH_CPU);

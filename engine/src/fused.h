@@ -66,6 +66,11 @@ void moe__cpu_fcombine(int64_t T, int64_t H, int K, const unsigned char *has, co
 /* Smallest row tile of the CUDA grouped GEMMs (sizes max_tiles). */
 #define MOE__FUSED_MIN_BM 32
 
+/* moe_route's argument checks (route.c) without the launch: for moe_fused_moe when the backend routes
+ * (route_pending).  ids and weights must be given. */
+moe_status moe__route_validate(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
+                               moe_tensor *ids, moe_tensor *weights, const moe_tensor *replay);
+
 /* Validated arguments of the backend `fused` slot. */
 typedef struct moe__fused_args {
     const struct moe_experts *ex;
@@ -79,11 +84,15 @@ typedef struct moe__fused_args {
     int32_t local_offset, local_count;
     int32_t llama4;             /* weight on the input, combine with 1 */
     int32_t routed;             /* ids came from the caller (may be out of range on CUDA) */
-    /* Not routed: the routing this call ran (moe_route, launched on the backend's stream before the
-     * fused step; ids and wts are its outputs), for kernels that recompute a token's routing ahead of
-     * the routing kernel's end (CUDA decode, fused_qgemv.cu).  NULL in routed mode. */
+    /* Not routed: the call's routing (validated), for kernels that compute a token's routing themselves
+     * (CUDA decode, fused_qgemv.cu).  NULL in routed mode. */
     const moe_route_cfg *route;
     const moe_tensor *logits, *bias;
+    /* route_pending (CUDA, quantised experts): the routing is left to the backend, which writes ids,
+     * wts (f32) and replay (NULL: none) itself -- inside its decode kernels where it can, else by
+     * launching the routing kernel first (moe__fused_quant_run).  0: ids and wts hold the routing. */
+    int32_t route_pending;
+    moe_tensor *replay;
 } moe__fused_args;
 
 #ifdef __cplusplus

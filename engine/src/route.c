@@ -2,6 +2,7 @@
  * dispatch to the backend `route` slot.  Semantics: docs/routing.md. */
 #include "internal.h"
 #include "backend.h"
+#include "fused.h"
 
 #include <inttypes.h>
 #include <math.h>
@@ -166,6 +167,11 @@ static moe_status moe__route_check(const moe_route_cfg *cfg, const moe_tensor *l
 }
 
 /* ----------------------------------------------------------------- route -- */
+
+moe_status moe__route_validate(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
+                               moe_tensor *ids, moe_tensor *weights, const moe_tensor *replay) {
+    return moe__route_check(cfg, logits, bias, &ids, &weights, replay);
+}
 
 moe_status moe_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias, moe_tensor **ids,
                      moe_tensor **weights, moe_tensor *replay) {
