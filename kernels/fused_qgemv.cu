@@ -41,9 +41,10 @@
  * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
  * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
  * while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
- * wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128) each k_qv_up block also
- * routes its own pair with the routing kernel's code (route_tok.cuh) instead of waiting for its ids,
- * and issues its first weight loads before the wait (qv_self_route; path gemv_route).
+ * wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128) no routing kernel runs: each k_qv_up
+ * block routes its own pair with the routing kernel's code (route_tok.cuh) and issues its weight loads
+ * at once; block (0, 0) writes the call's ids, weights and replay and releases a flag that k_qv_down's
+ * blocks acquire before reading them (qv_self_route; path gemv_route).
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are
@@ -1175,19 +1176,21 @@ static bool qv_pdl(const moe__fused_args *A, int dev) {
     return m >= 9;
 }
 
-/* Whether k_qv_up routes its own pair (a call with block-local activations launched as programmatic
- * dependents of its routing kernel, qv_loc_eligible and qv_pdl: fp8, fp8_block, nvfp4; T = 1): E <= 128
- * (route.cu's moe__k_route<4, DT>, the kernel that computes the call's ids there; its code is shared,
- * route_tok.cuh), not llama4 (its own top-1 kernel), MOE_FUSED_QVRT not "0".  Each block then issues its
- * weight loads before griddepcontrol.wait instead of after the routing kernel's end and an ids read;
- * k_qv_down still reads the routing kernel's ids.  x is quantised after those loads for the fp8 modes,
- * before the routing for nvfp4 (compile-time: 0.2 us faster for nvfp4 than a runtime switch), and the fp8
- * modes' kernels run rounds of 2 column blocks (qv_up_rt).  H100, Qwen3-30B-A3B T = 1 (2026-11-27,
- * --compare-env MOE_FUSED_QVRT=0 in one build, 2 runs): fp8 23.8-23.9 -> 21.9-22.0 us, fp8_block 23.6-23.7
- * -> 22.8-22.9, nvfp4 23.4 -> 22.2-22.3.  x early for the fp8 modes: 23.5 / 23.6-23.7.  Both kernels
- * routing the token with no routing kernel at all measured slower (fp8 25.5, fp8_block 25.3, nvfp4 23.6
- * us: k_qv_down's blocks, which start as k_qv_up's leave, then route before their W2 loads;
- * docs/performance.md). */
+/* Whether k_qv_up routes its own pair (block-local activations, qv_loc_eligible, on sm_90+, qv_pdl: fp8,
+ * fp8_block, nvfp4; T = 1): E <= 128 (route.cu's moe__k_route<4, DT> computes those ids; its code is
+ * shared, route_tok.cuh), not llama4 (its own top-1 kernel), MOE_FUSED_QVRT not "0".  Each block issues its
+ * weight loads right after its routing instead of after the routing kernel's end and an ids read.  When
+ * moe_fused_moe left the routing to this call (route_pending; moe__fq_gemv_routes 2) no routing kernel
+ * runs: k_qv_up's block (0, 0) routes the token fully and stores ids, weights and replay, and k_qv_down
+ * acquires its flag (qv_args.rt_flag); MOE_FUSED_QVRT=1 keeps the routing kernel (k_qv_up launched as its
+ * dependent, k_qv_down reading its ids).  x is quantised after the weight loads for the fp8 modes, before
+ * the routing for nvfp4 (compile-time: 0.2 us faster for nvfp4 than a runtime switch), and the fp8 modes'
+ * kernels run rounds of 2 column blocks (qv_up_rt).  H100, Qwen3-30B-A3B T = 1 (2026-11-27,
+ * --compare-env in one build, 2 runs): no routing kernel fp8 21.8 us, fp8_block 22.0-22.1, nvfp4
+ * 21.9-22.0; MOE_FUSED_QVRT=1 21.9-22.0 / 23.0-23.2 / 21.8-21.9; =0 23.9 / 23.8 / 23.4.  x early for the
+ * fp8 modes (with the routing kernel): 23.5 / 23.6-23.7.  Both kernels routing the token (every
+ * k_qv_down block too) measured slower (fp8 25.5, fp8_block 25.3, nvfp4 23.6 us: k_qv_down's blocks
+ * start as k_qv_up's leave, then route before their W2 loads; docs/performance.md). */
 static bool qv_self_route(const moe__fused_args *A, int dev) {
     if (!qv_loc_eligible(A) || !qv_pdl(A, dev)) return false;
     const int m = A->ex->quant;

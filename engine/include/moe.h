@@ -636,8 +636,8 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_TILE,    /* CUDA mma.sync tile kernels (weights through shared memory) */
     MOE_FUSED_PATH_WREG,    /* CUDA register-operand tile kernel (quantised modes) */
     MOE_FUSED_PATH_WGMMA,   /* CUDA Hopper wgmma kernels (sm_90a) */
-    MOE_FUSED_PATH_GEMV_ROUTE, /* CUDA decode GEMV kernels whose GEMM1 kernel routes its own pair
-                                * (fp8, fp8_block, nvfp4; T = 1, sm_90+) */
+    MOE_FUSED_PATH_GEMV_ROUTE, /* CUDA decode GEMV kernels that route the token themselves (no routing
+                                * kernel; fp8, fp8_block, nvfp4 at T = 1, sm_90+) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 

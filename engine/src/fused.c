@@ -1,6 +1,8 @@
 /* fused.c -- moe_experts / moe_workspace / moe_fused_moe: names, defaults, validation,
- * routing (through the public moe_route, so its kernel runs on the same moelab stream) and
- * dispatch to the backend `fused_pack` and `fused` slots.  Semantics: docs/fused.md. */
+ * routing (through the public moe_route, so its kernel runs on the same moelab stream; for quantised
+ * experts on CUDA it is validated here and left to the backend, route_pending, whose decode kernels
+ * route T = 1 themselves) and dispatch to the backend `fused_pack` and `fused` slots.  Semantics:
+ * docs/fused.md. */
 #include "internal.h"
 #include "backend.h"
 #include "fused.h"

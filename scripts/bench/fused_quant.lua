@@ -12,8 +12,9 @@
 --   shared grid-wide steps instead of by every block;
 -- MOE_FUSED_QVPDL=0: those block-local decode kernels launched plainly, not as programmatic
 --   dependents of the routing kernel;
--- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with k_qv_up reading the routing kernel's ids instead of
---   routing its own pair.
+-- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with the routing kernel and k_qv_up reading its ids
+--   instead of the decode kernels routing the token themselves (=1: the routing kernel, k_qv_up still
+--   routing its own pair).
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
