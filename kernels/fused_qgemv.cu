@@ -528,31 +528,20 @@ __device__ __forceinline__ void qv_route_logits(const qv_args &a, int lane, floa
 }
 
 /* The expert of pair p of the token (T = 1: its rank-p choice), by one warp with route.cu's code for
- * E <= 128 (moe__k_route<4, DT>: p + 1 of its top-K rounds, no weights), so the expert the routing
- * kernel writes to ids[p]; lg: this lane's logits (qv_route_logits, loaded ahead). */
+ * E <= 128 (moe__k_route<4, DT>), so the expert the routing kernel writes to ids[p]; lg: this lane's
+ * logits (qv_route_logits, loaded ahead).  ALL: the whole routing, stored as the routing kernel stores
+ * it (ids, f32 weights, replay when given, of a.rt); else p + 1 of its top-K rounds, no weights. */
+template <bool ALL>
 __device__ __forceinline__ int qv_route_pair(const qv_args &a, int lane, int p, const float (&lg)[4]) {
-    const moe__rt_pick r = moe__rt_token<4, 4, false>(
-        a.rt, 0, lane, p + 1, false,
+    const void *row = a.rt.logits;
+    const int dt = a.rt_dt;
+    const moe__rt_pick r = moe__rt_token<4, 4, ALL>(
+        a.rt, 0, lane, ALL ? a.rt.K : p + 1, ALL,
         [&](int, float *x) { /* e0 = 4 lane: the chunk qv_route_logits loaded */
 #pragma unroll
             for (int i = 0; i < 4; i++) x[i] = lg[i];
         },
-        [](int) { return 0.0f; }); /* the logit of a chosen expert: for the weights only */
-    return __shfl_sync(0xffffffffu, r.id, p);
-}
-
-/* The token's whole routing (T = 1) by one warp, as the routing kernel computes and stores it: ids,
- * weights (f32) and replay (when given) of a.rt; returns the expert of pair p. */
-__device__ __forceinline__ int qv_route_store(const qv_args &a, int lane, int p, const float (&lg)[4]) {
-    const void *row = a.rt.logits;
-    const int dt = a.rt_dt;
-    const moe__rt_pick r = moe__rt_token<4, 4, true>(
-        a.rt, 0, lane, a.rt.K, true,
-        [&](int, float *x) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) x[i] = lg[i];
-        },
-        [&](int e) {
+        [&](int e) { /* the logit of a chosen expert (the weights only) */
             return dt == MOE_F32 ? moe__rt_load1<MOE_F32>(row, e)
                  : dt == MOE_BF16 ? moe__rt_load1<MOE_BF16>(row, e) : moe__rt_load1<MOE_F16>(row, e);
         });
@@ -609,12 +598,12 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
         if (tid < 32) {
             int id;
             if (a.rt_flag && blockIdx.x == 0 && p == 0) { /* no routing kernel: this block writes the routing */
-                id = qv_route_store(a, lane, (int)p, lg);
+                id = qv_route_pair<true>(a, lane, (int)p, lg);
                 __threadfence();
                 __syncwarp();
                 if (lane == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(a.ctr + 7), "r"(1u) : "memory");
             } else {
-                id = qv_route_pair(a, lane, (int)p, lg);
+                id = qv_route_pair<false>(a, lane, (int)p, lg);
             }
             if (lane == 0) s_rt = id;
         }
@@ -902,8 +891,8 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(f) : "l"(a.ctr + 7) : "memory");
             while (f == 0);
             if (lane < a.K) {
-                id = __ldcg(a.ids + lane);
-                wt = __ldcg(a.wts + lane);
+                id = __ldcg(a.ids + p0 + lane);
+                wt = __ldcg(a.wts + p0 + lane);
             }
             if (lane == 0 && atomicAdd(a.ctr + 8, 1u) == gridDim.x - 1) { /* every block has seen it */
                 a.ctr[7] = 0;

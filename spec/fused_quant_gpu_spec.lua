@@ -236,6 +236,41 @@ describe("#gpu quantised fused MoE: routed mode, replay, parts, T = 0", function
     end)
   end
 
+  -- CUDA's quantised path checks the routing arguments before leaving the routing to its own kernels
+  -- (moe_fused_moe's route_pending): the errors of the CPU reference, which routes through moe_route,
+  -- word for word, for T = 1 (the decode kernels route) and T = 3; no replay row is written.
+  it("bad routing arguments: the CPU's errors at T = 1 and 3, replay untouched", function()
+    local w = weights("swiglu", false)
+    local bad = {
+      { method = "deepseekv3", top_k = 2, n_group = 3, topk_group = 1 },
+      { method = "renormalize", top_k = 2, bias = rbias },
+      { method = "renormalize", top_k = 2, scale = 2.0 },
+    }
+    for _, mode in ipairs{ "fp8", "fp8_block", "nvfp4", "mxint4" } do
+      for _, T in ipairs{ 1, 3 } do
+        local x, L = inputs(T, 9700 + T)
+        for i, b in ipairs(bad) do
+          local function go(dev)
+            local rep = moe.full({ T, 2 }, -5, { dtype = "i16", device = dev })
+            local a = { hidden = x:to(dev), logits = L:to(dev), experts = experts(w, mode, dev), replay = rep }
+            for k, v in pairs(b) do a[k] = v end
+            if b.bias then a.bias = b.bias:to(dev) end
+            local ok, err = pcall(moe.fused_moe, a)
+            return ok, err, rep:to("cpu"):totable()
+          end
+          local okc, errc = go("cpu")
+          local okg, errg, repg = go("cuda")
+          local what = mode .. " T=" .. T .. " case " .. i
+          assert.is_false(okc, what .. ": the CPU accepted it")
+          assert.is_false(okg, what .. ": CUDA accepted it")
+          assert.truthy(tostring(errg):find("moe_route: ", 1, true), what .. ": " .. tostring(errg))
+          assert.equal(tostring(errc):match("moe_route: .*$"), tostring(errg):match("moe_route: .*$"), what)
+          for _, row in ipairs(repg) do assert.same({ -5, -5 }, row, what .. ": replay written") end
+        end
+      end
+    end
+  end)
+
   it("an all-zero input gives 0 (no NaN) in every mode", function()
     local w = weights("swiglu", false)
     local z = moe.zeros({ 5, HD }, { dtype = "bf16", device = "cuda" })
