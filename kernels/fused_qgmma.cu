@@ -584,24 +584,296 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
+/* ------------------------------------- register-operand kernel (4-bit modes) -- */
+
+/* k_qg_rs (default for nvfp4, mxfp4, mxint4; MOE_FUSED_QRS=0: k_qg_exact): the weights are the
+ * register operand A of wgmma.m64n128k16 bf16 (64 weight rows a consumer warpgroup), the tokens
+ * the shared-memory operand B (the 128-row A box of k_qg_exact, read by both warpgroups), so the
+ * accumulator is transposed: rows = weight rows, columns = tokens.  Each consumer thread widens
+ * its own fragment straight from the codes in shared memory: no widened tile is written, fenced
+ * or read back.  Thread (warp w4, lane g * 4 + t) holds weight rows g and g + 8 of its warp's 16
+ * (gated GEMM1: gate column c and its up row, so the activation stays in registers) and, of each
+ * 32-column group, the 8 codes at columns 8t..8t+7 (one 32-bit word a row): the pairs
+ * moe__fq_w4x8_pairs makes of a word, (element j, element j + 4), are its registers as they
+ * come.  The k16 step ks (0, 1) of a group then multiplies, at position kk = 2t + i + 8h of
+ * the step, column 8t + 2ks + h + 4i of the group, so the 16-bit token operand holds every
+ * 32-column group in that order ("RS order", qr_pos); the kernels that write it
+ * (k_qr_permute, k_qg_codes16<true, true>, GEMM1's epilogue for the mx modes) permute as they
+ * write.  A 32-column group never mixes with another inside a k16 step, so mxint4 still
+ * promotes each group's partial sums times its bf16 scale (now one scale a thread row).  nvfp4's
+ * e4m3 and mxfp4's ue8m0 block scales are in the widened values, as in k_qg_exact. */
+constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB each */
+constexpr size_t QR_SMEM = (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK / 2) + 1024 + 2 * QR_S * 8;
+
+/* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
+__device__ __forceinline__ int qr_pos(int c) {
+    const int e = c & 7, t = (c >> 3) & 3;
+    return (c & ~31) | ((e >> 1) & 1) << 4 | t << 1 | e >> 2 | (e & 1) << 3;
+}
+
+/* 32 consecutive 16-bit values (v: value 2u in word u's low half, 2u + 1 in its high half) into
+ * RS order: word 8ks + t + 4h of o holds values (8t + 2ks + h, 8t + 2ks + h + 4). */
+__device__ __forceinline__ void qr_perm32(const uint32_t (&v)[16], uint32_t (&o)[16]) {
+#pragma unroll
+    for (int ks = 0; ks < 2; ks++)
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            o[8 * ks + t] = __byte_perm(v[4 * t + ks], v[4 * t + ks + 2], 0x5410);
+            o[8 * ks + t + 4] = __byte_perm(v[4 * t + ks], v[4 * t + ks + 2], 0x7632);
+        }
+}
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* d (64 f32) = (scale_d ? d : 0) + A(64 x 16 bf16, registers a0-a3) * B(16 x 128 bf16, smem
+ * desc, K-major, 128-byte swizzle). */
+__device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(scale_d));
+}
+
+/* The scale codes of this thread's words of stage kt: sc[row lo / hi][group] (nvfp4: the e4m3
+ * code of the word's 16 columns; mxfp4: the ue8m0 code of its group; mxint4: the bf16 bits). */
+template <int MODE>
+__device__ __forceinline__ void qr_scales(const moe__fq_gemm_args &a, int64_t rlo, int64_t rhi, int kt, int t,
+                                          uint32_t (&sc)[2][2]) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int64_t row = h ? rhi : rlo;
+#pragma unroll
+        for (int G = 0; G < 2; G++) {
+            if (MODE == MOE_QUANT_NVFP4)
+                sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 16) + kt * 4 + 2 * G + (t >> 1));
+            else if (MODE == MOE_QUANT_MXFP4)
+                sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
+            else
+                sc[h][G] = __ldg((const uint16_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
+        }
+    }
+}
+
+/* Widen group G of the stage at cb (codes [128 rows][32 bytes]) into f[G]: rows ol / oh (byte
+ * offsets of this thread's two rows' words), scale codes sc; mxint4's scales as f32 into pf[G]. */
+template <int MODE>
+__device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, const uint32_t (&sc)[2][2],
+                                         uint32_t (&f)[2][2][4], float (&pf)[2][2]) {
+    constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
+    const uint32_t wl = *(const uint32_t *)(cb + ol + 16 * G), wh = *(const uint32_t *)(cb + oh + 16 * G);
+    moe__fq_w4x8_pairs<E2M1>(wl, moe__fq_scale2<MODE>(sc[0][G]), f[G][0]);
+    moe__fq_w4x8_pairs<E2M1>(wh, moe__fq_scale2<MODE>(sc[1][G]), f[G][1]);
+    if (MODE == MOE_QUANT_MXINT4) {
+        pf[G][0] = __uint_as_float(sc[0][G] << 16);
+        pf[G][1] = __uint_as_float(sc[1][G] << 16);
+    }
+}
+
+/* The two k16 steps of group G (f: its registers) on the tokens at descriptor db (the group's
+ * first step). */
+__device__ __forceinline__ void qr_group(float (&d)[64], const uint32_t (&f)[2][4], uint64_t db, int scale_d) {
+    qr_wgmma(d, f[0][0], f[1][0], f[0][1], f[1][1], db, scale_d);
+    qr_wgmma(d, f[0][2], f[1][2], f[0][3], f[1][3], db + 2, 1);
+}
+
+/* mxint4: acc += t x the weight scale of each accumulator row (s0: row lo, s1: row hi). */
+__device__ __forceinline__ void qr_add_rows(float (&acc)[64], const float (&t)[64], float s0, float s1) {
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        acc[4 * j] += t[4 * j] * s0;
+        acc[4 * j + 1] += t[4 * j + 1] * s0;
+        acc[4 * j + 2] += t[4 * j + 2] * s1;
+        acc[4 * j + 3] += t[4 * j + 3] * s1;
+    }
+}
+#endif
+
+template <int MODE, bool G1>
+__global__ void __launch_bounds__(384, 1)
+    k_qg_rs(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QR_S, CB = QX_BK / 2;
+    constexpr bool INT4 = MODE == MOE_QUANT_MXINT4;
+    /* GEMM1 of the mx modes writes the intermediate in RS order (GEMM2 reads it as it is) */
+    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4);
+    extern __shared__ unsigned char qg_raw[];
+    uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* tokens 16-bit [S][BM][BK] */
+    uint8_t *B8 = (uint8_t *)(As + S * BM * BK);                                  /* codes [S][BN][CB] */
+    const uint32_t bar0 = moe__fm_smem(B8 + S * BN * CB); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < S; s++) {
+            moe__fm_mbar_init(bar0 + 8 * s, 1);
+            moe__fm_mbar_init(bar0 + 8 * (S + s), 8);
+        }
+        moe__fm_mbar_init_fence();
+    }
+    __syncthreads();
+    const qg_grid gr = qg_grid_of<G1, BK>(a);
+
+    if (tid < 128) {
+        moe__fm_setmaxnreg_dec<40>();
+        if (tid == 0)
+            qg_produce<S, CB, BK>(a, &tmw, &tma, gr, bar0, bar0 + 8 * S, moe__fm_smem(B8), moe__fm_smem(As), BM * BK * 2);
+        __syncwarp();
+    } else {
+        moe__fm_setmaxnreg_inc<232>();
+        const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
+        const int g = lane >> 2, t = lane & 3, c2 = t * 2;
+        /* this thread's two rows of the 128-row weight tile (0-63 the first half) */
+        const int rl = gr.gated ? 32 * wg + 8 * w4 + g : 64 * wg + 16 * w4 + g;
+        const int rh = gr.gated ? 64 + rl : rl + 8;
+        const int ol = rl * CB + 4 * t, oh = rh * CB + 4 * t;
+        int it = 0;
+        float acc[64];
+        float ta[INT4 ? 64 : 1], tb[INT4 ? 64 : 1]; /* mxint4: the two groups' partial sums */
+        uint32_t f[2][2][4]; /* [group][row lo / hi][pair]: the fragments of the stage to multiply next */
+        float pf[2][2] = {{0, 0}, {0, 0}};
+        /* scale codes of the stage to widen next (scA) and of the one after (scB) */
+        uint32_t scA[2][2], scB[2][2] = {{0, 0}, {0, 0}};
+        for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
+            const qg_work q = qg_work_of(a, gr, w);
+            const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
+            const int64_t e = q.e;
+            const int64_t wl = e * a.N + qg_brow(rl, h0, h1), wh = e * a.N + qg_brow(rh, h0, h1);
+#pragma unroll
+            for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+            /* stage 0 widened now (its scales loaded first), stage 1's scales in flight (KT >= 2:
+             * Kd is a multiple of 128) */
+            qr_scales<MODE>(a, wl, wh, 0, t, scA);
+            qr_scales<MODE>(a, wl, wh, 1, t, scB);
+            moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf);
+            for (int kt = 0; kt < gr.KT; kt++, it++) {
+                const int s = it % S;
+                const bool more = kt + 1 < gr.KT;
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+#pragma unroll
+                    for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
+                if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+                const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
+                const uint8_t *cn = B8 + ((it + 1) % S) * BN * CB; /* the next stage's codes */
+                moe__fm_wg_fence();
+                if constexpr (INT4) {
+                    /* both groups' MMAs in flight; group 0 promoted, then the next stage's group 0
+                     * widened while group 1 runs (ptxas spills a few words at the register cap) */
+                    qr_group(ta, f[0], db, 0);
+                    moe__fm_wg_commit();
+                    qr_group(tb, f[1], db + 4, 0);
+                    moe__fm_wg_commit();
+                    moe__fm_wg_wait1();
+                    qr_add_rows(acc, ta, pf[0][0], pf[0][1]);
+                    if (more) {
+                        moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
+                        qr_widen<MODE>(cn, ol, oh, 0, scA, f, pf);
+                    }
+                    moe__fm_wg_wait0();
+                    qr_add_rows(acc, tb, pf[1][0], pf[1][1]);
+                } else {
+                    qr_group(acc, f[0], db, 1);
+                    moe__fm_wg_commit();
+                    qr_group(acc, f[1], db + 4, 1);
+                    moe__fm_wg_commit();
+                    moe__fm_wg_wait1();
+                    if (more) {
+                        moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
+                        qr_widen<MODE>(cn, ol, oh, 0, scA, f, pf);
+                    }
+                    moe__fm_wg_wait0();
+                }
+                __syncwarp();
+                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
+                if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf);
+            }
+            /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1) */
+            const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
+            const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+            const int cl = qg_brow(rl, h0, h1), ch = qg_brow(rh, h0, h1);
+#pragma unroll
+            for (int j = 0; j < 16; j++)
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    const int r = 8 * j + c2 + i;
+                    if (r >= nr) continue;
+                    const int p = a.sorted[r0 + r];
+                    float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
+                    if (G1) {
+                        if (a.llama4) {
+                            const float c1 = a.wts[p];
+                            vl *= c1;
+                            vh *= c1;
+                        }
+                        if (bias) {
+                            vl += bias[cl];
+                            vh += bias[ch];
+                        }
+                        uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
+                        if (gr.gated) {
+                            const float v = moe__fm_act(a.act, vl, vh, a.alpha, a.beta, a.limit);
+                            orow[PERM_OUT ? qr_pos(cl) : cl] = moe__f32_to_bf16(v);
+                        } else {
+                            orow[PERM_OUT ? qr_pos(cl) : cl] = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
+                            orow[PERM_OUT ? qr_pos(ch) : ch] = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
+                        }
+                    } else {
+                        const float wt = a.llama4 ? 1.0f : a.wts[p];
+                        if (bias) {
+                            vl += bias[cl];
+                            vh += bias[ch];
+                        }
+                        float *yrow = a.y + (int64_t)p * a.N;
+                        yrow[cl] = vl * wt;
+                        yrow[ch] = vh * wt;
+                    }
+                }
+        }
+    }
+#endif
+}
+
 /* ------------------------------------------------------- widen codes -- */
 
 /* dst [rows, cols] 16-bit <- activation codes: row i from src row sorted[i] / K (sorted
  * non-null: x's codes into GEMM1's sorted order) or row i; only the rows of the row tiles (nv,
  * from the tile table, as k_permute).  fp8 / fp8_block: e4m3 -> f16; nvfp4 (FP4): e2m1 x its
- * e4m3 scale per 16 (scales [rows, cols / 16]) -> bf16.  Both exact. */
-template <bool FP4>
+ * e4m3 scale per 16 (scales [rows, cols / 16]) -> bf16, in RS order when RS (k_qg_rs).  Both
+ * exact. */
+template <bool FP4, bool RS>
 __global__ void __launch_bounds__(256)
     k_qg_codes16(const uint8_t *__restrict__ src, const uint8_t *__restrict__ scales, const int32_t *sorted, int K,
                  const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles, int cols,
                  uint4 *__restrict__ dst) {
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
-    const int c16 = cols / 16;
-    const int64_t units = nv * c16;
+    const int c16 = cols / 16, cu = RS ? cols / 32 : c16; /* units of a row */
+    const int64_t units = nv * cu;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = u / c16;
-        const int c = (int)(u - i * c16);
+        const int64_t i = u / cu;
+        const int c = (int)(u - i * cu);
         const int64_t row = sorted ? sorted[i] / K : i;
+        if (RS) { /* 32 codes: word t holds columns 8t..8t+7; their pairs are RS order's words */
+            const uint4 v = __ldg((const uint4 *)(src + row * (cols / 2)) + c);
+            const uint16_t s16 = __ldg((const uint16_t *)(scales + row * c16) + c);
+            const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+            uint32_t o[16];
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                uint32_t r[4];
+                moe__fq_w4x8_pairs<true>(wv[t], moe__fq_scale2<MOE_QUANT_NVFP4>((s16 >> (8 * (t >> 1))) & 0xFF), r);
+#pragma unroll
+                for (int j = 0; j < 4; j++) o[8 * (j >> 1) + t + 4 * (j & 1)] = r[j];
+            }
+            uint4 *d = dst + i * (2 * c16) + 4 * c;
+#pragma unroll
+            for (int j = 0; j < 4; j++) d[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+            continue;
+        }
         if (FP4) {
             const uint2 v = __ldg((const uint2 *)(src + row * (cols / 2)) + c);
             const uint32_t s2 = moe__fq_scale2<MOE_QUANT_NVFP4>(__ldg(scales + row * c16 + c));
@@ -621,6 +893,34 @@ __global__ void __launch_bounds__(256)
         }
         dst[i * (2 * c16) + 2 * c] = make_uint4(o[0], o[1], o[2], o[3]);
         dst[i * (2 * c16) + 2 * c + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+    }
+}
+
+/* x's rows (bf16 [T, cols]) into GEMM1's sorted order in RS order (k_qg_rs, mx modes): row i
+ * of xp from row sorted[i] / K, one 32-column group a thread; only the rows of the row tiles. */
+__global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x, const int32_t *sorted, int K,
+                                                    const int32_t *tile_r0, const int32_t *tile_n,
+                                                    const int32_t *ntiles, int cols, uint4 *__restrict__ xp) {
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
+    const int c32 = cols / 32;
+    const int64_t units = nv * c32;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = u / c32;
+        const int c = (int)(u - i * c32);
+        const uint4 *sp = x + (int64_t)(sorted[i] / K) * (cols / 8) + 4 * c;
+        uint32_t v[16], o[16];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint4 q = __ldg(sp + j);
+            v[4 * j] = q.x;
+            v[4 * j + 1] = q.y;
+            v[4 * j + 2] = q.z;
+            v[4 * j + 3] = q.w;
+        }
+        qr_perm32(v, o);
+        uint4 *d = xp + i * (cols / 8) + 4 * c;
+#pragma unroll
+        for (int j = 0; j < 4; j++) d[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
     }
 }
 
@@ -664,23 +964,33 @@ size_t qg_smem(int v, int mode) {
     }
 }
 bool qg_w4(int mode) { return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4; }
+template <int MODE> qg_kernel qr_rs(bool g1) { return g1 ? k_qg_rs<MODE, true> : k_qg_rs<MODE, false>; }
+qg_kernel qr_pick(int mode, bool g1) {
+    return mode == MOE_QUANT_NVFP4 ? qr_rs<MOE_QUANT_NVFP4>(g1)
+           : mode == MOE_QUANT_MXFP4 ? qr_rs<MOE_QUANT_MXFP4>(g1) : qr_rs<MOE_QUANT_MXINT4>(g1);
+}
 
 moe_status qg_attrs(void) {
     static int done = 0;
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
     const int modes[5] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4};
-    for (int v = 0; v < 2; v++)
-        for (int m = 0; m < (v ? 2 : 5); m++)
+    for (int v = 0; v < 3; v++)
+        for (int m = v == 2 ? 2 : 0; m < (v == 1 ? 2 : 5); m++)
             for (int g = 0; g < 2; g++)
-                MOE_CUDA_TRY(FN, cudaFuncSetAttribute(qg_pick(v, modes[m], g), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      (int)qg_smem(v, modes[m])));
+                MOE_CUDA_TRY(FN, cudaFuncSetAttribute(v == 2 ? qr_pick(modes[m], g) : qg_pick(v, modes[m], g),
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      (int)(v == 2 ? QR_SMEM : qg_smem(v, modes[m]))));
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
 }
 
-/* MOE_FUSED_FP8MMA=1: the fp8 tensor-core kernel instead of the exact one (fp8 / fp8_block). */
+/* Kernel variant of a mode: 0 k_qg_exact, 1 k_qg_fp8 (fp8 / fp8_block with MOE_FUSED_FP8MMA=1),
+ * 2 k_qg_rs (the 4-bit modes unless MOE_FUSED_QRS=0). */
 int qg_variant(int mode) {
-    if (qg_w4(mode)) return 0;
+    if (qg_w4(mode)) {
+        const char *env = getenv("MOE_FUSED_QRS");
+        return env && env[0] == '0' && env[1] == '\0' ? 0 : 2;
+    }
     const char *env = getenv("MOE_FUSED_FP8MMA");
     return env && env[0] == '1' ? 1 : 0;
 }
@@ -688,6 +998,7 @@ int qg_variant(int mode) {
 } // namespace
 
 bool moe__fq_qgmma_quantises_inter(int mode) { return mode == MOE_QUANT_FP8_BLOCK && qg_variant(mode) == 0; }
+bool moe__fq_qgmma_rs(int mode) { return qg_variant(mode) == 2; }
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
@@ -709,7 +1020,7 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
 }
 
 moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P, void *xp,
-                       const uint4 **out) {
+                       const uint4 **out, bool rs) {
     /* A as 16-bit: GEMM1 x's rows permuted into xp (fp8 / nvfp4: their codes widened; mxfp4 /
      * mxint4: x itself), GEMM2 the intermediate's codes widened into the intermediate's region
      * (its bf16 values are quantised already; fp8_block: quantised and widened in one pass;
@@ -717,14 +1028,25 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
     const uint4 *A16 = g1 ? (const uint4 *)xp : (const uint4 *)a.A_bf16;
     const int threads = 256;
     const int64_t pcap = moe__cuda_sm_count(dev) * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
-    if (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) {
+    if (rs) { /* k_qg_rs: RS order (GEMM2 of the mx modes: GEMM1 wrote it so) */
+        if (mode == MOE_QUANT_NVFP4) {
+            k_qg_codes16<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
+                a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
+                a.Kd, (uint4 *)A16);
+            MOE_CUDA_LAUNCHED(FN);
+        } else if (g1) {
+            k_qr_permute<<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)xp);
+            MOE_CUDA_LAUNCHED(FN);
+        }
+    } else if (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) {
         if (g1) {
             moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_bf16, a.sorted, a.tile_r0, a.tile_n,
                                                             a.ntiles, a.K, a.Kd / 8, (uint4 *)xp);
             MOE_CUDA_LAUNCHED(FN);
         }
     } else if (mode == MOE_QUANT_NVFP4) {
-        k_qg_codes16<true><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+        k_qg_codes16<true, false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
             a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd,
             (uint4 *)A16);
         MOE_CUDA_LAUNCHED(FN);
@@ -734,7 +1056,7 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
             (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_scales);
         MOE_CUDA_LAUNCHED(FN);
     } else {
-        k_qg_codes16<false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+        k_qg_codes16<false, false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
             a.A_codes, nullptr, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
         MOE_CUDA_LAUNCHED(FN);
     }
@@ -766,10 +1088,11 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
         const bool w4 = qg_w4(mode);
         MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, w4 ? a.Kd / 2 : a.Kd, 1, w4 ? QX_BK / 2 : QX_BK, 64, false, wn));
         const uint4 *A16 = nullptr;
-        MOE_TRY(moe__fq_a16(st, dev, mode, g1, a, P, xp, &A16));
+        MOE_TRY(moe__fq_a16(st, dev, mode, g1, a, P, xp, &A16, v == 2));
         MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
     }
-    qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);
+    if (v == 2) qr_pick(mode, g1)<<<grid, 384, QR_SMEM, st>>>(a, tw, ta);
+    else qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;
 }

@@ -882,7 +882,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const bool wr = !qg && fq_wreg_use(mode, P, lc, ex); /* register-operand tiles */
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = wr ? WR_BM : fq_bm[cfg];
-        moe__fused_path_hit(qg ? MOE_FUSED_PATH_WGMMA : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
+        moe__fused_path_hit(qg ? (moe__fq_qgmma_rs(mode) ? MOE_FUSED_PATH_WGMMA_RS : MOE_FUSED_PATH_WGMMA)
+                                : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
         moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e,
                                                                   tile_r0, tile_n, ntiles, err); /* fused_moe.cu */

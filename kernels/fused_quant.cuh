@@ -223,6 +223,9 @@ bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
 /* Whether moe__fq_qgmma's GEMM2 quantises the intermediate itself (fp8_block on the exact
  * kernel: quantised and widened in one pass), so the caller must not. */
 bool moe__fq_qgmma_quantises_inter(int mode);
+/* Whether moe__fq_qgmma runs the register-operand kernel k_qg_rs for `mode` (the 4-bit modes
+ * unless MOE_FUSED_QRS=0; path MOE_FUSED_PATH_WGMMA_RS). */
+bool moe__fq_qgmma_rs(int mode);
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp);
 
@@ -232,7 +235,7 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
  * over it; fp8_block: quantised and widened in one pass, scales into a.A_scales; mx modes: as it
  * is).  *out: the rows. */
 moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P, void *xp,
-                       const uint4 **out);
+                       const uint4 **out, bool rs = false);
 
 bool moe__fq_gemv_eligible(const moe__fused_args *A);
 /* ... and whether its GEMM1 kernel then routes its own pair (path MOE_FUSED_PATH_GEMV_ROUTE): 0 no;

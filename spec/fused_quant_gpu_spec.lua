@@ -356,10 +356,12 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- per local expert, 64 for the 4-bit modes; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
   -- GPUs, where both settings must pass as well).
   local QMODES = MODES
+  -- the 4-bit modes' default kernel there widens the weights in registers (path wgmma_rs)
+  local WGMMA_PATH = { fp8 = "wgmma", fp8_block = "wgmma", nvfp4 = "wgmma_rs", mxfp4 = "wgmma_rs", mxint4 = "wgmma_rs" }
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- env_on_off with MOE_FUSED_QWGMMA: the wgmma kernels by default on sm_90a
   local function both(w, mode, x, L, m, more, what)
-    return env_on_off("MOE_FUSED_QWGMMA", HOPPER and "wgmma" or "tile", w, mode, x, L, m, more, what)
+    return env_on_off("MOE_FUSED_QWGMMA", HOPPER and WGMMA_PATH[mode] or "tile", w, mode, x, L, m, more, what)
   end
   -- T = 800 top-2 (P = 1600, 100 rows per expert on average) with experts 3 and 9 favoured
   -- (~200 and ~150 rows: two 128-row tiles)
@@ -449,6 +451,42 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
       end
     end
   end)
+
+  -- The 4-bit modes' kernels: k_qg_rs (default: the weights widened in registers as wgmma's A
+  -- operand, the tokens in RS order) and k_qg_exact (MOE_FUSED_QRS=0: widened in shared memory).
+  -- Both within the CPU tolerance on gated, relu2 + biases, swiglu_oai + biases with llama4
+  -- routing, and expert-parallel calls (their bits may agree: the two feed the same products to
+  -- the MMAs in the same k16 steps); moe.fused_paths tells which ran.
+  for _, mode in ipairs{ "nvfp4", "mxfp4", "mxint4" } do
+    it(mode .. ": k_qg_rs (default) and MOE_FUSED_QRS=0 agree with the CPU (swiglu, relu2 + biases, " ..
+       "swiglu_oai + biases / llama4, EP)", function()
+      local cases = {
+        { "swiglu", false, METHODS.renormalize, nil, 800 },
+        { "relu2", true, METHODS.renormalize, nil, 800 },
+        { "swiglu_oai", true, METHODS.llama4, nil, 1600 },
+        { "swiglu", false, METHODS.renormalize, { local_offset = 4, local_count = 8 }, 1600 },
+      }
+      for i, c in ipairs(cases) do
+        local what = string.format("%s %s%s T=%d%s", mode, c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "")
+        local w = weights(c[1], c[2])
+        local x, L = inputs(c[5], 9900 + 10 * i + #mode)
+        local yc = call(experts(w, mode, "cpu"), x, L, c[3], "cpu", c[4])
+        local ys = {}
+        for j, v in ipairs{ false, "0" } do
+          local path, y = path_of(function()
+            return H.with_env("MOE_FUSED_QRS", v or nil, function()
+              return qwgmma(nil, function() return call(experts(w, mode, "cuda"), x, L, c[3], "cuda", c[4]) end)
+            end)
+          end)
+          assert.equal(HOPPER and (v and "wgmma" or "wgmma_rs") or "tile", path, what .. ": the path taken")
+          near(y, yc, what .. ", MOE_FUSED_QRS " .. (v or "unset") .. ": CUDA vs CPU")
+          ys[j] = y
+        end
+        local d = near(ys[1], ys[2], what .. ": k_qg_rs vs k_qg_exact")
+        print(string.format("\n  %s: k_qg_rs vs k_qg_exact relative L2 %.3g", what, d))
+      end
+    end)
+  end
 
   for _, mode in ipairs{ "fp8_block", "nvfp4", "mxint4" } do
     it(mode .. ": captured at T=800 (deepseekv3 top-4, P = 3200), replayed with new hidden and logits; the first " ..

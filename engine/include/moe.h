@@ -638,13 +638,16 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_WGMMA,   /* CUDA Hopper wgmma kernels (sm_90a) */
     MOE_FUSED_PATH_GEMV_ROUTE, /* CUDA decode GEMV kernels that route the token themselves (no routing
                                 * kernel; fp8, fp8_block, nvfp4 at T = 1, sm_90+) */
+    MOE_FUSED_PATH_WGMMA_RS,   /* CUDA Hopper wgmma kernels with the weights widened in registers as
+                                * the A operand (nvfp4, mxfp4, mxint4; sm_90a) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 
 /* counts[i] = calls of path i (MOE_FUSED_PATH_COUNT entries). */
 void moe_fused_path_counts(int64_t *counts);
 void moe_fused_path_reset(void);
-const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route"; NULL if out of range */
+const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route",
+                                            "wgmma_rs"; NULL if out of range */
 
 /* ---- traces ---- */
 

@@ -66,7 +66,8 @@ void moe_fused_path_reset(void) {
 }
 
 const char *moe_fused_path_name(int path) {
-    static const char *const names[MOE_FUSED_PATH_COUNT] = {"cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route"};
+    static const char *const names[MOE_FUSED_PATH_COUNT] = {"cpu",   "gemv",       "tile",    "wreg",
+                                                            "wgmma", "gemv_route", "wgmma_rs"};
     return path >= 0 && path < MOE_FUSED_PATH_COUNT ? names[path] : NULL;
 }
 
