@@ -605,12 +605,6 @@ __global__ void __launch_bounds__(384, 1)
 constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB each */
 constexpr size_t QR_SMEM = (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK / 2) + 1024 + 2 * QR_S * 8;
 
-/* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
-__device__ __forceinline__ int qr_pos(int c) {
-    const int e = c & 7, t = (c >> 3) & 3;
-    return (c & ~31) | ((e >> 1) & 1) << 4 | t << 1 | e >> 2 | (e & 1) << 3;
-}
-
 /* 32 consecutive 16-bit values (v: value 2u in word u's low half, 2u + 1 in its high half) into
  * RS order: word 8ks + t + 4h of o holds values (8t + 2ks + h, 8t + 2ks + h + 4). */
 __device__ __forceinline__ void qr_perm32(const uint32_t (&v)[16], uint32_t (&o)[16]) {
@@ -624,6 +618,12 @@ __device__ __forceinline__ void qr_perm32(const uint32_t (&v)[16], uint32_t (&o)
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
+__device__ __forceinline__ int qr_pos(int c) {
+    const int e = c & 7, t = (c >> 3) & 3;
+    return (c & ~31) | ((e >> 1) & 1) << 4 | t << 1 | e >> 2 | (e & 1) << 3;
+}
+
 /* d (64 f32) = (scale_d ? d : 0) + A(64 x 16 bf16, registers a0-a3) * B(16 x 128 bf16, smem
  * desc, K-major, 128-byte swizzle). */
 __device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -701,6 +701,8 @@ __global__ void __launch_bounds__(384, 1)
     constexpr bool INT4 = MODE == MOE_QUANT_MXINT4;
     /* GEMM1 of the mx modes writes the intermediate in RS order (GEMM2 reads it as it is) */
     constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4);
+    /* GEMM1 of nvfp4 takes the intermediate's amax (its global scale) as it writes it */
+    constexpr bool AMAX = G1 && MODE == MOE_QUANT_NVFP4;
     extern __shared__ unsigned char qg_raw[];
     uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* tokens 16-bit [S][BM][BK] */
     uint8_t *B8 = (uint8_t *)(As + S * BM * BK);                                  /* codes [S][BN][CB] */
@@ -736,6 +738,7 @@ __global__ void __launch_bounds__(384, 1)
         float pf[2][2] = {{0, 0}, {0, 0}};
         /* scale codes of the stage to widen next (scA) and of the one after (scB) */
         uint32_t scA[2][2], scB[2][2] = {{0, 0}, {0, 0}};
+        uint32_t amx = 0; /* AMAX: the largest |value| bits this thread wrote */
         for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
@@ -796,43 +799,68 @@ __global__ void __launch_bounds__(384, 1)
             const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
             const float *bias = a.bias ? a.bias + e * a.N : nullptr;
             const int cl = qg_brow(rl, h0, h1), ch = qg_brow(rh, h0, h1);
+            const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f; /* before any store */
+            /* GEMM2: the pair of each of this thread's 32 token columns and its routing weight, all
+             * loaded before any store: the stores may alias the tables for all the compiler knows,
+             * so loads between them would each wait a round trip (measured: GEMM2's epilogue then
+             * took as long as its MMAs at Qwen3-30B-A3B T = 4096).  GEMM1 needs them only for
+             * llama4. */
+            int pp[G1 ? 1 : 32];
+            float wt[G1 ? 1 : 32];
+            if constexpr (!G1) {
+#pragma unroll
+                for (int k = 0; k < 32; k++) {
+                    const int r = 8 * (k >> 1) + c2 + (k & 1);
+                    pp[k] = r < nr ? __ldg(a.sorted + r0 + r) : 0;
+                }
+#pragma unroll
+                for (int k = 0; k < 32; k++) wt[k] = a.llama4 ? 1.0f : __ldg(a.wts + pp[k]);
+            }
 #pragma unroll
             for (int j = 0; j < 16; j++)
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
                     const int r = 8 * j + c2 + i;
                     if (r >= nr) continue;
-                    const int p = a.sorted[r0 + r];
                     float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
                     if (G1) {
                         if (a.llama4) {
-                            const float c1 = a.wts[p];
+                            const float c1 = a.wts[a.sorted[r0 + r]];
                             vl *= c1;
                             vh *= c1;
                         }
                         if (bias) {
-                            vl += bias[cl];
-                            vh += bias[ch];
+                            vl += bl;
+                            vh += bh;
                         }
                         uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
                         if (gr.gated) {
-                            const float v = moe__fm_act(a.act, vl, vh, a.alpha, a.beta, a.limit);
-                            orow[PERM_OUT ? qr_pos(cl) : cl] = moe__f32_to_bf16(v);
+                            const uint16_t b = moe__f32_to_bf16(moe__fm_act(a.act, vl, vh, a.alpha, a.beta, a.limit));
+                            orow[PERM_OUT ? qr_pos(cl) : cl] = b;
+                            if (AMAX) amx = max(amx, (uint32_t)(b & 0x7FFFu) << 16);
                         } else {
-                            orow[PERM_OUT ? qr_pos(cl) : cl] = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
-                            orow[PERM_OUT ? qr_pos(ch) : ch] = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
+                            const uint16_t bl = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
+                            const uint16_t bh = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
+                            orow[PERM_OUT ? qr_pos(cl) : cl] = bl;
+                            orow[PERM_OUT ? qr_pos(ch) : ch] = bh;
+                            if (AMAX) amx = max(amx, max((uint32_t)(bl & 0x7FFFu), (uint32_t)(bh & 0x7FFFu)) << 16);
                         }
                     } else {
-                        const float wt = a.llama4 ? 1.0f : a.wts[p];
                         if (bias) {
-                            vl += bias[cl];
-                            vh += bias[ch];
+                            vl += bl;
+                            vh += bh;
                         }
-                        float *yrow = a.y + (int64_t)p * a.N;
-                        yrow[cl] = vl * wt;
-                        yrow[ch] = vh * wt;
+                        if constexpr (!G1) {
+                            float *yrow = a.y + (int64_t)pp[2 * j + i] * a.N;
+                            yrow[cl] = vl * wt[2 * j + i];
+                            yrow[ch] = vh * wt[2 * j + i];
+                        }
                     }
                 }
+        }
+        if (AMAX) { /* one atomic a warp (every consumer thread ran the same items) */
+            amx = moe__q_warp_max(amx, 32);
+            if (lane == 0 && amx != 0) atomicMax(a.inter_amax, amx);
         }
     }
 #endif
@@ -924,6 +952,60 @@ __global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x,
     }
 }
 
+/* nvfp4's intermediate for k_qg_rs in one pass: each thread one 32-column group of a row of the
+ * row tiles, in place: its two 16-column blocks quantised with the quantiser's own functions
+ * (quant_math.h: the same codes and scales as moe_quantize, whose global scale comes from the
+ * amax bits GEMM1 took, *amax), then e2m1 x the block scale as bf16 (exact; the global scale is
+ * applied in GEMM2's epilogue) written back in RS order.  The first thread stores the global
+ * scale to *gt for GEMM2. */
+__global__ void __launch_bounds__(256) k_qr_nvfp4_inter(uint16_t *inter, const int32_t *tile_r0, const int32_t *tile_n,
+                                                        const int32_t *ntiles, int I, const unsigned int *amax,
+                                                        float *gt) {
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
+    const float gs = moe__q_nvfp4_global(moe__q_amax(*amax));
+    if (blockIdx.x == 0 && threadIdx.x == 0) *gt = gs;
+    const int c32 = I / 32;
+    const int64_t units = nv * c32;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        uint4 *p = (uint4 *)(inter + u * 32); /* rows are I long: unit u is row u / c32, group u % c32 */
+        uint32_t v[16];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint4 q = p[j];
+            v[4 * j] = q.x;
+            v[4 * j + 1] = q.y;
+            v[4 * j + 2] = q.z;
+            v[4 * j + 3] = q.w;
+        }
+        uint32_t cw[4] = {0, 0, 0, 0}, sc[2];
+#pragma unroll
+        for (int b = 0; b < 2; b++) { /* 16-column block b: words 8b .. 8b + 7 */
+            uint32_t m = 0;
+#pragma unroll
+            for (int i = 0; i < 8; i++) m = max(m, max(v[8 * b + i] & 0x7FFFu, (v[8 * b + i] >> 16) & 0x7FFFu));
+            const uint8_t code = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
+            sc[b] = code;
+            const float s = moe__e4m3_to_f32(code);
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                const uint32_t h = (v[8 * b + i / 2] >> (16 * (i & 1))) & 0xFFFFu;
+                const uint32_t c = moe__q_nvfp4_code(__uint_as_float(h << 16), s, gs);
+                cw[2 * b + i / 8] |= c << (4 * (i & 7)); /* word t = columns 8t .. 8t + 7 */
+            }
+        }
+        uint32_t o[16];
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            uint32_t r[4];
+            moe__fq_w4x8_pairs<true>(cw[t], moe__fq_scale2<MOE_QUANT_NVFP4>(sc[t >> 1]), r);
+#pragma unroll
+            for (int j = 0; j < 4; j++) o[8 * (j >> 1) + t + 4 * (j & 1)] = r[j];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) p[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+    }
+}
+
 /* fp8_block's intermediate for the exact kernel in one pass: every 128-column group of the rows
  * of the row tiles quantised with the quantiser's own code (moe__q_rows: the same codes and
  * scales as moe_quantize), the codes' f16 values written over the bf16 values, the scales to
@@ -997,7 +1079,10 @@ int qg_variant(int mode) {
 
 } // namespace
 
-bool moe__fq_qgmma_quantises_inter(int mode) { return mode == MOE_QUANT_FP8_BLOCK && qg_variant(mode) == 0; }
+bool moe__fq_qgmma_quantises_inter(int mode) {
+    const int v = qg_variant(mode);
+    return (mode == MOE_QUANT_FP8_BLOCK && v == 0) || (mode == MOE_QUANT_NVFP4 && v == 2);
+}
 bool moe__fq_qgmma_rs(int mode) { return qg_variant(mode) == 2; }
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
@@ -1029,7 +1114,11 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
     const int threads = 256;
     const int64_t pcap = moe__cuda_sm_count(dev) * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
     if (rs) { /* k_qg_rs: RS order (GEMM2 of the mx modes: GEMM1 wrote it so) */
-        if (mode == MOE_QUANT_NVFP4) {
+        if (mode == MOE_QUANT_NVFP4 && !g1) { /* quantised and widened in one pass */
+            k_qr_nvfp4_inter<<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
+                (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, a.inter_amax, (float *)a.A_tensor);
+            MOE_CUDA_LAUNCHED(FN);
+        } else if (mode == MOE_QUANT_NVFP4) {
             k_qg_codes16<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
                 a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
                 a.Kd, (uint4 *)A16);
@@ -1091,6 +1180,8 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
         MOE_TRY(moe__fq_a16(st, dev, mode, g1, a, P, xp, &A16, v == 2));
         MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
     }
+    if (v == 2 && g1 && mode == MOE_QUANT_NVFP4) /* GEMM1 takes the intermediate's amax */
+        MOE_CUDA_TRY(FN, cudaMemsetAsync(a.inter_amax, 0, sizeof(unsigned int), st));
     if (v == 2) qr_pick(mode, g1)<<<grid, 384, QR_SMEM, st>>>(a, tw, ta);
     else qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);
     MOE_CUDA_LAUNCHED(FN);

@@ -888,8 +888,9 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e,
                                                                   tile_r0, tile_n, ntiles, err); /* fused_moe.cu */
         MOE_CUDA_LAUNCHED(FN);
-        /* per-tensor modes: rows past the local pairs must not enter the intermediate amax */
-        if (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_NVFP4)
+        /* per-tensor modes: rows past the local pairs must not enter the intermediate amax (nvfp4
+         * on k_qg_rs: GEMM1 takes it from the values it writes) */
+        if (mode == MOE_QUANT_FP8 || (mode == MOE_QUANT_NVFP4 && !(qg && moe__fq_qgmma_rs(mode))))
             MOE_CUDA_TRY(FN, cudaMemsetAsync(inter, 0, (size_t)P * (size_t)I * 2, g.stream));
         gemm_args a1;
         memset(&a1, 0, sizeof a1);
@@ -922,6 +923,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         a1.beta = ex->beta;
         a1.limit = ex->limit;
         a1.inter = inter;
+        a1.inter_amax = (unsigned int *)(base + off_misc + MOE__FQ_IAMAX_OFF);
         gemm_args a2 = a1;
         a2.A_bf16 = inter;
         a2.A_codes = base + off_gc;

@@ -18,10 +18,12 @@
  *          claimed, x chunks done, intermediate chunks claimed, done, intermediate amax bits;
  *          with block-local activations, the intermediate amax bits and the k_qv_down blocks
  *          that have read them; with no routing kernel, the routing-written flag and the
- *          k_qv_down blocks that have seen it); MOE__FQ_MISC_BYTES (128) holds up to 16;
+ *          k_qv_down blocks that have seen it); +48 the intermediate's amax bits (nvfp4 on
+ *          k_qg_rs: GEMM1 takes them); MOE__FQ_MISC_BYTES (128) holds up to 16;
  *   tiles  tile table: expert, first row, rows (wtiles i32 each);
  *   xc/xs  x codes [max_tokens, H] and scales; gc/gs the intermediate's [max_pairs, I]. */
 #define MOE__FQ_CTR_OFF 64
+#define MOE__FQ_IAMAX_OFF 48
 #define MOE__FQ_NCTR 9
 static_assert(MOE__FQ_CTR_OFF + 4 * MOE__FQ_NCTR <= MOE__FQ_MISC_BYTES, "GEMV counters outside misc");
 struct moe__fq_layout {
@@ -62,6 +64,7 @@ struct moe__fq_gemm_args {
     int E;                     /* experts in W (all, not only the local ones) */
     float alpha, beta, limit;
     uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
+    unsigned int *inter_amax;  /* nvfp4 on k_qg_rs: the intermediate's amax bits (GEMM1 takes them) */
     float *y;                  /* G2 output f32 [P, N] (pair rows) */
 };
 
@@ -221,7 +224,7 @@ static inline long moe__fq_pairs_bound(const char *name, int mode) {
  * as 16-bit values into xp, P x Kd x 2 bytes), grid from the tile bound max_tiles. */
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
 /* Whether moe__fq_qgmma's GEMM2 quantises the intermediate itself (fp8_block on the exact
- * kernel: quantised and widened in one pass), so the caller must not. */
+ * kernel, nvfp4 on k_qg_rs: quantised and widened in one pass), so the caller must not. */
 bool moe__fq_qgmma_quantises_inter(int mode);
 /* Whether moe__fq_qgmma runs the register-operand kernel k_qg_rs for `mode` (the 4-bit modes
  * unless MOE_FUSED_QRS=0; path MOE_FUSED_PATH_WGMMA_RS). */
