@@ -735,6 +735,7 @@ __global__ void __launch_bounds__(384, 1)
         float acc[64];
         float ta[INT4 ? 64 : 1], tb[INT4 ? 64 : 1]; /* mxint4: the two groups' partial sums */
         uint32_t f[2][2][4]; /* [group][row lo / hi][pair]: the fragments of the stage to multiply next */
+        uint32_t f2[INT4 ? 1 : 2][2][4]; /* the fp4 modes' second set */
         float pf[2][2] = {{0, 0}, {0, 0}};
         /* scale codes of the stage to widen next (scA) and of the one after (scB) */
         uint32_t scA[2][2], scB[2][2] = {{0, 0}, {0, 0}};
@@ -753,18 +754,18 @@ __global__ void __launch_bounds__(384, 1)
             moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
             qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf);
             qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf);
-            for (int kt = 0; kt < gr.KT; kt++, it++) {
-                const int s = it % S;
-                const bool more = kt + 1 < gr.KT;
+            if constexpr (INT4) {
+                for (int kt = 0; kt < gr.KT; kt++, it++) {
+                    const int s = it % S;
+                    const bool more = kt + 1 < gr.KT;
 #pragma unroll
-                for (int h = 0; h < 2; h++)
+                    for (int h = 0; h < 2; h++)
 #pragma unroll
-                    for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
-                if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
-                const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
-                const uint8_t *cn = B8 + ((it + 1) % S) * BN * CB; /* the next stage's codes */
-                moe__fm_wg_fence();
-                if constexpr (INT4) {
+                        for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
+                    if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+                    const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
+                    const uint8_t *cn = B8 + ((it + 1) % S) * BN * CB; /* the next stage's codes */
+                    moe__fm_wg_fence();
                     /* both groups' MMAs in flight; group 0 promoted, then the next stage's group 0
                      * widened while group 1 runs (ptxas spills a few words at the register cap) */
                     qr_group(ta, f[0], db, 0);
@@ -779,21 +780,43 @@ __global__ void __launch_bounds__(384, 1)
                     }
                     moe__fm_wg_wait0();
                     qr_add_rows(acc, tb, pf[1][0], pf[1][1]);
-                } else {
-                    qr_group(acc, f[0], db, 1);
-                    moe__fm_wg_commit();
-                    qr_group(acc, f[1], db + 4, 1);
-                    moe__fm_wg_commit();
-                    moe__fm_wg_wait1();
-                    if (more) {
-                        moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
-                        qr_widen<MODE>(cn, ol, oh, 0, scA, f, pf);
-                    }
-                    moe__fm_wg_wait0();
+                    __syncwarp();
+                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
+                    if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf);
                 }
+            } else {
+                /* two fragment sets: stage kt's MMAs stay in flight while stage kt + 1 is widened
+                 * into the other set, whose MMAs (kt - 1) the wait has retired; KT is even */
+                auto step = [&](int kt, const uint32_t (&cur)[2][2][4], uint32_t (&nxt)[2][2][4]) {
+                    const int s = it % S;
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+#pragma unroll
+                        for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
+                    if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+                    const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
+                    moe__fm_wg_fence();
+                    qr_group(acc, cur[0], db, 1);
+                    qr_group(acc, cur[1], db + 4, 1);
+                    moe__fm_wg_commit();
+                    moe__fm_wg_wait1(); /* stage kt - 1's MMAs done */
+                    __syncwarp();
+                    if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it + S - 1) % S));
+                    if (kt + 1 < gr.KT) {
+                        const int sn = (it + 1) % S;
+                        moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 1) / S) & 1);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf);
+                    }
+                    it++;
+                };
+                for (int kt = 0; kt < gr.KT; kt += 2) {
+                    step(kt, f, f2);
+                    step(kt + 1, f2, f);
+                }
+                moe__fm_wg_wait0();
                 __syncwarp();
-                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
-                if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf);
+                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it + S - 1) % S));
             }
             /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1) */
             const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
