@@ -605,18 +605,6 @@ __global__ void __launch_bounds__(384, 1)
 constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB each */
 constexpr size_t QR_SMEM = (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK / 2) + 1024 + 2 * QR_S * 8;
 
-/* 32 consecutive 16-bit values (v: value 2u in word u's low half, 2u + 1 in its high half) into
- * RS order: word 8ks + t + 4h of o holds values (8t + 2ks + h, 8t + 2ks + h + 4). */
-__device__ __forceinline__ void qr_perm32(const uint32_t (&v)[16], uint32_t (&o)[16]) {
-#pragma unroll
-    for (int ks = 0; ks < 2; ks++)
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            o[8 * ks + t] = __byte_perm(v[4 * t + ks], v[4 * t + ks + 2], 0x5410);
-            o[8 * ks + t + 4] = __byte_perm(v[4 * t + ks], v[4 * t + ks + 2], 0x7632);
-        }
-}
-
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 /* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
 __device__ __forceinline__ int qr_pos(int c) {
@@ -902,27 +890,28 @@ __global__ void __launch_bounds__(256)
                  const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles, int cols,
                  uint4 *__restrict__ dst) {
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
-    const int c16 = cols / 16, cu = RS ? cols / 32 : c16; /* units of a row */
+    const int c16 = cols / 16, cu = RS ? cols / 8 : c16; /* units of a row (RS: one 16-byte output word each) */
     const int64_t units = nv * cu;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
         const int64_t i = u / cu;
         const int c = (int)(u - i * cu);
         const int64_t row = sorted ? sorted[i] / K : i;
-        if (RS) { /* 32 codes: word t holds columns 8t..8t+7; their pairs are RS order's words */
-            const uint4 v = __ldg((const uint4 *)(src + row * (cols / 2)) + c);
-            const uint16_t s16 = __ldg((const uint16_t *)(scales + row * c16) + c);
+        if (RS) {
+            /* output word q (0-3) of 32-column group c / 4: RS-order words 4q .. 4q + 3, i.e. pair
+             * j = q (ks = q / 2, h = q % 2) of each of the group's four code words t (columns
+             * 8t .. 8t + 7); the four threads of a group read the same 16 code bytes */
+            const int gc = c >> 2, q = c & 3;
+            const uint4 v = __ldg((const uint4 *)(src + row * (cols / 2)) + gc);
+            const uint16_t s16 = __ldg((const uint16_t *)(scales + row * c16) + gc);
             const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-            uint32_t o[16];
+            uint32_t o[4];
 #pragma unroll
             for (int t = 0; t < 4; t++) {
                 uint32_t r[4];
-                moe__fq_w4x8_pairs<true>(wv[t], moe__fq_scale2<MOE_QUANT_NVFP4>((s16 >> (8 * (t >> 1))) & 0xFF), r);
-#pragma unroll
-                for (int j = 0; j < 4; j++) o[8 * (j >> 1) + t + 4 * (j & 1)] = r[j];
+                moe__fq_w4x8_pairs<true>(wv[t] >> (4 * q), moe__fq_scale2<MOE_QUANT_NVFP4>((s16 >> (8 * (t >> 1))) & 0xFF), r);
+                o[t] = r[0];
             }
-            uint4 *d = dst + i * (2 * c16) + 4 * c;
-#pragma unroll
-            for (int j = 0; j < 4; j++) d[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+            dst[i * (2 * c16) + c] = make_uint4(o[0], o[1], o[2], o[3]);
             continue;
         }
         if (FP4) {
@@ -948,30 +937,27 @@ __global__ void __launch_bounds__(256)
 }
 
 /* x's rows (bf16 [T, cols]) into GEMM1's sorted order in RS order (k_qg_rs, mx modes): row i
- * of xp from row sorted[i] / K, one 32-column group a thread; only the rows of the row tiles. */
+ * of xp from row sorted[i] / K, one 16-byte output word a thread (consecutive threads write
+ * consecutive words); only the rows of the row tiles. */
 __global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x, const int32_t *sorted, int K,
                                                     const int32_t *tile_r0, const int32_t *tile_n,
                                                     const int32_t *ntiles, int cols, uint4 *__restrict__ xp) {
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
-    const int c32 = cols / 32;
-    const int64_t units = nv * c32;
+    const int c8 = cols / 8; /* 16-byte words of a row: one output word a thread */
+    const int64_t units = nv * c8;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = u / c32;
-        const int c = (int)(u - i * c32);
-        const uint4 *sp = x + (int64_t)(sorted[i] / K) * (cols / 8) + 4 * c;
-        uint32_t v[16], o[16];
+        const int64_t i = u / c8;
+        const int c = (int)(u - i * c8), q = c & 3, ks = q >> 1, sel = (q & 1) ? 0x7632 : 0x5410;
+        /* output word q of a group: RS-order words 8ks + t + 4h (h = q % 2) for t = 0..3, from input
+         * words 4t + ks and 4t + ks + 2 (the four threads of a group read the same 64 bytes) */
+        const uint4 *sp = x + (int64_t)(sorted[i] / K) * c8 + (c & ~3);
+        uint32_t o[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint4 q = __ldg(sp + j);
-            v[4 * j] = q.x;
-            v[4 * j + 1] = q.y;
-            v[4 * j + 2] = q.z;
-            v[4 * j + 3] = q.w;
+        for (int t = 0; t < 4; t++) {
+            const uint4 v = __ldg(sp + t);
+            o[t] = __byte_perm(ks ? v.y : v.x, ks ? v.w : v.z, sel);
         }
-        qr_perm32(v, o);
-        uint4 *d = xp + i * (cols / 8) + 4 * c;
-#pragma unroll
-        for (int j = 0; j < 4; j++) d[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+        xp[i * c8 + c] = make_uint4(o[0], o[1], o[2], o[3]);
     }
 }
 
@@ -1142,12 +1128,12 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
                 (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, a.inter_amax, (float *)a.A_tensor);
             MOE_CUDA_LAUNCHED(FN);
         } else if (mode == MOE_QUANT_NVFP4) {
-            k_qg_codes16<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
+            k_qg_codes16<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
                 a.Kd, (uint4 *)A16);
             MOE_CUDA_LAUNCHED(FN);
         } else if (g1) {
-            k_qr_permute<<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
+            k_qr_permute<<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)xp);
             MOE_CUDA_LAUNCHED(FN);
         }

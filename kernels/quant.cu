@@ -25,9 +25,24 @@ __global__ void k_amax(const void *src, int dt, int64_t n_per, unsigned int *ama
     int64_t m = blockIdx.y;
     const int64_t base = m * n_per;
     uint32_t v = 0;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_per; i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t b = moe__q_absbits(moe__cuda_load_f32(src, dt, base + i));
-        v = b > v ? b : v;
+    const int64_t t0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+    if (dt == MOE_BF16 && n_per % 8 == 0 && ((uintptr_t)src & 15) == 0) {
+        /* 8 values a load; |bf16| bits << 16 are the f32 absolute bits */
+        const uint4 *p = (const uint4 *)((const uint16_t *)src + base);
+        for (int64_t i = t0; i < n_per / 8; i += step) {
+            const uint4 q = __ldg(p + i);
+            const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t lo = (w[j] & 0x7FFFu) << 16, hi = (w[j] >> 16 & 0x7FFFu) << 16;
+                v = max(v, max(lo, hi));
+            }
+        }
+    } else {
+        for (int64_t i = t0; i < n_per; i += step) {
+            uint32_t b = moe__q_absbits(moe__cuda_load_f32(src, dt, base + i));
+            v = b > v ? b : v;
+        }
     }
     v = moe__q_warp_max(v, 32);
     if ((threadIdx.x & 31) == 0 && v != 0) atomicMax(amax + m, v);
