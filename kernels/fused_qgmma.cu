@@ -733,6 +733,31 @@ __global__ void __launch_bounds__(384, 1)
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
             const int64_t e = q.e;
             const int64_t wl = e * a.N + qg_brow(rl, h0, h1), wh = e * a.N + qg_brow(rh, h0, h1);
+            /* the epilogue's scalars, loaded now so their latency hides under the MMAs: the
+             * per-tensor scale, the biases of this thread's rows, and (GEMM2 of the fp4 modes; the
+             * mxint4 kernel has no registers to spare) the pair and routing weight of each of its 32
+             * token columns */
+            const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
+            const float *bias = a.bias ? a.bias + e * a.N : nullptr;
+            const int cl = qg_brow(rl, h0, h1), ch = qg_brow(rh, h0, h1);
+            const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f;
+            int pp[G1 ? 1 : 32];
+            float wt[G1 ? 1 : 32];
+            auto load_pairs = [&]() {
+                /* all loaded before any store: the stores may alias the tables for all the
+                 * compiler knows, so loads between them would each wait a round trip (measured:
+                 * GEMM2's epilogue then took as long as its MMAs at Qwen3-30B-A3B T = 4096) */
+                if constexpr (!G1) {
+#pragma unroll
+                    for (int k = 0; k < 32; k++) {
+                        const int r = 8 * (k >> 1) + c2 + (k & 1);
+                        pp[k] = r < nr ? __ldg(a.sorted + r0 + r) : 0;
+                    }
+#pragma unroll
+                    for (int k = 0; k < 32; k++) wt[k] = a.llama4 ? 1.0f : __ldg(a.wts + pp[k]);
+                }
+            };
+            if (!INT4) load_pairs();
 #pragma unroll
             for (int i = 0; i < 64; i++) acc[i] = 0.0f;
             /* stage 0 widened now (its scales loaded first), stage 1's scales in flight (KT >= 2:
@@ -806,27 +831,9 @@ __global__ void __launch_bounds__(384, 1)
                 __syncwarp();
                 if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it + S - 1) % S));
             }
-            /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1) */
-            const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
-            const float *bias = a.bias ? a.bias + e * a.N : nullptr;
-            const int cl = qg_brow(rl, h0, h1), ch = qg_brow(rh, h0, h1);
-            const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f; /* before any store */
-            /* GEMM2: the pair of each of this thread's 32 token columns and its routing weight, all
-             * loaded before any store: the stores may alias the tables for all the compiler knows,
-             * so loads between them would each wait a round trip (measured: GEMM2's epilogue then
-             * took as long as its MMAs at Qwen3-30B-A3B T = 4096).  GEMM1 needs them only for
-             * llama4. */
-            int pp[G1 ? 1 : 32];
-            float wt[G1 ? 1 : 32];
-            if constexpr (!G1) {
-#pragma unroll
-                for (int k = 0; k < 32; k++) {
-                    const int r = 8 * (k >> 1) + c2 + (k & 1);
-                    pp[k] = r < nr ? __ldg(a.sorted + r0 + r) : 0;
-                }
-#pragma unroll
-                for (int k = 0; k < 32; k++) wt[k] = a.llama4 ? 1.0f : __ldg(a.wts + pp[k]);
-            }
+            /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1); GEMM1 needs the pairs
+             * only for llama4 */
+            if (INT4) load_pairs();
 #pragma unroll
             for (int j = 0; j < 16; j++)
 #pragma unroll
@@ -850,11 +857,11 @@ __global__ void __launch_bounds__(384, 1)
                             orow[PERM_OUT ? qr_pos(cl) : cl] = b;
                             if (AMAX) amx = max(amx, (uint32_t)(b & 0x7FFFu) << 16);
                         } else {
-                            const uint16_t bl = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
-                            const uint16_t bh = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
-                            orow[PERM_OUT ? qr_pos(cl) : cl] = bl;
-                            orow[PERM_OUT ? qr_pos(ch) : ch] = bh;
-                            if (AMAX) amx = max(amx, max((uint32_t)(bl & 0x7FFFu), (uint32_t)(bh & 0x7FFFu)) << 16);
+                            const uint16_t ul = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
+                            const uint16_t uh = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
+                            orow[PERM_OUT ? qr_pos(cl) : cl] = ul;
+                            orow[PERM_OUT ? qr_pos(ch) : ch] = uh;
+                            if (AMAX) amx = max(amx, max((uint32_t)(ul & 0x7FFFu), (uint32_t)(uh & 0x7FFFu)) << 16);
                         }
                     } else {
                         if (bias) {
