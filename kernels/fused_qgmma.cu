@@ -1,15 +1,18 @@
 /* fused_qgmma.cu -- Hopper (sm_90a) grouped GEMMs of the quantised fused MoE at prefill sizes
  * (fused_quant.cu's large configuration), every mode, replacing its mma.sync tile kernels there.
- * Two kernels, both warp-specialised like fused_moe.cu's moe__k_fm_gemm_ws (384 threads, 1 CTA
+ * Three kernels, all warp-specialised like fused_moe.cu's moe__k_fm_gemm_ws (384 threads, 1 CTA
  * per SM, persistent over (row tile, column tile) work items in groups of 8 row tiles; mbarrier
  * pipelines; consumers = warpgroups 1-2, 64 rows each; tiles 128 x 128; gated GEMM1 tiles hold
  * 64 gate rows then the 64 matching up rows, so accumulator columns j (gate) and j + 64 (up) sit
  * in the same thread and the activation runs on registers):
  *
- *   k_qg_exact (default, every mode): the weight tile's codes come by bulk tensor copy and are
- *     widened into a swizzled 16-bit shared tile -- e4m3 to f16 by warps 1-3 (exact: every e4m3
- *     value is an f16), e2m1 x its scale / int4 to bf16 by the consumers themselves while the
- *     previous stage multiplies (exact in bf16) -- and wgmma.m64n128k16 f16 / bf16 multiplies
+ *   k_qg_rs (default for nvfp4, mxfp4, mxint4; below, before the kernel): the weights widened in
+ *     registers as wgmma's A operand, the tokens as B from shared memory.
+ *   k_qg_exact (fp8, fp8_block; the 4-bit modes with MOE_FUSED_QRS=0): the weight tile's codes
+ *     come by bulk tensor copy and are widened into a swizzled 16-bit shared tile -- e4m3 to f16
+ *     by warps 1-3 (exact: every e4m3 value is an f16), e2m1 x its scale / int4 to bf16 by the
+ *     consumers themselves while the previous stage multiplies (exact in bf16) -- and
+ *     wgmma.m64n128k16 f16 / bf16 multiplies
  *     them with 16-bit activations: x's rows permuted into sorted order in the workspace's y
  *     region (unused until GEMM2's epilogue; fp8 / nvfp4 codes widened by k_qg_codes16, mx modes
  *     x itself), the intermediate widened in its own region once quantised (fp8_block:

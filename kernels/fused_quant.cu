@@ -23,8 +23,9 @@
  * Below 48 pairs per local expert (4-bit: 64; fq_wreg_use) steps 3 and 5 run as k_wreg, whose
  * weight operands go from global memory to registers (no shared-memory tile); on sm_90a from
  * there (moe__fq_qgmma_use) as
- * the warp-specialised wgmma kernels of fused_qgmma.cu instead (128-row tiles; fp8_block's step 4
- * moves into its GEMM2 launch, quantising and widening the intermediate in one pass).
+ * the warp-specialised wgmma kernels of fused_qgmma.cu instead (128-row tiles; fp8_block's step 4,
+ * and nvfp4's on k_qg_rs, moves into its GEMM2 launch, quantising and widening the intermediate
+ * in one pass).
  * Tiles (per call, from the average rows per local expert): small 16 x 64 x 128 (decode: 64
  * fp8 / 32 fp4 weight bytes per thread in flight), medium 64 x 64 x 128, large 128 x 128 x 64
  * (8 warps); one shared stage, the next step's codes prefetched into registers while the
