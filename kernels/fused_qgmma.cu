@@ -178,6 +178,31 @@ __device__ __forceinline__ void qg_produce(const moe__fq_gemm_args &a, const CUt
     }
 }
 
+/* The producer warpgroup of the two-barrier pipelines (k_qg_fp8, k_qg_rs): its registers handed
+ * to the consumers, thread 0 the producer (full barriers at bar0, empty ones at bar0 + 8S). */
+template <int S, int CB, int BK>
+__device__ __forceinline__ void qg_producer_wg(const moe__fq_gemm_args &a, const CUtensorMap *tmw, const CUtensorMap *tma,
+                                               const qg_grid &g, uint32_t bar0, uint32_t wdst, uint32_t adst,
+                                               uint32_t abytes) {
+    moe__fm_setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) qg_produce<S, CB, BK>(a, tmw, tma, g, bar0, bar0 + 8 * S, wdst, adst, abytes);
+    __syncwarp();
+}
+
+/* The two-barrier pipelines' start (k_qg_fp8, k_qg_rs): thread 0 initialises S full barriers
+ * (the producer's expect_tx arrival) at bar0 + 8s and S empty ones (one arrival per consumer
+ * warp) at bar0 + 8(S + s), then the block syncs. */
+template <int S> __device__ __forceinline__ void qg_bars2(uint32_t bar0) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < S; s++) {
+            moe__fm_mbar_init(bar0 + 8 * s, 1);
+            moe__fm_mbar_init(bar0 + 8 * (S + s), 8);
+        }
+        moe__fm_mbar_init_fence();
+    }
+    __syncthreads();
+}
+
 /* fp8_block scale rows of this thread's rows rA, rA + 8 (x: by token; the intermediate: by
  * sorted row; nullptr past nr) and of the two weight halves' 128-row blocks; KB = Kd / 128. */
 template <bool G1>
@@ -516,21 +541,11 @@ __global__ void __launch_bounds__(384, 1)
     uint8_t *Bs = As + S * BM * BK;
     const uint32_t bar0 = moe__fm_smem(Bs + S * BN * BK); /* full[s] at bar0 + 8s, empty[s] at bar0 + 8(S + s) */
     const int tid = threadIdx.x;
-    if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            moe__fm_mbar_init(bar0 + 8 * s, 1);
-            moe__fm_mbar_init(bar0 + 8 * (S + s), 8);
-        }
-        moe__fm_mbar_init_fence();
-    }
-    __syncthreads();
+    qg_bars2<S>(bar0);
     const qg_grid gr = qg_grid_of<G1, BK>(a);
 
     if (tid < 128) {
-        moe__fm_setmaxnreg_dec<40>();
-        if (tid == 0)
-            qg_produce<S, BK, BK>(a, &tmw, &tma, gr, bar0, bar0 + 8 * S, moe__fm_smem(Bs), moe__fm_smem(As), BM * BK);
-        __syncwarp();
+        qg_producer_wg<S, BK, BK>(a, &tmw, &tma, gr, bar0, moe__fm_smem(Bs), moe__fm_smem(As), BM * BK);
     } else {
         moe__fm_setmaxnreg_inc<232>();
         const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
@@ -699,21 +714,11 @@ __global__ void __launch_bounds__(384, 1)
     uint8_t *B8 = (uint8_t *)(As + S * BM * BK);                                  /* codes [S][BN][CB] */
     const uint32_t bar0 = moe__fm_smem(B8 + S * BN * CB); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
     const int tid = threadIdx.x;
-    if (tid == 0) {
-        for (int s = 0; s < S; s++) {
-            moe__fm_mbar_init(bar0 + 8 * s, 1);
-            moe__fm_mbar_init(bar0 + 8 * (S + s), 8);
-        }
-        moe__fm_mbar_init_fence();
-    }
-    __syncthreads();
+    qg_bars2<S>(bar0);
     const qg_grid gr = qg_grid_of<G1, BK>(a);
 
     if (tid < 128) {
-        moe__fm_setmaxnreg_dec<40>();
-        if (tid == 0)
-            qg_produce<S, CB, BK>(a, &tmw, &tma, gr, bar0, bar0 + 8 * S, moe__fm_smem(B8), moe__fm_smem(As), BM * BK * 2);
-        __syncwarp();
+        qg_producer_wg<S, CB, BK>(a, &tmw, &tma, gr, bar0, moe__fm_smem(B8), moe__fm_smem(As), BM * BK * 2);
     } else {
         moe__fm_setmaxnreg_inc<232>();
         const int ct = tid - 128, lane = tid & 31, wg = ct >> 7, w4 = (ct >> 5) & 3;
@@ -770,15 +775,19 @@ __global__ void __launch_bounds__(384, 1)
             moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
             qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf);
             qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf);
+            /* at stage kt: scA <- stage kt + 1's scale codes (to widen it), stage kt + 2's loaded */
+            auto next_scales = [&](int kt) {
+#pragma unroll
+                for (int h = 0; h < 2; h++)
+#pragma unroll
+                    for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
+                if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+            };
             if constexpr (INT4) {
                 for (int kt = 0; kt < gr.KT; kt++, it++) {
                     const int s = it % S;
                     const bool more = kt + 1 < gr.KT;
-#pragma unroll
-                    for (int h = 0; h < 2; h++)
-#pragma unroll
-                        for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
-                    if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+                    next_scales(kt);
                     const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
                     const uint8_t *cn = B8 + ((it + 1) % S) * BN * CB; /* the next stage's codes */
                     moe__fm_wg_fence();
@@ -805,11 +814,7 @@ __global__ void __launch_bounds__(384, 1)
                  * into the other set, whose MMAs (kt - 1) the wait has retired; KT is even */
                 auto step = [&](int kt, const uint32_t (&cur)[2][2][4], uint32_t (&nxt)[2][2][4]) {
                     const int s = it % S;
-#pragma unroll
-                    for (int h = 0; h < 2; h++)
-#pragma unroll
-                        for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
-                    if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+                    next_scales(kt);
                     const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
                     moe__fm_wg_fence();
                     qr_group(acc, cur[0], db, 1);
