@@ -849,7 +849,7 @@ __global__ void __launch_bounds__(384, 1)
                     const int r = 8 * j + c2 + i;
                     if (r >= nr) continue;
                     float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
-                    if (G1) {
+                    if constexpr (G1) {
                         if (a.llama4) {
                             const float c1 = a.wts[a.sorted[r0 + r]];
                             vl *= c1;
@@ -876,11 +876,9 @@ __global__ void __launch_bounds__(384, 1)
                             vl += bl;
                             vh += bh;
                         }
-                        if constexpr (!G1) {
-                            float *yrow = a.y + (int64_t)pp[2 * j + i] * a.N;
-                            yrow[cl] = vl * wt[2 * j + i];
-                            yrow[ch] = vh * wt[2 * j + i];
-                        }
+                        float *yrow = a.y + (int64_t)pp[2 * j + i] * a.N;
+                        yrow[cl] = vl * wt[2 * j + i];
+                        yrow[ch] = vh * wt[2 * j + i];
                     }
                 }
         }
@@ -904,6 +902,7 @@ __global__ void __launch_bounds__(256)
     k_qg_codes16(const uint8_t *__restrict__ src, const uint8_t *__restrict__ scales, const int32_t *sorted, int K,
                  const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles, int cols,
                  uint4 *__restrict__ dst) {
+    static_assert(!RS || FP4, "RS order: nvfp4 codes only");
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
     const int c16 = cols / 16, cu = RS ? cols / 8 : c16; /* units of a row (RS: one 16-byte output word each) */
     const int64_t units = nv * cu;

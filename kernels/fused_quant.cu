@@ -883,7 +883,8 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const bool wr = !qg && fq_wreg_use(mode, P, lc, ex); /* register-operand tiles */
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = wr ? WR_BM : fq_bm[cfg];
-        moe__fused_path_hit(qg ? (moe__fq_qgmma_rs(mode) ? MOE_FUSED_PATH_WGMMA_RS : MOE_FUSED_PATH_WGMMA)
+        const bool rs = qg && moe__fq_qgmma_rs(mode); /* ... the 4-bit modes' register-operand one */
+        moe__fused_path_hit(qg ? (rs ? MOE_FUSED_PATH_WGMMA_RS : MOE_FUSED_PATH_WGMMA)
                                 : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
         moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e,
@@ -891,7 +892,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         MOE_CUDA_LAUNCHED(FN);
         /* per-tensor modes: rows past the local pairs must not enter the intermediate amax (nvfp4
          * on k_qg_rs: GEMM1 takes it from the values it writes) */
-        if (mode == MOE_QUANT_FP8 || (mode == MOE_QUANT_NVFP4 && !(qg && moe__fq_qgmma_rs(mode))))
+        if (mode == MOE_QUANT_FP8 || (mode == MOE_QUANT_NVFP4 && !rs))
             MOE_CUDA_TRY(FN, cudaMemsetAsync(inter, 0, (size_t)P * (size_t)I * 2, g.stream));
         gemm_args a1;
         memset(&a1, 0, sizeof a1);
