@@ -671,7 +671,12 @@ template <int MODE>
 __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, const uint32_t (&sc)[2][2],
                                          uint32_t (&f)[2][2][4], float (&pf)[2][2]) {
     constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
-    const uint32_t wl = *(const uint32_t *)(cb + ol + 16 * G), wh = *(const uint32_t *)(cb + oh + 16 * G);
+    /* ld.shared: the aligned shared pointer is integer arithmetic, and generic loads were what the
+     * compiler made of a plain dereference */
+    const uint32_t sa = moe__fm_smem(cb) + 16 * G;
+    uint32_t wl, wh;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wl) : "r"(sa + ol));
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wh) : "r"(sa + oh));
     moe__fq_w4x8_pairs<E2M1>(wl, moe__fq_scale2<MODE>(sc[0][G]), f[G][0]);
     moe__fq_w4x8_pairs<E2M1>(wh, moe__fq_scale2<MODE>(sc[1][G]), f[G][1]);
     if (MODE == MOE_QUANT_MXINT4) {
@@ -733,8 +738,10 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t f[2][2][4]; /* [group][row lo / hi][pair]: the fragments of the stage to multiply next */
         uint32_t f2[INT4 ? 1 : 2][2][4]; /* the fp4 modes' second set */
         float pf[2][2] = {{0, 0}, {0, 0}};
-        /* scale codes of the stage to widen next (scA) and of the one after (scB) */
-        uint32_t scA[2][2], scB[2][2] = {{0, 0}, {0, 0}};
+        /* scale codes of the stage to widen next (scA) and of the SD - 1 after it (ring), loaded SD
+         * stages ahead of their widening (fp4 modes 3: two measured too few; mxint4 2, for registers) */
+        constexpr int SD = INT4 ? 2 : 3;
+        uint32_t scA[2][2], ring[SD - 1][2][2] = {};
         uint32_t amx = 0; /* AMAX: the largest |value| bits this thread wrote */
         for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gr, w);
@@ -771,17 +778,23 @@ __global__ void __launch_bounds__(384, 1)
             /* stage 0 widened now (its scales loaded first), stage 1's scales in flight (KT >= 2:
              * Kd is a multiple of 128) */
             qr_scales<MODE>(a, wl, wh, 0, t, scA);
-            qr_scales<MODE>(a, wl, wh, 1, t, scB);
+#pragma unroll
+            for (int d = 1; d < SD; d++)
+                if (d < gr.KT) qr_scales<MODE>(a, wl, wh, d, t, ring[d - 1]);
             moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
             qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf);
             qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf);
-            /* at stage kt: scA <- stage kt + 1's scale codes (to widen it), stage kt + 2's loaded */
+            /* at stage kt: scA <- stage kt + 1's scale codes (to widen it), stage kt + SD's loaded */
             auto next_scales = [&](int kt) {
 #pragma unroll
                 for (int h = 0; h < 2; h++)
 #pragma unroll
-                    for (int G = 0; G < 2; G++) scA[h][G] = scB[h][G];
-                if (kt + 2 < gr.KT) qr_scales<MODE>(a, wl, wh, kt + 2, t, scB);
+                    for (int G = 0; G < 2; G++) {
+                        scA[h][G] = ring[0][h][G];
+#pragma unroll
+                        for (int d = 0; d + 1 < SD - 1; d++) ring[d][h][G] = ring[d + 1][h][G];
+                    }
+                if (kt + SD < gr.KT) qr_scales<MODE>(a, wl, wh, kt + SD, t, ring[SD - 2]);
             };
             if constexpr (INT4) {
                 for (int kt = 0; kt < gr.KT; kt++, it++) {
