@@ -102,6 +102,31 @@ __global__ void __launch_bounds__(Q_THREADS) k_fp8_block128(const void *src, int
     }
 }
 
+/* nvfp4 from bf16, 16-byte aligned: one 16-column block a thread (32 bytes in, 8 code bytes and
+ * one scale code out), the same functions as moe__q_rows (quant_math.h), so the same codes and
+ * scales; the matrix's amax bits in mat_amax[(g * 16) / n_per]. */
+__global__ void __launch_bounds__(Q_THREADS) k_nvfp4_bf16(const uint4 *src, int64_t groups, int64_t n_per,
+                                                          const unsigned int *mat_amax, uint2 *data, uint8_t *scales) {
+    for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (int64_t)gridDim.x * blockDim.x) {
+        const uint4 a = __ldg(src + 2 * g), b = __ldg(src + 2 * g + 1);
+        const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        uint32_t m = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) m = max(m, max(w[i] & 0x7FFFu, (w[i] >> 16) & 0x7FFFu));
+        const float gs = moe__q_nvfp4_global(moe__q_amax(mat_amax[(g * 16) / n_per]));
+        const uint8_t code = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
+        scales[g] = code;
+        const float sc = moe__e4m3_to_f32(code);
+        uint32_t out[2] = {0, 0};
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            const uint32_t h = (w[i >> 1] >> (16 * (i & 1))) & 0xFFFFu;
+            out[i >> 3] |= (uint32_t)moe__q_nvfp4_code(__uint_as_float(h << 16), sc, gs) << (4 * (i & 7));
+        }
+        data[g] = make_uint2(out[0], out[1]);
+    }
+}
+
 /* Per-row K-blocks of B columns (quant_rows.cuh), a grid-stride loop over the groups. */
 template <int MODE, int B>
 __global__ void __launch_bounds__(Q_THREADS) k_rows(const void *src, int dt, int64_t groups, int64_t n_per,
@@ -212,7 +237,14 @@ extern "C" moe_status moe__cuda_quantize(const moe_tensor *src, moe_qtensor *q) 
     case MOE_QUANT_NVFP4: {
         void *global = moe_tensor_data(q->global);
         MOE_TRY(launch_amax(fn, g, src, M, NK, global));
-        MOE_TRY((launch_rows<MOE_QUANT_NVFP4, 16>(fn, g, src, n, NK, global, data, scales)));
+        if (src->dtype == MOE_BF16 && (((uintptr_t)moe_tensor_data(src) | (uintptr_t)data) & 15) == 0) {
+            k_nvfp4_bf16<<<moe__cuda_grid(g.dev, n / 16, Q_THREADS), Q_THREADS, 0, g.stream>>>(
+                (const uint4 *)moe_tensor_data(src), n / 16, NK, (const unsigned int *)global, (uint2 *)data,
+                (uint8_t *)scales);
+            MOE_CUDA_LAUNCHED(fn);
+        } else {
+            MOE_TRY((launch_rows<MOE_QUANT_NVFP4, 16>(fn, g, src, n, NK, global, data, scales)));
+        }
         return launch_finalize(fn, g, global, M, 1);
     }
     case MOE_QUANT_MXFP4: return launch_rows<MOE_QUANT_MXFP4, 32>(fn, g, src, n, NK, nullptr, data, scales);
