@@ -624,6 +624,11 @@ constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB each */
 constexpr size_t QR_SMEM = (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK / 2) + 1024 + 2 * QR_S * 8;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* A compile-time activation for k_qg_rs's GEMM1 epilogue (-1: the call's, at run time). */
+template <int A> struct qr_act {
+    static constexpr int v = A;
+};
+
 /* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
 __device__ __forceinline__ int qr_pos(int c) {
     const int e = c & 7, t = (c >> 3) & 3;
@@ -855,36 +860,59 @@ __global__ void __launch_bounds__(384, 1)
             /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1); GEMM1 needs the pairs
              * only for llama4 */
             if (INT4) load_pairs();
+            if constexpr (G1) {
+                /* ACT >= 0: the gated activation ACT, known at compile time; -1: a.act, gated or
+                 * not.  The activation's switch inside the unrolled loop made GEMM1's epilogue a
+                 * third of its instructions, with a jump table and every activation's code between
+                 * one element and the next (instruction-cache misses) */
+                auto epi1 = [&](auto ak) {
+                    constexpr int ACT = decltype(ak)::v;
+                    const bool gated = ACT >= 0 || gr.gated;
+                    const int pl = PERM_OUT ? qr_pos(cl) : cl, ph = PERM_OUT ? qr_pos(ch) : ch;
+                    uint16_t *orow = a.inter + (int64_t)(r0 + c2) * a.I; /* row 8j + c2 + i: + (8j + i) I */
 #pragma unroll
-            for (int j = 0; j < 16; j++)
+                    for (int j = 0; j < 16; j++, orow += 8 * (int64_t)a.I)
 #pragma unroll
-                for (int i = 0; i < 2; i++) {
-                    const int r = 8 * j + c2 + i;
-                    if (r >= nr) continue;
-                    float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
-                    if constexpr (G1) {
-                        if (a.llama4) {
-                            const float c1 = a.wts[a.sorted[r0 + r]];
-                            vl *= c1;
-                            vh *= c1;
+                        for (int i = 0; i < 2; i++) {
+                            const int r = 8 * j + c2 + i;
+                            if (r >= nr) continue;
+                            float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
+                            if (a.llama4) {
+                                const float c1 = a.wts[a.sorted[r0 + r]];
+                                vl *= c1;
+                                vh *= c1;
+                            }
+                            if (bias) {
+                                vl += bl;
+                                vh += bh;
+                            }
+                            uint16_t *o = orow + (i ? a.I : 0);
+                            if (gated) {
+                                const float v = moe__fm_act(ACT >= 0 ? ACT : a.act, vl, vh, a.alpha, a.beta, a.limit);
+                                const uint16_t b = moe__f32_to_bf16(v);
+                                o[pl] = b;
+                                if (AMAX) amx = max(amx, (uint32_t)(b & 0x7FFFu) << 16);
+                            } else {
+                                const uint16_t ul = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
+                                const uint16_t uh = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
+                                o[pl] = ul;
+                                o[ph] = uh;
+                                if (AMAX) amx = max(amx, max((uint32_t)(ul & 0x7FFFu), (uint32_t)(uh & 0x7FFFu)) << 16);
+                            }
                         }
-                        if (bias) {
-                            vl += bl;
-                            vh += bh;
-                        }
-                        uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
-                        if (gr.gated) {
-                            const uint16_t b = moe__f32_to_bf16(moe__fm_act(a.act, vl, vh, a.alpha, a.beta, a.limit));
-                            orow[PERM_OUT ? qr_pos(cl) : cl] = b;
-                            if (AMAX) amx = max(amx, (uint32_t)(b & 0x7FFFu) << 16);
-                        } else {
-                            const uint16_t ul = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
-                            const uint16_t uh = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
-                            orow[PERM_OUT ? qr_pos(cl) : cl] = ul;
-                            orow[PERM_OUT ? qr_pos(ch) : ch] = uh;
-                            if (AMAX) amx = max(amx, max((uint32_t)(ul & 0x7FFFu), (uint32_t)(uh & 0x7FFFu)) << 16);
-                        }
-                    } else {
+                };
+                if (gr.gated && a.act == MOE_ACT_SWIGLU)
+                    epi1(qr_act<MOE_ACT_SWIGLU>{});
+                else
+                    epi1(qr_act<-1>{});
+            } else {
+#pragma unroll
+                for (int j = 0; j < 16; j++)
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        const int r = 8 * j + c2 + i;
+                        if (r >= nr) continue;
+                        float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
                         if (bias) {
                             vl += bl;
                             vh += bh;
@@ -893,7 +921,7 @@ __global__ void __launch_bounds__(384, 1)
                         yrow[cl] = vl * wt[2 * j + i];
                         yrow[ch] = vh * wt[2 * j + i];
                     }
-                }
+            }
         }
         if (AMAX) { /* one atomic a warp (every consumer thread ran the same items) */
             amx = moe__q_warp_max(amx, 32);
