@@ -36,7 +36,7 @@
  * into registers before the routed ids and its weights, quantises them itself into shared memory
  * (the same codes and scales as the shared steps; fp8_block and nvfp4 as the f16 values the MMAs
  * take, qv_loc_h) and skips those steps -- the redundant work costs less than the grid-wide waits.
- * k_qv_down then runs 16 warps, nvfp4's k_qv_up 4 row tiles a block.  The intermediate's amax (fp8,
+ * k_qv_down then runs 16 warps, nvfp4's k_qv_up 2 row tiles a block (QV_UP_LOC_TILES).  The intermediate's amax (fp8,
  * nvfp4) then lives in its own slot, which the last k_qv_down block to have read it resets.  When
  * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
  * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
@@ -63,10 +63,12 @@
 #define QV_DN_THREADS 256 /* GEMM2: 8 warps split the token's units over one 16-column tile */
 #define QV_DN_LOC_THREADS 512 /* ... 16 with block-local activations (a grid of at most 128 blocks; H100:
                                * Qwen3 T = 1 nvfp4 29.8 -> 26.9 us, eighth session; qv_dn_threads) */
-/* row tiles a k_qv_up block (QV_UP_THREADS each): 4 for nvfp4 with block-local activations (its x
- * quantisation, redone by every block, then by a quarter as many blocks with 4x the threads; H100
- * Qwen3-30B-A3B T = 1, before qv_loc_h: 27.0-27.1 -> 26.5 us; fp8 modes +0.1 us, so they keep 1) */
-#define QV_UP_LOC_TILES 4
+/* row tiles a k_qv_up block (QV_UP_THREADS each): 2 for nvfp4 with block-local activations (its x
+ * quantisation, redone by every block, then by half as many blocks with 2x the threads).  H100
+ * Qwen3-30B-A3B T = 1: before qv_loc_h, 1 -> 4 tiles 27.0-27.1 -> 26.5 us; thirteenth session (with
+ * self-routing), 4 tiles 21.9 us, 2 tiles 21.5-21.6, 8 tiles 23.1 (four alternating rounds each); fp8
+ * modes +0.1 us with 4, so they keep 1 */
+#define QV_UP_LOC_TILES 2
 template <int MODE, bool LOC> struct qv_up_tiles {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
 };
