@@ -4,8 +4,9 @@
  * is a maximum of absolute-value bit patterns (exact in any reduction order).
  *
  *   fp8, nvfp4 global: k_amax (atomicMax of the bits into the scale / global tensor, zeroed
- *       first) -> k_fp8_tensor or k_rows (each thread derives the per-matrix scale from the
- *       amax bits) -> k_finalize (amax bits -> scale, in place).  Stream order does the rest.
+ *       first) -> k_fp8_tensor, or for nvfp4 k_nvfp4_bf16 (16-byte aligned bf16: one 16-column
+ *       block a thread) or k_rows (each thread derives the per-matrix scale from the amax bits)
+ *       -> k_finalize (amax bits -> scale, in place).  Stream order does the rest.
  *   fp8_block 128x128: k_fp8_block128, one 256-thread block per 128x128 block.
  *   fp8_block 1x128, nvfp4, mxfp4, mxint4: k_rows, a group of lanes per K-block (8 lanes for
  *       16 columns, 16 for 32, 32 for 128), amax by __shfl_xor_sync within the group; each lane
