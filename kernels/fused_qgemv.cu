@@ -36,11 +36,11 @@
  * into registers before the routed ids and its weights, quantises them itself into shared memory
  * (the same codes and scales as the shared steps; fp8_block and nvfp4 as the f16 values the MMAs
  * take, qv_loc_h) and skips those steps -- the redundant work costs less than the grid-wide waits.
- * k_qv_down then runs 16 warps, nvfp4's k_qv_up 2 row tiles a block (QV_UP_LOC_TILES).  The intermediate's amax (fp8,
- * nvfp4) then lives in its own slot, which the last k_qv_down block to have read it resets.  When
- * the call routed its own tokens, both kernels are launched as programmatic dependents (qv_pdl):
- * the routing kernel lets them start at once and k_qv_up quantises x before griddepcontrol.wait,
- * while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
+ * k_qv_down then runs 16 warps, nvfp4's k_qv_up 2 row tiles a block (QV_UP_LOC_TILES).  The
+ * intermediate's amax (fp8, nvfp4) then lives in its own slot, which the last k_qv_down block to
+ * have read it resets.  When the call routed its own tokens, both kernels are launched as
+ * programmatic dependents (qv_pdl): the routing kernel lets them start at once and k_qv_up
+ * quantises x before griddepcontrol.wait, while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
  * wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128) no routing kernel runs: each k_qv_up
  * block routes its own pair with the routing kernel's code (route_tok.cuh) and issues its weight loads
  * at once; block (0, 0) writes the call's ids, weights and replay and releases a flag that k_qv_down's

@@ -743,8 +743,9 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t f[2][2][4]; /* [group][row lo / hi][pair]: the fragments of the stage to multiply next */
         uint32_t f2[INT4 ? 1 : 2][2][4]; /* the fp4 modes' second set */
         float pf[2][2] = {{0, 0}, {0, 0}};
-        /* scale codes of the stage to widen next (scA) and of the SD - 1 after it (ring), loaded SD
-         * stages ahead of their widening (fp4 modes 3: two measured too few; mxint4 2, for registers) */
+        /* scale codes of the stage to widen next (scA) and of the SD - 1 after it (ring): step kt
+         * loads stage kt + SD's, widened at step kt + SD - 1 (fp4 modes SD = 3: with 2, Nsight showed
+         * the widening waiting on them; mxint4 2, for registers) */
         constexpr int SD = INT4 ? 2 : 3;
         uint32_t scA[2][2], ring[SD - 1][2][2] = {};
         uint32_t amx = 0; /* AMAX: the largest |value| bits this thread wrote */
