@@ -40,11 +40,12 @@
  * intermediate's amax (fp8, nvfp4) then lives in its own slot, which the last k_qv_down block to
  * have read it resets.  When the call routed its own tokens, both kernels are launched as
  * programmatic dependents (qv_pdl): the routing kernel lets them start at once and k_qv_up
- * quantises x before griddepcontrol.wait, while the routing runs; k_qv_down reads the routed ids and issues its W2 loads before its own
- * wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128) no routing kernel runs: each k_qv_up
- * block routes its own pair with the routing kernel's code (route_tok.cuh) and issues its weight loads
- * at once; block (0, 0) writes the call's ids, weights and replay and releases a flag that k_qv_down's
- * blocks acquire before reading them (qv_self_route; path gemv_route).
+ * quantises x before griddepcontrol.wait, while the routing runs; k_qv_down reads the routed ids
+ * and issues its W2 loads before its own wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128)
+ * no routing kernel runs: each k_qv_up block routes its own pair with the routing kernel's code
+ * (route_tok.cuh) and issues its weight loads at once; block (0, 0) writes the call's ids, weights
+ * and replay and releases a flag that k_qv_down's blocks acquire before reading them
+ * (qv_self_route; path gemv_route).
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are
@@ -63,11 +64,11 @@
 #define QV_DN_THREADS 256 /* GEMM2: 8 warps split the token's units over one 16-column tile */
 #define QV_DN_LOC_THREADS 512 /* ... 16 with block-local activations (a grid of at most 128 blocks; H100:
                                * Qwen3 T = 1 nvfp4 29.8 -> 26.9 us, eighth session; qv_dn_threads) */
-/* row tiles a k_qv_up block (QV_UP_THREADS each): 2 for nvfp4 with block-local activations (its x
- * quantisation, redone by every block, then by half as many blocks with 2x the threads).  H100
- * Qwen3-30B-A3B T = 1: before qv_loc_h, 1 -> 4 tiles 27.0-27.1 -> 26.5 us; thirteenth session (with
- * self-routing), 4 tiles 21.9 us, 2 tiles 21.5-21.6, 8 tiles 23.1 (four alternating rounds each); fp8
- * modes +0.1 us with 4, so they keep 1 */
+/* row tiles a k_qv_up block (QV_UP_THREADS each): 2 for nvfp4 with block-local activations (its
+ * x quantisation, redone by every block, then by half as many blocks with 2x the threads).  H100
+ * Qwen3-30B-A3B T = 1: before qv_loc_h, 1 -> 4 tiles 27.0-27.1 -> 26.5 us; thirteenth session
+ * (with self-routing), 4 tiles 21.9 us, 2 tiles 21.5-21.6, 8 tiles 23.1 (four alternating rounds
+ * each); fp8 modes +0.1 us with 4, so they keep 1 */
 #define QV_UP_LOC_TILES 2
 template <int MODE, bool LOC> struct qv_up_tiles {
     static constexpr int N = LOC && MODE == MOE_QUANT_NVFP4 ? QV_UP_LOC_TILES : 1;
