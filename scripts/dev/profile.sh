@@ -4,7 +4,7 @@
 # T = 16384), the warp-specialised GEMM (Mixtral 8x7B, T = 4096), the Hopper fp8_block GEMMs
 # (DeepSeek-V3 T = 4096, exact and FP8 tensor cores) and per-kernel durations of one
 # Qwen3-30B-A3B T = 1 fused call.  Logs to $OUT.
-# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|qvsrc|w4stall|wreg|decode ...]
+# Usage (GPU machine, repo root): scripts/dev/profile.sh [route|fused|qgmma|qgstall|qgcall|midt|qdecode|qvsrc|w4stall|rsstall|wreg|decode ...]
 set -o pipefail
 OUT=${OUT:-prof-out}
 mkdir -p "$OUT"
@@ -102,6 +102,22 @@ for w in $what; do
       grep -E "k_qg|Duration|Throughput|Eligible|Issued|stalled|pipe|shared" "$OUT/ncu_w4stall_$m.txt" |
         awk '!/stalled|pipe/ || $NF+0 > 0.3' | sed -E 's/\(moe__fq_gemm_args.*//' | head -60
     done ;;
+  rsstall)
+    # k_qg_rs (nvfp4, mxint4) and fp8_block's k_qg_exact at Qwen3-30B-A3B T = 4096: both GEMMs of the
+    # second call: speed of light (L2 / DRAM throughput), stall reasons, pipes; then nvfp4 GEMM1's
+    # SASS lines with the most stall samples
+    for m in nvfp4 mxint4 fp8_block; do
+      timeout 300 "$NCU" -k "regex:k_qg_(rs|exact)" --launch-skip 2 --launch-count 2 --section SpeedOfLight --section SchedulerStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*cycles_active.avg.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_(alu|fma|fmaheavy|lsu|tensor|uniform).*avg.pct_of_peak_sustained_active,lts__t_sectors_srcunit_tex_op_read.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum" \
+        luajit scripts/moe run scripts/dev/kprof.lua $m 4096 qwen3 > "$OUT/ncu_rsstall_$m.txt" 2>&1
+      grep -E "k_qg|Duration|Throughput|Eligible|Issued|stalled|pipe|sectors|conflicts" "$OUT/ncu_rsstall_$m.txt" |
+        awk '!/stalled|pipe_/ || $NF+0 > 0.2' | sed -E 's/\(moe__fq_gemm_args.*//' | head -60
+    done
+    timeout 300 "$NCU" -k "regex:k_qg_rs" --launch-skip 2 --launch-count 1 --section SourceCounters -o "$OUT/rs_src" \
+      luajit scripts/moe run scripts/dev/kprof.lua nvfp4 4096 qwen3 > /dev/null 2>&1
+    "$NCU" -i "$OUT/rs_src.ncu-rep" --page source --print-source sass --csv > "$OUT/rs_src.csv" 2>/dev/null
+    python3 scripts/dev/ncu_src_top.py "$OUT/rs_src.csv" 40
+    rm -f "$OUT/rs_src.ncu-rep"; gzip -f "$OUT/rs_src.csv" ;;
   wreg)
     # the register-operand tile kernel (k_wreg) at 16 pairs per expert (Mixtral 8x7B T = 64): GEMM1 and
     # GEMM2 of mxfp4 and mxint4 (speed of light, stalls, pipes)
