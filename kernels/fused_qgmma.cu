@@ -254,10 +254,13 @@ __device__ __forceinline__ void qg_epi(const moe__fq_gemm_args &a, const float (
             const float c1 = a.llama4 ? a.wts[p] : 1.0f;
             uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
             if (gated) {
+                moe__fm_act_at(a.act, [&](auto ak) {
 #pragma unroll
-                for (int j = 0; j < 8; j++)
-                    moe__fq_epi_gated2(a, orow, bias, h0 + 8 * j + c2, acc[4 * j + 2 * hf], acc[4 * j + 2 * hf + 1],
-                                       acc[4 * j + 32 + 2 * hf], acc[4 * j + 33 + 2 * hf], ts, c1);
+                    for (int j = 0; j < 8; j++)
+                        moe__fq_epi_gated2<decltype(ak)::v>(a, orow, bias, h0 + 8 * j + c2, acc[4 * j + 2 * hf],
+                                                            acc[4 * j + 2 * hf + 1], acc[4 * j + 32 + 2 * hf],
+                                                            acc[4 * j + 33 + 2 * hf], ts, c1);
+                });
             } else {
 #pragma unroll
                 for (int j = 0; j < 16; j++)
@@ -624,11 +627,6 @@ constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB each */
 constexpr size_t QR_SMEM = (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK / 2) + 1024 + 2 * QR_S * 8;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-/* A compile-time activation for k_qg_rs's GEMM1 epilogue (-1: the call's, at run time). */
-template <int A> struct qr_act {
-    static constexpr int v = A;
-};
-
 /* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
 __device__ __forceinline__ int qr_pos(int c) {
     const int e = c & 7, t = (c >> 3) & 3;
@@ -902,10 +900,10 @@ __global__ void __launch_bounds__(384, 1)
                             }
                         }
                 };
-                if (gr.gated && a.act == MOE_ACT_SWIGLU)
-                    epi1(qr_act<MOE_ACT_SWIGLU>{});
+                if (gr.gated)
+                    moe__fm_act_at(a.act, epi1);
                 else
-                    epi1(qr_act<-1>{});
+                    epi1(moe__fm_actc<-1>{});
             } else {
 #pragma unroll
                 for (int j = 0; j < 16; j++)

@@ -355,13 +355,16 @@ __global__ void __launch_bounds__(WM *WN * 32) k_gemm(const gemm_args a) {
                 const float c1 = a.llama4 ? a.wts[p] : 1.0f;
                 uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
                 if (gated) {
+                    moe__fm_act_at(a.act, [&](auto ak) {
 #pragma unroll
-                    for (int nj = 0; nj < NI / 2; nj++) {
-                        /* blocks 2nj (gate) and 2nj+1 (up) cover intermediate columns ng .. ng+7 */
-                        const int ng = nb * (BN / 2) + ((wn * WTN + nj * 16) >> 4) * 8 + c2;
-                        moe__fq_epi_gated2(a, orow, bias, ng, acc[mi][2 * nj][hf * 2], acc[mi][2 * nj][hf * 2 + 1],
-                                           acc[mi][2 * nj + 1][hf * 2], acc[mi][2 * nj + 1][hf * 2 + 1], ts, c1);
-                    }
+                        for (int nj = 0; nj < NI / 2; nj++) {
+                            /* blocks 2nj (gate) and 2nj+1 (up) cover intermediate columns ng .. ng+7 */
+                            const int ng = nb * (BN / 2) + ((wn * WTN + nj * 16) >> 4) * 8 + c2;
+                            moe__fq_epi_gated2<decltype(ak)::v>(
+                                a, orow, bias, ng, acc[mi][2 * nj][hf * 2], acc[mi][2 * nj][hf * 2 + 1],
+                                acc[mi][2 * nj + 1][hf * 2], acc[mi][2 * nj + 1][hf * 2 + 1], ts, c1);
+                        }
+                    });
                 } else {
 #pragma unroll
                     for (int ni = 0; ni < NI; ni++)
@@ -667,11 +670,14 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
                 const float c1 = a.llama4 ? a.wts[p] : 1.0f;
                 uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
                 if (gated) {
+                    moe__fm_act_at(a.act, [&](auto ak) {
 #pragma unroll
-                    for (int h = 0; h < 2; h++)
-                        moe__fq_epi_gated2(a, orow, bias, nb * 64 + warp * 16 + h * 8 + 2 * t, acc[mi][2 * h][2 * hf],
-                                           acc[mi][2 * h][2 * hf + 1], acc[mi][2 * h + 1][2 * hf],
-                                           acc[mi][2 * h + 1][2 * hf + 1], ts, c1);
+                        for (int h = 0; h < 2; h++)
+                            moe__fq_epi_gated2<decltype(ak)::v>(
+                                a, orow, bias, nb * 64 + warp * 16 + h * 8 + 2 * t, acc[mi][2 * h][2 * hf],
+                                acc[mi][2 * h][2 * hf + 1], acc[mi][2 * h + 1][2 * hf], acc[mi][2 * h + 1][2 * hf + 1],
+                                ts, c1);
+                    });
                 } else {
 #pragma unroll
                     for (int b = 0; b < NB; b++)

@@ -80,6 +80,7 @@ struct moe__fq_gemm_args {
  *   GEMM1 relu2: the same on columns n, n+1;
  *   GEMM2:       bias, times the routing weight wt, f32 into yrow[n], yrow[n+1].
  * bias: the expert's row of a.bias, or null. */
+template <int ACT = -1>
 __device__ __forceinline__ void moe__fq_epi_gated2(const moe__fq_gemm_args &a, uint16_t *orow, const float *bias,
                                                    int ng, float g0, float g1, float u0, float u1, float ts,
                                                    float c1) {
@@ -99,8 +100,9 @@ __device__ __forceinline__ void moe__fq_epi_gated2(const moe__fq_gemm_args &a, u
         u0 += bias[a.I + ng];
         u1 += bias[a.I + ng + 1];
     }
-    const float v0 = moe__fm_act(a.act, g0, u0, a.alpha, a.beta, a.limit);
-    const float v1 = moe__fm_act(a.act, g1, u1, a.alpha, a.beta, a.limit);
+    const int act = ACT >= 0 ? ACT : a.act;
+    const float v0 = moe__fm_act(act, g0, u0, a.alpha, a.beta, a.limit);
+    const float v1 = moe__fm_act(act, g1, u1, a.alpha, a.beta, a.limit);
     *(uint32_t *)(orow + ng) = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
 }
 __device__ __forceinline__ void moe__fq_epi_relu2_2(const moe__fq_gemm_args &a, uint16_t *orow, const float *bias,
