@@ -944,7 +944,9 @@ __global__ void __launch_bounds__(256)
                  uint4 *__restrict__ dst) {
     static_assert(!RS || FP4, "RS order: nvfp4 codes only");
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
-    const int c16 = cols / 16, cu = RS ? cols / 8 : c16; /* units of a row (RS: one 16-byte output word each) */
+    /* units of a row: one 16-byte output word each (RS, and fp8's 8 codes -> 8 f16: consecutive
+     * threads write consecutive words; nvfp4 outside RS order: 16 codes, two words) */
+    const int c16 = cols / 16, cu = RS || !FP4 ? cols / 8 : c16;
     const int64_t units = nv * cu;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
         const int64_t i = u / cu;
@@ -975,18 +977,17 @@ __global__ void __launch_bounds__(256)
             dst[i * (2 * c16) + 2 * c + 1] = moe__fq_w4x8_bf16<true>(v.y, s2);
             continue;
         }
-        const uint4 v = __ldg((const uint4 *)(src + row * cols) + c);
-        const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
-        uint32_t o[8];
+        const uint2 v = __ldg((const uint2 *)(src + row * cols) + c); /* codes 8c .. 8c + 7 */
+        const uint32_t wv[2] = {v.x, v.y};
+        uint32_t o[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < 2; j++) {
             const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] & 0xFFFF), __NV_E4M3);
             const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(wv[j] >> 16), __NV_E4M3);
             o[2 * j] = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
             o[2 * j + 1] = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
         }
-        dst[i * (2 * c16) + 2 * c] = make_uint4(o[0], o[1], o[2], o[3]);
-        dst[i * (2 * c16) + 2 * c + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+        dst[i * (2 * c16) + c] = make_uint4(o[0], o[1], o[2], o[3]);
     }
 }
 
@@ -1208,7 +1209,7 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
             (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_scales);
         MOE_CUDA_LAUNCHED(FN);
     } else {
-        k_qg_codes16<false, false><<<moe__cuda_grid(dev, P * (a.Kd / 16), threads), threads, 0, st>>>(
+        k_qg_codes16<false, false><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
             a.A_codes, nullptr, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
         MOE_CUDA_LAUNCHED(FN);
     }
