@@ -751,14 +751,16 @@ __global__ void __launch_bounds__(384, 1)
             const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
             const int64_t e = q.e;
-            const int64_t wl = e * a.N + qg_brow(rl, h0, h1), wh = e * a.N + qg_brow(rh, h0, h1);
+            /* this thread's two weight rows: within the expert (cl, ch: the epilogue's columns) and
+             * in the whole weight tensor (wl, wh: the scale-code rows) */
+            const int cl = qg_brow(rl, h0, h1), ch = qg_brow(rh, h0, h1);
+            const int64_t wl = e * a.N + cl, wh = e * a.N + ch;
             /* the epilogue's scalars, loaded now so their latency hides under the MMAs: the
              * per-tensor scale, the biases of this thread's rows, and (GEMM2 of the fp4 modes; the
              * mxint4 kernel has no registers to spare) the pair and routing weight of each of its 32
              * token columns */
             const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
             const float *bias = a.bias ? a.bias + e * a.N : nullptr;
-            const int cl = qg_brow(rl, h0, h1), ch = qg_brow(rh, h0, h1);
             const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f;
             int pp[G1 ? 1 : 32];
             float wt[G1 ? 1 : 32];
