@@ -108,13 +108,17 @@ __global__ void __launch_bounds__(Q_THREADS) k_fp8_block128(const void *src, int
  * scales; the matrix's amax bits in mat_amax[(g * 16) / n_per]. */
 __global__ void __launch_bounds__(Q_THREADS) k_nvfp4_bf16(const uint4 *src, int64_t groups, int64_t n_per,
                                                           const unsigned int *mat_amax, uint2 *data, uint8_t *scales) {
+    /* one matrix (x, the common case): its global scale once, not a 64-bit division and an IEEE
+     * division per group */
+    const bool one = groups * 16 <= n_per;
+    const float gs1 = one ? moe__q_nvfp4_global(moe__q_amax(mat_amax[0])) : 0.0f;
     for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (int64_t)gridDim.x * blockDim.x) {
         const uint4 a = __ldg(src + 2 * g), b = __ldg(src + 2 * g + 1);
         const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
         uint32_t m = 0;
 #pragma unroll
         for (int i = 0; i < 8; i++) m = max(m, max(w[i] & 0x7FFFu, (w[i] >> 16) & 0x7FFFu));
-        const float gs = moe__q_nvfp4_global(moe__q_amax(mat_amax[(g * 16) / n_per]));
+        const float gs = one ? gs1 : moe__q_nvfp4_global(moe__q_amax(mat_amax[(g * 16) / n_per]));
         const uint8_t code = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
         scales[g] = code;
         const float sc = moe__e4m3_to_f32(code);
