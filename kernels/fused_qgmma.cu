@@ -623,8 +623,18 @@ __global__ void __launch_bounds__(384, 1)
  * write.  A 32-column group never mixes with another inside a k16 step, so mxint4 still
  * promotes each group's partial sums times its bf16 scale (now one scale a thread row).  nvfp4's
  * e4m3 and mxfp4's ue8m0 block scales are in the widened values, as in k_qg_exact. */
-constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB each */
-constexpr size_t QR_SMEM = (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * QX_BK / 2) + 1024 + 2 * QR_S * 8;
+constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB (fp8 modes 8 KB) each */
+/* fp8 / fp8_block (MOE_FUSED_QRS=1): the weights' e4m3 codes widened to f16 in registers; a
+ * thread's 16 codes of a 64-column stage row are one 16-byte word (columns 16t .. 16t + 15), its
+ * pair m (columns 16t + 2m, + 1) multiplies at k16 step m / 2, position 2t + 8 (m % 2) (+ 1), so
+ * the tokens come in "RS8 order" (qr_pos8; x by k_qg_codes16<false, true>, the intermediate by
+ * GEMM1's epilogue); fp8_block promotes each 128-column block's partial sums times the weight
+ * block scale of the row and the token's activation scale (staged in shared memory a warpgroup) */
+__host__ __device__ constexpr bool qr_f8(int mode) { return mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK; }
+constexpr size_t qr_smem(int mode) {
+    return (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * (qr_f8(mode) ? QX_BK : QX_BK / 2)) + 1024 + 2 * QR_S * 8 +
+           (mode == MOE_QUANT_FP8_BLOCK ? 2 * 2 * QG_BM * 4 : 0);
+}
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 /* Position in RS order of column c of a row (the permutation stays inside c's 32-column group). */
@@ -632,48 +642,79 @@ __device__ __forceinline__ int qr_pos(int c) {
     const int e = c & 7, t = (c >> 3) & 3;
     return (c & ~31) | ((e >> 1) & 1) << 4 | t << 1 | e >> 2 | (e & 1) << 3;
 }
+/* Position in RS8 order (fp8 modes) of column c: inside its 64-column stage, column 16t + 2m + i
+ * at 16 (m / 2) + 8 (m % 2) + 2t + i. */
+__device__ __forceinline__ int qr_pos8(int c) {
+    const int i = c & 1, m = (c >> 1) & 7, t = (c >> 4) & 3;
+    return (c & ~63) | (m >> 1) << 4 | (m & 1) << 3 | t << 1 | i;
+}
 
 /* d (64 f32) = (scale_d ? d : 0) + A(64 x 16 bf16, registers a0-a3) * B(16 x 128 bf16, smem
- * desc, K-major, 128-byte swizzle). */
+ * desc, K-major, 128-byte swizzle); F16: f16 operands (the fp8 modes). */
+#define QR_WGMMA(TY)                                                                                   \
+    asm volatile(                                                                                     \
+        "{\n"                                                                                         \
+        ".reg .pred p;\n"                                                                             \
+        "setp.ne.b32 p, %69, 0;\n"                                                                    \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                                  \
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n" \
+        "}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(scale_d))
+template <bool F16 = false>
 __device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint64_t db, int scale_d) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(scale_d));
+    if (F16) QR_WGMMA("f16");
+    else QR_WGMMA("bf16");
 }
+#undef QR_WGMMA
 
 /* The scale codes of this thread's words of stage kt: sc[row lo / hi][group] (nvfp4: the e4m3
  * code of the word's 16 columns; mxfp4: the ue8m0 code of its group; mxint4: the bf16 bits). */
 template <int MODE>
 __device__ __forceinline__ void qr_scales(const moe__fq_gemm_args &a, int64_t rlo, int64_t rhi, int kt, int t,
                                           uint32_t (&sc)[2][2]) {
+    if constexpr (!qr_f8(MODE)) { /* the fp8 modes have no per-group scales */
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int64_t row = h ? rhi : rlo;
+        for (int h = 0; h < 2; h++) {
+            const int64_t row = h ? rhi : rlo;
 #pragma unroll
-        for (int G = 0; G < 2; G++) {
-            if (MODE == MOE_QUANT_NVFP4)
-                sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 16) + kt * 4 + 2 * G + (t >> 1));
-            else if (MODE == MOE_QUANT_MXFP4)
-                sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
-            else
-                sc[h][G] = __ldg((const uint16_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
+            for (int G = 0; G < 2; G++) {
+                if (MODE == MOE_QUANT_NVFP4)
+                    sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 16) + kt * 4 + 2 * G + (t >> 1));
+                else if (MODE == MOE_QUANT_MXFP4)
+                    sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
+                else
+                    sc[h][G] = __ldg((const uint16_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
+            }
         }
     }
 }
 
 /* Widen group G of the stage at cb (codes [128 rows][32 bytes]) into f[G]: rows ol / oh (byte
- * offsets of this thread's two rows' words), scale codes sc; mxint4's scales as f32 into pf[G]. */
+ * offsets of this thread's two rows' words), scale codes sc; mxint4's scales as f32 into pf[G].
+ * fp8 modes (codes [128 rows][64 bytes]): G = 0 widens the whole stage (one 16-byte word a row:
+ * pairs 0-3 into f[0], 4-7 into f[1]), G = 1 nothing. */
 template <int MODE>
 __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, const uint32_t (&sc)[2][2],
                                          uint32_t (&f)[2][2][4], float (&pf)[2][2]) {
     constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
+    if constexpr (qr_f8(MODE)) {
+        if (G != 0) return;
+        const uint32_t sb = moe__fm_smem(cb);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            uint32_t v0, v1, v2, v3;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                         : "r"(sb + (h ? oh : ol)));
+            moe__fq_e4m3x4_f16(v0, f[0][h][0], f[0][h][1]);
+            moe__fq_e4m3x4_f16(v1, f[0][h][2], f[0][h][3]);
+            moe__fq_e4m3x4_f16(v2, f[1][h][0], f[1][h][1]);
+            moe__fq_e4m3x4_f16(v3, f[1][h][2], f[1][h][3]);
+        }
+        return;
+    }
     /* ld.shared: the aligned shared pointer is integer arithmetic, and generic loads were what the
      * compiler made of a plain dereference */
     const uint32_t sa = moe__fm_smem(cb) + 16 * G;
@@ -690,9 +731,10 @@ __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int 
 
 /* The two k16 steps of group G (f: its registers) on the tokens at descriptor db (the group's
  * first step). */
+template <bool F16 = false>
 __device__ __forceinline__ void qr_group(float (&d)[64], const uint32_t (&f)[2][4], uint64_t db, int scale_d) {
-    qr_wgmma(d, f[0][0], f[1][0], f[0][1], f[1][1], db, scale_d);
-    qr_wgmma(d, f[0][2], f[1][2], f[0][3], f[1][3], db + 2, 1);
+    qr_wgmma<F16>(d, f[0][0], f[1][0], f[0][1], f[1][1], db, scale_d);
+    qr_wgmma<F16>(d, f[0][2], f[1][2], f[0][3], f[1][3], db + 2, 1);
 }
 
 /* mxint4: acc += t x the weight scale of each accumulator row (s0: row lo, s1: row hi). */
@@ -711,16 +753,20 @@ template <int MODE, bool G1>
 __global__ void __launch_bounds__(384, 1)
     k_qg_rs(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QR_S, CB = QX_BK / 2;
+    constexpr bool F8 = qr_f8(MODE), BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
+    constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QR_S, CB = F8 ? QX_BK : QX_BK / 2;
     constexpr bool INT4 = MODE == MOE_QUANT_MXINT4;
-    /* GEMM1 of the mx modes writes the intermediate in RS order (GEMM2 reads it as it is) */
-    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4);
+    /* GEMM1 of the mx modes writes the intermediate in RS order, of the fp8 modes in RS8 order
+     * (GEMM2 reads it as it is; the fp8 modes' quantisers keep the order: per tensor, or per 128
+     * columns, which the permutation does not cross) */
+    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4 || F8);
     /* GEMM1 of nvfp4 takes the intermediate's amax (its global scale) as it writes it */
     constexpr bool AMAX = G1 && MODE == MOE_QUANT_NVFP4;
     extern __shared__ unsigned char qg_raw[];
     uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* tokens 16-bit [S][BM][BK] */
     uint8_t *B8 = (uint8_t *)(As + S * BM * BK);                                  /* codes [S][BN][CB] */
-    const uint32_t bar0 = moe__fm_smem(B8 + S * BN * CB); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
+    float *Sx = (float *)(B8 + S * BN * CB); /* fp8_block: activation scales [warpgroup][2][128 tokens] */
+    const uint32_t bar0 = moe__fm_smem(Sx + (BLOCK ? 2 * 2 * BM : 0)); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
     const int tid = threadIdx.x;
     qg_bars2<S>(bar0);
     const qg_grid gr = qg_grid_of<G1, BK>(a);
@@ -734,17 +780,20 @@ __global__ void __launch_bounds__(384, 1)
         /* this thread's two rows of the 128-row weight tile (0-63 the first half) */
         const int rl = gr.gated ? 32 * wg + 8 * w4 + g : 64 * wg + 16 * w4 + g;
         const int rh = gr.gated ? 64 + rl : rl + 8;
-        const int ol = rl * CB + 4 * t, oh = rh * CB + 4 * t;
+        /* byte offsets of this thread's words in a stage's two rows (fp8 modes: 16 bytes at 16t) */
+        const int ol = rl * CB + (F8 ? 16 : 4) * t, oh = rh * CB + (F8 ? 16 : 4) * t;
         int it = 0;
+        int bc = 0; /* fp8_block: 128-column blocks done by this thread (its Sx slot's parity) */
         float acc[64];
-        float ta[INT4 ? 64 : 1], tb[INT4 ? 64 : 1]; /* mxint4: the two groups' partial sums */
+        /* mxint4: the two groups' partial sums; fp8_block: ta the 128-column block's */
+        float ta[INT4 || BLOCK ? 64 : 1], tb[INT4 ? 64 : 1];
         uint32_t f[2][2][4]; /* [group][row lo / hi][pair]: the fragments of the stage to multiply next */
-        uint32_t f2[INT4 ? 1 : 2][2][4]; /* the fp4 modes' second set */
+        uint32_t f2[INT4 ? 1 : 2][2][4]; /* the fp4 and fp8 modes' second set */
         float pf[2][2] = {{0, 0}, {0, 0}};
         /* scale codes of the stage to widen next (scA) and of the SD - 1 after it (ring): step kt
          * loads stage kt + SD's, widened at step kt + SD - 1 (fp4 modes SD = 3: with 2, Nsight showed
-         * the widening waiting on them; mxint4 2, for registers) */
-        constexpr int SD = INT4 ? 2 : 3;
+         * the widening waiting on them; mxint4 2, for registers; the fp8 modes have none) */
+        constexpr int SD = INT4 || F8 ? 2 : 3;
         uint32_t scA[2][2], ring[SD - 1][2][2] = {};
         uint32_t amx = 0; /* AMAX: the largest |value| bits this thread wrote */
         for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
@@ -759,7 +808,8 @@ __global__ void __launch_bounds__(384, 1)
              * per-tensor scale, the biases of this thread's rows, and (GEMM2 of the fp4 modes; the
              * mxint4 kernel has no registers to spare) the pair and routing weight of each of its 32
              * token columns */
-            const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
+            const float ts =
+                MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_FP8 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
             const float *bias = a.bias ? a.bias + e * a.N : nullptr;
             const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f;
             int pp[G1 ? 1 : 32];
@@ -778,7 +828,7 @@ __global__ void __launch_bounds__(384, 1)
                     for (int k = 0; k < 32; k++) wt[k] = a.llama4 ? 1.0f : __ldg(a.wts + pp[k]);
                 }
             };
-            if (!INT4) load_pairs();
+            if (!INT4 && !BLOCK) load_pairs();
 #pragma unroll
             for (int i = 0; i < 64; i++) acc[i] = 0.0f;
             /* stage 0 widened now (its scales loaded first), stage 1's scales in flight (KT >= 2:
@@ -802,7 +852,60 @@ __global__ void __launch_bounds__(384, 1)
                     }
                 if (kt + SD < gr.KT) qr_scales<MODE>(a, wl, wh, kt + SD, t, ring[SD - 2]);
             };
-            if constexpr (INT4) {
+            /* two fragment sets (fp4 and fp8 modes): stage kt's MMAs (into d; the first from zero
+             * unless sd) stay in flight while stage kt + 1 is widened into the other set, whose MMAs
+             * (kt - 1) the wait has retired; KT is even */
+            auto step = [&](int kt, const uint32_t (&cur)[2][2][4], uint32_t (&nxt)[2][2][4], float (&d)[64], int sd) {
+                const int s = it % S;
+                next_scales(kt);
+                const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
+                moe__fm_wg_fence();
+                qr_group<F8>(d, cur[0], db, sd);
+                qr_group<F8>(d, cur[1], db + 4, 1);
+                moe__fm_wg_commit();
+                moe__fm_wg_wait1(); /* stage kt - 1's MMAs done */
+                __syncwarp();
+                if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it + S - 1) % S));
+                if (kt + 1 < gr.KT) {
+                    const int sn = (it + 1) % S;
+                    moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 1) / S) & 1);
+                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf);
+                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf);
+                }
+                it++;
+            };
+            if constexpr (BLOCK) {
+                /* per 128-column block (stages 2kb, 2kb + 1): its MMAs into ta from zero, then
+                 * acc += ta x (the token's activation scale x the row's weight block scale), the
+                 * exact kernel's promotion.  Thread tk of a warpgroup loads token tk's activation
+                 * scale into the warpgroup's Sx slot (slots alternate by block), so the 32 of a
+                 * thread's token columns cost no registers while the MMAs run. */
+                const int tk = ct & 127, KB = a.Kd / 128;
+                const float *sxp = nullptr;
+                if (tk < nr) sxp = (const float *)a.A_scales + (int64_t)(G1 ? a.sorted[r0 + tk] / a.K : r0 + tk) * KB;
+                const float *wsb = (const float *)a.W_scales + e * (a.N / 128) * KB;
+                const float *swl = wsb + (cl / 128) * KB, *swh = wsb + (ch / 128) * KB;
+                float *sxs = Sx + wg * 2 * BM;
+                for (int kb = 0; kb < KB; kb++, bc++) {
+                    const float xv = sxp ? __ldg(sxp + kb) : 0.0f, fl = __ldg(swl + kb), fh = __ldg(swh + kb);
+                    step(2 * kb, f, f2, ta, 0);
+                    step(2 * kb + 1, f2, f, ta, 1);
+                    moe__fm_wg_wait0();
+                    float *slot = sxs + (bc & 1) * BM;
+                    slot[tk] = xv;
+                    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+#pragma unroll
+                    for (int j = 0; j < 16; j++) {
+                        const float2 sv = *(const float2 *)(slot + 8 * j + c2);
+                        acc[4 * j] += ta[4 * j] * (sv.x * fl);
+                        acc[4 * j + 1] += ta[4 * j + 1] * (sv.y * fl);
+                        acc[4 * j + 2] += ta[4 * j + 2] * (sv.x * fh);
+                        acc[4 * j + 3] += ta[4 * j + 3] * (sv.y * fh);
+                    }
+                }
+                __syncwarp();
+                if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it + S - 1) % S));
+            } else if constexpr (INT4) {
                 for (int kt = 0; kt < gr.KT; kt++, it++) {
                     const int s = it % S;
                     const bool more = kt + 1 < gr.KT;
@@ -829,30 +932,9 @@ __global__ void __launch_bounds__(384, 1)
                     if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf);
                 }
             } else {
-                /* two fragment sets: stage kt's MMAs stay in flight while stage kt + 1 is widened
-                 * into the other set, whose MMAs (kt - 1) the wait has retired; KT is even */
-                auto step = [&](int kt, const uint32_t (&cur)[2][2][4], uint32_t (&nxt)[2][2][4]) {
-                    const int s = it % S;
-                    next_scales(kt);
-                    const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
-                    moe__fm_wg_fence();
-                    qr_group(acc, cur[0], db, 1);
-                    qr_group(acc, cur[1], db + 4, 1);
-                    moe__fm_wg_commit();
-                    moe__fm_wg_wait1(); /* stage kt - 1's MMAs done */
-                    __syncwarp();
-                    if (kt > 0 && lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + (it + S - 1) % S));
-                    if (kt + 1 < gr.KT) {
-                        const int sn = (it + 1) % S;
-                        moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 1) / S) & 1);
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf);
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf);
-                    }
-                    it++;
-                };
                 for (int kt = 0; kt < gr.KT; kt += 2) {
-                    step(kt, f, f2);
-                    step(kt + 1, f2, f);
+                    step(kt, f, f2, acc, 1);
+                    step(kt + 1, f2, f, acc, 1);
                 }
                 moe__fm_wg_wait0();
                 __syncwarp();
@@ -860,7 +942,7 @@ __global__ void __launch_bounds__(384, 1)
             }
             /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1); GEMM1 needs the pairs
              * only for llama4 */
-            if (INT4) load_pairs();
+            if (INT4 || BLOCK) load_pairs();
             if constexpr (G1) {
                 /* ACT >= 0: the gated activation ACT, known at compile time; -1: a.act, gated or
                  * not.  The activation's switch inside the unrolled loop made GEMM1's epilogue a
@@ -869,7 +951,8 @@ __global__ void __launch_bounds__(384, 1)
                 auto epi1 = [&](auto ak) {
                     constexpr int ACT = decltype(ak)::v;
                     const bool gated = ACT >= 0 || gr.gated;
-                    const int pl = PERM_OUT ? qr_pos(cl) : cl, ph = PERM_OUT ? qr_pos(ch) : ch;
+                    const int pl = !PERM_OUT ? cl : F8 ? qr_pos8(cl) : qr_pos(cl);
+                    const int ph = !PERM_OUT ? ch : F8 ? qr_pos8(ch) : qr_pos(ch);
                     uint16_t *orow = a.inter + (int64_t)(r0 + c2) * a.I; /* row 8j + c2 + i: + (8j + i) I */
 #pragma unroll
                     for (int j = 0; j < 16; j++, orow += 8 * (int64_t)a.I)
@@ -944,7 +1027,6 @@ __global__ void __launch_bounds__(256)
     k_qg_codes16(const uint8_t *__restrict__ src, const uint8_t *__restrict__ scales, const int32_t *sorted, int K,
                  const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles, int cols,
                  uint4 *__restrict__ dst) {
-    static_assert(!RS || FP4, "RS order: nvfp4 codes only");
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
     /* units of a row: one 16-byte output word each (RS, and fp8's 8 codes -> 8 f16: consecutive
      * threads write consecutive words; nvfp4 outside RS order: 16 codes, two words) */
@@ -954,6 +1036,19 @@ __global__ void __launch_bounds__(256)
         const int64_t i = u / cu;
         const int c = (int)(u - i * cu);
         const int64_t row = sorted ? sorted[i] / K : i;
+        if (RS && !FP4) {
+            /* fp8 modes, RS8 order: output word m of 64-column stage b holds, at 2t + i, column
+             * 16t + 2m + i (the code pairs at bytes 64b + 16t + 2m, t = 0..3) */
+            const uint16_t *sp = (const uint16_t *)(src + row * cols + 64 * (c >> 3)) + (c & 7);
+            uint32_t o[4];
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)__ldg(sp + 8 * t), __NV_E4M3);
+                o[t] = (uint32_t)h.x | ((uint32_t)h.y << 16);
+            }
+            dst[i * (cols / 8) + c] = make_uint4(o[0], o[1], o[2], o[3]);
+            continue;
+        }
         if (RS) {
             /* output word q (0-3) of 32-column group c / 4: RS-order words 4q .. 4q + 3, i.e. pair
              * j = q (ks = q / 2, h = q % 2) of each of the group's four code words t (columns
@@ -1114,8 +1209,13 @@ size_t qg_smem(int v, int mode) {
 bool qg_w4(int mode) { return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4; }
 template <int MODE> qg_kernel qr_rs(bool g1) { return g1 ? k_qg_rs<MODE, true> : k_qg_rs<MODE, false>; }
 qg_kernel qr_pick(int mode, bool g1) {
-    return mode == MOE_QUANT_NVFP4 ? qr_rs<MOE_QUANT_NVFP4>(g1)
-           : mode == MOE_QUANT_MXFP4 ? qr_rs<MOE_QUANT_MXFP4>(g1) : qr_rs<MOE_QUANT_MXINT4>(g1);
+    switch (mode) {
+    case MOE_QUANT_FP8: return qr_rs<MOE_QUANT_FP8>(g1);
+    case MOE_QUANT_FP8_BLOCK: return qr_rs<MOE_QUANT_FP8_BLOCK>(g1);
+    case MOE_QUANT_NVFP4: return qr_rs<MOE_QUANT_NVFP4>(g1);
+    case MOE_QUANT_MXFP4: return qr_rs<MOE_QUANT_MXFP4>(g1);
+    default: return qr_rs<MOE_QUANT_MXINT4>(g1);
+    }
 }
 
 moe_status qg_attrs(void) {
@@ -1123,31 +1223,31 @@ moe_status qg_attrs(void) {
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
     const int modes[5] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4};
     for (int v = 0; v < 3; v++)
-        for (int m = v == 2 ? 2 : 0; m < (v == 1 ? 2 : 5); m++)
+        for (int m = 0; m < (v == 1 ? 2 : 5); m++)
             for (int g = 0; g < 2; g++)
                 MOE_CUDA_TRY(FN, cudaFuncSetAttribute(v == 2 ? qr_pick(modes[m], g) : qg_pick(v, modes[m], g),
                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      (int)(v == 2 ? QR_SMEM : qg_smem(v, modes[m]))));
+                                                      (int)(v == 2 ? qr_smem(modes[m]) : qg_smem(v, modes[m]))));
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
 }
 
 /* Kernel variant of a mode: 0 k_qg_exact, 1 k_qg_fp8 (fp8 / fp8_block with MOE_FUSED_FP8MMA=1),
- * 2 k_qg_rs (the 4-bit modes unless MOE_FUSED_QRS=0). */
+ * 2 k_qg_rs (the 4-bit modes unless MOE_FUSED_QRS=0; fp8 / fp8_block with MOE_FUSED_QRS=1). */
 int qg_variant(int mode) {
-    if (qg_w4(mode)) {
-        const char *env = getenv("MOE_FUSED_QRS");
-        return env && env[0] == '0' && env[1] == '\0' ? 0 : 2;
-    }
+    const char *qrs = getenv("MOE_FUSED_QRS");
+    const bool off = qrs && qrs[0] == '0' && qrs[1] == '\0', on = qrs && qrs[0] == '1' && qrs[1] == '\0';
+    if (qg_w4(mode)) return off ? 0 : 2;
     const char *env = getenv("MOE_FUSED_FP8MMA");
-    return env && env[0] == '1' ? 1 : 0;
+    if (env && env[0] == '1') return 1;
+    return on ? 2 : 0;
 }
 
 } // namespace
 
 bool moe__fq_qgmma_quantises_inter(int mode) {
     const int v = qg_variant(mode);
-    return (mode == MOE_QUANT_FP8_BLOCK && v == 0) || (mode == MOE_QUANT_NVFP4 && v == 2);
+    return (mode == MOE_QUANT_FP8_BLOCK && v != 1) || (mode == MOE_QUANT_NVFP4 && v == 2);
 }
 bool moe__fq_qgmma_rs(int mode) { return qg_variant(mode) == 2; }
 
@@ -1179,7 +1279,22 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
     const uint4 *A16 = g1 ? (const uint4 *)xp : (const uint4 *)a.A_bf16;
     const int threads = 256;
     const int64_t pcap = moe__cuda_sm_count(dev) * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
-    if (rs) { /* k_qg_rs: RS order (GEMM2 of the mx modes: GEMM1 wrote it so) */
+    if (rs && (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK)) {
+        /* k_qg_rs, RS8 order: x's codes widened and permuted; the intermediate as the exact
+         * kernel's (GEMM1 wrote its values in RS8 order, which quantising per tensor or per 128
+         * columns and widening keep) */
+        if (g1) {
+            k_qg_codes16<false, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+                a.A_codes, nullptr, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
+        } else if (mode == MOE_QUANT_FP8_BLOCK) {
+            k_qg_block16<<<moe__cuda_grid(dev, P * (a.Kd / 128), 256 / moe__q_rows_geom<128>::L), 256, 0, st>>>(
+                (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_scales);
+        } else {
+            k_qg_codes16<false, false><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+                a.A_codes, nullptr, nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
+        }
+        MOE_CUDA_LAUNCHED(FN);
+    } else if (rs) { /* k_qg_rs: RS order (GEMM2 of the mx modes: GEMM1 wrote it so) */
         if (mode == MOE_QUANT_NVFP4 && !g1) { /* quantised and widened in one pass */
             k_qr_nvfp4_inter<<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
                 (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, a.inter_amax, (float *)a.A_tensor);
@@ -1248,7 +1363,7 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
     }
     if (v == 2 && g1 && mode == MOE_QUANT_NVFP4) /* GEMM1 takes the intermediate's amax */
         MOE_CUDA_TRY(FN, cudaMemsetAsync(a.inter_amax, 0, sizeof(unsigned int), st));
-    if (v == 2) qr_pick(mode, g1)<<<grid, 384, QR_SMEM, st>>>(a, tw, ta);
+    if (v == 2) qr_pick(mode, g1)<<<grid, 384, qr_smem(mode), st>>>(a, tw, ta);
     else qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;

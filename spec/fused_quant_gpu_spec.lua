@@ -452,13 +452,14 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end
   end)
 
-  -- The 4-bit modes' kernels: k_qg_rs (default: the weights widened in registers as wgmma's A
-  -- operand, the tokens in RS order) and k_qg_exact (MOE_FUSED_QRS=0: widened in shared memory).
-  -- Both within the CPU tolerance on gated, relu2 + biases, swiglu_oai + biases with llama4
-  -- routing, and expert-parallel calls (their bits may agree: the two feed the same products to
-  -- the MMAs in the same k16 steps); moe.fused_paths tells which ran.
-  for _, mode in ipairs{ "nvfp4", "mxfp4", "mxint4" } do
-    it(mode .. ": k_qg_rs (default) and MOE_FUSED_QRS=0 agree with the CPU (swiglu, relu2 + biases, " ..
+  -- The Hopper kernels of every mode: k_qg_rs (MOE_FUSED_QRS=1; the 4-bit modes' default: the
+  -- weights widened in registers as wgmma's A operand, the tokens in RS / RS8 order) and
+  -- k_qg_exact (MOE_FUSED_QRS=0: widened in shared memory). Both within the CPU tolerance on gated,
+  -- relu2 + biases, swiglu_oai + biases with llama4 routing, and expert-parallel calls (their bits
+  -- may agree: the two feed the same products to the MMAs in the same k16 steps);
+  -- moe.fused_paths tells which ran.
+  for _, mode in ipairs(MODES) do
+    it(mode .. ": k_qg_rs (MOE_FUSED_QRS=1) and k_qg_exact (=0) agree with the CPU (swiglu, relu2 + biases, " ..
        "swiglu_oai + biases / llama4, EP)", function()
       local cases = {
         { "swiglu", false, METHODS.renormalize, nil, 800 },
@@ -472,14 +473,14 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
         local x, L = inputs(c[5], 9900 + 10 * i + #mode)
         local yc = call(experts(w, mode, "cpu"), x, L, c[3], "cpu", c[4])
         local ys = {}
-        for j, v in ipairs{ false, "0" } do
+        for j, v in ipairs{ "1", "0" } do
           local path, y = path_of(function()
-            return H.with_env("MOE_FUSED_QRS", v or nil, function()
+            return H.with_env("MOE_FUSED_QRS", v, function()
               return qwgmma(nil, function() return call(experts(w, mode, "cuda"), x, L, c[3], "cuda", c[4]) end)
             end)
           end)
-          assert.equal(HOPPER and (v and "wgmma" or "wgmma_rs") or "tile", path, what .. ": the path taken")
-          near(y, yc, what .. ", MOE_FUSED_QRS " .. (v or "unset") .. ": CUDA vs CPU")
+          assert.equal(HOPPER and (v == "0" and "wgmma" or "wgmma_rs") or "tile", path, what .. ": the path taken")
+          near(y, yc, what .. ", MOE_FUSED_QRS " .. v .. ": CUDA vs CPU")
           ys[j] = y
         end
         local d = near(ys[1], ys[2], what .. ": k_qg_rs vs k_qg_exact")
@@ -488,11 +489,14 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end)
   end
 
-  for _, mode in ipairs{ "fp8_block", "nvfp4", "mxint4" } do
-    it(mode .. ": captured at T=800 (deepseekv3 top-4, P = 3200), replayed with new hidden and logits; the first " ..
-       "inputs again give the same bits", function()
-      local y1, again = qwgmma(nil, function()
-        return graph_rounds(weights("swiglu", false), mode, 800, METHODS.deepseekv3, 9700)
+  for _, c in ipairs{ { "fp8_block" }, { "fp8_block", "1" }, { "fp8", "1" }, { "nvfp4" }, { "mxint4" } } do
+    local mode, qrs = c[1], c[2]
+    it(mode .. (qrs and " (MOE_FUSED_QRS=" .. qrs .. ")" or "") .. ": captured at T=800 (deepseekv3 top-4, " ..
+       "P = 3200), replayed with new hidden and logits; the first inputs again give the same bits", function()
+      local y1, again = H.with_env("MOE_FUSED_QRS", qrs, function()
+        return qwgmma(nil, function()
+          return graph_rounds(weights("swiglu", false), mode, 800, METHODS.deepseekv3, 9700)
+        end)
       end)
       assert.same(y1, again)
     end)
