@@ -6,9 +6,10 @@
  * 64 gate rows then the 64 matching up rows, so accumulator columns j (gate) and j + 64 (up) sit
  * in the same thread and the activation runs on registers):
  *
- *   k_qg_rs (default for nvfp4, mxfp4, mxint4; below, before the kernel): the weights widened in
- *     registers as wgmma's A operand, the tokens as B from shared memory.
- *   k_qg_exact (fp8, fp8_block; the 4-bit modes with MOE_FUSED_QRS=0): the weight tile's codes
+ *   k_qg_rs (default for fp8, nvfp4, mxfp4, mxint4, and fp8_block from H = 4096 (qg_variant);
+ *     below, before the kernel): the weights widened in registers as wgmma's A operand, the tokens
+ *     as B from shared memory.
+ *   k_qg_exact (fp8_block below H = 4096; every mode with MOE_FUSED_QRS=0): the weight tile's codes
  *     come by bulk tensor copy and are widened into a swizzled 16-bit shared tile -- e4m3 to f16
  *     by warps 1-3 (exact: every e4m3 value is an f16), e2m1 x its scale / int4 to bf16 by the
  *     consumers themselves while the previous stage multiplies (exact in bf16) -- and
@@ -607,7 +608,8 @@ __global__ void __launch_bounds__(384, 1)
 
 /* ------------------------------------- register-operand kernel (4-bit modes) -- */
 
-/* k_qg_rs (default for nvfp4, mxfp4, mxint4; MOE_FUSED_QRS=0: k_qg_exact): the weights are the
+/* k_qg_rs (default for nvfp4, mxfp4, mxint4, fp8, and fp8_block from H = 4096; MOE_FUSED_QRS=0:
+ * k_qg_exact, =1: k_qg_rs for every mode): the weights are the
  * register operand A of wgmma.m64n128k16 bf16 (64 weight rows a consumer warpgroup), the tokens
  * the shared-memory operand B (the 128-row A box of k_qg_exact, read by both warpgroups), so the
  * accumulator is transposed: rows = weight rows, columns = tokens.  Each consumer thread widens
@@ -1232,24 +1234,29 @@ moe_status qg_attrs(void) {
     return MOE_OK;
 }
 
-/* Kernel variant of a mode: 0 k_qg_exact, 1 k_qg_fp8 (fp8 / fp8_block with MOE_FUSED_FP8MMA=1),
- * 2 k_qg_rs (the 4-bit modes unless MOE_FUSED_QRS=0; fp8 / fp8_block with MOE_FUSED_QRS=1). */
-int qg_variant(int mode) {
+/* Kernel variant of a mode for hidden size H: 0 k_qg_exact, 1 k_qg_fp8 (fp8 / fp8_block with
+ * MOE_FUSED_FP8MMA=1), 2 k_qg_rs.  MOE_FUSED_QRS=0 / =1 choose 0 / 2 for every mode; unset, k_qg_rs
+ * runs the 4-bit modes and fp8, and fp8_block from H = 4096 (H100, 2026-11-27, fourteenth
+ * session, docs/performance.md: fp8 12-20% faster at every shape; fp8_block, whose per-128
+ * promotion drains the MMAs every two stages, 3% faster at DeepSeek-V3 (H 7168) T = 4096 and 2-5%
+ * at Mixtral (H 4096), 1-5% slower at Qwen3-30B-A3B (H 2048) T = 1024 / 4096). */
+int qg_variant(int mode, int64_t H) {
     const char *qrs = getenv("MOE_FUSED_QRS");
     const bool off = qrs && qrs[0] == '0' && qrs[1] == '\0', on = qrs && qrs[0] == '1' && qrs[1] == '\0';
     if (qg_w4(mode)) return off ? 0 : 2;
     const char *env = getenv("MOE_FUSED_FP8MMA");
     if (env && env[0] == '1') return 1;
-    return on ? 2 : 0;
+    if (on || off) return on ? 2 : 0;
+    return mode == MOE_QUANT_FP8 || H >= 4096 ? 2 : 0;
 }
 
 } // namespace
 
-bool moe__fq_qgmma_quantises_inter(int mode) {
-    const int v = qg_variant(mode);
+bool moe__fq_qgmma_quantises_inter(int mode, int64_t H) {
+    const int v = qg_variant(mode, H);
     return (mode == MOE_QUANT_FP8_BLOCK && v != 1) || (mode == MOE_QUANT_NVFP4 && v == 2);
 }
-bool moe__fq_qgmma_rs(int mode) { return qg_variant(mode) == 2; }
+bool moe__fq_qgmma_rs(int mode, int64_t H) { return qg_variant(mode, H) == 2; }
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
@@ -1337,7 +1344,7 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp) {
     const bool gated = g1 && a.gated;
-    const int v = qg_variant(mode);
+    const int v = qg_variant(mode, g1 ? a.Kd : a.N); /* H */
     const int ntn = gated ? a.I / 64 : a.N / QG_BN;
     const int64_t sms = moe__cuda_sm_count(dev), items = max_tiles * ntn;
     const unsigned grid = (unsigned)(items < sms ? items : sms);

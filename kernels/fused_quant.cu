@@ -776,7 +776,7 @@ moe_status fq_qgmma_gemms(cudaStream_t st, int dev, int mode, const gemm_args &a
     const int64_t tiles = P / 128 + (P < lc ? P : lc) + 1;
     MOE_TRY(moe__fq_qgmma(st, dev, mode, true, a1, P, tiles, xp));
     if ((mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK || mode == MOE_QUANT_NVFP4) &&
-        !moe__fq_qgmma_quantises_inter(mode))
+        !moe__fq_qgmma_quantises_inter(mode, a1.Kd))
         MOE_TRY(fq_quant_act(ws, mode, inter, P, I, off_gc, off_gs, off_gt));
     return moe__fq_qgmma(st, dev, mode, false, a2, P, tiles, nullptr);
 }
@@ -889,7 +889,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const bool wr = !qg && fq_wreg_use(mode, P, lc, ex); /* register-operand tiles */
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = wr ? WR_BM : fq_bm[cfg];
-        const bool rs = qg && moe__fq_qgmma_rs(mode); /* ... the 4-bit modes' register-operand one */
+        const bool rs = qg && moe__fq_qgmma_rs(mode, H); /* ... the register-operand one */
         moe__fused_path_hit(qg ? (rs ? MOE_FUSED_PATH_WGMMA_RS : MOE_FUSED_PATH_WGMMA)
                                 : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);

@@ -225,12 +225,14 @@ static inline long moe__fq_pairs_bound(const char *name, int mode) {
  * row tiles must then be 128 rows.  moe__fq_qgmma: one GEMM (g1: GEMM1, after permuting x's rows
  * as 16-bit values into xp, P x Kd x 2 bytes), grid from the tile bound max_tiles. */
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I);
-/* Whether moe__fq_qgmma's GEMM2 quantises the intermediate itself (fp8_block on the exact
- * kernel, nvfp4 on k_qg_rs: quantised and widened in one pass), so the caller must not. */
-bool moe__fq_qgmma_quantises_inter(int mode);
-/* Whether moe__fq_qgmma runs the register-operand kernel k_qg_rs for `mode` (the 4-bit modes
- * unless MOE_FUSED_QRS=0; path MOE_FUSED_PATH_WGMMA_RS). */
-bool moe__fq_qgmma_rs(int mode);
+/* Whether moe__fq_qgmma's GEMM2 quantises the intermediate itself (fp8_block on k_qg_exact or
+ * k_qg_rs, nvfp4 on k_qg_rs: quantised and widened in one pass), so the caller must not; H the
+ * hidden size. */
+bool moe__fq_qgmma_quantises_inter(int mode, int64_t H);
+/* Whether moe__fq_qgmma runs the register-operand kernel k_qg_rs for `mode` at hidden size H
+ * (the 4-bit modes and fp8 unless MOE_FUSED_QRS=0, fp8_block from H = 4096 or with
+ * MOE_FUSED_QRS=1; path MOE_FUSED_PATH_WGMMA_RS). */
+bool moe__fq_qgmma_rs(int mode, int64_t H);
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp);
 

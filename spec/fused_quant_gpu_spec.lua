@@ -356,8 +356,10 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- per local expert, 64 for the 4-bit modes; =N: from N); "0" keeps the mma.sync tile kernels (the only path on other
   -- GPUs, where both settings must pass as well).
   local QMODES = MODES
-  -- the 4-bit modes' default kernel there widens the weights in registers (path wgmma_rs)
-  local WGMMA_PATH = { fp8 = "wgmma", fp8_block = "wgmma", nvfp4 = "wgmma_rs", mxfp4 = "wgmma_rs", mxint4 = "wgmma_rs" }
+  -- the default kernel there widens the weights in registers (path wgmma_rs) for fp8 and the 4-bit
+  -- modes, and for fp8_block from H = 4096 (here H = 384: widened in shared memory, path wgmma)
+  local WGMMA_PATH = { fp8 = "wgmma_rs", fp8_block = "wgmma", nvfp4 = "wgmma_rs", mxfp4 = "wgmma_rs",
+                       mxint4 = "wgmma_rs" }
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- env_on_off with MOE_FUSED_QWGMMA: the wgmma kernels by default on sm_90a
   local function both(w, mode, x, L, m, more, what)
@@ -488,6 +490,32 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
       end
     end)
   end
+
+  -- fp8_block's default kernel follows H: k_qg_rs from H = 4096 (measured faster there), k_qg_exact
+  -- below (the H = 384 cases above); both against the CPU at H = 4096
+  it("fp8_block at H = 4096: k_qg_rs by default, k_qg_exact with MOE_FUSED_QRS=0, both near the CPU", function()
+    local e4, h4, i4 = 8, 4096, 128
+    local ex = {}
+    for _, dev in ipairs{ "cpu", "cuda" } do
+      ex[dev] = moe.experts{ gate_up = moe.randn({ e4, 2 * i4, h4 }, { dtype = "bf16", seed = 41, std = 0.02 }),
+                             down = moe.randn({ e4, h4, i4 }, { dtype = "bf16", seed = 42, std = 0.02 }),
+                             activation = "swiglu", quant = "fp8_block", device = dev }
+    end
+    local x = moe.randn({ 256, h4 }, { dtype = "bf16", seed = 43 })
+    local L = moe.randn({ 256, e4 }, { seed = 44 })
+    local function run(dev)
+      return moe.fused_moe{ hidden = x:to(dev), logits = L:to(dev), experts = ex[dev], method = "renormalize",
+                            top_k = 2 }
+    end
+    local yc = run("cpu")
+    for _, v in ipairs{ false, "0" } do
+      local path, y = path_of(function()
+        return H.with_env("MOE_FUSED_QRS", v or nil, function() return qwgmma(nil, function() return run("cuda") end) end)
+      end)
+      assert.equal(HOPPER and (v and "wgmma" or "wgmma_rs") or "tile", path, "MOE_FUSED_QRS " .. (v or "unset"))
+      near(y, yc, "fp8_block H=4096, MOE_FUSED_QRS " .. (v or "unset") .. ": CUDA vs CPU")
+    end
+  end)
 
   for _, c in ipairs{ { "fp8_block" }, { "fp8_block", "1" }, { "fp8", "1" }, { "nvfp4" }, { "mxint4" } } do
     local mode, qrs = c[1], c[2]
