@@ -537,18 +537,9 @@ __global__ void __launch_bounds__(WM *WN * 32, MINB) moe__k_fm_gemm(const moe__f
 #pragma unroll
                         for (int nj = 0; nj < NI / 2; nj++) {
                             const int nn = n0 + wn * WTN + nj * 16;
-                            float g0 = acc[mi][2 * nj][hf * 2] * sc, g1 = acc[mi][2 * nj][hf * 2 + 1] * sc;
-                            float u0 = acc[mi][2 * nj + 1][hf * 2] * sc, u1 = acc[mi][2 * nj + 1][hf * 2 + 1] * sc;
-                            if (bias) {
-                                g0 += bias[nn + c2];
-                                g1 += bias[nn + c2 + 1];
-                                u0 += bias[nn + 8 + c2];
-                                u1 += bias[nn + 8 + c2 + 1];
-                            }
-                            const float v0 = moe__fm_act(ACT >= 0 ? ACT : a.act, g0, u0, a.alpha, a.beta, a.limit);
-                            const float v1 = moe__fm_act(ACT >= 0 ? ACT : a.act, g1, u1, a.alpha, a.beta, a.limit);
-                            const uint32_t pk = (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
-                            *(uint32_t *)(orow + (nn >> 4) * 8 + c2) = pk;
+                            *(uint32_t *)(orow + (nn >> 4) * 8 + c2) = moe__fm_gated_pack<ACT>(
+                                a, bias, nn, c2, acc[mi][2 * nj][hf * 2] * sc, acc[mi][2 * nj][hf * 2 + 1] * sc,
+                                acc[mi][2 * nj + 1][hf * 2] * sc, acc[mi][2 * nj + 1][hf * 2 + 1] * sc);
                         }
                     });
                 } else {
@@ -608,18 +599,9 @@ __device__ __forceinline__ void moe__fm_wg_epi(const moe__fm_gemm_args &a, const
                     for (int nj = 0; nj < 16; nj++) {
                         const int nn = n0 + nj * 16;
                         if (nj * 16 >= nvalid) continue;
-                        float g0 = acc[8 * nj + hf * 2] * sc, g1 = acc[8 * nj + hf * 2 + 1] * sc;
-                        float u0 = acc[8 * nj + 4 + hf * 2] * sc, u1 = acc[8 * nj + 4 + hf * 2 + 1] * sc;
-                        if (bias) {
-                            g0 += bias[nn + c2];
-                            g1 += bias[nn + c2 + 1];
-                            u0 += bias[nn + 8 + c2];
-                            u1 += bias[nn + 8 + c2 + 1];
-                        }
-                        const float v0 = moe__fm_act(ACT >= 0 ? ACT : a.act, g0, u0, a.alpha, a.beta, a.limit);
-                        const float v1 = moe__fm_act(ACT >= 0 ? ACT : a.act, g1, u1, a.alpha, a.beta, a.limit);
-                        *(uint32_t *)(orow + (nn >> 4) * 8 + c2) =
-                            (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+                        *(uint32_t *)(orow + (nn >> 4) * 8 + c2) = moe__fm_gated_pack<ACT>(
+                            a, bias, nn, c2, acc[8 * nj + hf * 2] * sc, acc[8 * nj + hf * 2 + 1] * sc,
+                            acc[8 * nj + 4 + hf * 2] * sc, acc[8 * nj + 4 + hf * 2 + 1] * sc);
                     }
                 });
             } else {

@@ -43,6 +43,23 @@ template <class F> __device__ __forceinline__ void moe__fm_act_at(int act, F &&f
         f(moe__fm_actc<-1>{});
 }
 
+/* The bf16 kernels' gated epilogue for two adjacent intermediate columns: gate (g0, g1) and up
+ * (u0, u1) values (already scaled), plus the biases at nn + c2 (gate) and nn + 8 + c2 (up) when
+ * bias is set, through activation ACT (-1: a.act at run time), as two packed bf16. */
+template <int ACT, class Args>
+__device__ __forceinline__ uint32_t moe__fm_gated_pack(const Args &a, const float *bias, int nn, int c2, float g0,
+                                                       float g1, float u0, float u1) {
+    if (bias) {
+        g0 += bias[nn + c2];
+        g1 += bias[nn + c2 + 1];
+        u0 += bias[nn + 8 + c2];
+        u1 += bias[nn + 8 + c2 + 1];
+    }
+    const float v0 = moe__fm_act(ACT >= 0 ? ACT : a.act, g0, u0, a.alpha, a.beta, a.limit);
+    const float v1 = moe__fm_act(ACT >= 0 ? ACT : a.act, g1, u1, a.alpha, a.beta, a.limit);
+    return (uint32_t)moe__f32_to_bf16(v0) | ((uint32_t)moe__f32_to_bf16(v1) << 16);
+}
+
 /* Decode GEMV path (fused_gemv.cu): bf16 experts, 1 <= T <= the bound of MOE_FUSED_GEMV
  * (unset: 4; "0": off), local_count > 0.  moe__fm_gemv_eligible says whether a call of
  * moe__cuda_fused takes it; moe__fm_gemv then does the whole call after routing (2 launches
