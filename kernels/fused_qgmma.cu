@@ -1237,7 +1237,7 @@ moe_status qg_attrs(void) {
 /* Kernel variant of a mode for hidden size H: 0 k_qg_exact, 1 k_qg_fp8 (fp8 / fp8_block with
  * MOE_FUSED_FP8MMA=1), 2 k_qg_rs.  MOE_FUSED_QRS=0 / =1 choose 0 / 2 for every mode; unset, k_qg_rs
  * runs the 4-bit modes and fp8, and fp8_block from H = 4096 (H100, 2026-11-27, fourteenth
- * session, docs/performance.md: fp8 12-20% faster at every shape; fp8_block, whose per-128
+ * session, docs/performance.md: fp8 12-30% faster at the wgmma sizes; fp8_block, whose per-128
  * promotion drains the MMAs every two stages, 3% faster at DeepSeek-V3 (H 7168) T = 4096 and 2-5%
  * at Mixtral (H 4096), 1-5% slower at Qwen3-30B-A3B (H 2048) T = 1024 / 4096). */
 int qg_variant(int mode, int64_t H) {
