@@ -626,12 +626,13 @@ __global__ void __launch_bounds__(384, 1)
  * promotes each group's partial sums times its bf16 scale (now one scale a thread row).  nvfp4's
  * e4m3 and mxfp4's ue8m0 block scales are in the widened values, as in k_qg_exact. */
 constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB (fp8 modes 8 KB) each */
-/* fp8 / fp8_block (MOE_FUSED_QRS=1): the weights' e4m3 codes widened to f16 in registers; a
- * thread's 16 codes of a 64-column stage row are one 16-byte word (columns 16t .. 16t + 15), its
- * pair m (columns 16t + 2m, + 1) multiplies at k16 step m / 2, position 2t + 8 (m % 2) (+ 1), so
- * the tokens come in "RS8 order" (qr_pos8; x by k_qg_codes16<false, true>, the intermediate by
- * GEMM1's epilogue); fp8_block promotes each 128-column block's partial sums times the weight
- * block scale of the row and the token's activation scale (staged in shared memory a warpgroup) */
+/* fp8 / fp8_block (qg_variant: fp8 always, fp8_block from H = 4096): the weights' e4m3 codes
+ * widened to f16 in registers; a thread's 16 codes of a 64-column stage row are one 16-byte word
+ * (columns 16t .. 16t + 15), its pair m (columns 16t + 2m, + 1) multiplies at k16 step m / 2,
+ * position 2t + 8 (m % 2) (+ 1), so the tokens come in "RS8 order" (qr_pos8; x by
+ * k_qg_codes16<false, true>, the intermediate by GEMM1's epilogue); fp8_block promotes each
+ * 128-column block's partial sums times the weight block scale of the row and the token's
+ * activation scale (staged in shared memory a warpgroup) */
 __host__ __device__ constexpr bool qr_f8(int mode) { return mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK; }
 constexpr size_t qr_smem(int mode) {
     return (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * (qr_f8(mode) ? QX_BK : QX_BK / 2)) + 1024 + 2 * QR_S * 8 +
