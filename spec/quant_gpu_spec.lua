@@ -133,6 +133,11 @@ describe("CUDA quantisers equal the CPU reference bit for bit #gpu", function()
           check(mode, make(small, 17 + mi, "mixed", dt), nil, dt)
         end)
       end
+      -- one matrix from bf16 (an activation's case: nvfp4's k_nvfp4_bf16 takes its global scale once)
+      local flat = SHAPES[mode][1]
+      it("bf16 input " .. shape_str(flat), function()
+        check(mode, make(flat, 27 + mi, "mixed", "bf16"), nil, "bf16 one matrix")
+      end)
       it("strided input", function()
         local s = small
         local K, N = s[#s], s[#s - 1]

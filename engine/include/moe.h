@@ -639,7 +639,8 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_GEMV_ROUTE, /* CUDA decode GEMV kernels that route the token themselves (no routing
                                 * kernel; fp8, fp8_block, nvfp4 at T = 1, sm_90+) */
     MOE_FUSED_PATH_WGMMA_RS,   /* CUDA Hopper wgmma kernels with the weights widened in registers as
-                                * the A operand (nvfp4, mxfp4, mxint4; sm_90a) */
+                                * the A operand (fp8, nvfp4, mxfp4, mxint4, fp8_block from H = 4096;
+                                * sm_90a) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 
