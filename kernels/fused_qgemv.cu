@@ -1211,12 +1211,12 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     if (env && env[0]) {
         if (A->T > moe__fm_env_bound("MOE_FUSED_QGEMV", QV_DEFAULT_T, QV_MAX_T)) return false;
     } else if (A->T > QV_DEFAULT_T) {
-        /* past decode only the 4-bit modes, below one pair per expert (nvfp4 / mxfp4: from there
-         * fused_quant.cu's k_wreg is faster) or up to two (mxint4, against the tile kernels); H100,
-         * docs/performance.md */
+        /* past decode only the 4-bit modes, below one pair per expert (nvfp4 / mxfp4, and mxint4
+         * on f16 MMAs: from there fused_quant.cu's k_wreg is faster) or up to two (mxint4 with
+         * per-32 promotions, against the tile kernels); H100, docs/performance.md */
         const int64_t tk = A->T * A->K, E = ex->E;
         if (m == MOE_QUANT_FP8 || m == MOE_QUANT_FP8_BLOCK || A->T > QV_MAX_T) return false;
-        if (m == MOE_QUANT_MXINT4 ? tk > 2 * E : tk >= E) return false;
+        if (m == MOE_QUANT_MXINT4 && !moe__fq_i4f_ok(ex) ? tk > 2 * E : tk >= E) return false;
     }
     if (ex->H % 128 != 0 || ex->I % 128 != 0) return false; /* checked when the experts are made */
     /* 16-byte loads of x and the codes (views and qtensors made from parts may be offset) */

@@ -41,6 +41,7 @@
 #include "quant_rows.cuh"
 
 #include <cuda_fp8.h>
+#include <limits.h>
 #include <stdlib.h>
 
 #define FN "moe_fused_moe"
@@ -695,12 +696,13 @@ __device__ __forceinline__ void qr_scales(const moe__fq_gemm_args &a, int64_t rl
 }
 
 /* Widen group G of the stage at cb (codes [128 rows][32 bytes]) into f[G]: rows ol / oh (byte
- * offsets of this thread's two rows' words), scale codes sc; mxint4's scales as f32 into pf[G].
+ * offsets of this thread's two rows' words), scale codes sc; mxint4's scales as f32 into pf[G];
+ * MOE__FQ_I4F: int4 x (scale x fold) as f16.
  * fp8 modes (codes [128 rows][64 bytes]): G = 0 widens the whole stage (one 16-byte word a row:
  * pairs 0-3 into f[0], 4-7 into f[1]), G = 1 nothing. */
 template <int MODE>
 __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, const uint32_t (&sc)[2][2],
-                                         uint32_t (&f)[2][2][4], float (&pf)[2][2]) {
+                                         uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold) {
     constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
     if constexpr (qr_f8(MODE)) {
         if (G != 0) return;
@@ -724,6 +726,11 @@ __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int 
     uint32_t wl, wh;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wl) : "r"(sa + ol));
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wh) : "r"(sa + oh));
+    if constexpr (MODE == MOE__FQ_I4F) { /* int4 x the folded scale, f16 */
+        moe__fq_i4x8_f16(wl, moe__fq_i4_scale2(sc[0][G], fold), f[G][0]);
+        moe__fq_i4x8_f16(wh, moe__fq_i4_scale2(sc[1][G], fold), f[G][1]);
+        return;
+    }
     moe__fq_w4x8_pairs<E2M1>(wl, moe__fq_scale2<MODE>(sc[0][G]), f[G][0]);
     moe__fq_w4x8_pairs<E2M1>(wh, moe__fq_scale2<MODE>(sc[1][G]), f[G][1]);
     if (MODE == MOE_QUANT_MXINT4) {
@@ -758,11 +765,12 @@ __global__ void __launch_bounds__(384, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr bool F8 = qr_f8(MODE), BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
     constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QR_S, CB = F8 ? QX_BK : QX_BK / 2;
-    constexpr bool INT4 = MODE == MOE_QUANT_MXINT4;
+    constexpr bool INT4 = MODE == MOE_QUANT_MXINT4, I4F = MODE == MOE__FQ_I4F;
+    constexpr bool HM = F8 || I4F; /* f16 MMAs */
     /* GEMM1 of the mx modes writes the intermediate in RS order, of the fp8 modes in RS8 order
      * (GEMM2 reads it as it is; the fp8 modes' quantisers keep the order: per tensor, or per 128
-     * columns, which the permutation does not cross) */
-    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4 || F8);
+     * columns, which the permutation does not cross; I4F's row scaling is element-wise) */
+    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4 || I4F || F8);
     /* GEMM1 of nvfp4 takes the intermediate's amax (its global scale) as it writes it */
     constexpr bool AMAX = G1 && MODE == MOE_QUANT_NVFP4;
     extern __shared__ unsigned char qg_raw[];
@@ -811,13 +819,22 @@ __global__ void __launch_bounds__(384, 1)
              * per-tensor scale, the biases of this thread's rows, and (GEMM2 of the fp4 modes; the
              * mxint4 kernel has no registers to spare) the pair and routing weight of each of its 32
              * token columns */
-            const float ts =
-                MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_FP8 ? a.A_tensor[0] * a.W_tensor[e] : 1.0f;
+            const float ts = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_FP8 ? a.A_tensor[0] * a.W_tensor[e]
+                             : I4F                                            ? a.W_unfold
+                                                                              : 1.0f;
             const float *bias = a.bias ? a.bias + e * a.N : nullptr;
             const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f;
             int pp[G1 ? 1 : 32];
             float wt[G1 ? 1 : 32];
+            float xr[I4F ? 32 : 1]; /* I4F: 2^-a of each token column's A row */
             auto load_pairs = [&]() {
+                if constexpr (I4F) {
+#pragma unroll
+                    for (int k = 0; k < 32; k++) {
+                        const int r = 8 * (k >> 1) + c2 + (k & 1);
+                        xr[k] = r < nr ? __ldg(a.A_rows + r0 + r) : 0.0f;
+                    }
+                }
                 /* all loaded before any store: the stores may alias the tables for all the
                  * compiler knows, so loads between them would each wait a round trip (measured:
                  * GEMM2's epilogue then took as long as its MMAs at Qwen3-30B-A3B T = 4096) */
@@ -841,8 +858,8 @@ __global__ void __launch_bounds__(384, 1)
             for (int d = 1; d < SD; d++)
                 if (d < gr.KT) qr_scales<MODE>(a, wl, wh, d, t, ring[d - 1]);
             moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
-            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf);
-            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf, a.W_fold);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf, a.W_fold);
             /* at stage kt: scA <- stage kt + 1's scale codes (to widen it), stage kt + SD's loaded */
             auto next_scales = [&](int kt) {
 #pragma unroll
@@ -863,8 +880,8 @@ __global__ void __launch_bounds__(384, 1)
                 next_scales(kt);
                 const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
                 moe__fm_wg_fence();
-                qr_group<F8>(d, cur[0], db, sd);
-                qr_group<F8>(d, cur[1], db + 4, 1);
+                qr_group<HM>(d, cur[0], db, sd);
+                qr_group<HM>(d, cur[1], db + 4, 1);
                 moe__fm_wg_commit();
                 moe__fm_wg_wait1(); /* stage kt - 1's MMAs done */
                 __syncwarp();
@@ -872,8 +889,8 @@ __global__ void __launch_bounds__(384, 1)
                 if (kt + 1 < gr.KT) {
                     const int sn = (it + 1) % S;
                     moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 1) / S) & 1);
-                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf);
-                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf);
+                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf, a.W_fold);
+                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf, a.W_fold);
                 }
                 it++;
             };
@@ -926,13 +943,13 @@ __global__ void __launch_bounds__(384, 1)
                     qr_add_rows(acc, ta, pf[0][0], pf[0][1]);
                     if (more) {
                         moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
-                        qr_widen<MODE>(cn, ol, oh, 0, scA, f, pf);
+                        qr_widen<MODE>(cn, ol, oh, 0, scA, f, pf, 0.0f);
                     }
                     moe__fm_wg_wait0();
                     qr_add_rows(acc, tb, pf[1][0], pf[1][1]);
                     __syncwarp();
                     if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
-                    if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf);
+                    if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf, 0.0f);
                 }
             } else {
                 for (int kt = 0; kt < gr.KT; kt += 2) {
@@ -964,6 +981,10 @@ __global__ void __launch_bounds__(384, 1)
                             const int r = 8 * j + c2 + i;
                             if (r >= nr) continue;
                             float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
+                            if (I4F) { /* 2^-b, then 2^-a: each exact, no early underflow */
+                                vl *= xr[2 * j + i];
+                                vh *= xr[2 * j + i];
+                            }
                             if (a.llama4) {
                                 const float c1 = a.wts[a.sorted[r0 + r]];
                                 vl *= c1;
@@ -1000,6 +1021,10 @@ __global__ void __launch_bounds__(384, 1)
                         const int r = 8 * j + c2 + i;
                         if (r >= nr) continue;
                         float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
+                        if (I4F) {
+                            vl *= xr[2 * j + i];
+                            vh *= xr[2 * j + i];
+                        }
                         if (bias) {
                             vl += bl;
                             vh += bh;
@@ -1116,6 +1141,129 @@ __global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x,
     }
 }
 
+/* ------------------------------------------------ mxint4's f16 fold (MOE__FQ_I4F) -- */
+
+/* 2^a for a row whose largest |bf16| has the bits m (0x7FFF mask applied): a puts that magnitude in
+ * [2^15, 2^16) (largest bf16 there: 65280 <= 65504, f16's largest), clamped to [-126, 126]; 0 for
+ * an all-zero row.  Every value of the row at or above 2^-17 after scaling (2^-33 of the largest)
+ * is then exact in f16, and the smaller ones round to f16's subnormal grid: an error at most
+ * 2^-25 after scaling, 2^-40 of the row's largest magnitude. */
+__device__ __forceinline__ int i4_row_exp(uint32_t m) {
+    if (m == 0) return 0;
+    const float v = __uint_as_float(m << 16);
+    const int E = m >= 0x7F80u ? 127 : ilogbf(v); /* inf / NaN: as the largest binade */
+    return min(126, max(-126, 15 - E));
+}
+__device__ __forceinline__ float i4_pow2(int a) { return __int_as_float((a + 127) << 23); }
+/* Two bf16 (a word) times up -> two f16 (a word), round to nearest even. */
+__device__ __forceinline__ uint32_t i4_cvt2(uint32_t w, float up) {
+    const __half2 h = __floats2half2_rn(__uint_as_float(w << 16) * up, __uint_as_float(w & 0xFFFF0000u) * up);
+    return *(const uint32_t *)&h;
+}
+/* The largest |bf16| bits of eight values (per-half unsigned maxima, then the two halves). */
+__device__ __forceinline__ uint32_t i4_max8(const uint4 &v) {
+    const uint32_t m = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu), __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
+    return max(m & 0xFFFFu, m >> 16);
+}
+
+/* rs[t] = 2^-a of x's row t (bf16 [T, cols]), one warp a row. */
+__global__ void __launch_bounds__(256) k_i4_xrows(const uint4 *__restrict__ x, int64_t T, int cols, float *rs) {
+    const int lane = threadIdx.x & 31, c8 = cols / 8;
+    for (int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < T; t += ((int64_t)gridDim.x * blockDim.x) >> 5) {
+        uint32_t m = 0;
+        for (int c = lane; c < c8; c += 32) m = max(m, i4_max8(__ldg(x + t * c8 + c)));
+        m = moe__q_warp_max(m, 32);
+        if (lane == 0) rs[t] = i4_pow2(-i4_row_exp(m));
+    }
+}
+
+/* x's rows into GEMM1's sorted order as f16 times 2^a of their token (rs: 2^-a), RS order (k_qg_rs)
+ * or as they are (k_wreg): row i of xp from row sorted[i] / K, one 16-byte output word a thread,
+ * and rrow[i] = its 2^-a (the epilogues' per-row factor); only the rows of the row tiles. */
+template <bool RS>
+__global__ void __launch_bounds__(256) k_i4_perm(const uint4 *__restrict__ x, const int32_t *sorted, int K,
+                                                 const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles,
+                                                 int cols, const float *rs, float *rrow, uint4 *__restrict__ xp) {
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
+    const int c8 = cols / 8;
+    const int64_t units = nv * c8;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = u / c8;
+        const int c = (int)(u - i * c8);
+        const int64_t tok = sorted[i] / K;
+        const float r = __ldg(rs + tok), up = 1.0f / r; /* a power of two: exact */
+        if (c == 0) rrow[i] = r;
+        uint32_t o[4];
+        if (RS) { /* as k_qr_permute */
+            const int q = c & 3, ks = q >> 1, sel = (q & 1) ? 0x7632 : 0x5410;
+            const uint4 *sp = x + tok * c8 + (c & ~3);
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                const uint4 v = __ldg(sp + t);
+                o[t] = __byte_perm(ks ? v.y : v.x, ks ? v.w : v.z, sel);
+            }
+        } else {
+            const uint4 v = __ldg(x + tok * c8 + c);
+            o[0] = v.x;
+            o[1] = v.y;
+            o[2] = v.z;
+            o[3] = v.w;
+        }
+        xp[i * c8 + c] = make_uint4(i4_cvt2(o[0], up), i4_cvt2(o[1], up), i4_cvt2(o[2], up), i4_cvt2(o[3], up));
+    }
+}
+
+/* The intermediate (bf16 [rows, I], the rows of the row tiles) as f16 times 2^a of its own row, in
+ * place (element-wise: the order GEMM1 wrote stays), rs[i] = 2^-a; one warp a row. */
+__global__ void __launch_bounds__(256) k_i4_inter(uint16_t *inter, const int32_t *tile_r0, const int32_t *tile_n,
+                                                  const int32_t *ntiles, int I, float *rs) {
+    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
+    const int lane = threadIdx.x & 31, c8 = I / 8;
+    for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; i < nv; i += ((int64_t)gridDim.x * blockDim.x) >> 5) {
+        uint4 *row = (uint4 *)(inter + i * I);
+        uint32_t m = 0;
+        for (int c = lane; c < c8; c += 32) m = max(m, i4_max8(row[c]));
+        m = moe__q_warp_max(m, 32);
+        const int ea = i4_row_exp(m);
+        if (lane == 0) rs[i] = i4_pow2(-ea);
+        const float up = i4_pow2(ea);
+        for (int c = lane; c < c8; c += 32) {
+            const uint4 v = row[c];
+            row[c] = make_uint4(i4_cvt2(v.x, up), i4_cvt2(v.y, up), i4_cvt2(v.z, up), i4_cvt2(v.w, up));
+        }
+    }
+}
+
+/* The range of a bf16 scale tensor for the fold: r[0] = the largest exponent of a nonzero finite
+ * scale (floor log2), r[1] = the smallest exponent of its lowest set significant bit, r[2] = 1 if
+ * any scale is inf / NaN (r[0], r[1] start at INT_MIN, INT_MAX). */
+__global__ void __launch_bounds__(256) k_i4_range(const uint16_t *__restrict__ s, int64_t n, int *r) {
+    int top = INT_MIN, low = INT_MAX, bad = 0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const uint32_t u = s[i] & 0x7FFFu, ef = u >> 7;
+        if (u == 0) continue;
+        if (ef == 255) {
+            bad = 1;
+            continue;
+        }
+        const uint32_t mant = ef ? (u & 0x7Fu) | 0x80u : u & 0x7Fu;
+        const int e0 = ef ? (int)ef - 134 : -133; /* value = mant x 2^e0 */
+        top = max(top, e0 + 31 - __clz(mant));
+        low = min(low, e0 + __ffs(mant) - 1);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        top = max(top, __shfl_xor_sync(0xffffffffu, top, o));
+        low = min(low, __shfl_xor_sync(0xffffffffu, low, o));
+        bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        if (top != INT_MIN) atomicMax(r, top);
+        if (low != INT_MAX) atomicMin(r + 1, low);
+        if (bad) atomicOr(r + 2, 1);
+    }
+}
+
 /* nvfp4's intermediate for k_qg_rs in one pass: each thread one 32-column group of a row of the
  * row tiles, in place: its two 16-column blocks quantised with the quantiser's own functions
  * (quant_math.h: the same codes and scales as moe_quantize, whose global scale comes from the
@@ -1209,7 +1357,9 @@ size_t qg_smem(int v, int mode) {
     default: return qx_cfg<MOE_QUANT_FP8>::SMEM;
     }
 }
-bool qg_w4(int mode) { return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4; }
+bool qg_w4(int mode) {
+    return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4 || mode == MOE__FQ_I4F;
+}
 template <int MODE> qg_kernel qr_rs(bool g1) { return g1 ? k_qg_rs<MODE, true> : k_qg_rs<MODE, false>; }
 qg_kernel qr_pick(int mode, bool g1) {
     switch (mode) {
@@ -1217,6 +1367,7 @@ qg_kernel qr_pick(int mode, bool g1) {
     case MOE_QUANT_FP8_BLOCK: return qr_rs<MOE_QUANT_FP8_BLOCK>(g1);
     case MOE_QUANT_NVFP4: return qr_rs<MOE_QUANT_NVFP4>(g1);
     case MOE_QUANT_MXFP4: return qr_rs<MOE_QUANT_MXFP4>(g1);
+    case MOE__FQ_I4F: return qr_rs<MOE__FQ_I4F>(g1);
     default: return qr_rs<MOE_QUANT_MXINT4>(g1);
     }
 }
@@ -1224,9 +1375,9 @@ qg_kernel qr_pick(int mode, bool g1) {
 moe_status qg_attrs(void) {
     static int done = 0;
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
-    const int modes[5] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4};
+    const int modes[6] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4, MOE__FQ_I4F};
     for (int v = 0; v < 3; v++)
-        for (int m = 0; m < (v == 1 ? 2 : 5); m++)
+        for (int m = 0; m < (v == 1 ? 2 : v == 2 ? 6 : 5); m++)
             for (int g = 0; g < 2; g++)
                 MOE_CUDA_TRY(FN, cudaFuncSetAttribute(v == 2 ? qr_pick(modes[m], g) : qg_pick(v, modes[m], g),
                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1244,6 +1395,7 @@ moe_status qg_attrs(void) {
 int qg_variant(int mode, int64_t H) {
     const char *qrs = getenv("MOE_FUSED_QRS");
     const bool off = qrs && qrs[0] == '0' && qrs[1] == '\0', on = qrs && qrs[0] == '1' && qrs[1] == '\0';
+    if (mode == MOE__FQ_I4F) return 2; /* chosen by the caller only where k_qg_rs runs */
     if (qg_w4(mode)) return off ? 0 : 2;
     const char *env = getenv("MOE_FUSED_FP8MMA");
     if (env && env[0] == '1') return 1;
@@ -1258,6 +1410,33 @@ bool moe__fq_qgmma_quantises_inter(int mode, int64_t H) {
     return (mode == MOE_QUANT_FP8_BLOCK && v != 1) || (mode == MOE_QUANT_NVFP4 && v == 2);
 }
 bool moe__fq_qgmma_rs(int mode, int64_t H) { return qg_variant(mode, H) == 2; }
+
+moe_status moe__fq_i4_xrows(cudaStream_t st, int dev, const uint16_t *x, int64_t T, int H, float *rs) {
+    k_i4_xrows<<<moe__cuda_grid(dev, T * 32, 256), 256, 0, st>>>((const uint4 *)x, T, H, rs);
+    MOE_CUDA_LAUNCHED(FN);
+    return MOE_OK;
+}
+
+#undef FN
+#define FN "moe_experts_new_quant"
+extern "C" moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r) {
+    moe__cuda_guard g(FN, scales->dev.index);
+    MOE_TRY(g.status);
+    int *d = nullptr;
+    const int init[3] = {INT_MIN, INT_MAX, 0};
+    const int64_t n = moe_tensor_numel(scales);
+    MOE_CUDA_TRY(FN, cudaMallocAsync((void **)&d, sizeof init, g.stream));
+    cudaError_t e = cudaMemcpyAsync(d, init, sizeof init, cudaMemcpyHostToDevice, g.stream);
+    if (e == cudaSuccess && n > 0)
+        k_i4_range<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint16_t *)moe_tensor_data(scales), n, d);
+    if (e == cudaSuccess) e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaMemcpyAsync(r, d, sizeof init, cudaMemcpyDeviceToHost, g.stream);
+    const cudaError_t f = cudaFreeAsync(d, g.stream);
+    if (e == cudaSuccess) e = f;
+    if (e == cudaSuccess) e = cudaStreamSynchronize(g.stream);
+    MOE_CUDA_TRY(FN, e);
+    return MOE_OK;
+}
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {
     if (mode != MOE_QUANT_FP8 && mode != MOE_QUANT_FP8_BLOCK && !qg_w4(mode)) return false;
@@ -1287,7 +1466,24 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
     const uint4 *A16 = g1 ? (const uint4 *)xp : (const uint4 *)a.A_bf16;
     const int threads = 256;
     const int64_t pcap = moe__cuda_sm_count(dev) * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
-    if (rs && (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK)) {
+    if (mode == MOE__FQ_I4F) {
+        /* f16 rows times their powers of two: x's (per token in a.A_scales, from k_i4_xrows)
+         * permuted, RS order for k_qg_rs, a.A_rows per sorted row; the intermediate's in place,
+         * a.A_rows written */
+        const float *tok = (const float *)a.A_scales; /* per token (k_i4_xrows) */
+        if (g1 && rs)
+            k_i4_perm<true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, tok, (float *)a.A_rows,
+                (uint4 *)xp);
+        else if (g1)
+            k_i4_perm<false><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, tok, (float *)a.A_rows,
+                (uint4 *)xp);
+        else
+            k_i4_inter<<<moe__cuda_grid(dev, P * 32, threads), threads, 0, st>>>(
+                (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (float *)a.A_rows);
+        MOE_CUDA_LAUNCHED(FN);
+    } else if (rs && (mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK)) {
         /* k_qg_rs, RS8 order: x's codes widened and permuted; the intermediate as the exact
          * kernel's (GEMM1 wrote its values in RS8 order, which quantising per tensor or per 128
          * columns and widening keep) */

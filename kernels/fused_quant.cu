@@ -449,6 +449,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
     constexpr bool F16 = MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK; /* also: A as codes */
     constexpr bool BLOCK = MODE == MOE_QUANT_FP8_BLOCK, NV = MODE == MOE_QUANT_NVFP4;
     constexpr bool MX = MODE == MOE_QUANT_MXFP4, INT4 = MODE == MOE_QUANT_MXINT4, W4 = !F16;
+    constexpr bool I4F = MODE == MOE__FQ_I4F, HM = F16 || I4F; /* HM: f16 MMAs */
     constexpr int WW = W4 ? 4 : 8;                         /* code words of a thread's row a chunk */
     constexpr int PIECES = BM * KC / 16, PT = PIECES / NT; /* 16-element activation pieces */
     static_assert(PIECES % NT == 0, "k_wreg tile");
@@ -477,6 +478,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
         wp[b] = a.W + row * (W4 ? a.Kd / 2 : a.Kd) + t * (W4 ? 16 : 32);
         if (NV) sp[b] = (const uint8_t *)a.W_scales + row * (a.Kd / 16) + 2 * t;
         else if (MX) sp[b] = (const uint8_t *)a.W_scales + row * (a.Kd / 32) + t;
+        else if (I4F) sp[b] = (const uint16_t *)a.W_scales + row * (a.Kd / 32) + t;
         else if (INT4) sp[b] = (const uint16_t *)a.W_scales + (e * a.N + wb + 2 * t) * (a.Kd / 32);
         else if (BLOCK) sp[b] = (const float *)a.W_scales + (e * (a.N / 128) + (wb + g) / 128) * (a.Kd / 128);
         else sp[b] = nullptr;
@@ -512,6 +514,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
             /* scale codes: nvfp4 the two of the thread's 32 codes, mxfp4 its one */
             if (NV) s[b][0] = __ldg((const uint16_t *)((const uint8_t *)sp[b] + kc * 8));
             else if (MX) s[b][0] = __ldg((const uint8_t *)sp[b] + kc * 4);
+            else if (I4F) s[b][0] = __ldg((const uint16_t *)sp[b] + kc * 4);
             else if (BLOCK) s[b][0] = __float_as_uint(__ldg((const float *)sp[b] + kc));
             else s[b][0] = 0;
         }
@@ -607,7 +610,8 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
                     if (!(j & 1)) {
                         /* its scale: nvfp4 byte m / 2 of the quarter's, mxfp4 its one; mxint4 on the sums */
                         const uint32_t code = NV ? (sc[b][0] >> (8 * (m >> 1))) & 0xFF : sc[b][0];
-                        moe__fq_w4x8_pairs<!INT4>(wc[b][m], moe__fq_scale2<MODE>(code), pr[b]);
+                        if (I4F) moe__fq_i4x8_f16(wc[b][m], moe__fq_i4_scale2(code, a.W_fold), pr[b]);
+                        else moe__fq_w4x8_pairs<!INT4>(wc[b][m], moe__fq_scale2<MODE>(code), pr[b]);
                     }
                     b0 = pr[b][(j & 1) * 2];
                     b1 = pr[b][(j & 1) * 2 + 1];
@@ -615,7 +619,7 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
 #pragma unroll
                 for (int mi = 0; mi < MI; mi++) {
                     if (BLOCK || INT4) wr_mma<F16>(part[mi][b], af[mi], b0, b1);
-                    else wr_mma<F16>(acc[mi][b], af[mi], b0, b1);
+                    else wr_mma<HM>(acc[mi][b], af[mi], b0, b1);
                 }
             }
             if (INT4 && (j & 1)) { /* the end of 32-column group G: acc += part x the column's scale */
@@ -656,8 +660,9 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
 
     /* epilogue, from registers: acc[mi][b][q] is tile row mi * 16 + g (+8 for q >= 2), column
      * 2t (+1 for odd q) of block b */
-    float ts = 1.0f;
-    if (MODE == MOE_QUANT_FP8 || NV) ts = a.A_tensor[0] * a.W_tensor[e];
+    float ts0 = 1.0f;
+    if (MODE == MOE_QUANT_FP8 || NV) ts0 = a.A_tensor[0] * a.W_tensor[e];
+    if (I4F) ts0 = a.W_unfold;
     const float *bias = a.bias ? a.bias + e * a.N : nullptr;
 #pragma unroll
     for (int mi = 0; mi < MI; mi++)
@@ -666,6 +671,15 @@ __global__ void __launch_bounds__(WR_NT, 3) k_wreg(const gemm_args a) {
             const int r = mi * 16 + g + hf * 8;
             if (r >= nr) continue;
             const int p = rowpair[r];
+            if (I4F) { /* 2^-b, then the row's 2^-a (two exact steps, no early underflow) */
+                const float tr = __ldg(a.A_rows + r0 + r);
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    acc[mi][b][2 * hf] = acc[mi][b][2 * hf] * ts0 * tr;
+                    acc[mi][b][2 * hf + 1] = acc[mi][b][2 * hf + 1] * ts0 * tr;
+                }
+            }
+            const float ts = I4F ? 1.0f : ts0;
             if (G1) {
                 const float c1 = a.llama4 ? a.wts[p] : 1.0f;
                 uint16_t *orow = a.inter + (int64_t)(r0 + r) * a.I;
@@ -890,8 +904,12 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = wr ? WR_BM : fq_bm[cfg];
         const bool rs = qg && moe__fq_qgmma_rs(mode, H); /* ... the register-operand one */
-        moe__fused_path_hit(qg ? (rs ? MOE_FUSED_PATH_WGMMA_RS : MOE_FUSED_PATH_WGMMA)
-                                : wr ? MOE_FUSED_PATH_WREG : MOE_FUSED_PATH_TILE);
+        /* mxint4 on f16 MMAs (MOE__FQ_I4F) in either register-operand kernel, where the experts'
+         * scales allow the fold (moe__i4_fold_of at creation); MOE_FUSED_I4F16=0: never */
+        const bool i4f = (rs || wr) && moe__fq_i4f_ok(ex);
+        const int km = i4f ? MOE__FQ_I4F : mode; /* the kernels' mode */
+        moe__fused_path_hit(qg ? (rs ? (i4f ? MOE_FUSED_PATH_WGMMA_RS_I4F16 : MOE_FUSED_PATH_WGMMA_RS) : MOE_FUSED_PATH_WGMMA)
+                                : wr ? (i4f ? MOE_FUSED_PATH_WREG_I4F16 : MOE_FUSED_PATH_WREG) : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
         moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e,
                                                                   tile_r0, tile_n, ntiles, err); /* fused_moe.cu */
@@ -947,20 +965,30 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         a2.Kd = (int)I;
         a2.gated = 0;
         a2.y = y;
+        if (i4f) { /* x's per-token powers of two (xs region), per sorted row (gc), the intermediate's (gs) */
+            a1.A_rows = (const float *)(base + off_gc);
+            a2.A_rows = (const float *)(base + off_gs);
+            a1.W_fold = ex->i4_fold13;
+            a1.W_unfold = 1.0f / ex->i4_fold13;
+            a2.W_fold = ex->i4_fold2;
+            a2.W_unfold = 1.0f / ex->i4_fold2;
+            MOE_TRY(moe__fq_i4_xrows(g.stream, g.dev, a1.A_bf16, T, (int)H, (float *)(base + off_xs)));
+        }
         /* 3-5. GEMM1, intermediate quantisation, GEMM2 */
         moe_tensor *iv = NULL;
         int64_t ishape[2] = {P, I};
         if (wq) MOE_TRY(fq_view(&iv, ws, ws->off_inter, MOE_BF16, 2, ishape));
         moe_status s;
         if (qg)
-            s = fq_qgmma_gemms(g.stream, g.dev, mode, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
-        else if (wr) switch (mode) {
+            s = fq_qgmma_gemms(g.stream, g.dev, km, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
+        else if (wr) switch (km) {
         case MOE_QUANT_FP8: s = fq_wreg_gemms<MOE_QUANT_FP8>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
         case MOE_QUANT_FP8_BLOCK:
             s = fq_wreg_gemms<MOE_QUANT_FP8_BLOCK>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
             break;
         case MOE_QUANT_NVFP4: s = fq_wreg_gemms<MOE_QUANT_NVFP4>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
         case MOE_QUANT_MXFP4: s = fq_wreg_gemms<MOE_QUANT_MXFP4>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
+        case MOE__FQ_I4F: s = fq_wreg_gemms<MOE__FQ_I4F>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y); break;
         default: s = fq_wreg_gemms<MOE_QUANT_MXINT4>(g.stream, g.dev, a1, a2, P, lc, ws, iv, off_gc, off_gs, off_gt, I, base + ws->off_y);
         }
         else switch (mode) {

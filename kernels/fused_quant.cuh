@@ -66,7 +66,29 @@ struct moe__fq_gemm_args {
     uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
     unsigned int *inter_amax;  /* nvfp4 on k_qg_rs: the intermediate's amax bits (GEMM1 takes them) */
     float *y;                  /* G2 output f32 [P, N] (pair rows) */
+    /* MOE__FQ_I4F only: W_fold = 2^b multiplies the bf16 weight scales into f16 range, W_unfold =
+     * 2^-b undoes it in the epilogue; A_rows: 2^-a of each A row (sorted order; G1: written by
+     * k_i4_perm from the per-token ones in A_scales), by which the row was multiplied into f16
+     * range */
+    float W_fold, W_unfold;
+    const float *A_rows;
 };
+
+/* mxint4's "f16 fold" (docs/quantization.md, "mxint4 on f16 MMAs"): an internal mode id of the
+ * register-operand kernels (fused_quant.cu's k_wreg, fused_qgmma.cu's k_qg_rs), never a
+ * moe_quant_mode.  The weights widen to int4 x (bf16 scale x 2^b) as f16 -- exact: the product has
+ * at most 11 significant bits, and b (per matrix, moe__cuda_i4_fold at experts creation) puts
+ * every scale where f16 holds it and its products -- so no per-32 promotion is left; the 16-bit
+ * activations are f16 too, each row times its own power of two 2^a (largest magnitude into
+ * [2^15, 2^16)); the epilogue multiplies by 2^-b x 2^-a. */
+#define MOE__FQ_I4F 16
+/* Whether mxint4 experts ex may run on f16 MMAs: their scales allow the fold (moe__i4_fold_of at
+ * creation) and MOE_FUSED_I4F16 is not "0". */
+static inline bool moe__fq_i4f_ok(const struct moe_experts *ex) {
+    const char *env = getenv("MOE_FUSED_I4F16");
+    return ex->quant == MOE_QUANT_MXINT4 && ex->i4_fold13 > 0.0f && ex->i4_fold2 > 0.0f &&
+           !(env && env[0] == '0' && env[1] == '\0');
+}
 
 /* Decode GEMV path (fused_qgemv.cu): every quantisation mode, 1 <= T <= the bound of
  * MOE_FUSED_QGEMV (unset: 4; "0": off), local_count > 0.  moe__fq_gemv_eligible says whether
@@ -189,6 +211,26 @@ static __device__ __forceinline__ uint4 moe__fq_w4x8_bf16(uint32_t w, uint32_t s
     return o;
 }
 
+/* Eight packed int4 codes -> four f16x2 pairs r[i] = (element i, element i + 4) x the f16x2 scale
+ * s2 (MOE__FQ_I4F), exactly: (nibble ^ 8) in the low bits of f16 1024 (= 1024 + n + 8), minus 1032
+ * (= n), times s2 (exact where moe__cuda_i4_fold allowed the fold). */
+static __device__ __forceinline__ void moe__fq_i4x8_f16(uint32_t w, uint32_t s2, uint32_t (&r)[4]) {
+    w ^= 0x88888888u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t t = ((w >> (4 * j)) & 0x000F000Fu) | 0x64006400u;
+        uint32_t n;
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(n) : "r"(t), "r"(0x3C003C00u), "r"(0xE408E408u));
+        asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r[j]) : "r"(n), "r"(s2));
+    }
+}
+/* f16x2 (s', s') of a bf16 weight scale (bits) times fold = 2^b: exact where the fold is allowed. */
+static __device__ __forceinline__ uint32_t moe__fq_i4_scale2(uint32_t bits, float fold) {
+    /* (an integer exponent shift instead of FMUL + F2F measured 3-5% slower, fifteenth session) */
+    const uint32_t u = __half_as_ushort(__float2half_rn(__uint_as_float(bits << 16) * fold));
+    return u | (u << 16);
+}
+
 /* bf16x2 (s, s) of a scale code: nvfp4 e4m3, mxfp4 ue8m0 (2^(k - 127); k = 0 the subnormal
  * 2^-127, 255 NaN); others 1. */
 template <int MODE> static __device__ __forceinline__ uint32_t moe__fq_scale2(uint32_t code) {
@@ -235,6 +277,9 @@ bool moe__fq_qgmma_quantises_inter(int mode, int64_t H);
 bool moe__fq_qgmma_rs(int mode, int64_t H);
 moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe__fq_gemm_args &a, int64_t P,
                          int64_t max_tiles, void *xp);
+/* MOE__FQ_I4F: rs[t] = 2^-a of x's row t (bf16 [T, H]), the power of two each row's f16 copy is
+ * multiplied by (fused_qgmma.cu) */
+moe_status moe__fq_i4_xrows(cudaStream_t st, int dev, const uint16_t *x, int64_t T, int H, float *rs);
 
 /* The 16-bit A operand of one GEMM (for k_qg_exact and fused_quant.cu's k_wreg), rows in the
  * tile table's order: GEMM1 x's rows permuted into xp (fp8 / fp8_block: e4m3 codes as f16; nvfp4:

@@ -357,9 +357,10 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- GPUs, where both settings must pass as well).
   local QMODES = MODES
   -- the default kernel there widens the weights in registers (path wgmma_rs) for fp8 and the 4-bit
-  -- modes, and for fp8_block from H = 4096 (here H = 384: widened in shared memory, path wgmma)
+  -- modes, and for fp8_block from H = 4096 (here H = 384: widened in shared memory, path wgmma);
+  -- mxint4 on f16 MMAs (its scales folded into the weights: path wgmma_rs_i4f16)
   local WGMMA_PATH = { fp8 = "wgmma_rs", fp8_block = "wgmma", nvfp4 = "wgmma_rs", mxfp4 = "wgmma_rs",
-                       mxint4 = "wgmma_rs" }
+                       mxint4 = "wgmma_rs_i4f16" }
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- env_on_off with MOE_FUSED_QWGMMA: the wgmma kernels by default on sm_90a
   local function both(w, mode, x, L, m, more, what)
@@ -475,18 +476,27 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
         local x, L = inputs(c[5], 9900 + 10 * i + #mode)
         local yc = call(experts(w, mode, "cpu"), x, L, c[3], "cpu", c[4])
         local ys = {}
-        for j, v in ipairs{ "1", "0" } do
+        -- mxint4 also on k_qg_rs without the f16 fold (MOE_FUSED_I4F16=0: per-32 promotions)
+        local settings = mode == "mxint4" and { { "1" }, { "0" }, { "1", "0" } } or { { "1" }, { "0" } }
+        for j, v in ipairs(settings) do
           local path, y = path_of(function()
-            return H.with_env("MOE_FUSED_QRS", v, function()
-              return qwgmma(nil, function() return call(experts(w, mode, "cuda"), x, L, c[3], "cuda", c[4]) end)
+            return H.with_env("MOE_FUSED_QRS", v[1], function()
+              return H.with_env("MOE_FUSED_I4F16", v[2], function()
+                return qwgmma(nil, function() return call(experts(w, mode, "cuda"), x, L, c[3], "cuda", c[4]) end)
+              end)
             end)
           end)
-          assert.equal(HOPPER and (v == "0" and "wgmma" or "wgmma_rs") or "tile", path, what .. ": the path taken")
-          near(y, yc, what .. ", MOE_FUSED_QRS " .. v .. ": CUDA vs CPU")
+          local want = v[1] == "0" and "wgmma" or (mode == "mxint4" and not v[2]) and "wgmma_rs_i4f16" or "wgmma_rs"
+          assert.equal(HOPPER and want or "tile", path, what .. ": the path taken")
+          near(y, yc, what .. ", MOE_FUSED_QRS " .. v[1] .. (v[2] and ", MOE_FUSED_I4F16 0" or "") .. ": CUDA vs CPU")
           ys[j] = y
         end
         local d = near(ys[1], ys[2], what .. ": k_qg_rs vs k_qg_exact")
         print(string.format("\n  %s: k_qg_rs vs k_qg_exact relative L2 %.3g", what, d))
+        if ys[3] then
+          print(string.format("  %s: k_qg_rs f16 fold vs per-32 promotions relative L2 %.3g", what,
+                              near(ys[1], ys[3], what .. ": f16 fold vs per-32")))
+        end
       end
     end)
   end
@@ -537,9 +547,10 @@ describe("#gpu quantised fused MoE: register-operand tile kernel at a few rows p
   -- widened in registers (k_wreg, 32-row tiles) by default, k_gemm's tiles with
   -- MOE_FUSED_QWREG=0; both against the CPU and each other.
   local RMODES = MODES
-  -- env_on_off with MOE_FUSED_QWREG: k_wreg by default; its output and the CPU routing
+  -- env_on_off with MOE_FUSED_QWREG: k_wreg by default (mxint4 on f16 MMAs); its output and the CPU routing
   local function both(w, mode, x, L, m, more, what)
-    local y, _, _, rc = env_on_off("MOE_FUSED_QWREG", "wreg", w, mode, x, L, m, more, what)
+    local y, _, _, rc = env_on_off("MOE_FUSED_QWREG", mode == "mxint4" and "wreg_i4f16" or "wreg", w, mode, x, L, m,
+                                   more, what)
     return y, rc
   end
 
@@ -893,21 +904,29 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
 end)
 
 describe("#gpu quantised fused MoE: default decode GEMV rule (no MOE_FUSED_QGEMV set)", function()
-  -- Unset: fp8 / fp8_block take the GEMV path for T <= 4 only; past that, up to T = 64, nvfp4 and
-  -- mxfp4 while T*K < E (below one pair per expert), mxint4 while T*K <= 2E.  Top-2 over E = 16:
-  -- T = 7 (T*K = 14 < E) and T = 16 (T*K = 32 = 2E).
-  for _, mode in ipairs(MODES) do
+  -- Unset: fp8 / fp8_block take the GEMV path for T <= 4 only; past that, up to T = 64, nvfp4,
+  -- mxfp4 and mxint4 on f16 MMAs while T*K < E (below one pair per expert), mxint4 with per-32
+  -- promotions (MOE_FUSED_I4F16=0) while T*K <= 2E.  Top-2 over E = 16: T = 7 (T*K = 14 < E) and
+  -- T = 16 (T*K = 32 = 2E).
+  for _, mode in ipairs{ "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4", "mxint4/I4F16=0" } do
     for _, T in ipairs{ 7, 16 } do
-      local gemv = (mode == "nvfp4" or mode == "mxfp4") and T * 2 < E or mode == "mxint4"
+      local gemv = mode ~= "fp8" and mode ~= "fp8_block" and T * 2 < E or mode == "mxint4/I4F16=0"
+      local i4env = mode == "mxint4/I4F16=0" and "0" or nil
+      local wreg = mode == "mxint4" and "wreg_i4f16" or "wreg"
       it(mode .. " / swiglu / renormalize / T=" .. T .. ": " ..
          (gemv and "the GEMV path (the bits of MOE_FUSED_QGEMV=16), near the tile kernels (=0)"
                or "the tile kernels (the bits of MOE_FUSED_QGEMV=0)") .. "; agrees with the CPU", function()
         local w, m = weights("swiglu", false), METHODS.renormalize
         local x, L = inputs(T, 8300 + #mode + T)
-        local function go(v) return qgemv(v, function() return call(experts(w, mode, "cuda"), x, L, m, "cuda") end) end
+        local qm = mode:match("^[%w_]+")
+        local function go(v)
+          return H.with_env("MOE_FUSED_I4F16", i4env, function()
+            return qgemv(v, function() return call(experts(w, qm, "cuda"), x, L, m, "cuda") end)
+          end)
+        end
         local path, yd, rd = path_of(function() return go(nil) end)
-        assert.equal(gemv and "gemv" or "wreg", path, mode .. " T=" .. T .. ": the path taken")
-        local yc, rc = call(experts(w, mode, "cpu"), x, L, m, "cpu")
+        assert.equal(gemv and "gemv" or wreg, path, mode .. " T=" .. T .. ": the path taken")
+        local yc, rc = call(experts(w, qm, "cpu"), x, L, m, "cpu")
         assert.same(rc.ids:totable(), rd.ids:to("cpu"):totable())
         near(yd, yc, mode .. " T=" .. T .. ", MOE_FUSED_QGEMV unset: CUDA vs CPU")
         local yt = go("0")
@@ -920,4 +939,103 @@ describe("#gpu quantised fused MoE: default decode GEMV rule (no MOE_FUSED_QGEMV
       end)
     end
   end
+end)
+
+describe("#gpu mxint4 on f16 MMAs (the scales folded into the weights; MOE_FUSED_I4F16=0 off)", function()
+  -- k_wreg (T = 256, all pairs on one expert: 16 a local expert on average) and k_qg_rs (T = 1200:
+  -- 75) run mxint4 on f16 MMAs where every int4 x bf16 scale x 2^b is exact in f16 (one b a matrix,
+  -- chosen when the experts are made), with each activation row times its own power of two.
+  local SIZES = { { 256, "wreg" }, { 1200, "wgmma_rs" } }
+  local w = weights("swiglu", false)
+
+  -- routed mode: every token to expert `e` (0-based), weight 1
+  local function to_expert(T, e, dev)
+    local ids, wts = {}, {}
+    for t = 1, T do
+      ids[t] = { e }
+      wts[t] = { 1 }
+    end
+    return { ids = moe.tensor(ids, { dtype = "i32", device = dev }), weights = moe.tensor(wts, { device = dev }) }
+  end
+  -- experts whose gate_up scales are those of moe.quantize but expert 0's all `hi` and expert 1's
+  -- all `lo`; down as quantised; CUDA and CPU copies of the same parts
+  local function crafted(hi, lo)
+    local q = moe.quantize(w.w13:to("cuda"), "mxint4")
+    local sc = q.scales:clone()
+    sc:select(1, 1):fill_(hi)
+    sc:select(1, 2):fill_(lo)
+    local down = moe.quantize(w.w2:to("cuda"), "mxint4")
+    local ex = {}
+    for _, dev in ipairs{ "cuda", "cpu" } do
+      ex[dev] = moe.experts{ gate_up = moe.quant_from_parts{ mode = "mxint4", data = q.data:to(dev), scales = sc:to(dev) },
+                             down = moe.quant_from_parts{ mode = "mxint4", data = down.data:to(dev),
+                                                          scales = down.scales:to(dev) },
+                             activation = "swiglu", device = dev }
+    end
+    return ex
+  end
+  for _, sz in ipairs(SIZES) do
+    local T, kern = sz[1], sz[2]
+    local fold, plain = HOPPER and kern .. "_i4f16" or (kern == "wreg" and "wreg_i4f16" or "tile"),
+                        HOPPER and kern or (kern == "wreg" and "wreg" or "tile")
+    it(string.format("T=%d (%s): scales 2^0 and 2^-36 (lowest bit 2^-24 after the fold: f16 subnormal " ..
+                     "weights) fold, and all of expert 1's outputs match the CPU; 1.5 x 2^-36 (lowest bit " ..
+                     "2^-37) does not fold and runs the per-32 promotions", T, kern), function()
+      local x = moe.randn({ T, HD }, { dtype = "bf16", seed = 7100 + T })
+      for _, c in ipairs{ { 2 ^ -36, fold }, { 1.5 * 2 ^ -36, plain } } do
+        local ex = crafted(1.0, c[1])
+        local yc = moe.fused_moe{ hidden = x, experts = ex.cpu, routed = to_expert(T, 1, "cpu") }
+        local path, y = path_of(function()
+          return moe.fused_moe{ hidden = x:to("cuda"), experts = ex.cuda, routed = to_expert(T, 1, "cuda") }
+        end)
+        assert.equal(c[2], path, string.format("expert 1's scales %.4g x 2^-36: the path taken", c[1] * 2 ^ 36))
+        near(y, yc, string.format("T=%d expert 1 (scales %.4g x 2^-36, %s): CUDA vs CPU", T, c[1] * 2 ^ 36, path))
+        local y0c = moe.fused_moe{ hidden = x, experts = ex.cpu, routed = to_expert(T, 0, "cpu") }
+        local y0 = moe.fused_moe{ hidden = x:to("cuda"), experts = ex.cuda, routed = to_expert(T, 0, "cuda") }
+        near(y0, y0c, string.format("T=%d expert 0 (scales 1): CUDA vs CPU", T))
+      end
+    end)
+
+    it(string.format("T=%d (%s): rows scaled by 2^-30 and 2^20 (past f16's range unscaled), a row with " ..
+                     "entries at 2^-45 of its largest, each row near the CPU; MOE_FUSED_I4F16=0 too", T, kern),
+       function()
+      local t = moe.randn({ T, HD }, { seed = 7200 + T }):totable()
+      for j = 1, HD do
+        t[1][j] = t[1][j] * 2 ^ -30
+        t[2][j] = t[2][j] * 2 ^ 20
+        if j % 3 == 0 then t[3][j] = t[3][j] * 2 ^ -45 end
+      end
+      local x = moe.tensor(t, { dtype = "bf16" })
+      local L = moe.randn({ T, E }, { seed = 7300 + T })
+      local m = METHODS.renormalize
+      local yc = call(experts(w, "mxint4", "cpu"), x, L, m, "cpu")
+      local rows_c = yc:to("f32"):totable()
+      for _, env in ipairs{ false, "0" } do
+        local path, y = path_of(function()
+          return H.with_env("MOE_FUSED_I4F16", env or nil, function()
+            return call(experts(w, "mxint4", "cuda"), x, L, m, "cuda")
+          end)
+        end)
+        assert.equal(env and plain or fold, path, "MOE_FUSED_I4F16 " .. (env or "unset") .. ": the path taken")
+        -- the whole output within 1e-3; each row within 1e-2 (a bf16 output element off by one
+        -- rounding step is 2^-8 relative: a few per row reach 1e-3; a row out of f16's range
+        -- would be off by O(1) or inf)
+        near(y, yc, string.format("T=%d, MOE_FUSED_I4F16 %s", T, env or "unset"))
+        local rows = y:to("cpu"):to("f32"):totable()
+        for r = 1, T do
+          local err = rel_l2(moe.tensor({ rows[r] }), moe.tensor({ rows_c[r] }))
+          assert.is_true(err <= 1e-2, string.format("T=%d row %d, MOE_FUSED_I4F16 %s: relative L2 %.3g", T, r,
+                                                    env or "unset", err))
+        end
+      end
+    end)
+  end
+
+  it("under a CUDA graph, deepseekv3 top-4 at T=200 (k_wreg) and 1200 (k_qg_rs): the per-row powers of two " ..
+     "recomputed each replay", function()
+    for _, T in ipairs{ 200, 1200 } do
+      local y1, again = graph_rounds(w, "mxint4", T, METHODS.deepseekv3, 7400 + T)
+      assert.same(y1, again)
+    end
+  end)
 end)

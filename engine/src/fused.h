@@ -27,6 +27,8 @@ struct moe_experts {
      * logical row order on dev.  CPU: w13/w2 then hold their f32 dequantised values. */
     int quant;
     struct moe_qtensor *q13, *q2;
+    /* CUDA mxint4: moe__i4_fold_of of q13's / q2's scales at creation (0: no f16 fold) */
+    float i4_fold13, i4_fold2;
 };
 
 /* Scratch of moe_fused_moe: one allocation carved into regions (byte offsets into buf).

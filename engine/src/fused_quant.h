@@ -29,7 +29,17 @@ moe_status moe__fused_quant_run(const moe__fused_args *args);
 moe_status moe__cpu_fused_quant(const moe__fused_args *args);
 #ifdef MOE_HAVE_CUDA
 moe_status moe__cuda_fused_quant(const moe__fused_args *args);
+/* mxint4 weight scales (bf16, contiguous, on CUDA): r[0] the largest floor(log2) of a nonzero
+ * finite scale (INT_MIN: none), r[1] the smallest exponent of a nonzero scale's lowest set bit
+ * (INT_MAX: none), r[2] 1 if any scale is inf / NaN.  Synchronises. */
+moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r);
 #endif
+
+/* mxint4's f16 fold (docs/quantization.md, "mxint4 on f16 MMAs"): 2^b for scales of range r (as
+ * moe__cuda_i4_range gives it) such that every int4 x scale x 2^b is exact in f16 -- the
+ * largest scale's binade at 2^12 (|-8 x s| <= 65280), every scale's lowest bit at or above 2^-24
+ * (f16's subnormal step) -- or 0 where no b does (range over 29 binades, inf / NaN scales). */
+float moe__i4_fold_of(const int *r);
 
 #ifdef __cplusplus
 }
