@@ -637,7 +637,7 @@ constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB (fp8 modes 8 KB) each */
 __host__ __device__ constexpr bool qr_f8(int mode) { return mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK; }
 constexpr size_t qr_smem(int mode) {
     return (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * (qr_f8(mode) ? QX_BK : QX_BK / 2)) + 1024 + 2 * QR_S * 8 +
-           (mode == MOE_QUANT_FP8_BLOCK ? 2 * 2 * QG_BM * 4 : 0);
+           (mode == MOE_QUANT_FP8_BLOCK || mode == MOE__FQ_I4F ? 2 * 2 * QG_BM * 4 : 0);
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -776,8 +776,9 @@ __global__ void __launch_bounds__(384, 1)
     extern __shared__ unsigned char qg_raw[];
     uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* tokens 16-bit [S][BM][BK] */
     uint8_t *B8 = (uint8_t *)(As + S * BM * BK);                                  /* codes [S][BN][CB] */
-    float *Sx = (float *)(B8 + S * BN * CB); /* fp8_block: activation scales [warpgroup][2][128 tokens] */
-    const uint32_t bar0 = moe__fm_smem(Sx + (BLOCK ? 2 * 2 * BM : 0)); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
+    /* fp8_block: activation scales [warpgroup][2][128 tokens]; I4F: the token rows' 2^-a, likewise */
+    float *Sx = (float *)(B8 + S * BN * CB);
+    const uint32_t bar0 = moe__fm_smem(Sx + (BLOCK || I4F ? 2 * 2 * BM : 0)); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
     const int tid = threadIdx.x;
     qg_bars2<S>(bar0);
     const qg_grid gr = qg_grid_of<G1, BK>(a);
@@ -794,7 +795,7 @@ __global__ void __launch_bounds__(384, 1)
         /* byte offsets of this thread's words in a stage's two rows (fp8 modes: 16 bytes at 16t) */
         const int ol = rl * CB + (F8 ? 16 : 4) * t, oh = rh * CB + (F8 ? 16 : 4) * t;
         int it = 0;
-        int bc = 0; /* fp8_block: 128-column blocks done by this thread (its Sx slot's parity) */
+        int bc = 0; /* fp8_block: 128-column blocks done by this thread, I4F: items (its Sx slot's parity) */
         float acc[64];
         /* mxint4: the two groups' partial sums; fp8_block: ta the 128-column block's */
         float ta[INT4 || BLOCK ? 64 : 1], tb[INT4 ? 64 : 1];
@@ -826,15 +827,19 @@ __global__ void __launch_bounds__(384, 1)
             const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f;
             int pp[G1 ? 1 : 32];
             float wt[G1 ? 1 : 32];
-            float xr[I4F ? 32 : 1]; /* I4F: 2^-a of each token column's A row */
+            /* I4F: thread tk of a warpgroup stores token tk's 2^-a into the warpgroup's slot (slots
+             * alternate by item; the epilogue reads them after a warpgroup barrier), so the 32 of a
+             * thread's token columns cost no registers while the MMAs run (in registers GEMM1 took
+             * 10% longer than mxfp4's) */
+            const float *xr = nullptr;
+            if constexpr (I4F) {
+                const int tk = ct & 127;
+                float *slot = Sx + wg * 2 * BM + (bc & 1) * BM;
+                slot[tk] = tk < nr ? __ldg(a.A_rows + r0 + tk) : 0.0f;
+                xr = slot;
+                bc++;
+            }
             auto load_pairs = [&]() {
-                if constexpr (I4F) {
-#pragma unroll
-                    for (int k = 0; k < 32; k++) {
-                        const int r = 8 * (k >> 1) + c2 + (k & 1);
-                        xr[k] = r < nr ? __ldg(a.A_rows + r0 + r) : 0.0f;
-                    }
-                }
                 /* all loaded before any store: the stores may alias the tables for all the
                  * compiler knows, so loads between them would each wait a round trip (measured:
                  * GEMM2's epilogue then took as long as its MMAs at Qwen3-30B-A3B T = 4096) */
@@ -963,6 +968,7 @@ __global__ void __launch_bounds__(384, 1)
             /* epilogue: accumulator row lo / hi, token column 8j + c2 (+1); GEMM1 needs the pairs
              * only for llama4 */
             if (INT4 || BLOCK) load_pairs();
+            if constexpr (I4F) asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
             if constexpr (G1) {
                 /* ACT >= 0: the gated activation ACT, known at compile time; -1: a.act, gated or
                  * not.  The activation's switch inside the unrolled loop made GEMM1's epilogue a
@@ -982,8 +988,8 @@ __global__ void __launch_bounds__(384, 1)
                             if (r >= nr) continue;
                             float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
                             if (I4F) { /* 2^-b, then 2^-a: each exact, no early underflow */
-                                vl *= xr[2 * j + i];
-                                vh *= xr[2 * j + i];
+                                vl *= xr[r];
+                                vh *= xr[r];
                             }
                             if (a.llama4) {
                                 const float c1 = a.wts[a.sorted[r0 + r]];
@@ -1022,8 +1028,8 @@ __global__ void __launch_bounds__(384, 1)
                         if (r >= nr) continue;
                         float vl = acc[4 * j + i] * ts, vh = acc[4 * j + 2 + i] * ts;
                         if (I4F) {
-                            vl *= xr[2 * j + i];
-                            vh *= xr[2 * j + i];
+                            vl *= xr[r];
+                            vh *= xr[r];
                         }
                         if (bias) {
                             vl += bl;
