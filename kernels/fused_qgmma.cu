@@ -624,7 +624,8 @@ __global__ void __launch_bounds__(384, 1)
  * 32-column group in that order ("RS order", qr_pos); the kernels that write it
  * (k_qr_permute, k_qg_codes16<true, true>, GEMM1's epilogue for the mx modes) permute as they
  * write.  A 32-column group never mixes with another inside a k16 step, so mxint4 still
- * promotes each group's partial sums times its bf16 scale (now one scale a thread row).  nvfp4's
+ * promotes each group's partial sums times its bf16 scale (now one scale a thread row) where it
+ * does not run as MOE__FQ_I4F (f16 MMAs on int4 x the folded scale, no promotions).  nvfp4's
  * e4m3 and mxfp4's ue8m0 block scales are in the widened values, as in k_qg_exact. */
 constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB (fp8 modes 8 KB) each */
 /* fp8 / fp8_block (qg_variant: fp8 always, fp8_block from H = 4096): the weights' e4m3 codes

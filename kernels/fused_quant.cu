@@ -20,6 +20,8 @@
  *      first so rows past the local pairs do not enter the amax);
  *   5. k_gemm<G2>: intermediate x W2^T, bias and routing weight, f32 rows per pair;
  *   6. moe__k_fm_finalize (fused_moe.cu): out[t] = bf16(sum over local k, in order).
+ * mxint4 on k_wreg and the Hopper k_qg_rs runs as MOE__FQ_I4F where its scales allow (f16 MMAs,
+ * the scale folded into exact f16 weights, activation rows times powers of two; fused_quant.cuh).
  * Below 48 pairs per local expert (4-bit: 64; fq_wreg_use) steps 3 and 5 run as k_wreg, whose
  * weight operands go from global memory to registers (no shared-memory tile); on sm_90a from
  * there (moe__fq_qgmma_use) as

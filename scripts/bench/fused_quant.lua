@@ -12,6 +12,8 @@
 --   shared grid-wide steps instead of by every block;
 -- MOE_FUSED_QVPDL=0: those block-local decode kernels launched plainly, not as programmatic
 --   dependents of the routing kernel;
+-- MOE_FUSED_I4F16=0: mxint4 with per-32 promotions of bf16-MMA partial sums instead of its scales folded
+--   into f16 weights (docs/quantization.md, "mxint4 on f16 MMAs");
 -- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with the routing kernel and k_qv_up reading its ids
 --   instead of the decode kernels routing the token themselves (=1: the routing kernel, k_qv_up still
 --   routing its own pair).
