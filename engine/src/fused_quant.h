@@ -38,7 +38,8 @@ moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r);
 /* mxint4's f16 fold (docs/quantization.md, "mxint4 on f16 MMAs"): 2^b for scales of range r (as
  * moe__cuda_i4_range gives it) such that every int4 x scale x 2^b is exact in f16 -- the
  * largest scale's binade at 2^12 (|-8 x s| <= 65280), every scale's lowest bit at or above 2^-24
- * (f16's subnormal step) -- or 0 where no b does (range over 29 binades, inf / NaN scales). */
+ * (f16's subnormal step) -- or 0 where no b does (a scale's lowest bit more than 36 binades
+ * below the largest scale's binade, inf / NaN scales). */
 float moe__i4_fold_of(const int *r);
 
 #ifdef __cplusplus
