@@ -10,7 +10,8 @@
 -- rule (MOE_FUSED_QGEMV unset) at T = 7 and 16 (T*K < E, = 2E); the register-operand tile kernel
 -- below 48 (fp8 modes) / 64 (4-bit) pairs per expert, every mode (MOE_FUSED_QWREG on and off,
 -- T = 60..240); the decode path's block-local activations (fp8, fp8_block, nvfp4; MOE_FUSED_QVLOC)
--- against the shared steps bit for bit.
+-- against the shared steps bit for bit; mxint4 on f16 MMAs (its scales folded into the weights;
+-- MOE_FUSED_I4F16=0 off): the fold's range rule at its boundary, rows past f16's range, graphs.
 -- Prints each mode's error against the bf16 output, and the wgmma kernels' difference from
 -- the mma.sync ones.
 -- Exits 77 without a CUDA device.
