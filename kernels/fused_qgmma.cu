@@ -1123,31 +1123,6 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-/* x's rows (bf16 [T, cols]) into GEMM1's sorted order in RS order (k_qg_rs, mx modes): row i
- * of xp from row sorted[i] / K, one 16-byte output word a thread (consecutive threads write
- * consecutive words); only the rows of the row tiles. */
-__global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x, const int32_t *sorted, int K,
-                                                    const int32_t *tile_r0, const int32_t *tile_n,
-                                                    const int32_t *ntiles, int cols, uint4 *__restrict__ xp) {
-    const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
-    const int c8 = cols / 8; /* 16-byte words of a row: one output word a thread */
-    const int64_t units = nv * c8;
-    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = u / c8;
-        const int c = (int)(u - i * c8), q = c & 3, ks = q >> 1, sel = (q & 1) ? 0x7632 : 0x5410;
-        /* output word q of a group: RS-order words 8ks + t + 4h (h = q % 2) for t = 0..3, from input
-         * words 4t + ks and 4t + ks + 2 (the four threads of a group read the same 64 bytes) */
-        const uint4 *sp = x + (int64_t)(sorted[i] / K) * c8 + (c & ~3);
-        uint32_t o[4];
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            const uint4 v = __ldg(sp + t);
-            o[t] = __byte_perm(ks ? v.y : v.x, ks ? v.w : v.z, sel);
-        }
-        xp[i * c8 + c] = make_uint4(o[0], o[1], o[2], o[3]);
-    }
-}
-
 /* ------------------------------------------------ mxint4's f16 fold (MOE__FQ_I4F) -- */
 
 /* 2^a for a row whose largest |bf16| has the bits m (0x7FFF mask applied): a puts that magnitude in
@@ -1184,24 +1159,33 @@ __global__ void __launch_bounds__(256) k_i4_xrows(const uint4 *__restrict__ x, i
     }
 }
 
-/* x's rows into GEMM1's sorted order as f16 times 2^a of their token (rs: 2^-a), RS order (k_qg_rs)
- * or as they are (k_wreg): row i of xp from row sorted[i] / K, one 16-byte output word a thread,
- * and rrow[i] = its 2^-a (the epilogues' per-row factor); only the rows of the row tiles. */
-template <bool RS>
-__global__ void __launch_bounds__(256) k_i4_perm(const uint4 *__restrict__ x, const int32_t *sorted, int K,
-                                                 const int32_t *tile_r0, const int32_t *tile_n, const int32_t *ntiles,
-                                                 int cols, const float *rs, float *rrow, uint4 *__restrict__ xp) {
+/* x's rows (bf16 [T, cols]) into GEMM1's sorted order: row i of xp from row sorted[i] / K, one
+ * 16-byte output word a thread (consecutive threads write consecutive words); only the rows of the
+ * row tiles.  RS: in RS order (k_qg_rs), else as they are (k_wreg).  F16 (MOE__FQ_I4F): as f16
+ * times 2^a of their token (rs: 2^-a), and rrow[i] = that 2^-a (the epilogues' per-row factor);
+ * else the bf16 values (the mx modes on k_qg_rs). */
+template <bool RS, bool F16>
+__global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x, const int32_t *sorted, int K,
+                                                    const int32_t *tile_r0, const int32_t *tile_n,
+                                                    const int32_t *ntiles, int cols, const float *rs, float *rrow,
+                                                    uint4 *__restrict__ xp) {
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
-    const int c8 = cols / 8;
+    const int c8 = cols / 8; /* 16-byte words of a row: one output word a thread */
     const int64_t units = nv * c8;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
         const int64_t i = u / c8;
         const int c = (int)(u - i * c8);
         const int64_t tok = sorted[i] / K;
-        const float r = __ldg(rs + tok), up = 1.0f / r; /* a power of two: exact */
-        if (c == 0) rrow[i] = r;
+        float up = 1.0f;
+        if (F16) {
+            const float r = __ldg(rs + tok);
+            up = 1.0f / r; /* a power of two: exact */
+            if (c == 0) rrow[i] = r;
+        }
         uint32_t o[4];
-        if (RS) { /* as k_qr_permute */
+        if (RS) {
+            /* output word q of a group: RS-order words 8ks + t + 4h (h = q % 2) for t = 0..3, from
+             * input words 4t + ks and 4t + ks + 2 (the four threads of a group read the same 64 bytes) */
             const int q = c & 3, ks = q >> 1, sel = (q & 1) ? 0x7632 : 0x5410;
             const uint4 *sp = x + tok * c8 + (c & ~3);
 #pragma unroll
@@ -1216,7 +1200,10 @@ __global__ void __launch_bounds__(256) k_i4_perm(const uint4 *__restrict__ x, co
             o[2] = v.z;
             o[3] = v.w;
         }
-        xp[i * c8 + c] = make_uint4(i4_cvt2(o[0], up), i4_cvt2(o[1], up), i4_cvt2(o[2], up), i4_cvt2(o[3], up));
+        if (F16)
+#pragma unroll
+            for (int t = 0; t < 4; t++) o[t] = i4_cvt2(o[t], up);
+        xp[i * c8 + c] = make_uint4(o[0], o[1], o[2], o[3]);
     }
 }
 
@@ -1475,15 +1462,15 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
     const int64_t pcap = moe__cuda_sm_count(dev) * 16, pb = P < pcap ? P : pcap; /* permute: a row a block */
     if (mode == MOE__FQ_I4F) {
         /* f16 rows times their powers of two: x's (per token in a.A_scales, from k_i4_xrows)
-         * permuted, RS order for k_qg_rs, a.A_rows per sorted row; the intermediate's in place,
+         * permuted (k_qr_permute), RS order for k_qg_rs, a.A_rows per sorted row; the intermediate's in place,
          * a.A_rows written */
         const float *tok = (const float *)a.A_scales; /* per token (k_i4_xrows) */
         if (g1 && rs)
-            k_i4_perm<true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+            k_qr_permute<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, tok, (float *)a.A_rows,
                 (uint4 *)xp);
         else if (g1)
-            k_i4_perm<false><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+            k_qr_permute<false, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, tok, (float *)a.A_rows,
                 (uint4 *)xp);
         else
@@ -1516,8 +1503,9 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
                 a.Kd, (uint4 *)A16);
             MOE_CUDA_LAUNCHED(FN);
         } else if (g1) {
-            k_qr_permute<<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
-                (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)xp);
+            k_qr_permute<true, false><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, nullptr, nullptr,
+                (uint4 *)xp);
             MOE_CUDA_LAUNCHED(FN);
         }
     } else if (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) {

@@ -68,7 +68,7 @@ struct moe__fq_gemm_args {
     float *y;                  /* G2 output f32 [P, N] (pair rows) */
     /* MOE__FQ_I4F only: W_fold = 2^b multiplies the bf16 weight scales into f16 range, W_unfold =
      * 2^-b undoes it in the epilogue; A_rows: 2^-a of each A row (sorted order; G1: written by
-     * k_i4_perm from the per-token ones in A_scales), by which the row was multiplied into f16
+     * k_qr_permute<RS, true> from the per-token ones in A_scales), by which the row was multiplied into f16
      * range */
     float W_fold, W_unfold;
     const float *A_rows;

@@ -9,7 +9,6 @@
 #include "quant_math.h"
 
 #include <inttypes.h>
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,14 +57,6 @@ moe_status moe__fused_quant_run(const moe__fused_args *A) {
 #else
     return moe__err(MOE_ERR_NO_CUDA, "moe_fused_moe: moelab was built without CUDA support");
 #endif
-}
-
-float moe__i4_fold_of(const int *r) {
-    if (r[2]) return 0.0f;
-    if (r[0] == INT_MIN) return 1.0f; /* every scale zero: any b */
-    const int b = 12 - r[0];
-    if (b < -126 || b > 126 || r[1] + b < -24) return 0.0f;
-    return ldexpf(1.0f, b);
 }
 
 /* -------------------------------------------------------------- experts -- */
@@ -232,16 +223,13 @@ moe_status moe_experts_new_quant(moe_experts **out, const moe_experts_cfg *cfg, 
     if (s == MOE_OK) s = moe__fq_bias(bias_down, dev, &ex->b2);
 #ifdef MOE_HAVE_CUDA
     if (s == MOE_OK && dev.type == MOE_DEVICE_CUDA && mode == MOE_QUANT_MXINT4) {
-        /* the f16 fold's per-matrix power of two, from the scales as they are now */
+        /* the f16 fold's per-matrix power of two, from the scales as they are now (a qtensor's
+         * scales are contiguous and of the mode's dtype, bf16: moe_qtensor_from_parts) */
         int r[3];
-        const moe_tensor *sc13 = moe_qtensor_scales(ex->q13), *sc2 = moe_qtensor_scales(ex->q2);
-        if (moe_tensor_is_contiguous(sc13) && moe_tensor_is_contiguous(sc2) && sc13->dtype == MOE_BF16 &&
-            sc2->dtype == MOE_BF16) {
-            s = moe__cuda_i4_range(sc13, r);
-            if (s == MOE_OK) ex->i4_fold13 = moe__i4_fold_of(r);
-            if (s == MOE_OK) s = moe__cuda_i4_range(sc2, r);
-            if (s == MOE_OK) ex->i4_fold2 = moe__i4_fold_of(r);
-        }
+        s = moe__cuda_i4_range(moe_qtensor_scales(ex->q13), r);
+        if (s == MOE_OK) ex->i4_fold13 = moe__i4_fold_of(r);
+        if (s == MOE_OK) s = moe__cuda_i4_range(moe_qtensor_scales(ex->q2), r);
+        if (s == MOE_OK) ex->i4_fold2 = moe__i4_fold_of(r);
     }
 #endif
     if (s == MOE_OK && dev.type == MOE_DEVICE_CPU) {

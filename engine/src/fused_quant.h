@@ -7,6 +7,9 @@
 
 #include "fused.h"
 
+#include <limits.h>
+#include <math.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -39,8 +42,15 @@ moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r);
  * moe__cuda_i4_range gives it) such that every int4 x scale x 2^b is exact in f16 -- the
  * largest scale's binade at 2^12 (|-8 x s| <= 65280), every scale's lowest bit at or above 2^-24
  * (f16's subnormal step) -- or 0 where no b does (a scale's lowest bit more than 36 binades
- * below the largest scale's binade, inf / NaN scales). */
-float moe__i4_fold_of(const int *r);
+ * below the largest scale's binade, inf / NaN scales).  Inline: spec/c/test_fused_quant.c
+ * checks it without a GPU. */
+static inline float moe__i4_fold_of(const int *r) {
+    if (r[2]) return 0.0f;
+    if (r[0] == INT_MIN) return 1.0f; /* every scale zero: any b */
+    const int b = 12 - r[0];
+    if (b < -126 || b > 126 || r[1] + b < -24) return 0.0f;
+    return ldexpf(1.0f, b);
+}
 
 #ifdef __cplusplus
 }

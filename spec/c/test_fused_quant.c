@@ -1,8 +1,10 @@
 /* test_fused_quant.c -- C API of quantised experts on the CPU: moe_experts_new_quant's
  * argument rules (tensor or qtensor per matrix, not both, not neither; the qtensor's mode and
  * shape; block divisibility), bf16 delegation, moe_experts_quant, a quantised fused call whose
- * output differs from bf16's and equals the same call with qtensor parts, and no leaks. */
+ * output differs from bf16's and equals the same call with qtensor parts, and no leaks; the
+ * range rule of mxint4's f16 fold (moe__i4_fold_of) at its edges, with hand-derived values. */
 #include "moe.h"
+#include "fused_quant.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -49,7 +51,29 @@ static int same_bytes(const moe_tensor *a, const moe_tensor *b) {
            memcmp(moe_tensor_data(a), moe_tensor_data(b), moe_tensor_nbytes(a)) == 0;
 }
 
+/* r = {largest binade, lowest set bit, inf / NaN}: b = 12 - r[0]; allowed while r[1] + b >= -24
+ * and -126 <= b <= 126. */
+static void test_i4_fold(void) {
+    int ok[3] = {0, -36, 0}; /* b 12: the lowest bit lands on 2^-24 exactly */
+    CHECK(moe__i4_fold_of(ok) == 4096.0f);
+    int low[3] = {0, -37, 0}; /* one bit below f16's subnormal step */
+    CHECK(moe__i4_fold_of(low) == 0.0f);
+    int typ[3] = {-6, -14, 0}; /* scales around 2^-6 with 8-bit significands: b 18 */
+    CHECK(moe__i4_fold_of(typ) == 262144.0f);
+    int zero[3] = {INT_MIN, INT_MAX, 0}; /* every scale zero */
+    CHECK(moe__i4_fold_of(zero) == 1.0f);
+    int bad[3] = {0, 0, 1}; /* an inf / NaN scale */
+    CHECK(moe__i4_fold_of(bad) == 0.0f);
+    int tiny[3] = {-114, -120, 0}; /* b 126, the largest f32 power of two the epilogue inverts */
+    CHECK(moe__i4_fold_of(tiny) == 0x1p126f);
+    int tinier[3] = {-115, -120, 0}; /* b 127: out of range */
+    CHECK(moe__i4_fold_of(tinier) == 0.0f);
+    int huge[3] = {127, 120, 0}; /* b -115 */
+    CHECK(moe__i4_fold_of(huge) == 0x1p-115f);
+}
+
 int main(void) {
+    test_i4_fold();
     moe_mem_info m0, m1;
     CHECK(moe_mem_stats(&m0) == MOE_OK);
     const int64_t E = 3, H = 128, I = 128, T = 4;
