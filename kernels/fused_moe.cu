@@ -76,12 +76,32 @@ __global__ void moe__k_fm_pack_bias(const void *src, int src_bf16, float *dst, i
 
 __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
     moe__k_fm_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted,
-                    int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err) {
+                    int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err,
+                    int32_t *pos, const uint4 *amx_x, int64_t amx_n8, unsigned int *amx_part) {
     extern __shared__ int moe__fm_sm[];
     __shared__ int wrow[32], wtile[32];
     moe__fm_pdl_enter();
-    int *cnt = moe__fm_sm, *cur = moe__fm_sm + lc;
     const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    if (blockIdx.x > 0) {
+        /* blocks 1..: the largest |bf16| of amx_x's 8-value words (their share), as f32 bits, into
+         * amx_part[blockIdx.x - 1] (a maximum of bit patterns: exact in any order) */
+        uint32_t m = 0;
+        for (int64_t i = (int64_t)(blockIdx.x - 1) * nt + tid; i < amx_n8; i += (int64_t)(gridDim.x - 1) * nt) {
+            const uint4 q = __ldg(amx_x + i);
+            const uint32_t h = __vmaxu2(__vmaxu2(q.x & 0x7FFF7FFFu, q.y & 0x7FFF7FFFu),
+                                        __vmaxu2(q.z & 0x7FFF7FFFu, q.w & 0x7FFF7FFFu));
+            m = max(m, max(h & 0xFFFFu, h >> 16));
+        }
+        for (int o = 16; o > 0; o >>= 1) m = max(m, (uint32_t)__shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) wrow[warp] = (int)m;
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < nt / 32; w++) m = max(m, (uint32_t)wrow[w]);
+            amx_part[blockIdx.x - 1] = m << 16;
+        }
+        return;
+    }
+    int *cnt = moe__fm_sm, *cur = moe__fm_sm + lc;
     for (int e = tid; e < lc; e += nt) cnt[e] = 0;
     __syncthreads();
     int bad = 0;
@@ -149,8 +169,13 @@ __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
     }
     __syncthreads();
     for (int64_t p = tid; p < P; p += nt) {
-        int le = ids[p] - lo;
-        if (ids[p] >= 0 && ids[p] < E && le >= 0 && le < lc) sorted[atomicAdd(&cur[le], 1)] = (int32_t)p;
+        const int id = ids[p], le = id - lo;
+        int r = -1;
+        if (id >= 0 && id < E && le >= 0 && le < lc) {
+            r = atomicAdd(&cur[le], 1);
+            sorted[r] = (int32_t)p;
+        }
+        if (pos) pos[p] = r;
     }
 }
 
@@ -1226,7 +1251,7 @@ extern "C" moe_status moe__cuda_fused(const moe__fused_args *A) {
                       (fmode == 2 || g1_blocks <= (int64_t)moe__cuda_sm_count(g.dev) * moe__fm_small_occ);
     if (!fold)
         MOE_TRY(moe__fm_go(moe__k_fm_align, dim3(1), MOE_FM_ALIGN_THREADS, sm, g.stream, pdl, ids, P, (int)ex->E, lo, lc,
-                           BM, sorted, tile_e, tile_r0, tile_n, ntiles, err));
+                           BM, sorted, tile_e, tile_r0, tile_n, ntiles, err, (int32_t *)nullptr, (const uint4 *)nullptr, (int64_t)0, (unsigned int *)nullptr));
 
     moe__fm_gemm_args a1, a2;
     memset(&a1, 0, sizeof a1);

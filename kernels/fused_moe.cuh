@@ -129,14 +129,19 @@ static inline moe_status moe__fm_go(void (*k)(Params...), dim3 grid, int threads
  * quantised paths (fused_quant.cu):
  *   moe__k_fm_align (1 block of MOE_FM_ALIGN_THREADS, 2 * lc ints of dynamic shared memory): local
  *     pairs per expert, the tile table (tiles of BM rows: expert, first row, rows; *ntiles), the
- *     expert-sorted pair order, routed ids outside [0, E) counted into *err;
+ *     expert-sorted pair order, routed ids outside [0, E) counted into *err; pos (or NULL): its
+ *     inverse, pair -> sorted row (-1 for a pair with no local expert).  Launched with more than
+ *     one block (nvfp4's x on k_qg_rs), blocks 1.. take the largest |bf16| bits of amx_x's amx_n8
+ *     16-byte words meanwhile, one partial maximum a block into amx_part (so x's amax costs no
+ *     launch and no zeroed slot);
  *   moe__k_fm_finalize (grid-stride over T x H / 8): out[t, :] = bf16(sum over the token's local k,
  *     in k order, of y[t * K + k, :]).
  * Both begin with griddepcontrol.wait (moe__fm_pdl_enter): a no-op unless launched as a programmatic
  * dependent. */
 #define MOE_FM_ALIGN_THREADS 1024
 __global__ void moe__k_fm_align(const int32_t *ids, int64_t P, int E, int lo, int lc, int BM, int32_t *sorted,
-                                int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err);
+                                int32_t *tile_e, int32_t *tile_r0, int32_t *tile_n, int32_t *ntiles, int32_t *err,
+                                int32_t *pos, const uint4 *amx_x, int64_t amx_n8, unsigned int *amx_part);
 __global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T, int K, int H, int E, int lo, int lc,
                                    uint16_t *out);
 

@@ -748,6 +748,13 @@ __device__ __forceinline__ void qr_group(float (&d)[64], const uint32_t (&f)[2][
     qr_wgmma<F16>(d, f[0][2], f[1][2], f[0][3], f[1][3], db + 2, 1);
 }
 
+/* max(m, |v|), NaN if either is (m >= 0). */
+__device__ __forceinline__ float qr_absmax(float m, float v) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(m), "f"(fabsf(v)));
+    return r;
+}
+
 /* mxint4: acc += t x the weight scale of each accumulator row (s0: row lo, s1: row hi). */
 __device__ __forceinline__ void qr_add_rows(float (&acc)[64], const float (&t)[64], float s0, float s1) {
 #pragma unroll
@@ -808,7 +815,9 @@ __global__ void __launch_bounds__(384, 1)
          * the widening waiting on them; mxint4 2, for registers; the fp8 modes have none) */
         constexpr int SD = INT4 || F8 ? 2 : 3;
         uint32_t scA[2][2], ring[SD - 1][2][2] = {};
-        uint32_t amx = 0; /* AMAX: the largest |value| bits this thread wrote */
+        /* AMAX: the largest |value| this thread wrote, before its bf16 rounding (monotonic and odd, so
+         * the rounding of the largest |f32| is the largest |bf16|); a NaN stays (max.NaN) */
+        float amx = 0.0f;
         for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
@@ -1004,15 +1013,14 @@ __global__ void __launch_bounds__(384, 1)
                             uint16_t *o = orow + (i ? a.I : 0);
                             if (gated) {
                                 const float v = moe__fm_act(ACT >= 0 ? ACT : a.act, vl, vh, a.alpha, a.beta, a.limit);
-                                const uint16_t b = moe__f32_to_bf16(v);
-                                o[pl] = b;
-                                if (AMAX) amx = max(amx, (uint32_t)(b & 0x7FFFu) << 16);
+                                o[pl] = moe__f32_to_bf16(v);
+                                if (AMAX) amx = qr_absmax(amx, v);
                             } else {
-                                const uint16_t ul = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0));
-                                const uint16_t uh = moe__f32_to_bf16(moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0));
-                                o[pl] = ul;
-                                o[ph] = uh;
-                                if (AMAX) amx = max(amx, max((uint32_t)(ul & 0x7FFFu), (uint32_t)(uh & 0x7FFFu)) << 16);
+                                const float fl = moe__fm_act(MOE_ACT_RELU2, vl, 0.0f, 0, 0, 0);
+                                const float fh = moe__fm_act(MOE_ACT_RELU2, vh, 0.0f, 0, 0, 0);
+                                o[pl] = moe__f32_to_bf16(fl);
+                                o[ph] = moe__f32_to_bf16(fh);
+                                if (AMAX) amx = qr_absmax(qr_absmax(amx, fl), fh);
                             }
                         }
                 };
@@ -1042,9 +1050,9 @@ __global__ void __launch_bounds__(384, 1)
                     }
             }
         }
-        if (AMAX) { /* one atomic a warp (every consumer thread ran the same items) */
-            amx = moe__q_warp_max(amx, 32);
-            if (lane == 0 && amx != 0) atomicMax(a.inter_amax, amx);
+        if (AMAX) { /* the bf16 bits as f32 bits; one atomic a warp (every consumer thread ran the same items) */
+            const uint32_t m = moe__q_warp_max((uint32_t)(moe__f32_to_bf16(amx) & 0x7FFFu) << 16, 32);
+            if (lane == 0 && m != 0) atomicMax(a.inter_amax, m);
         }
     }
 #endif
@@ -1258,57 +1266,114 @@ __global__ void __launch_bounds__(256) k_i4_range(const uint16_t *__restrict__ s
     }
 }
 
-/* nvfp4's intermediate for k_qg_rs in one pass: each thread one 32-column group of a row of the
- * row tiles, in place: its two 16-column blocks quantised with the quantiser's own functions
- * (quant_math.h: the same codes and scales as moe_quantize, whose global scale comes from the
- * amax bits GEMM1 took, *amax), then e2m1 x the block scale as bf16 (exact; the global scale is
- * applied in GEMM2's epilogue) written back in RS order.  The first thread stores the global
- * scale to *gt for GEMM2. */
+/* nvfp4 for k_qg_rs, one 16-byte output word q (0-3) of a 32-column group (v: the group's 16
+ * words of bf16 pairs, columns in order): both 16-column blocks' scale codes and, for t = 0..3,
+ * columns 8t + q and 8t + q + 4 (the word's RS-order positions, qr_pos) quantised with the
+ * quantiser's own functions (quant_math.h: the same codes and scales as moe_quantize under the
+ * global scale gs), then e2m1 x the block scale as bf16 (exact; the global scale is applied in the
+ * GEMM epilogue).  A thread that makes all four words of a group (k_qr_nvfp4_inter, unrolled q)
+ * shares the block scales among them; a thread a word (k_qr_nvfp4_x) computes both for its own. */
+__device__ __forceinline__ uint4 qr_nvfp4_word(const uint32_t (&v)[16], int q, float gs) {
+    float s[2];
+    uint32_t sc[2];
+#pragma unroll
+    for (int b = 0; b < 2; b++) { /* 16-column block b: words 8b .. 8b + 7 */
+        uint32_t m = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) m = max(m, max(v[8 * b + i] & 0x7FFFu, (v[8 * b + i] >> 16) & 0x7FFFu));
+        sc[b] = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
+        s[b] = moe__e4m3_to_f32((uint8_t)sc[b]);
+    }
+    uint32_t o[4];
+    const int sh = 16 * (q & 1);
+#pragma unroll
+    for (int t = 0; t < 4; t++) { /* columns 8t + q (word 4t + q / 2) and 8t + q + 4 (word 4t + 2 + q / 2) */
+        const uint32_t wa = (q & 2) ? v[4 * t + 1] : v[4 * t], wb = (q & 2) ? v[4 * t + 3] : v[4 * t + 2];
+        const uint32_t ca = moe__q_nvfp4_code(__uint_as_float(((wa >> sh) & 0xFFFFu) << 16), s[t >> 1], gs);
+        const uint32_t cb = moe__q_nvfp4_code(__uint_as_float(((wb >> sh) & 0xFFFFu) << 16), s[t >> 1], gs);
+        uint32_t r[4];
+        moe__fq_w4x8_pairs<true>(ca | cb << 16, moe__fq_scale2<MOE_QUANT_NVFP4>(sc[t >> 1]), r);
+        o[t] = r[0]; /* (element 0, element 4) */
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
+/* The 64 bytes at p as 16 words. */
+__device__ __forceinline__ void qr_load16(const uint4 *p, uint32_t (&v)[16]) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint4 w = p[j];
+        v[4 * j] = w.x;
+        v[4 * j + 1] = w.y;
+        v[4 * j + 2] = w.z;
+        v[4 * j + 3] = w.w;
+    }
+}
+
+/* nvfp4's intermediate for k_qg_rs in one pass, in place: one thread a 32-column group of a row
+ * of the row tiles, its four output words made by qr_nvfp4_word (the global scale from the amax
+ * bits GEMM1 took, *amax; the block scales are computed once a word, which a thread a word made
+ * 22% slower here: 26.4 against 21.7 us at Qwen3-30B-A3B T = 1024, H100).  The first thread
+ * stores the global scale to *gt for GEMM2. */
 __global__ void __launch_bounds__(256) k_qr_nvfp4_inter(uint16_t *inter, const int32_t *tile_r0, const int32_t *tile_n,
                                                         const int32_t *ntiles, int I, const unsigned int *amax,
                                                         float *gt) {
     const int64_t nv = moe__fm_tile_rows(tile_r0, tile_n, ntiles);
     const float gs = moe__q_nvfp4_global(moe__q_amax(*amax));
     if (blockIdx.x == 0 && threadIdx.x == 0) *gt = gs;
-    const int c32 = I / 32;
-    const int64_t units = nv * c32;
+    const int64_t units = nv * (I / 32); /* rows are I long: group u of the region is row u / (I / 32) */
+    uint4 *p = (uint4 *)inter;
     for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
-        uint4 *p = (uint4 *)(inter + u * 32); /* rows are I long: unit u is row u / c32, group u % c32 */
         uint32_t v[16];
+        qr_load16(p + 4 * u, v);
+        uint4 o[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint4 q = p[j];
-            v[4 * j] = q.x;
-            v[4 * j + 1] = q.y;
-            v[4 * j + 2] = q.z;
-            v[4 * j + 3] = q.w;
+        for (int q = 0; q < 4; q++) o[q] = qr_nvfp4_word(v, q, gs);
+#pragma unroll
+        for (int q = 0; q < 4; q++) p[4 * u + q] = o[q];
+    }
+}
+
+/* nvfp4's x for k_qg_rs in one pass, after the align: x (bf16 [T, cols]) quantised once a token
+ * (qr_nvfp4_word; the global scale from the amax bits k_amax took, *amax) and written, widened in
+ * RS order, to the sorted row of each of the token's local pairs (pos[t K + k]: the align's inverse
+ * of sorted, -1 for a pair of another rank).  The codes are never stored and no pair repeats its
+ * token's quantisation (before: k_amax, k_nvfp4_bf16, k_finalize, then k_qg_codes16<true, true>
+ * once a pair).  x's amax is the maximum of the nparts partial maxima the align's other blocks
+ * took (parts), reduced by every block.  One thread a 16-byte output word, consecutive threads
+ * consecutive words.  Block 0's thread 0 stores the global scale to *gt (GEMM1's epilogue) and
+ * zeroes *iamax (GEMM1 takes the intermediate's amax into it; stream order puts both after the
+ * previous call's readers). */
+__global__ void __launch_bounds__(256) k_qr_nvfp4_x(const uint4 *__restrict__ x, int64_t T, int cols, int K,
+                                                    const int32_t *__restrict__ pos, const unsigned int *parts,
+                                                    int nparts, float *gt, unsigned int *iamax,
+                                                    uint4 *__restrict__ xp) {
+    __shared__ uint32_t red[8];
+    uint32_t am = 0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x) am = max(am, __ldg(parts + i));
+    am = moe__q_warp_max(am, 32);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = am;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < 8; w++) am = max(am, red[w]);
+    const float gs = moe__q_nvfp4_global(moe__q_amax(am));
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        *gt = gs;
+        *iamax = 0;
+    }
+    const int c8 = cols / 8;
+    const int64_t units = T * c8;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = u / c8;
+        const int w = (int)(u - t * c8);
+        uint32_t v[16];
+        qr_load16(x + t * c8 + (w & ~3), v);
+        const uint4 ov = qr_nvfp4_word(v, w & 3, gs);
+        const int32_t *pt = pos + t * K;
+#pragma unroll 4
+        for (int k = 0; k < K; k++) {
+            const int r = __ldg(pt + k);
+            if (r >= 0) xp[(int64_t)r * c8 + w] = ov;
         }
-        uint32_t cw[4] = {0, 0, 0, 0}, sc[2];
-#pragma unroll
-        for (int b = 0; b < 2; b++) { /* 16-column block b: words 8b .. 8b + 7 */
-            uint32_t m = 0;
-#pragma unroll
-            for (int i = 0; i < 8; i++) m = max(m, max(v[8 * b + i] & 0x7FFFu, (v[8 * b + i] >> 16) & 0x7FFFu));
-            const uint8_t code = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
-            sc[b] = code;
-            const float s = moe__e4m3_to_f32(code);
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                const uint32_t h = (v[8 * b + i / 2] >> (16 * (i & 1))) & 0xFFFFu;
-                const uint32_t c = moe__q_nvfp4_code(__uint_as_float(h << 16), s, gs);
-                cw[2 * b + i / 8] |= c << (4 * (i & 7)); /* word t = columns 8t .. 8t + 7 */
-            }
-        }
-        uint32_t o[16];
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            uint32_t r[4];
-            moe__fq_w4x8_pairs<true>(cw[t], moe__fq_scale2<MOE_QUANT_NVFP4>(sc[t >> 1]), r);
-#pragma unroll
-            for (int j = 0; j < 4; j++) o[8 * (j >> 1) + t + 4 * (j & 1)] = r[j];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) p[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
     }
 }
 
@@ -1497,6 +1562,11 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
             k_qr_nvfp4_inter<<<moe__cuda_grid(dev, P * (a.Kd / 32), threads), threads, 0, st>>>(
                 (uint16_t *)a.A_bf16, a.tile_r0, a.tile_n, a.ntiles, a.Kd, a.inter_amax, (float *)a.A_tensor);
             MOE_CUDA_LAUNCHED(FN);
+        } else if (mode == MOE_QUANT_NVFP4 && a.A_pos) { /* x quantised once a token, scattered */
+            k_qr_nvfp4_x<<<moe__cuda_grid(dev, a.T * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.T, a.Kd, a.K, a.A_pos, a.A_amax, a.A_amax_n, (float *)a.A_tensor, a.inter_amax,
+                (uint4 *)xp);
+            MOE_CUDA_LAUNCHED(FN);
         } else if (mode == MOE_QUANT_NVFP4) {
             k_qg_codes16<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
@@ -1560,7 +1630,7 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
         MOE_TRY(moe__fq_a16(st, dev, mode, g1, a, P, xp, &A16, v == 2));
         MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
     }
-    if (v == 2 && g1 && mode == MOE_QUANT_NVFP4) /* GEMM1 takes the intermediate's amax */
+    if (v == 2 && g1 && mode == MOE_QUANT_NVFP4 && !a.A_pos) /* GEMM1 takes the intermediate's amax (zeroed by k_qr_nvfp4_x where it runs) */
         MOE_CUDA_TRY(FN, cudaMemsetAsync(a.inter_amax, 0, sizeof(unsigned int), st));
     if (v == 2) qr_pick(mode, g1)<<<grid, 384, qr_smem(mode), st>>>(a, tw, ta);
     else qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);

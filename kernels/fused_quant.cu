@@ -898,23 +898,34 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     const bool wq = mode != MOE_QUANT_MXFP4 && mode != MOE_QUANT_MXINT4; /* activations quantised */
 
     if (lc > 0) {
-        /* 1. x */
-        if (wq) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
-        /* 2. align */
         const bool qg = moe__fq_qgmma_use(mode, P, lc, H, I); /* Hopper wgmma kernels */
         const bool wr = !qg && fq_wreg_use(mode, P, lc, ex); /* register-operand tiles */
         const int cfg = qg ? 2 : fq_config(P, lc);
         const int BM = wr ? WR_BM : fq_bm[cfg];
         const bool rs = qg && moe__fq_qgmma_rs(mode, H); /* ... the register-operand one */
+        /* nvfp4 on k_qg_rs: x quantised once a token by k_qr_nvfp4_x after the align, which writes
+         * the pairs' sorted rows (pos, in the x-codes region, unused then) while its other blocks
+         * (one an SM but its first) take x's amax in parts (the x-scales region); MOE_FUSED_NVX=0:
+         * the quantiser, then k_qg_codes16<true, true> once a pair */
+        const int nparts = moe__cuda_sm_count(g.dev);
+        const bool nvx = mode == MOE_QUANT_NVFP4 && rs && (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H &&
+                         (size_t)nparts * 4 <= (size_t)ws->max_tokens * (size_t)(H / 16) &&
+                         ((uintptr_t)moe_tensor_data(A->hidden) & 15) == 0 && !moe__fq_env_off("MOE_FUSED_NVX");
+        int32_t *xpos = nvx ? (int32_t *)(base + off_xc) : nullptr;
+        unsigned int *xpart = nvx ? (unsigned int *)(base + off_xs) : nullptr;
+        /* 1. x */
+        if (wq && !nvx) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
+        /* 2. align */
         /* mxint4 on f16 MMAs (MOE__FQ_I4F) in either register-operand kernel, where the experts'
          * scales allow the fold (moe__i4_fold_of at creation); MOE_FUSED_I4F16=0: never */
         const bool i4f = (rs || wr) && moe__fq_i4f_ok(ex);
         const int km = i4f ? MOE__FQ_I4F : mode; /* the kernels' mode */
-        moe__fused_path_hit(qg ? (rs ? (i4f ? MOE_FUSED_PATH_WGMMA_RS_I4F16 : MOE_FUSED_PATH_WGMMA_RS) : MOE_FUSED_PATH_WGMMA)
+        moe__fused_path_hit(qg ? (rs ? (i4f ? MOE_FUSED_PATH_WGMMA_RS_I4F16 : nvx ? MOE_FUSED_PATH_WGMMA_RS_XONCE : MOE_FUSED_PATH_WGMMA_RS) : MOE_FUSED_PATH_WGMMA)
                                 : wr ? (i4f ? MOE_FUSED_PATH_WREG_I4F16 : MOE_FUSED_PATH_WREG) : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
-        moe__k_fm_align<<<1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e,
-                                                                  tile_r0, tile_n, ntiles, err); /* fused_moe.cu */
+        moe__k_fm_align<<<nvx ? 1 + nparts : 1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(
+            ids, P, (int)ex->E, lo, lc, BM, sorted, tile_e, tile_r0, tile_n, ntiles, err, xpos,
+            (const uint4 *)moe_tensor_data(A->hidden), T * H / 8, xpart); /* fused_moe.cu */
         MOE_CUDA_LAUNCHED(FN);
         /* per-tensor modes: rows past the local pairs must not enter the intermediate amax (nvfp4
          * on k_qg_rs: GEMM1 takes it from the values it writes) */
@@ -952,7 +963,13 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         a1.limit = ex->limit;
         a1.inter = inter;
         a1.inter_amax = (unsigned int *)(base + off_misc + MOE__FQ_IAMAX_OFF);
+        a1.A_pos = xpos;
+        a1.A_amax = xpart;
+        a1.A_amax_n = nparts;
+        a1.T = T;
         gemm_args a2 = a1;
+        a2.A_pos = nullptr;
+        a2.A_amax = nullptr;
         a2.A_bf16 = inter;
         a2.A_codes = base + off_gc;
         a2.A_scales = base + off_gs;

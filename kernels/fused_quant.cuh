@@ -21,7 +21,9 @@
  *          k_qv_down blocks that have seen it); +48 the intermediate's amax bits (nvfp4 on
  *          k_qg_rs: GEMM1 takes them); MOE__FQ_MISC_BYTES (128) holds up to 16;
  *   tiles  tile table: expert, first row, rows (wtiles i32 each);
- *   xc/xs  x codes [max_tokens, H] and scales; gc/gs the intermediate's [max_pairs, I]. */
+ *   xc/xs  x codes [max_tokens, H] and scales (nvfp4 on k_qg_rs, x quantised by k_qr_nvfp4_x: the
+ *          pairs' sorted rows, i32 [P], and x's partial amax bits, u32 a block of the align);
+ *          gc/gs the intermediate's [max_pairs, I]. */
 #define MOE__FQ_CTR_OFF 64
 #define MOE__FQ_IAMAX_OFF 48
 #define MOE__FQ_NCTR 9
@@ -65,6 +67,13 @@ struct moe__fq_gemm_args {
     float alpha, beta, limit;
     uint16_t *inter;           /* G1 output bf16 [P, I] (sorted rows) */
     unsigned int *inter_amax;  /* nvfp4 on k_qg_rs: the intermediate's amax bits (GEMM1 takes them) */
+    /* G1 of nvfp4 on k_qg_rs with x quantised by k_qr_nvfp4_x (else NULL): the align's inverse of
+     * sorted (pair -> sorted row, -1 if not local), x's partial amax bits (A_amax_n, one a block of
+     * the align's amax blocks) and x's tokens */
+    const int32_t *A_pos;
+    const unsigned int *A_amax;
+    int A_amax_n;
+    int64_t T;
     float *y;                  /* G2 output f32 [P, N] (pair rows) */
     /* MOE__FQ_I4F only: W_fold = 2^b multiplies the bf16 weight scales into f16 range, W_unfold =
      * 2^-b undoes it in the epilogue; A_rows: 2^-a of each A row (sorted order; G1: written by
@@ -84,10 +93,13 @@ struct moe__fq_gemm_args {
 #define MOE__FQ_I4F 16
 /* Whether mxint4 experts ex may run on f16 MMAs: their scales allow the fold (moe__i4_fold_of at
  * creation) and MOE_FUSED_I4F16 is not "0". */
+/* Whether the environment switch `name` is exactly "0" (a fused-path switch turned off). */
+static inline bool moe__fq_env_off(const char *name) {
+    const char *env = getenv(name);
+    return env && env[0] == '0' && env[1] == '\0';
+}
 static inline bool moe__fq_i4f_ok(const struct moe_experts *ex) {
-    const char *env = getenv("MOE_FUSED_I4F16");
-    return ex->quant == MOE_QUANT_MXINT4 && ex->i4_fold13 > 0.0f && ex->i4_fold2 > 0.0f &&
-           !(env && env[0] == '0' && env[1] == '\0');
+    return ex->quant == MOE_QUANT_MXINT4 && ex->i4_fold13 > 0.0f && ex->i4_fold2 > 0.0f && !moe__fq_env_off("MOE_FUSED_I4F16");
 }
 
 /* Decode GEMV path (fused_qgemv.cu): every quantisation mode, 1 <= T <= the bound of

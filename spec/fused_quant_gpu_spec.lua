@@ -359,8 +359,9 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   local QMODES = MODES
   -- the default kernel there widens the weights in registers (path wgmma_rs) for fp8 and the 4-bit
   -- modes, and for fp8_block from H = 4096 (here H = 384: widened in shared memory, path wgmma);
-  -- mxint4 on f16 MMAs (its scales folded into the weights: path wgmma_rs_i4f16)
-  local WGMMA_PATH = { fp8 = "wgmma_rs", fp8_block = "wgmma", nvfp4 = "wgmma_rs", mxfp4 = "wgmma_rs",
+  -- mxint4 on f16 MMAs (its scales folded into the weights: path wgmma_rs_i4f16), nvfp4 with x
+  -- quantised once a token (wgmma_rs_xonce)
+  local WGMMA_PATH = { fp8 = "wgmma_rs", fp8_block = "wgmma", nvfp4 = "wgmma_rs_xonce", mxfp4 = "wgmma_rs",
                        mxint4 = "wgmma_rs_i4f16" }
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- env_on_off with MOE_FUSED_QWGMMA: the wgmma kernels by default on sm_90a
@@ -487,7 +488,8 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
               end)
             end)
           end)
-          local want = v[1] == "0" and "wgmma" or (mode == "mxint4" and not v[2]) and "wgmma_rs_i4f16" or "wgmma_rs"
+          local want = v[1] == "0" and "wgmma" or (mode == "mxint4" and not v[2]) and "wgmma_rs_i4f16"
+                       or mode == "nvfp4" and "wgmma_rs_xonce" or "wgmma_rs"
           assert.equal(HOPPER and want or "tile", path, what .. ": the path taken")
           near(y, yc, what .. ", MOE_FUSED_QRS " .. v[1] .. (v[2] and ", MOE_FUSED_I4F16 0" or "") .. ": CUDA vs CPU")
           ys[j] = y
@@ -501,6 +503,50 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
       end
     end)
   end
+
+  -- nvfp4 on k_qg_rs quantises x once a token after the align and writes the widened rows to each
+  -- of the token's local pairs (k_qr_nvfp4_x, path wgmma_rs_xonce); MOE_FUSED_NVX=0 quantises x
+  -- first and widens it once a pair (path wgmma_rs).  The same codes, so the same bits; both near
+  -- the CPU.  Gated, relu2 + biases, llama4 top-1, expert parallelism (pairs of other ranks
+  -- skipped), and a call after one whose x was 1000x larger (x's amax slot zeroed again: a stale
+  -- amax would coarsen every code).
+  it("nvfp4 on k_qg_rs: x quantised once a token (default) and once a pair (MOE_FUSED_NVX=0) give the same bits " ..
+     "(swiglu, relu2 + biases, llama4, EP, after a larger x)", function()
+    local cases = {
+      { "swiglu", false, METHODS.renormalize, nil, 800 },
+      { "relu2", true, METHODS.renormalize, nil, 800 },
+      { "swiglu_oai", true, METHODS.llama4, nil, 1600 },
+      { "swiglu", false, METHODS.renormalize, { local_offset = 4, local_count = 8 }, 1600 },
+      { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 },
+    }
+    for i, c in ipairs(cases) do
+      local what = string.format("nvfp4 %s%s T=%d%s%s", c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
+                                 c[6] and " after a 1000x x" or "")
+      local w = weights(c[1], c[2])
+      local x, L = inputs(c[5], 10100 + 10 * i)
+      local yc = call(experts(w, "nvfp4", "cpu"), x, L, c[3], "cpu", c[4])
+      local ys = {}
+      for j, v in ipairs{ false, "0" } do
+        local path, y = path_of(function()
+          return H.with_env("MOE_FUSED_NVX", v or nil, function()
+            return qwgmma(nil, function()
+              local ex = experts(w, "nvfp4", "cuda")
+              if c[6] then -- the larger x first, on the same path and workspace
+                call(ex, moe.axpby(c[6], x, 0, moe.zeros({ c[5], HD }, { dtype = "bf16" })), L, c[3], "cuda", c[4])
+                moe.fused_paths_reset()
+              end
+              return call(ex, x, L, c[3], "cuda", c[4])
+            end)
+          end)
+        end)
+        assert.equal(HOPPER and (v and "wgmma_rs" or "wgmma_rs_xonce") or "tile", path,
+                     what .. ", MOE_FUSED_NVX " .. (v or "unset") .. ": the path taken")
+        near(y, yc, what .. ", MOE_FUSED_NVX " .. (v or "unset") .. ": CUDA vs CPU")
+        ys[j] = y
+      end
+      assert.same(bits(ys[2]), bits(ys[1]), what .. ": once a token vs once a pair")
+    end
+  end)
 
   -- fp8_block's default kernel follows H: k_qg_rs from H = 4096 (measured faster there), k_qg_exact
   -- below (the H = 384 cases above); both against the CPU at H = 4096

@@ -644,6 +644,8 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_WREG_I4F16,     /* mxint4 on f16 MMAs (its scales folded into the weights, see
                                     * docs/quantization.md) in the register-operand tile kernel */
     MOE_FUSED_PATH_WGMMA_RS_I4F16, /* ... in the Hopper register-operand kernel (sm_90a) */
+    MOE_FUSED_PATH_WGMMA_RS_XONCE, /* nvfp4 in the Hopper register-operand kernel with x quantised
+                                    * once a token and scattered to its pairs' rows (sm_90a) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 
@@ -651,8 +653,8 @@ typedef enum moe_fused_path {
 void moe_fused_path_counts(int64_t *counts);
 void moe_fused_path_reset(void);
 const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route",
-                                            "wgmma_rs", "wreg_i4f16", "wgmma_rs_i4f16"; NULL if
-                                            out of range */
+                                            "wgmma_rs", "wreg_i4f16", "wgmma_rs_i4f16",
+                                            "wgmma_rs_xonce"; NULL if out of range */
 
 /* ---- traces ---- */
 
