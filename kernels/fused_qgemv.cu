@@ -1139,8 +1139,7 @@ template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool
 static bool qv_loc_eligible(const moe__fused_args *A) {
     const struct moe_experts *ex = A->ex;
     if (ex->quant != MOE_QUANT_FP8 && ex->quant != MOE_QUANT_FP8_BLOCK && ex->quant != MOE_QUANT_NVFP4) return false;
-    const char *env = getenv("MOE_FUSED_QVLOC");
-    if (env && env[0] == '0' && !env[1]) return false;
+    if (moe__fq_env_off("MOE_FUSED_QVLOC")) return false;
     return A->T * ex->H <= QV_LOC_UP && A->K * ex->I <= QV_LOC_MAX;
 }
 
@@ -1153,8 +1152,7 @@ static bool qv_pdl(const moe__fused_args *A, int dev) {
     /* H100, Qwen3-30B-A3B T = 1 (2026-11-27, one call): nvfp4 24.5-24.8 -> 22.7-22.8 us, fp8 25.4 ->
      * 24.7, fp8_block 25.2-25.3 -> 24.5 (with a 16-warp k_qv_down: qv_dn_threads).  MOE_FUSED_QVPDL=0:
      * off */
-    const char *env = getenv("MOE_FUSED_QVPDL");
-    if (env && env[0] == '0' && !env[1]) return false;
+    if (moe__fq_env_off("MOE_FUSED_QVPDL")) return false;
     static int major[64]; /* per device, as cuda_backend.cu's caches */
     if (dev < 0 || dev >= 64) return false;
     int m = __atomic_load_n(&major[dev], __ATOMIC_RELAXED);

@@ -6,6 +6,8 @@
  * host synchronisation (graph-capturable; grids are upper bounds from T):
  *   1. fp8 / fp8_block / nvfp4: the GEMM1 input x quantised by moe__cuda_quantize into the
  *      workspace (fp8: amax over T x H; fp8_block: per (token, 128); nvfp4: global + per 16);
+ *      nvfp4 on k_qg_rs instead: x's amax by the align launch's other blocks, then x quantised
+ *      once a token and scattered to its pairs' rows by k_qr_nvfp4_x (fused_qgmma.cu) before GEMM1;
  *   2. moe__k_fm_align (fused_moe.cu; one block): local pairs per expert, tile table, expert-sorted pair order;
  *   3. k_gemm<G1>: grouped GEMM over experts; the weights' codes (e4m3, e2m1, int4 nibbles)
  *      and, for W8A8/W4A4, the activations' codes are read from global memory and turned

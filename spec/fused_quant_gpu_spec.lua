@@ -548,6 +548,30 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end
   end)
 
+  -- qtensor parts may start anywhere: nvfp4 gate/up scales one byte off any word alignment run on
+  -- k_qg_rs (its scale codes are byte loads; a 4-byte word a stage row measured slower) with the
+  -- same bits as aligned ones
+  it("nvfp4 with its gate/up scales 1 byte off 4-byte alignment (qtensor parts): the same bits as aligned ones, " ..
+     "near the CPU", function()
+    local w = weights("swiglu", false)
+    local q13 = moe.quantize(w.w13:to("cuda"), "nvfp4")
+    local n = q13.scales:numel()
+    local buf = moe.empty({ n + 1 }, { dtype = q13.scales:dtype(), device = "cuda" })
+    local sc = buf:narrow(1, 2, n):reshape(q13.scales:shape())
+    sc:copy_(q13.scales)
+    local ex = moe.experts{ gate_up = moe.quant_from_parts{ mode = "nvfp4", data = q13.data, scales = sc,
+                                                            global_scale = q13.global_scale },
+                            down = moe.quantize(w.w2:to("cuda"), "nvfp4") }
+    local x, L = inputs800(10300)
+    local path, y = path_of(function()
+      return qwgmma(nil, function() return call(ex, x, L, METHODS.renormalize, "cuda") end)
+    end)
+    assert.equal(HOPPER and "wgmma_rs_xonce" or "tile", path, "the path taken")
+    local ya = qwgmma(nil, function() return call(experts(w, "nvfp4", "cuda"), x, L, METHODS.renormalize, "cuda") end)
+    assert.same(bits(ya), bits(y))
+    near(y, call(experts(w, "nvfp4", "cpu"), x, L, METHODS.renormalize, "cpu"), "nvfp4, scales 1 byte off: CUDA vs CPU")
+  end)
+
   -- fp8_block's default kernel follows H: k_qg_rs from H = 4096 (measured faster there), k_qg_exact
   -- below (the H = 384 cases above); both against the CPU at H = 4096
   it("fp8_block at H = 4096: k_qg_rs by default, k_qg_exact with MOE_FUSED_QRS=0, both near the CPU", function()

@@ -14,6 +14,9 @@
 --   dependents of the routing kernel;
 -- MOE_FUSED_I4F16=0: mxint4 with per-32 promotions of bf16-MMA partial sums instead of its scales folded
 --   into f16 weights (docs/quantization.md, "mxint4 on f16 MMAs");
+-- MOE_FUSED_NVX=0: nvfp4 on the Hopper register-operand kernel with x through the quantiser and its
+--   codes widened once a pair instead of quantised once a token and scattered (docs/quantization.md,
+--   "nvfp4's x once a token");
 -- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with the routing kernel and k_qv_up reading its ids
 --   instead of the decode kernels routing the token themselves (=1: the routing kernel, k_qv_up still
 --   routing its own pair).
