@@ -463,16 +463,18 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- relu2 + biases, swiglu_oai + biases with llama4 routing, and expert-parallel calls (their bits
   -- may agree: the two feed the same products to the MMAs in the same k16 steps);
   -- moe.fused_paths tells which ran.
+  -- {activation, biases, method, call options, T}: gated, relu2 + biases, swiglu_oai + biases with
+  -- llama4 routing, expert parallelism
+  local RS_CASES = {
+    { "swiglu", false, METHODS.renormalize, nil, 800 },
+    { "relu2", true, METHODS.renormalize, nil, 800 },
+    { "swiglu_oai", true, METHODS.llama4, nil, 1600 },
+    { "swiglu", false, METHODS.renormalize, { local_offset = 4, local_count = 8 }, 1600 },
+  }
   for _, mode in ipairs(MODES) do
     it(mode .. ": k_qg_rs (MOE_FUSED_QRS=1) and k_qg_exact (=0) agree with the CPU (swiglu, relu2 + biases, " ..
        "swiglu_oai + biases / llama4, EP)", function()
-      local cases = {
-        { "swiglu", false, METHODS.renormalize, nil, 800 },
-        { "relu2", true, METHODS.renormalize, nil, 800 },
-        { "swiglu_oai", true, METHODS.llama4, nil, 1600 },
-        { "swiglu", false, METHODS.renormalize, { local_offset = 4, local_count = 8 }, 1600 },
-      }
-      for i, c in ipairs(cases) do
+      for i, c in ipairs(RS_CASES) do
         local what = string.format("%s %s%s T=%d%s", mode, c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "")
         local w = weights(c[1], c[2])
         local x, L = inputs(c[5], 9900 + 10 * i + #mode)
@@ -508,17 +510,12 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- of the token's local pairs (k_qr_nvfp4_x, path wgmma_rs_xonce); MOE_FUSED_NVX=0 quantises x
   -- first and widens it once a pair (path wgmma_rs).  The same codes, so the same bits; both near
   -- the CPU.  Gated, relu2 + biases, llama4 top-1, expert parallelism (pairs of other ranks
-  -- skipped), and a call after one whose x was 1000x larger (x's amax slot zeroed again: a stale
-  -- amax would coarsen every code).
+  -- skipped), and a call after one whose x was 1000x larger (x's amax taken afresh: a stale amax
+  -- would coarsen every code).
   it("nvfp4 on k_qg_rs: x quantised once a token (default) and once a pair (MOE_FUSED_NVX=0) give the same bits " ..
      "(swiglu, relu2 + biases, llama4, EP, after a larger x)", function()
-    local cases = {
-      { "swiglu", false, METHODS.renormalize, nil, 800 },
-      { "relu2", true, METHODS.renormalize, nil, 800 },
-      { "swiglu_oai", true, METHODS.llama4, nil, 1600 },
-      { "swiglu", false, METHODS.renormalize, { local_offset = 4, local_count = 8 }, 1600 },
-      { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 },
-    }
+    local cases = { unpack(RS_CASES) }
+    cases[#cases + 1] = { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 } -- after a 1000x larger x
     for i, c in ipairs(cases) do
       local what = string.format("nvfp4 %s%s T=%d%s%s", c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
                                  c[6] and " after a 1000x x" or "")
