@@ -86,12 +86,8 @@ __global__ void __launch_bounds__(MOE_FM_ALIGN_THREADS)
         /* blocks 1..: the largest |bf16| of amx_x's 8-value words (their share), as f32 bits, into
          * amx_part[blockIdx.x - 1] (a maximum of bit patterns: exact in any order) */
         uint32_t m = 0;
-        for (int64_t i = (int64_t)(blockIdx.x - 1) * nt + tid; i < amx_n8; i += (int64_t)(gridDim.x - 1) * nt) {
-            const uint4 q = __ldg(amx_x + i);
-            const uint32_t h = __vmaxu2(__vmaxu2(q.x & 0x7FFF7FFFu, q.y & 0x7FFF7FFFu),
-                                        __vmaxu2(q.z & 0x7FFF7FFFu, q.w & 0x7FFF7FFFu));
-            m = max(m, max(h & 0xFFFFu, h >> 16));
-        }
+        for (int64_t i = (int64_t)(blockIdx.x - 1) * nt + tid; i < amx_n8; i += (int64_t)(gridDim.x - 1) * nt)
+            m = max(m, moe__fm_absmax8(__ldg(amx_x + i)));
         for (int o = 16; o > 0; o >>= 1) m = max(m, (uint32_t)__shfl_xor_sync(0xffffffffu, m, o));
         if (lane == 0) wrow[warp] = (int)m;
         __syncthreads();

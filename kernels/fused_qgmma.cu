@@ -1150,18 +1150,12 @@ __device__ __forceinline__ uint32_t i4_cvt2(uint32_t w, float up) {
     const __half2 h = __floats2half2_rn(__uint_as_float(w << 16) * up, __uint_as_float(w & 0xFFFF0000u) * up);
     return *(const uint32_t *)&h;
 }
-/* The largest |bf16| bits of eight values (per-half unsigned maxima, then the two halves). */
-__device__ __forceinline__ uint32_t i4_max8(const uint4 &v) {
-    const uint32_t m = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu), __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-    return max(m & 0xFFFFu, m >> 16);
-}
-
 /* rs[t] = 2^-a of x's row t (bf16 [T, cols]), one warp a row. */
 __global__ void __launch_bounds__(256) k_i4_xrows(const uint4 *__restrict__ x, int64_t T, int cols, float *rs) {
     const int lane = threadIdx.x & 31, c8 = cols / 8;
     for (int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; t < T; t += ((int64_t)gridDim.x * blockDim.x) >> 5) {
         uint32_t m = 0;
-        for (int c = lane; c < c8; c += 32) m = max(m, i4_max8(__ldg(x + t * c8 + c)));
+        for (int c = lane; c < c8; c += 32) m = max(m, moe__fm_absmax8(__ldg(x + t * c8 + c)));
         m = moe__q_warp_max(m, 32);
         if (lane == 0) rs[t] = i4_pow2(-i4_row_exp(m));
     }
@@ -1224,7 +1218,7 @@ __global__ void __launch_bounds__(256) k_i4_inter(uint16_t *inter, const int32_t
     for (int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; i < nv; i += ((int64_t)gridDim.x * blockDim.x) >> 5) {
         uint4 *row = (uint4 *)(inter + i * I);
         uint32_t m = 0;
-        for (int c = lane; c < c8; c += 32) m = max(m, i4_max8(row[c]));
+        for (int c = lane; c < c8; c += 32) m = max(m, moe__fm_absmax8(row[c]));
         m = moe__q_warp_max(m, 32);
         const int ea = i4_row_exp(m);
         if (lane == 0) rs[i] = i4_pow2(-ea);
