@@ -151,6 +151,33 @@ describe("#gpu moe.fused_moe routed mode, EP, edge cases", function()
     assert.is_true(rel_l2(y, yc) <= 1e-2)
   end)
 
+  it("hidden or out one element off 16-byte alignment is refused on CUDA, bf16 and quantised; a copy works", function()
+    local ex = experts("swiglu", false)
+    local exq = moe.experts{ gate_up = moe.randn({ E, 2 * I, HD }, { dtype = "bf16", seed = 61, std = 0.05 }),
+                             down = moe.randn({ E, HD, I }, { dtype = "bf16", seed = 62, std = 0.05 }),
+                             quant = "mxfp4", device = "cuda" }
+    local T = 200
+    local x, L = inputs(T, 6100)
+    local function off(t) -- a contiguous view of t's values one element into its storage
+      local n = t:numel()
+      local buf = moe.empty({ n + 1 }, { dtype = t:dtype(), device = "cuda" })
+      local v = buf:narrow(1, 2, n):reshape(t:shape())
+      v:copy_(t:to("cuda"))
+      return v
+    end
+    local xo, Lg = off(x), L:to("cuda")
+    for _, e in ipairs{ ex.cuda, exq } do
+      local msg = H.error_of(moe.fused_moe, { hidden = xo, logits = Lg, experts = e, top_k = 2 })
+      assert.is_truthy(msg and msg:find("hidden: expected CUDA data 16%-byte aligned .* offset 2 mod 16"), tostring(msg))
+      msg = H.error_of(moe.fused_moe, { hidden = x:to("cuda"), logits = Lg, experts = e, top_k = 2,
+                                         out = off(moe.zeros({ T, HD }, { dtype = "bf16" })) })
+      assert.is_truthy(msg and msg:find("out: expected CUDA data 16%-byte aligned .* offset 2 mod 16"), tostring(msg))
+      local y1 = moe.fused_moe{ hidden = xo:clone(), logits = Lg, experts = e, top_k = 2 }
+      local y2 = moe.fused_moe{ hidden = x:to("cuda"), logits = Lg, experts = e, top_k = 2 }
+      assert.same(y2:to("cpu"):to("f32"):totable(), y1:to("cpu"):to("f32"):totable())
+    end
+  end)
+
   it("H or I not a multiple of 128 is refused on CUDA", function()
     local e = H.error_of(moe.experts, { gate_up = moe.zeros({ 2, 128, 96 }, { dtype = "bf16" }),
                                         down = moe.zeros({ 2, 96, 64 }, { dtype = "bf16" }), device = "cuda" })

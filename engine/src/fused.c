@@ -391,6 +391,14 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
     if (!moe__same_device(hidden->dev, dev))
         return moe__err(MOE_ERR_DEVICE, FN ": hidden: expected device %s (the experts' device), got %s",
                         moe__device_str(dev, b, sizeof b), moe__device_str(hidden->dev, c, sizeof c));
+    /* every CUDA path loads hidden and stores out 16 bytes at a time (H is a multiple of 128 there,
+     * so each row is aligned when the first is); a view one element into its storage would fault */
+    const uintptr_t hp = (uintptr_t)moe_tensor_data(hidden);
+    if (dev.type == MOE_DEVICE_CUDA && (hp & 15))
+        return moe__err(MOE_ERR_ARG,
+                        FN ": hidden: expected CUDA data 16-byte aligned (the kernels load it 16 bytes at a time), got "
+                           "data at offset %d mod 16 (a view at an offset: pass a copy, t:clone())",
+                        (int)(hp & 15));
     const int64_t T = hidden->shape[0];
     /* mode */
     const int routed = routed_ids != NULL || routed_weights != NULL;
@@ -434,7 +442,15 @@ moe_status moe_fused_moe(const moe_fused_cfg *cfg, const moe_experts *ex, const 
                         E - lo, cfg->local_count);
     /* outputs */
     if (replay) MOE_TRY(moe__fused_check2("replay", replay, MOE_I16, T, K, 1, dev));
-    if (*out) MOE_TRY(moe__fused_check2("out", *out, MOE_BF16, T, H, 0, dev));
+    if (*out) {
+        MOE_TRY(moe__fused_check2("out", *out, MOE_BF16, T, H, 0, dev));
+        const uintptr_t op = (uintptr_t)moe_tensor_data(*out);
+        if (dev.type == MOE_DEVICE_CUDA && (op & 15))
+            return moe__err(MOE_ERR_ARG,
+                            FN ": out: expected CUDA data 16-byte aligned (the kernels store it 16 bytes at a time), "
+                               "got data at offset %d mod 16 (pass a tensor of its own, or let fused_moe allocate it)",
+                            (int)(op & 15));
+    }
     if (ids_out) MOE_TRY(moe__fused_check2("ids_out", ids_out, MOE_I32, T, K, 0, dev));
     if (weights_out) MOE_TRY(moe__fused_check2("weights_out", weights_out, MOE_F32, T, K, 0, dev));
     /* workspace */
