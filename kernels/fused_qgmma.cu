@@ -701,10 +701,13 @@ __device__ __forceinline__ void qr_scales(const moe__fq_gemm_args &a, int64_t rl
  * MOE__FQ_I4F: int4 x (scale x fold) as f16.
  * fp8 modes (codes [128 rows][64 bytes]): G = 0 widens the whole stage (one 16-byte word a row:
  * pairs 0-3 into f[0], 4-7 into f[1]), G = 1 nothing. */
+__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, uint32_t &wl, uint32_t &wh);
+template <int MODE>
+__device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, const uint32_t (&sc)[2][2],
+                                           uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold);
 template <int MODE>
 __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, const uint32_t (&sc)[2][2],
                                          uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold) {
-    constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
     if constexpr (qr_f8(MODE)) {
         if (G != 0) return;
         const uint32_t sb = moe__fm_smem(cb);
@@ -721,12 +724,24 @@ __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int 
         }
         return;
     }
-    /* ld.shared: the aligned shared pointer is integer arithmetic, and generic loads were what the
-     * compiler made of a plain dereference */
-    const uint32_t sa = moe__fm_smem(cb) + 16 * G;
     uint32_t wl, wh;
+    qr_words(cb, ol, oh, G, wl, wh);
+    qr_widen_w<MODE>(wl, wh, G, sc, f, pf, fold);
+}
+
+/* The 4-bit modes' code words of group G of the stage at cb: this thread's row lo / hi words.
+ * ld.shared: the aligned shared pointer is integer arithmetic, and generic loads were what the
+ * compiler made of a plain dereference. */
+__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, uint32_t &wl, uint32_t &wh) {
+    const uint32_t sa = moe__fm_smem(cb) + 16 * G;
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wl) : "r"(sa + ol));
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wh) : "r"(sa + oh));
+}
+/* qr_widen of the 4-bit modes from their words (qr_words). */
+template <int MODE>
+__device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, const uint32_t (&sc)[2][2],
+                                           uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold) {
+    constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
     if constexpr (MODE == MOE__FQ_I4F) { /* int4 x the folded scale, f16 */
         moe__fq_i4x8_f16(wl, moe__fq_i4_scale2(sc[0][G], fold), f[G][0]);
         moe__fq_i4x8_f16(wh, moe__fq_i4_scale2(sc[1][G], fold), f[G][1]);
@@ -887,12 +902,18 @@ __global__ void __launch_bounds__(384, 1)
                     }
                 if (kt + SD < gr.KT) qr_scales<MODE>(a, wl, wh, kt + SD, t, ring[SD - 2]);
             };
+            /* nvfp4 and mxint4 on f16 MMAs (MID): the next stage's code words are loaded before
+             * the scale ring turns, so the turn (and its loads) fills their shared-memory latency;
+             * the first use of a word was these modes' top stall (Nsight source counters, Qwen3
+             * T = 4096; mxfp4's ue8m0 conversion already fills it, and it was 3% slower so).  The
+             * last stage of an item skips the turn: the next item reloads the ring. */
+            constexpr bool MID = MODE == MOE_QUANT_NVFP4 || I4F;
             /* two fragment sets (fp4 and fp8 modes): stage kt's MMAs (into d; the first from zero
              * unless sd) stay in flight while stage kt + 1 is widened into the other set, whose MMAs
              * (kt - 1) the wait has retired; KT is even */
             auto step = [&](int kt, const uint32_t (&cur)[2][2][4], uint32_t (&nxt)[2][2][4], float (&d)[64], int sd) {
                 const int s = it % S;
-                next_scales(kt);
+                if (!MID) next_scales(kt);
                 const uint64_t db = moe__fm_desc(moe__fm_smem(As + s * BM * BK));
                 moe__fm_wg_fence();
                 qr_group<HM>(d, cur[0], db, sd);
@@ -904,8 +925,19 @@ __global__ void __launch_bounds__(384, 1)
                 if (kt + 1 < gr.KT) {
                     const int sn = (it + 1) % S;
                     moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 1) / S) & 1);
-                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf, a.W_fold);
-                    qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf, a.W_fold);
+                    if constexpr (MID) {
+                        /* the code words requested first, the scale ring's turn (and the loads of
+                         * stage kt + SD's scales) made while they come */
+                        uint32_t w[2][2];
+                        qr_words(B8 + sn * BN * CB, ol, oh, 0, w[0][0], w[0][1]);
+                        qr_words(B8 + sn * BN * CB, ol, oh, 1, w[1][0], w[1][1]);
+                        next_scales(kt);
+                        qr_widen_w<MODE>(w[0][0], w[0][1], 0, scA, nxt, pf, a.W_fold);
+                        qr_widen_w<MODE>(w[1][0], w[1][1], 1, scA, nxt, pf, a.W_fold);
+                    } else {
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf, a.W_fold);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf, a.W_fold);
+                    }
                 }
                 it++;
             };
