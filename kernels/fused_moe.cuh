@@ -146,7 +146,7 @@ __global__ void moe__k_fm_finalize(const float *y, const int32_t *ids, int64_t T
                                    uint16_t *out);
 
 /* The largest |bf16| bits of eight values (per-half unsigned maxima, then the two halves): x's
- * amax parts in moe__k_fm_align, mxint4's row factors (fused_qgmma.cu). */
+ * amax parts in moe__k_fm_align, mxint4's row factors and nvfp4's block scales (fused_qgmma.cu). */
 __device__ __forceinline__ uint32_t moe__fm_absmax8(const uint4 &v) {
     const uint32_t m = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu), __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
     return max(m & 0xFFFFu, m >> 16);

@@ -1308,9 +1308,9 @@ __device__ __forceinline__ qr_nvfp4_blocks qr_nvfp4_scales(const uint32_t (&v)[1
     qr_nvfp4_blocks k;
 #pragma unroll
     for (int b = 0; b < 2; b++) { /* 16-column block b: words 8b .. 8b + 7 */
-        uint32_t m = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) m = max(m, max(v[8 * b + i] & 0x7FFFu, (v[8 * b + i] >> 16) & 0x7FFFu));
+        const uint32_t *w = v + 8 * b;
+        const uint32_t m = max(moe__fm_absmax8(make_uint4(w[0], w[1], w[2], w[3])),
+                               moe__fm_absmax8(make_uint4(w[4], w[5], w[6], w[7])));
         k.sc[b] = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
         k.s[b] = moe__e4m3_to_f32((uint8_t)k.sc[b]);
     }

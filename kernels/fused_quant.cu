@@ -912,7 +912,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         const int nparts = moe__cuda_sm_count(g.dev);
         const bool nvx = mode == MOE_QUANT_NVFP4 && rs && (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H &&
                          (size_t)nparts * 4 <= (size_t)ws->max_tokens * (size_t)(H / 16) &&
-                         ((uintptr_t)moe_tensor_data(A->hidden) & 15) == 0 && !moe__fq_env_off("MOE_FUSED_NVX");
+                         !moe__fq_env_off("MOE_FUSED_NVX"); /* hidden is 16-byte aligned (moe_fused_moe) */
         int32_t *xpos = nvx ? (int32_t *)(base + off_xc) : nullptr;
         unsigned int *xpart = nvx ? (unsigned int *)(base + off_xs) : nullptr;
         /* 1. x */
