@@ -1295,14 +1295,14 @@ __global__ void __launch_bounds__(256) k_i4_range(const uint16_t *__restrict__ s
 /* nvfp4 for k_qg_rs, one 16-byte output word q (0-3) of a 32-column group (v: the group's 16
  * words of bf16 pairs, columns in order): both 16-column blocks' scale codes and, for t = 0..3,
  * columns 8t + q and 8t + q + 4 (the word's RS-order positions, qr_pos) quantised with the
- * quantiser's own functions (quant_math.h: the same codes and scales as moe_quantize under the
- * global scale gs), then e2m1 x the block scale as bf16 (exact; the global scale is applied in the
- * GEMM epilogue).  The block scales (qr_nvfp4_scales) are computed once a group: a thread that
+ * quantiser's scale function and division (quant_math.h: the same scales and e2m1 values as
+ * moe_quantize under the global scale gs), then e2m1 x the block scale as bf16 (exact; the global
+ * scale is applied in the GEMM epilogue).  The block scales (qr_nvfp4_scales) are computed once a group: a thread that
  * makes all four words of a group (k_qr_nvfp4_inter) shares them; a thread a word (k_qr_nvfp4_x)
  * computes both for its own. */
 struct qr_nvfp4_blocks {
-    float s[2];       /* block b's scale (the e4m3 code's value) */
-    uint32_t sc[2];   /* its e4m3 code */
+    float d[2];       /* block b's divisor: its scale (the e4m3 code's value) x gs, NaN where that is 0 */
+    uint32_t s2[2];   /* its scale as bf16x2 */
 };
 __device__ __forceinline__ qr_nvfp4_blocks qr_nvfp4_scales(const uint32_t (&v)[16], float gs) {
     qr_nvfp4_blocks k;
@@ -1311,24 +1311,29 @@ __device__ __forceinline__ qr_nvfp4_blocks qr_nvfp4_scales(const uint32_t (&v)[1
         const uint32_t *w = v + 8 * b;
         const uint32_t m = max(moe__fm_absmax8(make_uint4(w[0], w[1], w[2], w[3])),
                                moe__fm_absmax8(make_uint4(w[4], w[5], w[6], w[7])));
-        k.sc[b] = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
-        k.s[b] = moe__e4m3_to_f32((uint8_t)k.sc[b]);
+        const uint32_t sc = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
+        const float d = moe__q_mul(moe__e4m3_to_f32((uint8_t)sc), gs);
+        k.d[b] = d == 0.0f ? __uint_as_float(MOE__Q_NAN_BITS) : d;
+        k.s2[b] = moe__fq_scale2<MOE_QUANT_NVFP4>(sc);
     }
     return k;
 }
-__device__ __forceinline__ uint4 qr_nvfp4_word(const uint32_t (&v)[16], int q, float gs, const qr_nvfp4_blocks &k) {
+/* The codes of moe__q_nvfp4_code are never made: x / d is rounded straight to the bf16 of its
+ * e2m1 value (moe__e2m1_round_bf16; a divisor of 0 is NaN here, so those values give +0 as
+ * the code 0 does), then times the block scale by the same bf16x2 FMA the codes' widening
+ * ends with (moe__fq_w4x8_pairs): the same bits, in fewer instructions a value. */
+__device__ __forceinline__ uint4 qr_nvfp4_word(const uint32_t (&v)[16], int q, const qr_nvfp4_blocks &k) {
     uint32_t o[4];
     const int sh = 16 * (q & 1);
 #pragma unroll
     for (int t = 0; t < 4; t++) { /* columns 8t + q (word 4t + q / 2) and 8t + q + 4 (word 4t + 2 + q / 2) */
         const uint32_t wa = (q & 2) ? v[4 * t + 1] : v[4 * t], wb = (q & 2) ? v[4 * t + 3] : v[4 * t + 2];
-        const uint32_t ca = moe__q_nvfp4_code(__uint_as_float(((wa >> sh) & 0xFFFFu) << 16), k.s[t >> 1], gs);
-        const uint32_t cb = moe__q_nvfp4_code(__uint_as_float(((wb >> sh) & 0xFFFFu) << 16), k.s[t >> 1], gs);
-        uint32_t r[4];
-        moe__fq_w4x8_pairs<true>(ca | cb << 16, moe__fq_scale2<MOE_QUANT_NVFP4>(k.sc[t >> 1]), r);
-        o[t] = r[0]; /* (element 0, element 4) */
+        const float d = k.d[t >> 1];
+        const uint32_t ma = moe__e2m1_round_bf16(moe__q_div(__uint_as_float(((wa >> sh) & 0xFFFFu) << 16), d));
+        const uint32_t mb = moe__e2m1_round_bf16(moe__q_div(__uint_as_float(((wb >> sh) & 0xFFFFu) << 16), d));
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(o[t]) : "r"(ma | mb << 16), "r"(k.s2[t >> 1]), "r"(0x80008000u));
     }
-    return make_uint4(o[0], o[1], o[2], o[3]);
+    return make_uint4(o[0], o[1], o[2], o[3]); /* (element 0, element 4) pairs */
 }
 /* The 64 bytes at p as 16 words. */
 __device__ __forceinline__ void qr_load16(const uint4 *p, uint32_t (&v)[16]) {
@@ -1365,7 +1370,7 @@ __global__ void __launch_bounds__(256) k_qr_nvfp4_inter(uint16_t *inter, const i
          * instruction cache is the likely limit) */
         const qr_nvfp4_blocks k = qr_nvfp4_scales(v, gs);
 #pragma unroll 1
-        for (int q = 0; q < 4; q++) p[4 * u + q] = qr_nvfp4_word(v, q, gs, k);
+        for (int q = 0; q < 4; q++) p[4 * u + q] = qr_nvfp4_word(v, q, k);
     }
 }
 
@@ -1402,7 +1407,7 @@ __global__ void __launch_bounds__(256) k_qr_nvfp4_x(const uint4 *__restrict__ x,
         const int w = (int)(u - t * c8);
         uint32_t v[16];
         qr_load16(x + t * c8 + (w & ~3), v);
-        const uint4 ov = qr_nvfp4_word(v, w & 3, gs, qr_nvfp4_scales(v, gs));
+        const uint4 ov = qr_nvfp4_word(v, w & 3, qr_nvfp4_scales(v, gs));
         const int32_t *pt = pos + t * K;
 #pragma unroll 4
         for (int k = 0; k < K; k++) {

@@ -510,17 +510,37 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- of the token's local pairs (k_qr_nvfp4_x, path wgmma_rs_xonce); MOE_FUSED_NVX=0 quantises x
   -- first and widens it once a pair (path wgmma_rs).  The same codes, so the same bits; both near
   -- the CPU.  Gated, relu2 + biases, llama4 top-1, expert parallelism (pairs of other ranks
-  -- skipped), and a call after one whose x was 1000x larger (x's amax taken afresh: a stale amax
-  -- would coarsen every code).
+  -- skipped), a call after one whose x was 1000x larger (x's amax taken afresh: a stale amax
+  -- would coarsen every code), and an x made of e2m1 ties (ties_x).
+  -- ties_x: |x| <= 2688 with 2688 in every row, so the global scale is 1 exactly; in each row a
+  -- 16-column block of amax 6 x 2^j (block scale 2^j) holding every e2m1 tie and the saturation
+  -- point, both signs, times 2^j; a block of tiny values (its scale code 0: every code +0, the
+  -- negative values too); a block of zeros and negative zeros; the rest random.
+  local function ties_x(T, seed)
+    local t = moe.randn({ T, HD }, { seed = seed }):totable()
+    local ties = { 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6 }
+    for r = 1, T do
+      local row, j = t[r], (r - 1) % 4
+      row[1] = r % 2 == 0 and 2688 or -2688
+      for c = 1, 16 do
+        row[16 + c] = ties[(c - 1) % 8 + 1] * 2 ^ j * (c > 8 and -1 or 1)
+        row[32 + c] = row[32 + c] * 2 ^ -14
+        row[48 + c] = c % 2 == 0 and -0.0 or 0.0
+      end
+    end
+    return moe.tensor(t, { dtype = "bf16" })
+  end
   it("nvfp4 on k_qg_rs: x quantised once a token (default) and once a pair (MOE_FUSED_NVX=0) give the same bits " ..
-     "(swiglu, relu2 + biases, llama4, EP, after a larger x)", function()
+     "(swiglu, relu2 + biases, llama4, EP, after a larger x, e2m1 ties)", function()
     local cases = { unpack(RS_CASES) }
     cases[#cases + 1] = { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 } -- after a 1000x larger x
+    cases[#cases + 1] = { "swiglu", false, METHODS.renormalize, nil, 800, nil, true } -- x of e2m1 ties
     for i, c in ipairs(cases) do
-      local what = string.format("nvfp4 %s%s T=%d%s%s", c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
-                                 c[6] and " after a 1000x x" or "")
+      local what = string.format("nvfp4 %s%s T=%d%s%s%s", c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
+                                 c[6] and " after a 1000x x" or "", c[7] and " x of e2m1 ties" or "")
       local w = weights(c[1], c[2])
       local x, L = inputs(c[5], 10100 + 10 * i)
+      if c[7] then x = ties_x(c[5], 10105 + 10 * i) end
       local yc = call(experts(w, "nvfp4", "cpu"), x, L, c[3], "cpu", c[4])
       local ys = {}
       for j, v in ipairs{ false, "0" } do

@@ -194,6 +194,26 @@ MOE_HD uint8_t moe__f32_to_e2m1(float f) {
     return (uint8_t)(sign | m);
 #endif
 }
+/* The bf16 bits of moe__e2m1_to_f32(moe__f32_to_e2m1(f)) (the signed e2m1 value f rounds to;
+ * NaN -> +0) without the code: |f| rounded to the grid of its range by adding and subtracting
+ * a power of two (spacing 0.5 below 2, 1 below 4, 2 above; the f32 sum rounds to nearest even,
+ * which is the even code at every tie), saturated at 6.  About 8 instructions against the
+ * comparisons' dozen plus the code's widening; the device's nvfp4 quantise-and-widen path
+ * (fused_qgmma.cu, qr_nvfp4_word).  spec/c/test_fp.c compares it with the code's value. */
+MOE_HD uint32_t moe__e2m1_round_bf16(float f) {
+    const uint32_t u = moe__f32_bits(f), a = u & 0x7FFFFFFFu;
+    const float af = moe__bits_f32(a);
+    const float big = af < 2.0f ? 4194304.0f : af < 4.0f ? 8388608.0f : 16777216.0f; /* 2^22, 2^23, 2^24 */
+#ifdef __CUDA_ARCH__
+    float r = __fsub_rn(__fadd_rn(af, big), big);
+#else
+    volatile float s = af + big; /* one f32 rounding, kept apart from the subtraction */
+    float r = s - big;
+#endif
+    r = r < 6.0f ? r : 6.0f; /* NaN stays NaN here */
+    if (a > 0x7F800000u) return 0;
+    return ((u >> 16) & 0x8000u) | (moe__f32_bits(r) >> 16);
+}
 MOE_HD float moe__e2m1_to_f32(uint8_t c) {
     uint32_t e = (c >> 1) & 3, m = c & 1;
     float v = e == 0 ? 0.5f * (float)m : (float)(2 + m) * moe__exp2i((int)e - 2);
