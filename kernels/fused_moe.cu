@@ -1083,18 +1083,21 @@ static bool moe__fm_tma_a(void) {
 }
 
 /* Tensor map of a row-major [rows, cols] matrix of elem_bytes-byte elements (2: bf16 / f16,
- * 1: codes; `what`, for the error), boxes of box_cols x box_rows, with the 128-byte swizzle
- * (box rows of 128 bytes: the layout moe__fm_swz / moe__fm_desc describe) or none;
- * elements past the matrix read as zeros (OOB_FILL_NONE). */
+ * 1: codes; `what`, for the error), boxes of box_cols x box_rows, with the swizzle of `swizzle`
+ * bytes: 128 (box rows of 128 bytes: the layout moe__fm_swz / moe__fm_desc describe), 32 (box
+ * rows of 32 bytes: the 16-byte halves of rows 4-7 of every 8 swapped) or 0 (none); elements past
+ * the matrix read as zeros (OOB_FILL_NONE). */
 moe_status moe__fm_tmap2(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int elem_bytes, int box_cols,
-                         int box_rows, bool swizzle, const char *what) {
+                         int box_rows, int swizzle, const char *what) {
     cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
     cuuint64_t strides[1] = {(cuuint64_t)cols * (cuuint64_t)elem_bytes};
     cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows};
     cuuint32_t es[2] = {1, 1};
     CUresult r = moe__fm_encode(m, elem_bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
                                 (void *)base, dims, strides, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                swizzle ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+                                swizzle == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                : swizzle == 32 ? CU_TENSOR_MAP_SWIZZLE_32B
+                                                : CU_TENSOR_MAP_SWIZZLE_NONE,
                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS)
         return moe__err(MOE_ERR_CUDA, FN ": cuTensorMapEncodeTiled failed (CUresult %d) for the [%lld, %lld] %s", (int)r,
@@ -1104,7 +1107,7 @@ moe_status moe__fm_tmap2(CUtensorMap *m, const void *base, int64_t rows, int64_t
 /* bf16 [rows, cols], boxes of 64 columns x box_rows, 128-byte swizzle. */
 static moe_status moe__fm_tmap(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int box_rows,
                                const char *what) {
-    return moe__fm_tmap2(m, base, rows, cols, 2, 64, box_rows, true, what);
+    return moe__fm_tmap2(m, base, rows, cols, 2, 64, box_rows, 128, what);
 }
 
 moe_status moe__fm_hopper_ready(bool *ok) {

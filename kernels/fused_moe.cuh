@@ -457,9 +457,9 @@ __global__ void __launch_bounds__(256)
  * found (sets up fused_moe.cu's kernel attributes on first use). */
 moe_status moe__fm_hopper_ready(bool *ok);
 /* Tensor map of a row-major [rows, cols] matrix of elem_bytes-byte elements (1 or 2; `what`, for
- * the error), boxes of box_cols x box_rows, 128-byte swizzle (128-byte box rows) or none,
- * zeros past the matrix. */
+ * the error), boxes of box_cols x box_rows, the swizzle of `swizzle` bytes (128: 128-byte box
+ * rows; 32: 32-byte box rows) or none (0), zeros past the matrix. */
 moe_status moe__fm_tmap2(CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int elem_bytes, int box_cols,
-                         int box_rows, bool swizzle, const char *what);
+                         int box_rows, int swizzle, const char *what);
 
 #endif

@@ -701,12 +701,12 @@ __device__ __forceinline__ void qr_scales(const moe__fq_gemm_args &a, int64_t rl
  * MOE__FQ_I4F: int4 x (scale x fold) as f16.
  * fp8 modes (codes [128 rows][64 bytes]): G = 0 widens the whole stage (one 16-byte word a row:
  * pairs 0-3 into f[0], 4-7 into f[1]), G = 1 nothing. */
-__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, uint32_t &wl, uint32_t &wh);
+__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, int sw, uint32_t &wl, uint32_t &wh);
 template <int MODE>
 __device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, const uint32_t (&sc)[2][2],
                                            uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold);
 template <int MODE>
-__device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, const uint32_t (&sc)[2][2],
+__device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, int sw, const uint32_t (&sc)[2][2],
                                          uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold) {
     if constexpr (qr_f8(MODE)) {
         if (G != 0) return;
@@ -725,15 +725,17 @@ __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int 
         return;
     }
     uint32_t wl, wh;
-    qr_words(cb, ol, oh, G, wl, wh);
+    qr_words(cb, ol, oh, G, sw, wl, wh);
     qr_widen_w<MODE>(wl, wh, G, sc, f, pf, fold);
 }
 
 /* The 4-bit modes' code words of group G of the stage at cb: this thread's row lo / hi words.
- * ld.shared: the aligned shared pointer is integer arithmetic, and generic loads were what the
- * compiler made of a plain dereference. */
-__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, uint32_t &wl, uint32_t &wh) {
-    const uint32_t sa = moe__fm_smem(cb) + 16 * G;
+ * sw: 16 where the stage came with the 32-byte swizzle (the two 16-byte halves of rows 4-7 of
+ * every 8 swapped) and the thread's rows are such rows, else 0.  ld.shared: the aligned shared
+ * pointer is integer arithmetic, and generic loads were what the compiler made of a plain
+ * dereference. */
+__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, int sw, uint32_t &wl, uint32_t &wh) {
+    const uint32_t sa = moe__fm_smem(cb) + (16 * G ^ sw);
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wl) : "r"(sa + ol));
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wh) : "r"(sa + oh));
 }
@@ -817,6 +819,10 @@ __global__ void __launch_bounds__(384, 1)
         const int rh = gr.gated ? 64 + rl : rl + 8;
         /* byte offsets of this thread's words in a stage's two rows (fp8 modes: 16 bytes at 16t) */
         const int ol = rl * CB + (F8 ? 16 : 4) * t, oh = rh * CB + (F8 ? 16 : 4) * t;
+        /* the 4-bit modes' codes come with the 32-byte swizzle (a.W_swz; rows rl and rh agree in
+         * bit 2): a warp's words of a group then fill the 32 banks once, where without it rows g
+         * and g + 4 met in every bank (two wavefronts a load) */
+        const int sw = !F8 && a.W_swz ? ((rl >> 2) & 1) << 4 : 0;
         int it = 0;
         int bc = 0; /* fp8_block: 128-column blocks done by this thread, I4F: items (its Sx slot's parity) */
         float acc[64];
@@ -888,8 +894,8 @@ __global__ void __launch_bounds__(384, 1)
             for (int d = 1; d < SD; d++)
                 if (d < gr.KT) qr_scales<MODE>(a, wl, wh, d, t, ring[d - 1]);
             moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
-            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, scA, f, pf, a.W_fold);
-            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, scA, f, pf, a.W_fold);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, sw, scA, f, pf, a.W_fold);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, sw, scA, f, pf, a.W_fold);
             /* at stage kt: scA <- stage kt + 1's scale codes (to widen it), stage kt + SD's loaded */
             auto next_scales = [&](int kt) {
 #pragma unroll
@@ -929,14 +935,14 @@ __global__ void __launch_bounds__(384, 1)
                         /* the code words requested first, the scale ring's turn (and the loads of
                          * stage kt + SD's scales) made while they come */
                         uint32_t w[2][2];
-                        qr_words(B8 + sn * BN * CB, ol, oh, 0, w[0][0], w[0][1]);
-                        qr_words(B8 + sn * BN * CB, ol, oh, 1, w[1][0], w[1][1]);
+                        qr_words(B8 + sn * BN * CB, ol, oh, 0, sw, w[0][0], w[0][1]);
+                        qr_words(B8 + sn * BN * CB, ol, oh, 1, sw, w[1][0], w[1][1]);
                         next_scales(kt);
                         qr_widen_w<MODE>(w[0][0], w[0][1], 0, scA, nxt, pf, a.W_fold);
                         qr_widen_w<MODE>(w[1][0], w[1][1], 1, scA, nxt, pf, a.W_fold);
                     } else {
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, scA, nxt, pf, a.W_fold);
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, scA, nxt, pf, a.W_fold);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, sw, scA, nxt, pf, a.W_fold);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, sw, scA, nxt, pf, a.W_fold);
                     }
                 }
                 it++;
@@ -990,13 +996,13 @@ __global__ void __launch_bounds__(384, 1)
                     qr_add_rows(acc, ta, pf[0][0], pf[0][1]);
                     if (more) {
                         moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
-                        qr_widen<MODE>(cn, ol, oh, 0, scA, f, pf, 0.0f);
+                        qr_widen<MODE>(cn, ol, oh, 0, sw, scA, f, pf, 0.0f);
                     }
                     moe__fm_wg_wait0();
                     qr_add_rows(acc, tb, pf[1][0], pf[1][1]);
                     __syncwarp();
                     if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
-                    if (more) qr_widen<MODE>(cn, ol, oh, 1, scA, f, pf, 0.0f);
+                    if (more) qr_widen<MODE>(cn, ol, oh, 1, sw, scA, f, pf, 0.0f);
                 }
             } else {
                 for (int kt = 0; kt < gr.KT; kt += 2) {
@@ -1654,7 +1660,7 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
     CUtensorMap tw, ta;
     const char *wn = g1 ? "gate/up codes" : "down codes";
     if (v == 1) {
-        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, 128, 64, true, wn));
+        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, a.Kd, 1, 128, 64, 128, wn));
         const uint8_t *A = a.A_codes;
         if (g1) {
             moe__k_fm_permute<<<(unsigned)pb, 256, 0, st>>>((const uint4 *)a.A_codes, a.sorted, a.tile_r0, a.tile_n,
@@ -1662,13 +1668,14 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
             MOE_CUDA_LAUNCHED(FN);
             A = (const uint8_t *)xp;
         }
-        MOE_TRY(moe__fm_tmap2(&ta, A, P, a.Kd, 1, 128, QG_BM, true, g1 ? "permuted x codes" : "intermediate codes"));
+        MOE_TRY(moe__fm_tmap2(&ta, A, P, a.Kd, 1, 128, QG_BM, 128, g1 ? "permuted x codes" : "intermediate codes"));
     } else {
         const bool w4 = qg_w4(mode);
-        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, w4 ? a.Kd / 2 : a.Kd, 1, w4 ? QX_BK / 2 : QX_BK, 64, false, wn));
+        MOE_TRY(moe__fm_tmap2(&tw, a.W, (int64_t)a.E * a.N, w4 ? a.Kd / 2 : a.Kd, 1, w4 ? QX_BK / 2 : QX_BK, 64,
+                              v == 2 && w4 && a.W_swz ? 32 : 0, wn));
         const uint4 *A16 = nullptr;
         MOE_TRY(moe__fq_a16(st, dev, mode, g1, a, P, xp, &A16, v == 2));
-        MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, true, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
+        MOE_TRY(moe__fm_tmap2(&ta, A16, P, a.Kd, 2, 64, QG_BM, 128, g1 ? "permuted x (16-bit)" : "intermediate (16-bit)"));
     }
     if (v == 2 && g1 && mode == MOE_QUANT_NVFP4 && !a.A_pos) /* GEMM1 takes the intermediate's amax (zeroed by k_qr_nvfp4_x where it runs) */
         MOE_CUDA_TRY(FN, cudaMemsetAsync(a.inter_amax, 0, sizeof(unsigned int), st));

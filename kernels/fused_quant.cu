@@ -969,6 +969,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         a1.A_amax = xpart;
         a1.A_amax_n = nparts;
         a1.T = T;
+        a1.W_swz = !moe__fq_env_off("MOE_FUSED_QSW"); /* k_qg_rs's 4-bit codes with the 32-byte swizzle */
         gemm_args a2 = a1;
         a2.A_pos = nullptr;
         a2.A_amax = nullptr;

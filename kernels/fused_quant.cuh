@@ -81,6 +81,9 @@ struct moe__fq_gemm_args {
      * range */
     float W_fold, W_unfold;
     const float *A_rows;
+    /* k_qg_rs of the 4-bit modes: the weight codes come with the 32-byte swizzle (1, the default)
+     * or none (0: MOE_FUSED_QSW=0) */
+    int W_swz;
 };
 
 /* mxint4's "f16 fold" (docs/quantization.md, "mxint4 on f16 MMAs"): an internal mode id of the

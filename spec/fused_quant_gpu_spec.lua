@@ -589,6 +589,35 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     near(y, call(experts(w, "nvfp4", "cpu"), x, L, METHODS.renormalize, "cpu"), "nvfp4, scales 1 byte off: CUDA vs CPU")
   end)
 
+  -- k_qg_rs's 4-bit weight codes come by tensor copy with the 32-byte swizzle (conflict-free
+  -- shared loads); MOE_FUSED_QSW=0 copies them unswizzled.  Only the shared-memory layout differs:
+  -- the same bits, gated (gate / up rows interleaved in a tile) and relu2 + biases, each near the CPU
+  for _, c in ipairs{ { "nvfp4", "swiglu" }, { "mxfp4", "relu2" }, { "mxint4", "swiglu" },
+                      { "mxint4", "swiglu", "per-32 promotions (MOE_FUSED_I4F16=0)" } } do
+    it(c[1] .. " " .. c[2] .. (c[3] and ", " .. c[3] or "") .. " on k_qg_rs: the 32-byte swizzled weight codes " ..
+       "(default) and unswizzled ones (MOE_FUSED_QSW=0) give the same bits, near the CPU", function()
+      local w = weights(c[2], c[2] == "relu2")
+      local x, L = inputs800(10400 + #c)
+      local yc = call(experts(w, c[1], "cpu"), x, L, METHODS.renormalize, "cpu")
+      local ys = {}
+      for j, v in ipairs{ false, "0" } do
+        local path, y = path_of(function()
+          return H.with_env("MOE_FUSED_I4F16", c[3] and "0" or nil, function()
+            return H.with_env("MOE_FUSED_QSW", v or nil, function()
+              return qwgmma(nil, function() return call(experts(w, c[1], "cuda"), x, L, METHODS.renormalize, "cuda") end)
+            end)
+          end)
+        end)
+        local want = c[1] == "nvfp4" and "wgmma_rs_xonce" or c[1] == "mxint4" and not c[3] and "wgmma_rs_i4f16"
+                     or "wgmma_rs"
+        assert.equal(HOPPER and want or "tile", path, "MOE_FUSED_QSW " .. (v or "unset") .. ": the path taken")
+        near(y, yc, c[1] .. ", MOE_FUSED_QSW " .. (v or "unset") .. ": CUDA vs CPU")
+        ys[j] = y
+      end
+      assert.same(bits(ys[2]), bits(ys[1]), c[1] .. ": swizzled vs unswizzled codes")
+    end)
+  end
+
   -- fp8_block's default kernel follows H: k_qg_rs from H = 4096 (measured faster there), k_qg_exact
   -- below (the H = 384 cases above); both against the CPU at H = 4096
   it("fp8_block at H = 4096: k_qg_rs by default, k_qg_exact with MOE_FUSED_QRS=0, both near the CPU", function()
