@@ -1423,6 +1423,55 @@ __global__ void __launch_bounds__(256) k_qr_nvfp4_x(const uint4 *__restrict__ x,
     }
 }
 
+/* fp8_block's x for k_qg_rs in one pass, after the align: each token's 128-column blocks
+ * quantised once with the quantiser's functions (moe__q_fp8_scale of the block's amax,
+ * moe__q_fp8_code: the codes and scales of moe_quantize), the codes' f16 values written, in RS8
+ * order, to the sorted row of each of the token's local pairs (pos, as k_qr_nvfp4_x), the scales
+ * to xs [T, cols / 128] (GEMM1 reads them per token).  Before: k_rows (codes and scales), then
+ * k_qg_codes16<false, true> widening the codes once a pair.  One thread a 16-byte output word,
+ * the 16 of a block consecutive (the block's amax across a half-warp): output word m of 64-column
+ * stage b holds, at 2t + i, column 64b + 16t + 2m + i (element m % 4 of input word 8b + 2t + m / 4);
+ * every input word of a block is some thread's, so their maxima cover it. */
+__global__ void __launch_bounds__(256) k_qr_fb_x(const uint4 *__restrict__ x, int64_t T, int cols, int K,
+                                                 const int32_t *__restrict__ pos, float *__restrict__ xs,
+                                                 uint4 *__restrict__ xp) {
+    const int c8 = cols / 8, nb = cols / 128;
+    const int64_t units = T * c8; /* a multiple of 16, as the grid's stride: half-warps stay whole */
+    const unsigned hm = 0xFFFFu << (threadIdx.x & 16);
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = u / c8;
+        const int w = (int)(u - t * c8), m = w & 7;
+        const uint4 *src = x + t * c8 + (w & ~7) + (m >> 2);
+        uint32_t v[4], am = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint4 in = __ldg(src + 2 * k);
+            am = max(am, moe__fm_absmax8(in));
+            const int e = m & 3;
+            v[k] = e == 0 ? in.x : e == 1 ? in.y : e == 2 ? in.z : in.w;
+        }
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) am = max(am, (uint32_t)__shfl_xor_sync(hm, am, o));
+        const float sc = moe__q_fp8_scale(moe__q_amax(am << 16));
+        if ((w & 15) == 0) xs[t * nb + (w >> 4)] = sc;
+        uint32_t o[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint32_t lo = moe__q_fp8_code(__uint_as_float(v[k] << 16), sc);
+            const uint32_t hi = moe__q_fp8_code(__uint_as_float(v[k] & 0xFFFF0000u), sc);
+            const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(lo | hi << 8), __NV_E4M3);
+            o[k] = (uint32_t)h.x | ((uint32_t)h.y << 16);
+        }
+        const uint4 ov = make_uint4(o[0], o[1], o[2], o[3]);
+        const int32_t *pt = pos + t * K;
+#pragma unroll 4
+        for (int k = 0; k < K; k++) {
+            const int r = __ldg(pt + k);
+            if (r >= 0) xp[(int64_t)r * c8 + w] = ov;
+        }
+    }
+}
+
 /* fp8_block's intermediate for the exact kernel in one pass: every 128-column group of the rows
  * of the row tiles quantised with the quantiser's own code (moe__q_rows: the same codes and
  * scales as moe_quantize), the codes' f16 values written over the bf16 values, the scales to
@@ -1592,7 +1641,10 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
         /* k_qg_rs, RS8 order: x's codes widened and permuted; the intermediate as the exact
          * kernel's (GEMM1 wrote its values in RS8 order, which quantising per tensor or per 128
          * columns and widening keep) */
-        if (g1) {
+        if (g1 && a.A_pos) { /* fp8_block's x quantised once a token, scattered */
+            k_qr_fb_x<<<moe__cuda_grid(dev, a.T * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.T, a.Kd, a.K, a.A_pos, (float *)a.A_scales, (uint4 *)A16);
+        } else if (g1) {
             k_qg_codes16<false, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 a.A_codes, nullptr, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, (uint4 *)A16);
         } else if (mode == MOE_QUANT_FP8_BLOCK) {

@@ -491,7 +491,7 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
             end)
           end)
           local want = v[1] == "0" and "wgmma" or (mode == "mxint4" and not v[2]) and "wgmma_rs_i4f16"
-                       or mode == "nvfp4" and "wgmma_rs_xonce" or "wgmma_rs"
+                       or (mode == "nvfp4" or mode == "fp8_block") and "wgmma_rs_xonce" or "wgmma_rs"
           assert.equal(HOPPER and want or "tile", path, what .. ": the path taken")
           near(y, yc, what .. ", MOE_FUSED_QRS " .. v[1] .. (v[2] and ", MOE_FUSED_I4F16 0" or "") .. ": CUDA vs CPU")
           ys[j] = y
@@ -506,64 +506,82 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end)
   end
 
-  -- nvfp4 on k_qg_rs quantises x once a token after the align and writes the widened rows to each
-  -- of the token's local pairs (k_qr_nvfp4_x, path wgmma_rs_xonce); MOE_FUSED_NVX=0 quantises x
-  -- first and widens it once a pair (path wgmma_rs).  The same codes, so the same bits; both near
-  -- the CPU.  Gated, relu2 + biases, llama4 top-1, expert parallelism (pairs of other ranks
-  -- skipped), a call after one whose x was 1000x larger (x's amax taken afresh: a stale amax
-  -- would coarsen every code), and an x made of e2m1 ties (ties_x).
-  -- ties_x: |x| <= 2688 with 2688 in every row, so the global scale is 1 exactly; in each row a
-  -- 16-column block of amax 6 x 2^j (block scale 2^j) holding every e2m1 tie and the saturation
+  -- nvfp4 and fp8_block on k_qg_rs quantise x once a token after the align and write the widened
+  -- rows to each of the token's local pairs (k_qr_nvfp4_x / k_qr_fb_x, path wgmma_rs_xonce);
+  -- MOE_FUSED_NVX=0 / MOE_FUSED_FBX=0 quantise x first and widen it once a pair (path wgmma_rs).
+  -- The same codes, so the same bits; both near the CPU.  Gated, relu2 + biases, llama4 top-1,
+  -- expert parallelism (pairs of other ranks skipped), a call after one whose x was 1000x larger
+  -- (nvfp4: x's amax taken afresh: a stale amax would coarsen every code), and an x made of the
+  -- format's ties (ties_x).  fp8_block runs k_qg_rs at this H with MOE_FUSED_QRS=1.
+  -- ties_x nvfp4: |x| <= 2688 with 2688 in every row, so the global scale is 1 exactly; in each row
+  -- a 16-column block of amax 6 x 2^j (block scale 2^j) holding every e2m1 tie and the saturation
   -- point, both signs, times 2^j; a block of tiny values (its scale code 0: every code +0, the
   -- negative values too); a block of zeros and negative zeros; the rest random.
-  local function ties_x(T, seed)
+  -- ties_x fp8_block: a 128-column block of amax 448 x 2^j (scale 2^j) holding e4m3 ties (normal
+  -- and subnormal, both signs) times 2^j, a block of zeros and negative zeros, a random block.
+  local function ties_x(mode, T, seed)
     local t = moe.randn({ T, HD }, { seed = seed }):totable()
-    local ties = { 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6 }
+    local ties = mode == "nvfp4" and { 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6 }
+                 or { 1.0625, 1.1875, 2.125, 3.875, 0.0029296875, 0.0048828125, 27, 304 }
     for r = 1, T do
       local row, j = t[r], (r - 1) % 4
-      row[1] = r % 2 == 0 and 2688 or -2688
-      for c = 1, 16 do
-        row[16 + c] = ties[(c - 1) % 8 + 1] * 2 ^ j * (c > 8 and -1 or 1)
-        row[32 + c] = row[32 + c] * 2 ^ -14
-        row[48 + c] = c % 2 == 0 and -0.0 or 0.0
+      if mode == "nvfp4" then
+        row[1] = r % 2 == 0 and 2688 or -2688
+        for c = 1, 16 do
+          row[16 + c] = ties[(c - 1) % 8 + 1] * 2 ^ j * (c > 8 and -1 or 1)
+          row[32 + c] = row[32 + c] * 2 ^ -14
+          row[48 + c] = c % 2 == 0 and -0.0 or 0.0
+        end
+      else
+        row[1] = (r % 2 == 0 and 448 or -448) * 2 ^ j
+        for c = 2, 128 do
+          row[c] = ties[(c - 1) % 8 + 1] * 2 ^ j * (c % 3 == 0 and -1 or 1)
+          row[128 + c] = c % 2 == 0 and -0.0 or 0.0
+        end
+        row[129] = 0.0
       end
     end
     return moe.tensor(t, { dtype = "bf16" })
   end
-  it("nvfp4 on k_qg_rs: x quantised once a token (default) and once a pair (MOE_FUSED_NVX=0) give the same bits " ..
-     "(swiglu, relu2 + biases, llama4, EP, after a larger x, e2m1 ties)", function()
-    local cases = { unpack(RS_CASES) }
-    cases[#cases + 1] = { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 } -- after a 1000x larger x
-    cases[#cases + 1] = { "swiglu", false, METHODS.renormalize, nil, 800, nil, true } -- x of e2m1 ties
-    for i, c in ipairs(cases) do
-      local what = string.format("nvfp4 %s%s T=%d%s%s%s", c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
-                                 c[6] and " after a 1000x x" or "", c[7] and " x of e2m1 ties" or "")
-      local w = weights(c[1], c[2])
-      local x, L = inputs(c[5], 10100 + 10 * i)
-      if c[7] then x = ties_x(c[5], 10105 + 10 * i) end
-      local yc = call(experts(w, "nvfp4", "cpu"), x, L, c[3], "cpu", c[4])
-      local ys = {}
-      for j, v in ipairs{ false, "0" } do
-        local path, y = path_of(function()
-          return H.with_env("MOE_FUSED_NVX", v or nil, function()
-            return qwgmma(nil, function()
-              local ex = experts(w, "nvfp4", "cuda")
-              if c[6] then -- the larger x first, on the same path and workspace
-                call(ex, moe.axpby(c[6], x, 0, moe.zeros({ c[5], HD }, { dtype = "bf16" })), L, c[3], "cuda", c[4])
-                moe.fused_paths_reset()
-              end
-              return call(ex, x, L, c[3], "cuda", c[4])
+  for _, m in ipairs{ { "nvfp4", "MOE_FUSED_NVX", "e2m1 ties" }, { "fp8_block", "MOE_FUSED_FBX", "e4m3 ties", "1" } } do
+    local mode, var = m[1], m[2]
+    it(mode .. " on k_qg_rs: x quantised once a token (default) and once a pair (" .. var .. "=0) give the same bits " ..
+       "(swiglu, relu2 + biases, llama4, EP, after a larger x, " .. m[3] .. ")", function()
+      local cases = { unpack(RS_CASES) }
+      cases[#cases + 1] = { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 } -- after a 1000x larger x
+      cases[#cases + 1] = { "swiglu", false, METHODS.renormalize, nil, 800, nil, true } -- x of the format's ties
+      for i, c in ipairs(cases) do
+        local what = string.format("%s %s%s T=%d%s%s%s", mode, c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
+                                   c[6] and " after a 1000x x" or "", c[7] and " x of " .. m[3] or "")
+        local w = weights(c[1], c[2])
+        local x, L = inputs(c[5], 10100 + 10 * i)
+        if c[7] then x = ties_x(mode, c[5], 10105 + 10 * i) end
+        local yc = call(experts(w, mode, "cpu"), x, L, c[3], "cpu", c[4])
+        local ys = {}
+        for j, v in ipairs{ false, "0" } do
+          local path, y = path_of(function()
+            return H.with_env(var, v or nil, function()
+              return H.with_env("MOE_FUSED_QRS", m[4], function()
+                return qwgmma(nil, function()
+                  local ex = experts(w, mode, "cuda")
+                  if c[6] then -- the larger x first, on the same path and workspace
+                    call(ex, moe.axpby(c[6], x, 0, moe.zeros({ c[5], HD }, { dtype = "bf16" })), L, c[3], "cuda", c[4])
+                    moe.fused_paths_reset()
+                  end
+                  return call(ex, x, L, c[3], "cuda", c[4])
+                end)
+              end)
             end)
           end)
-        end)
-        assert.equal(HOPPER and (v and "wgmma_rs" or "wgmma_rs_xonce") or "tile", path,
-                     what .. ", MOE_FUSED_NVX " .. (v or "unset") .. ": the path taken")
-        near(y, yc, what .. ", MOE_FUSED_NVX " .. (v or "unset") .. ": CUDA vs CPU")
-        ys[j] = y
+          assert.equal(HOPPER and (v and "wgmma_rs" or "wgmma_rs_xonce") or "tile", path,
+                       what .. ", " .. var .. " " .. (v or "unset") .. ": the path taken")
+          near(y, yc, what .. ", " .. var .. " " .. (v or "unset") .. ": CUDA vs CPU")
+          ys[j] = y
+        end
+        assert.same(bits(ys[2]), bits(ys[1]), what .. ": once a token vs once a pair")
       end
-      assert.same(bits(ys[2]), bits(ys[1]), what .. ": once a token vs once a pair")
-    end
-  end)
+    end)
+  end
 
   -- qtensor parts may start anywhere: nvfp4 gate/up scales one byte off any word alignment run on
   -- k_qg_rs (its scale codes are byte loads; a 4-byte word a stage row measured slower) with the
@@ -639,7 +657,7 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
       local path, y = path_of(function()
         return H.with_env("MOE_FUSED_QRS", v or nil, function() return qwgmma(nil, function() return run("cuda") end) end)
       end)
-      assert.equal(HOPPER and (v and "wgmma" or "wgmma_rs") or "tile", path, "MOE_FUSED_QRS " .. (v or "unset"))
+      assert.equal(HOPPER and (v and "wgmma" or "wgmma_rs_xonce") or "tile", path, "MOE_FUSED_QRS " .. (v or "unset"))
       near(y, yc, "fp8_block H=4096, MOE_FUSED_QRS " .. (v or "unset") .. ": CUDA vs CPU")
     end
   end)
