@@ -1199,6 +1199,18 @@ __global__ void __launch_bounds__(256) k_i4_xrows(const uint4 *__restrict__ x, i
     }
 }
 
+/* RS-order output word q (0-3) of a 32-column group of 16-bit values (sp: the group's four input
+ * words): RS-order words 8ks + t + 4h (ks = q / 2, h = q % 2) for t = 0..3, from input words 4t + ks
+ * and 4t + ks + 2 (the four threads of a group read the same 64 bytes). */
+__device__ __forceinline__ void qr_rs_word(const uint4 *sp, int q, uint32_t (&o)[4]) {
+    const int ks = q >> 1, sel = (q & 1) ? 0x7632 : 0x5410;
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        const uint4 v = __ldg(sp + t);
+        o[t] = __byte_perm(ks ? v.y : v.x, ks ? v.w : v.z, sel);
+    }
+}
+
 /* x's rows (bf16 [T, cols]) into GEMM1's sorted order: row i of xp from row sorted[i] / K, one
  * 16-byte output word a thread (consecutive threads write consecutive words); only the rows of the
  * row tiles.  RS: in RS order (k_qg_rs), else as they are (k_wreg).  F16 (MOE__FQ_I4F): as f16
@@ -1224,15 +1236,7 @@ __global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x,
         }
         uint32_t o[4];
         if (RS) {
-            /* output word q of a group: RS-order words 8ks + t + 4h (h = q % 2) for t = 0..3, from
-             * input words 4t + ks and 4t + ks + 2 (the four threads of a group read the same 64 bytes) */
-            const int q = c & 3, ks = q >> 1, sel = (q & 1) ? 0x7632 : 0x5410;
-            const uint4 *sp = x + tok * c8 + (c & ~3);
-#pragma unroll
-            for (int t = 0; t < 4; t++) {
-                const uint4 v = __ldg(sp + t);
-                o[t] = __byte_perm(ks ? v.y : v.x, ks ? v.w : v.z, sel);
-            }
+            qr_rs_word(x + tok * c8 + (c & ~3), c & 3, o);
         } else {
             const uint4 v = __ldg(x + tok * c8 + c);
             o[0] = v.x;
@@ -1244,6 +1248,42 @@ __global__ void __launch_bounds__(256) k_qr_permute(const uint4 *__restrict__ x,
 #pragma unroll
             for (int t = 0; t < 4; t++) o[t] = i4_cvt2(o[t], up);
         xp[i * c8 + c] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+/* k_qr_permute<true, F16> once a token, after the align (mxfp4 / mxint4 on k_qg_rs, as
+ * k_qr_nvfp4_x): token t's RS-order word c (F16: as f16 times 1 / rs[t]) made once and written to
+ * the sorted row of each of its local pairs (pos[t K + k], -1 for a pair of another rank), with
+ * F16's rrow[row] = rs[t]; one thread a 16-byte output word.  k_qr_permute made it once a pair,
+ * reading x's row again for each. */
+template <bool F16>
+__global__ void __launch_bounds__(256) k_qr_xonce(const uint4 *__restrict__ x, int64_t T, int cols, int K,
+                                                  const int32_t *__restrict__ pos, const float *rs, float *rrow,
+                                                  uint4 *__restrict__ xp) {
+    const int c8 = cols / 8;
+    const int64_t units = T * c8;
+    for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = u / c8;
+        const int c = (int)(u - t * c8);
+        uint32_t o[4];
+        qr_rs_word(x + t * c8 + (c & ~3), c & 3, o);
+        float r = 1.0f;
+        if (F16) {
+            r = __ldg(rs + t);
+            const float up = 1.0f / r; /* a power of two: exact */
+#pragma unroll
+            for (int k = 0; k < 4; k++) o[k] = i4_cvt2(o[k], up);
+        }
+        const uint4 ov = make_uint4(o[0], o[1], o[2], o[3]);
+        const int32_t *pt = pos + t * K;
+#pragma unroll 4
+        for (int k = 0; k < K; k++) {
+            const int row = __ldg(pt + k);
+            if (row >= 0) {
+                xp[(int64_t)row * c8 + c] = ov;
+                if (F16 && c == 0) rrow[row] = r;
+            }
+        }
     }
 }
 
@@ -1625,7 +1665,10 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
          * permuted (k_qr_permute), RS order for k_qg_rs, a.A_rows per sorted row; the intermediate's in place,
          * a.A_rows written */
         const float *tok = (const float *)a.A_scales; /* per token (k_i4_xrows) */
-        if (g1 && rs)
+        if (g1 && rs && a.A_pos) /* once a token, scattered */
+            k_qr_xonce<true><<<moe__cuda_grid(dev, a.T * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.T, a.Kd, a.K, a.A_pos, tok, (float *)a.A_rows, (uint4 *)xp);
+        else if (g1 && rs)
             k_qr_permute<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 (const uint4 *)a.A_bf16, a.sorted, a.K, a.tile_r0, a.tile_n, a.ntiles, a.Kd, tok, (float *)a.A_rows,
                 (uint4 *)xp);
@@ -1669,6 +1712,10 @@ moe_status moe__fq_a16(cudaStream_t st, int dev, int mode, bool g1, const moe__f
             k_qg_codes16<true, true><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(
                 a.A_codes, (const uint8_t *)a.A_scales, g1 ? a.sorted : nullptr, a.K, a.tile_r0, a.tile_n, a.ntiles,
                 a.Kd, (uint4 *)A16);
+            MOE_CUDA_LAUNCHED(FN);
+        } else if (g1 && a.A_pos) { /* mxfp4 / mxint4: x once a token, scattered */
+            k_qr_xonce<false><<<moe__cuda_grid(dev, a.T * (a.Kd / 8), threads), threads, 0, st>>>(
+                (const uint4 *)a.A_bf16, a.T, a.Kd, a.K, a.A_pos, nullptr, nullptr, (uint4 *)xp);
             MOE_CUDA_LAUNCHED(FN);
         } else if (g1) {
             k_qr_permute<true, false><<<moe__cuda_grid(dev, P * (a.Kd / 8), threads), threads, 0, st>>>(

@@ -917,7 +917,11 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
          * rows in the x-codes region); MOE_FUSED_FBX=0: the quantiser, then k_qg_codes16<false, true> once a pair */
         const bool fbx = mode == MOE_QUANT_FP8_BLOCK && rs && (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H &&
                          !moe__fq_env_off("MOE_FUSED_FBX");
-        int32_t *xpos = nvx || fbx ? (int32_t *)(base + off_xc) : nullptr;
+        /* mxfp4 / mxint4 on k_qg_rs: x's RS-order rows (mxint4 f16: times the token's power of two)
+         * made once a token (k_qr_xonce); MOE_FUSED_MXX=0: once a pair (k_qr_permute) */
+        const bool mxx = (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) && rs &&
+                         (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H && !moe__fq_env_off("MOE_FUSED_MXX");
+        int32_t *xpos = nvx || fbx || mxx ? (int32_t *)(base + off_xc) : nullptr;
         unsigned int *xpart = nvx ? (unsigned int *)(base + off_xs) : nullptr;
         /* 1. x */
         if (wq && !nvx && !fbx) MOE_TRY(fq_quant_act(ws, mode, A->hidden, T, H, off_xc, off_xs, off_xt));
@@ -926,7 +930,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
          * scales allow the fold (moe__i4_fold_of at creation); MOE_FUSED_I4F16=0: never */
         const bool i4f = (rs || wr) && moe__fq_i4f_ok(ex);
         const int km = i4f ? MOE__FQ_I4F : mode; /* the kernels' mode */
-        moe__fused_path_hit(qg ? (rs ? (i4f ? MOE_FUSED_PATH_WGMMA_RS_I4F16 : nvx || fbx ? MOE_FUSED_PATH_WGMMA_RS_XONCE : MOE_FUSED_PATH_WGMMA_RS) : MOE_FUSED_PATH_WGMMA)
+        moe__fused_path_hit(qg ? (rs ? (i4f ? MOE_FUSED_PATH_WGMMA_RS_I4F16 : nvx || fbx || mxx ? MOE_FUSED_PATH_WGMMA_RS_XONCE : MOE_FUSED_PATH_WGMMA_RS) : MOE_FUSED_PATH_WGMMA)
                                 : wr ? (i4f ? MOE_FUSED_PATH_WREG_I4F16 : MOE_FUSED_PATH_WREG) : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);
         moe__k_fm_align<<<nvx ? 1 + nparts : 1, MOE_FM_ALIGN_THREADS, sm, g.stream>>>(

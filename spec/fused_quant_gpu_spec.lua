@@ -361,7 +361,7 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
   -- modes, and for fp8_block from H = 4096 (here H = 384: widened in shared memory, path wgmma);
   -- mxint4 on f16 MMAs (its scales folded into the weights: path wgmma_rs_i4f16), nvfp4 with x
   -- quantised once a token (wgmma_rs_xonce)
-  local WGMMA_PATH = { fp8 = "wgmma_rs", fp8_block = "wgmma", nvfp4 = "wgmma_rs_xonce", mxfp4 = "wgmma_rs",
+  local WGMMA_PATH = { fp8 = "wgmma_rs", fp8_block = "wgmma", nvfp4 = "wgmma_rs_xonce", mxfp4 = "wgmma_rs_xonce",
                        mxint4 = "wgmma_rs_i4f16" }
   local function qwgmma(v, f) return H.with_env("MOE_FUSED_QWGMMA", v, f) end
   -- env_on_off with MOE_FUSED_QWGMMA: the wgmma kernels by default on sm_90a
@@ -491,7 +491,7 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
             end)
           end)
           local want = v[1] == "0" and "wgmma" or (mode == "mxint4" and not v[2]) and "wgmma_rs_i4f16"
-                       or (mode == "nvfp4" or mode == "fp8_block") and "wgmma_rs_xonce" or "wgmma_rs"
+                       or mode == "fp8" and "wgmma_rs" or "wgmma_rs_xonce"
           assert.equal(HOPPER and want or "tile", path, what .. ": the path taken")
           near(y, yc, what .. ", MOE_FUSED_QRS " .. v[1] .. (v[2] and ", MOE_FUSED_I4F16 0" or "") .. ": CUDA vs CPU")
           ys[j] = y
@@ -543,13 +543,22 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end
     return moe.tensor(t, { dtype = "bf16" })
   end
-  for _, m in ipairs{ { "nvfp4", "MOE_FUSED_NVX", "e2m1 ties" }, { "fp8_block", "MOE_FUSED_FBX", "e4m3 ties", "1" } } do
+  -- mxfp4 and mxint4 (f16 fold, and per-32 promotions) likewise make x's RS-order rows once a token
+  -- (k_qr_xonce; MOE_FUSED_MXX=0: once a pair, k_qr_permute).  Each entry: mode, variable, ties
+  -- label (none: no ties case), MOE_FUSED_QRS, MOE_FUSED_I4F16, the paths taken (default, "0").
+  local XONCE = { { "nvfp4", "MOE_FUSED_NVX", "e2m1 ties" }, { "fp8_block", "MOE_FUSED_FBX", "e4m3 ties", "1" },
+                  { "mxfp4", "MOE_FUSED_MXX" },
+                  { "mxint4", "MOE_FUSED_MXX", nil, nil, nil, { "wgmma_rs_i4f16", "wgmma_rs_i4f16" } },
+                  { "mxint4", "MOE_FUSED_MXX", nil, nil, "0" } }
+  for _, m in ipairs(XONCE) do
     local mode, var = m[1], m[2]
-    it(mode .. " on k_qg_rs: x quantised once a token (default) and once a pair (" .. var .. "=0) give the same bits " ..
-       "(swiglu, relu2 + biases, llama4, EP, after a larger x, " .. m[3] .. ")", function()
+    local paths = m[6] or { "wgmma_rs_xonce", "wgmma_rs" }
+    it(mode .. (m[5] and " (MOE_FUSED_I4F16=0)" or "") .. " on k_qg_rs: x made once a token (default) and once a " ..
+       "pair (" .. var .. "=0) give the same bits (swiglu, relu2 + biases, llama4, EP, after a larger x" ..
+       (m[3] and ", " .. m[3] or "") .. ")", function()
       local cases = { unpack(RS_CASES) }
       cases[#cases + 1] = { "swiglu", false, METHODS.deepseekv3, nil, 800, 1000 } -- after a 1000x larger x
-      cases[#cases + 1] = { "swiglu", false, METHODS.renormalize, nil, 800, nil, true } -- x of the format's ties
+      if m[3] then cases[#cases + 1] = { "swiglu", false, METHODS.renormalize, nil, 800, nil, true } end -- ties
       for i, c in ipairs(cases) do
         local what = string.format("%s %s%s T=%d%s%s%s", mode, c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
                                    c[6] and " after a 1000x x" or "", c[7] and " x of " .. m[3] or "")
@@ -562,18 +571,21 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
           local path, y = path_of(function()
             return H.with_env(var, v or nil, function()
               return H.with_env("MOE_FUSED_QRS", m[4], function()
-                return qwgmma(nil, function()
-                  local ex = experts(w, mode, "cuda")
-                  if c[6] then -- the larger x first, on the same path and workspace
-                    call(ex, moe.axpby(c[6], x, 0, moe.zeros({ c[5], HD }, { dtype = "bf16" })), L, c[3], "cuda", c[4])
-                    moe.fused_paths_reset()
-                  end
-                  return call(ex, x, L, c[3], "cuda", c[4])
+                return H.with_env("MOE_FUSED_I4F16", m[5], function()
+                  return qwgmma(nil, function()
+                    local ex = experts(w, mode, "cuda")
+                    if c[6] then -- the larger x first, on the same path and workspace
+                      call(ex, moe.axpby(c[6], x, 0, moe.zeros({ c[5], HD }, { dtype = "bf16" })), L, c[3], "cuda",
+                           c[4])
+                      moe.fused_paths_reset()
+                    end
+                    return call(ex, x, L, c[3], "cuda", c[4])
+                  end)
                 end)
               end)
             end)
           end)
-          assert.equal(HOPPER and (v and "wgmma_rs" or "wgmma_rs_xonce") or "tile", path,
+          assert.equal(HOPPER and paths[j] or "tile", path,
                        what .. ", " .. var .. " " .. (v or "unset") .. ": the path taken")
           near(y, yc, what .. ", " .. var .. " " .. (v or "unset") .. ": CUDA vs CPU")
           ys[j] = y
@@ -626,8 +638,7 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
             end)
           end)
         end)
-        local want = c[1] == "nvfp4" and "wgmma_rs_xonce" or c[1] == "mxint4" and not c[3] and "wgmma_rs_i4f16"
-                     or "wgmma_rs"
+        local want = c[1] == "mxint4" and not c[3] and "wgmma_rs_i4f16" or "wgmma_rs_xonce"
         assert.equal(HOPPER and want or "tile", path, "MOE_FUSED_QSW " .. (v or "unset") .. ": the path taken")
         near(y, yc, c[1] .. ", MOE_FUSED_QSW " .. (v or "unset") .. ": CUDA vs CPU")
         ys[j] = y
@@ -1112,7 +1123,7 @@ describe("#gpu mxint4 on f16 MMAs (the scales folded into the weights; MOE_FUSED
   for _, sz in ipairs(SIZES) do
     local T, kern = sz[1], sz[2]
     local fold, plain = HOPPER and kern .. "_i4f16" or (kern == "wreg" and "wreg_i4f16" or "tile"),
-                        HOPPER and kern or (kern == "wreg" and "wreg" or "tile")
+                        HOPPER and (kern == "wgmma_rs" and "wgmma_rs_xonce" or kern) or (kern == "wreg" and "wreg" or "tile")
     it(string.format("T=%d (%s): scales 2^0 and 2^-36 (lowest bit 2^-24 after the fold: f16 subnormal " ..
                      "weights) fold, and all of expert 1's outputs match the CPU; 1.5 x 2^-36 (lowest bit " ..
                      "2^-37) does not fold and runs the per-32 promotions", T, kern), function()
