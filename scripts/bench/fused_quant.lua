@@ -34,7 +34,7 @@
 -- bf16 (moe.experts without quant) is timed in the same run as the baseline, and again right before
 -- every quantised case: its "vs bf16" is against that adjacent time (same clocks).  Where fp8_block
 -- is among the modes, each 4-bit case (nvfp4, mxfp4, mxint4) is also timed alternately with
--- fp8_block, three rounds each, and its bar against fp8_block compares those two medians (the
+-- fp8_block, five rounds each, and its bar against fp8_block compares those two medians (the
 -- separately timed ratio is printed beside it): the board's clocks drift by a few percent over a
 -- run, more than these modes differ.  Likewise fp8_block at T = 4096 alternately with bf16 for its
 -- DeepSeek-V3 bar.  Bars of issue 5:
@@ -59,7 +59,7 @@ local SHAPES = {
 local TS = { 1, 16, 64, 256, 1024, 4096 }
 local QUANTS = { "fp8", "fp8_block", "nvfp4", "mxfp4", "mxint4" }
 local FOURBIT = { nvfp4 = true, mxfp4 = true, mxint4 = true }
-local ALT = 3 -- rounds of a 4-bit mode timed alternately with fp8_block
+local ALT = 5 -- rounds of a 4-bit mode timed alternately with fp8_block (and fp8_block with bf16)
 
 local opts, code = common.parse("fused_quant", { ... }, { reps = 20 }, {
   { "--shape", key = "shape", kind = "names", value = SHAPES },
