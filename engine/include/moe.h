@@ -644,8 +644,9 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_WREG_I4F16,     /* mxint4 on f16 MMAs (its scales folded into the weights, see
                                     * docs/quantization.md) in the register-operand tile kernel */
     MOE_FUSED_PATH_WGMMA_RS_I4F16, /* ... in the Hopper register-operand kernel (sm_90a) */
-    MOE_FUSED_PATH_WGMMA_RS_XONCE, /* nvfp4 in the Hopper register-operand kernel with x quantised
-                                    * once a token and scattered to its pairs' rows (sm_90a) */
+    MOE_FUSED_PATH_WGMMA_RS_XONCE, /* nvfp4, fp8_block, mxfp4, mxint4 (per-32) in the Hopper
+                                    * register-operand kernel with x quantised or converted once a
+                                    * token and scattered to its pairs' rows (sm_90a) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 

@@ -17,6 +17,10 @@
 -- MOE_FUSED_NVX=0: nvfp4 on the Hopper register-operand kernel with x through the quantiser and its
 --   codes widened once a pair instead of quantised once a token and scattered (docs/quantization.md,
 --   "nvfp4's x once a token");
+-- MOE_FUSED_FBX=0 / MOE_FUSED_MXX=0: fp8_block / mxfp4 and mxint4 on that kernel with x quantised
+--   (fp8_block) or converted once a pair instead of once a token (docs/quantization.md, "fp8_block's
+--   and the mx modes' x once a token");
+-- MOE_FUSED_QSW=0: the 4-bit weight codes copied into shared memory without the 32-byte swizzle;
 -- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with the routing kernel and k_qv_up reading its ids
 --   instead of the decode kernels routing the token themselves (=1: the routing kernel, k_qv_up still
 --   routing its own pair).
