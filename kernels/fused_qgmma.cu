@@ -1199,6 +1199,19 @@ __global__ void __launch_bounds__(256) k_i4_xrows(const uint4 *__restrict__ x, i
     }
 }
 
+/* ov to 16-byte word w of the sorted row of each of token t's local pairs (pos[t K + k]: the
+ * align's pair -> sorted row map, -1 for a pair of another rank; rows of c8 words): the x-once
+ * kernels' stores. */
+__device__ __forceinline__ void qr_scatter(uint4 *__restrict__ xp, const int32_t *__restrict__ pos, int64_t t, int K,
+                                           int c8, int w, uint4 ov) {
+    const int32_t *pt = pos + t * K;
+#pragma unroll 4
+    for (int k = 0; k < K; k++) {
+        const int r = __ldg(pt + k);
+        if (r >= 0) xp[(int64_t)r * c8 + w] = ov;
+    }
+}
+
 /* RS-order output word q (0-3) of a 32-column group of 16-bit values (sp: the group's four input
  * words): RS-order words 8ks + t + 4h (ks = q / 2, h = q % 2) for t = 0..3, from input words 4t + ks
  * and 4t + ks + 2 (the four threads of a group read the same 64 bytes). */
@@ -1274,16 +1287,12 @@ __global__ void __launch_bounds__(256) k_qr_xonce(const uint4 *__restrict__ x, i
 #pragma unroll
             for (int k = 0; k < 4; k++) o[k] = i4_cvt2(o[k], up);
         }
-        const uint4 ov = make_uint4(o[0], o[1], o[2], o[3]);
-        const int32_t *pt = pos + t * K;
-#pragma unroll 4
-        for (int k = 0; k < K; k++) {
-            const int row = __ldg(pt + k);
-            if (row >= 0) {
-                xp[(int64_t)row * c8 + c] = ov;
-                if (F16 && c == 0) rrow[row] = r;
+        qr_scatter(xp, pos, t, K, c8, c, make_uint4(o[0], o[1], o[2], o[3]));
+        if (F16 && c == 0)
+            for (int k = 0; k < K; k++) {
+                const int row = __ldg(pos + t * K + k);
+                if (row >= 0) rrow[row] = r;
             }
-        }
     }
 }
 
@@ -1453,13 +1462,7 @@ __global__ void __launch_bounds__(256) k_qr_nvfp4_x(const uint4 *__restrict__ x,
         const int w = (int)(u - t * c8);
         uint32_t v[16];
         qr_load16(x + t * c8 + (w & ~3), v);
-        const uint4 ov = qr_nvfp4_word(v, w & 3, qr_nvfp4_scales(v, gs));
-        const int32_t *pt = pos + t * K;
-#pragma unroll 4
-        for (int k = 0; k < K; k++) {
-            const int r = __ldg(pt + k);
-            if (r >= 0) xp[(int64_t)r * c8 + w] = ov;
-        }
+        qr_scatter(xp, pos, t, K, c8, w, qr_nvfp4_word(v, w & 3, qr_nvfp4_scales(v, gs)));
     }
 }
 
@@ -1502,13 +1505,7 @@ __global__ void __launch_bounds__(256) k_qr_fb_x(const uint4 *__restrict__ x, in
             const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(lo | hi << 8), __NV_E4M3);
             o[k] = (uint32_t)h.x | ((uint32_t)h.y << 16);
         }
-        const uint4 ov = make_uint4(o[0], o[1], o[2], o[3]);
-        const int32_t *pt = pos + t * K;
-#pragma unroll 4
-        for (int k = 0; k < K; k++) {
-            const int r = __ldg(pt + k);
-            if (r >= 0) xp[(int64_t)r * c8 + w] = ov;
-        }
+        qr_scatter(xp, pos, t, K, c8, w, make_uint4(o[0], o[1], o[2], o[3]));
     }
 }
 

@@ -157,21 +157,17 @@ for _, s in ipairs(SHAPES) do
       local function time_it() return time_with(ex) end
       local us_b = mode ~= "bf16" and time_with(exb) or nil -- bf16 just before, same clocks
       local us = time_it()
-      local us_alt, us_ref_alt -- medians of ALT rounds timed alternately with the reference (4-bit: fp8_block; fp8_block: bf16)
-      if mode == "fp8_block" and T == 4096 then
-        local tq, tb = {}, {}
+      -- medians of ALT rounds timed alternately with the reference (4-bit: fp8_block; fp8_block at
+      -- T = 4096: bf16)
+      local us_alt, us_ref_alt
+      local ref = (mode == "fp8_block" and T == 4096) and exb or (FOURBIT[mode] and exfb) or nil
+      if ref then
+        local tq, tr = {}, {}
         for k = 1, ALT do
-          tb[k] = time_with(exb)
+          tr[k] = time_with(ref)
           tq[k] = time_it()
         end
-        us_alt, us_ref_alt = common.median(tq), common.median(tb)
-      elseif exfb and FOURBIT[mode] then
-        local tq, tf = {}, {}
-        for k = 1, ALT do
-          tf[k] = time_with(exfb)
-          tq[k] = time_it()
-        end
-        us_alt, us_ref_alt = common.median(tq), common.median(tf)
+        us_alt, us_ref_alt = common.median(tq), common.median(tr)
       end
       local us_env, us_again
       if opts.env_k then
