@@ -21,9 +21,10 @@
  *          k_qv_down blocks that have seen it); +48 the intermediate's amax bits (nvfp4 on
  *          k_qg_rs: GEMM1 takes them); MOE__FQ_MISC_BYTES (128) holds up to 16;
  *   tiles  tile table: expert, first row, rows (wtiles i32 each);
- *   xc/xs  x codes [max_tokens, H] and scales (nvfp4 on k_qg_rs, x quantised by k_qr_nvfp4_x: the
- *          pairs' sorted rows, i32 [P], and x's partial amax bits, u32 a block of the align);
- *          gc/gs the intermediate's [max_pairs, I]. */
+ *   xc/xs  x codes [max_tokens, H] and scales (x made once a token on k_qg_rs: xc holds the
+ *          pairs' sorted rows, i32 [P], for every mode but fp8; xs nvfp4's partial amax bits, u32 a
+ *          block of the align, fp8_block's scales f32 [T, H / 128] from k_qr_fb_x, mxint4's
+ *          per-token powers of two); gc/gs the intermediate's [max_pairs, I]. */
 #define MOE__FQ_CTR_OFF 64
 #define MOE__FQ_IAMAX_OFF 48
 #define MOE__FQ_NCTR 9
