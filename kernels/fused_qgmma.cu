@@ -908,12 +908,15 @@ __global__ void __launch_bounds__(384, 1)
                     }
                 if (kt + SD < gr.KT) qr_scales<MODE>(a, wl, wh, kt + SD, t, ring[SD - 2]);
             };
-            /* nvfp4 and mxint4 on f16 MMAs (MID): the next stage's code words are loaded before
-             * the scale ring turns, so the turn (and its loads) fills their shared-memory latency;
-             * the first use of a word was these modes' top stall (Nsight source counters, Qwen3
-             * T = 4096; mxfp4's ue8m0 conversion already fills it, and it was 3% slower so).  The
-             * last stage of an item skips the turn: the next item reloads the ring. */
-            constexpr bool MID = MODE == MOE_QUANT_NVFP4 || I4F;
+            /* mxint4 on f16 MMAs (MID): the next stage's code words are loaded before the scale
+             * ring turns, so the turn (and its loads) fills their shared-memory latency; the first
+             * use of a word was its top stall (Nsight source counters, Qwen3 T = 4096; mxfp4's
+             * ue8m0 conversion already fills it, and it was 3% slower so).  nvfp4 took this order
+             * too until its codes came with the 32-byte swizzle; since, its GEMM1 is the same
+             * either way and its GEMM2 1.6% faster without (Qwen3 T = 4096: 411 / 414 against
+             * 420 / 421 us, two trees).  The last stage of an item skips the turn: the next item
+             * reloads the ring. */
+            constexpr bool MID = I4F;
             /* two fragment sets (fp4 and fp8 modes): stage kt's MMAs (into d; the first from zero
              * unless sd) stay in flight while stage kt + 1 is widened into the other set, whose MMAs
              * (kt - 1) the wait has retired; KT is even */
