@@ -673,7 +673,6 @@ __device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a
     else QR_WGMMA("bf16");
 }
 #undef QR_WGMMA
-
 /* The scale codes of this thread's words of stage kt: sc[row lo / hi][group] (nvfp4: the e4m3
  * code of the word's 16 columns; mxfp4: the ue8m0 code of its group; mxint4: the bf16 bits). */
 template <int MODE>
@@ -784,11 +783,15 @@ __device__ __forceinline__ void qr_add_rows(float (&acc)[64], const float (&t)[6
 }
 #endif
 
-template <int MODE, bool G1>
+/* PP (fp8_block; MOE_FUSED_FBPP=0: false): the two consumer warpgroups take turns issuing each
+ * 128-column block's MMAs (ping-pong), so one drains and promotes its partial sums while the
+ * other's MMAs run; false: both issue at will, in step, and drain at the same time. */
+template <int MODE, bool G1, bool PP = false>
 __global__ void __launch_bounds__(384, 1)
     k_qg_rs(const moe__fq_gemm_args a, const __grid_constant__ CUtensorMap tmw, const __grid_constant__ CUtensorMap tma) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr bool F8 = qr_f8(MODE), BLOCK = MODE == MOE_QUANT_FP8_BLOCK;
+    static_assert(!PP || BLOCK, "the ping-pong turns are fp8_block's");
     constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QR_S, CB = F8 ? QX_BK : QX_BK / 2;
     constexpr bool INT4 = MODE == MOE_QUANT_MXINT4, I4F = MODE == MOE__FQ_I4F;
     constexpr bool HM = F8 || I4F; /* f16 MMAs */
@@ -839,6 +842,7 @@ __global__ void __launch_bounds__(384, 1)
         /* AMAX: the largest |value| this thread wrote, before its bf16 rounding (monotonic and odd, so
          * the rounding of the largest |f32| is the largest |bf16|); a NaN stays (max.NaN) */
         float amx = 0.0f;
+        if (PP && wg == 1) asm volatile("bar.arrive 4, 256;\n" ::: "memory"); /* warpgroup 0's first turn */
         for (int64_t w = blockIdx.x; w < gr.total; w += gridDim.x) {
             const qg_work q = qg_work_of(a, gr, w);
             const int r0 = q.r0, nr = q.nr, h0 = q.h0, h1 = q.h1;
@@ -950,7 +954,80 @@ __global__ void __launch_bounds__(384, 1)
                 }
                 it++;
             };
-            if constexpr (BLOCK) {
+            if constexpr (PP) {
+                /* per 128-column block kb (stages A = 2kb in f, B = 2kb + 1 in f2, both widened
+                 * before the turn): store token tk's activation scale of the block into the
+                 * warpgroup's slot, wait for this warpgroup's turn (named barrier 4 + wg), issue A's
+                 * and B's MMAs into ta from zero, hand the turn to the other warpgroup; then wait
+                 * for A (release it, widen the next A), for B (release it), promote, and widen the
+                 * next B.  The tensor cores meanwhile run the other warpgroup's block.  The scales
+                 * are loaded a block ahead and the slot read by shared loads (Nsight: the
+                 * promotion's global scale loads, generic slot loads and barrier after the drain
+                 * were its longest stalls, and the two warpgroups drained at once).  Warpgroup 1
+                 * gives warpgroup 0 its first turn (before the items) and warpgroup 0 takes the
+                 * last one after them, so every arrival is matched. */
+                const int tk = ct & 127, KB = a.Kd / 128;
+                const float *sxp = nullptr;
+                if (tk < nr) sxp = (const float *)a.A_scales + (int64_t)(G1 ? a.sorted[r0 + tk] / a.K : r0 + tk) * KB;
+                const float *wsb = (const float *)a.W_scales + e * (a.N / 128) * KB;
+                const float *swl = wsb + (cl / 128) * KB, *swh = wsb + (ch / 128) * KB;
+                const uint32_t sxs = moe__fm_smem(Sx + wg * 2 * BM);
+                float xn = sxp ? __ldg(sxp) : 0.0f, fln = __ldg(swl), fhn = __ldg(swh);
+                moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
+                qr_widen<MODE>(B8 + ((it + 1) % S) * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
+                for (int kb = 0; kb < KB; kb++, bc++) {
+                    const float xv = xn, fl = fln, fh = fhn;
+                    if (kb + 1 < KB) {
+                        xn = sxp ? __ldg(sxp + kb + 1) : 0.0f;
+                        fln = __ldg(swl + kb + 1);
+                        fhn = __ldg(swh + kb + 1);
+                    }
+                    const int sa = it % S, sb = (it + 1) % S;
+                    const uint64_t da = moe__fm_desc(moe__fm_smem(As + sa * BM * BK));
+                    const uint64_t db = moe__fm_desc(moe__fm_smem(As + sb * BM * BK));
+                    /* the slot is visible to the warpgroup after the turn's barrier, which its
+                     * 128 threads sync on (the slot's previous readers passed the turn before) */
+                    const uint32_t slot = sxs + (bc & 1) * BM * 4;
+                    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(slot + 4 * tk), "f"(xv) : "memory");
+                    asm volatile("bar.sync %0, 256;\n" ::"r"(4 + wg) : "memory"); /* this warpgroup's turn */
+                    moe__fm_wg_fence();
+                    qr_group<HM>(ta, f[0], da, 0);
+                    qr_group<HM>(ta, f[1], da + 4, 1);
+                    moe__fm_wg_commit();
+                    qr_group<HM>(ta, f2[0], db, 1);
+                    qr_group<HM>(ta, f2[1], db + 4, 1);
+                    moe__fm_wg_commit();
+                    asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - wg) : "memory"); /* the other's turn */
+                    moe__fm_wg_wait1(); /* A done */
+                    __syncwarp();
+                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + sa));
+                    if (kb + 1 < KB) {
+                        const int sn = (it + 2) % S;
+                        moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 2) / S) & 1);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, sw, scA, f, pf, 0.0f);
+                    }
+                    moe__fm_wg_wait0(); /* B done */
+                    __syncwarp();
+                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + sb));
+#pragma unroll
+                    for (int j = 0; j < 16; j++) {
+                        float sx0, sx1;
+                        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                                     : "=f"(sx0), "=f"(sx1)
+                                     : "r"(slot + 4 * (8 * j + c2)));
+                        acc[4 * j] += ta[4 * j] * (sx0 * fl);
+                        acc[4 * j + 1] += ta[4 * j + 1] * (sx1 * fl);
+                        acc[4 * j + 2] += ta[4 * j + 2] * (sx0 * fh);
+                        acc[4 * j + 3] += ta[4 * j + 3] * (sx1 * fh);
+                    }
+                    if (kb + 1 < KB) {
+                        const int sn = (it + 3) % S;
+                        moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 3) / S) & 1);
+                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
+                    }
+                    it += 2;
+                }
+            } else if constexpr (BLOCK) {
                 /* per 128-column block (stages 2kb, 2kb + 1): its MMAs into ta from zero, then
                  * acc += ta x (the token's activation scale x the row's weight block scale), the
                  * exact kernel's promotion.  Thread tk of a warpgroup loads token tk's activation
@@ -1091,6 +1168,7 @@ __global__ void __launch_bounds__(384, 1)
                     }
             }
         }
+        if (PP && wg == 0) asm volatile("bar.sync 4, 256;\n" ::: "memory"); /* warpgroup 1's last hand-over */
         if (AMAX) { /* the bf16 bits as f32 bits; one atomic a warp (every consumer thread ran the same items) */
             const uint32_t m = moe__q_warp_max((uint32_t)(moe__f32_to_bf16(amx) & 0x7FFFu) << 16, 32);
             if (lane == 0 && m != 0) atomicMax(a.inter_amax, m);
@@ -1554,11 +1632,14 @@ size_t qg_smem(int v, int mode) {
 bool qg_w4(int mode) {
     return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4 || mode == MOE__FQ_I4F;
 }
-template <int MODE> qg_kernel qr_rs(bool g1) { return g1 ? k_qg_rs<MODE, true> : k_qg_rs<MODE, false>; }
-qg_kernel qr_pick(int mode, bool g1) {
+template <int MODE, bool PP = false> qg_kernel qr_rs(bool g1) {
+    return g1 ? k_qg_rs<MODE, true, PP> : k_qg_rs<MODE, false, PP>;
+}
+/* pp: fp8_block's ping-pong turns (k_qg_rs's PP) */
+qg_kernel qr_pick(int mode, bool g1, bool pp) {
     switch (mode) {
     case MOE_QUANT_FP8: return qr_rs<MOE_QUANT_FP8>(g1);
-    case MOE_QUANT_FP8_BLOCK: return qr_rs<MOE_QUANT_FP8_BLOCK>(g1);
+    case MOE_QUANT_FP8_BLOCK: return pp ? qr_rs<MOE_QUANT_FP8_BLOCK, true>(g1) : qr_rs<MOE_QUANT_FP8_BLOCK>(g1);
     case MOE_QUANT_NVFP4: return qr_rs<MOE_QUANT_NVFP4>(g1);
     case MOE_QUANT_MXFP4: return qr_rs<MOE_QUANT_MXFP4>(g1);
     case MOE__FQ_I4F: return qr_rs<MOE__FQ_I4F>(g1);
@@ -1573,9 +1654,10 @@ moe_status qg_attrs(void) {
     for (int v = 0; v < 3; v++)
         for (int m = 0; m < (v == 1 ? 2 : v == 2 ? 6 : 5); m++)
             for (int g = 0; g < 2; g++)
-                MOE_CUDA_TRY(FN, cudaFuncSetAttribute(v == 2 ? qr_pick(modes[m], g) : qg_pick(v, modes[m], g),
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      (int)(v == 2 ? qr_smem(modes[m]) : qg_smem(v, modes[m]))));
+                for (int pp = 0; pp < (v == 2 && modes[m] == MOE_QUANT_FP8_BLOCK ? 2 : 1); pp++)
+                    MOE_CUDA_TRY(FN, cudaFuncSetAttribute(v == 2 ? qr_pick(modes[m], g, pp) : qg_pick(v, modes[m], g),
+                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          (int)(v == 2 ? qr_smem(modes[m]) : qg_smem(v, modes[m]))));
     __atomic_store_n(&done, 1, __ATOMIC_RELEASE);
     return MOE_OK;
 }
@@ -1778,7 +1860,8 @@ moe_status moe__fq_qgmma(cudaStream_t st, int dev, int mode, bool g1, const moe_
     }
     if (v == 2 && g1 && mode == MOE_QUANT_NVFP4 && !a.A_pos) /* GEMM1 takes the intermediate's amax (zeroed by k_qr_nvfp4_x where it runs) */
         MOE_CUDA_TRY(FN, cudaMemsetAsync(a.inter_amax, 0, sizeof(unsigned int), st));
-    if (v == 2) qr_pick(mode, g1)<<<grid, 384, qr_smem(mode), st>>>(a, tw, ta);
+    if (v == 2)
+        qr_pick(mode, g1, mode == MOE_QUANT_FP8_BLOCK && !moe__fq_env_off("MOE_FUSED_FBPP"))<<<grid, 384, qr_smem(mode), st>>>(a, tw, ta);
     else qg_pick(v, mode, g1)<<<grid, 384, qg_smem(v, mode), st>>>(a, tw, ta);
     MOE_CUDA_LAUNCHED(FN);
     return MOE_OK;

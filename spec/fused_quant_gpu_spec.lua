@@ -595,6 +595,38 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end)
   end
 
+  -- fp8_block on k_qg_rs (MOE_FUSED_QRS=1 at this H): the two consumer warpgroups take turns
+  -- issuing each 128-column block's MMAs (ping-pong); MOE_FUSED_FBPP=0 lets them issue in step.
+  -- The same products and promotions in the same order, so the same bits: swiglu, relu2 + biases,
+  -- llama4, EP (an expert's last tile holding 1-127 rows), an x of e4m3 ties; near the CPU.
+  it("fp8_block on k_qg_rs: ping-pong turns (default) and MMAs in step (MOE_FUSED_FBPP=0) give the same " ..
+     "bits (swiglu, relu2 + biases, llama4, EP, e4m3 ties)", function()
+    local cases = { unpack(RS_CASES) }
+    cases[#cases + 1] = { "swiglu", false, METHODS.renormalize, nil, 800, nil, true }
+    for i, c in ipairs(cases) do
+      local what = string.format("fp8_block %s%s T=%d%s%s", c[1], c[2] and "+bias" or "", c[5], c[4] and " EP" or "",
+                                 c[7] and " x of e4m3 ties" or "")
+      local w = weights(c[1], c[2])
+      local x, L = inputs(c[5], 10500 + 10 * i)
+      if c[7] then x = ties_x("fp8_block", c[5], 10505 + 10 * i) end
+      local yc = call(experts(w, "fp8_block", "cpu"), x, L, c[3], "cpu", c[4])
+      local ys = {}
+      for j, v in ipairs{ false, "0" } do
+        local path, y = path_of(function()
+          return H.with_env("MOE_FUSED_FBPP", v or nil, function()
+            return H.with_env("MOE_FUSED_QRS", "1", function()
+              return qwgmma(nil, function() return call(experts(w, "fp8_block", "cuda"), x, L, c[3], "cuda", c[4]) end)
+            end)
+          end)
+        end)
+        assert.equal(HOPPER and "wgmma_rs_xonce" or "tile", path, what .. ": the path taken")
+        near(y, yc, what .. ", MOE_FUSED_FBPP " .. (v or "unset") .. ": CUDA vs CPU")
+        ys[j] = y
+      end
+      assert.same(bits(ys[2]), bits(ys[1]), what .. ": ping-pong vs in step")
+    end
+  end)
+
   -- qtensor parts may start anywhere: nvfp4 gate/up scales one byte off any word alignment run on
   -- k_qg_rs (its scale codes are byte loads; a 4-byte word a stage row measured slower) with the
   -- same bits as aligned ones
