@@ -998,17 +998,22 @@ __global__ void __launch_bounds__(384, 1)
                     qr_group<HM>(ta, f2[1], db + 4, 1);
                     moe__fm_wg_commit();
                     asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - wg) : "memory"); /* the other's turn */
-                    moe__fm_wg_wait1(); /* A done */
+                    moe__fm_wg_wait0(); /* A and B done */
                     __syncwarp();
-                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + sa));
-                    if (kb + 1 < KB) {
-                        const int sn = (it + 2) % S;
-                        moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 2) / S) & 1);
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, sw, scA, f, pf, 0.0f);
+                    if (lane == 0) {
+                        moe__fm_mbar_arrive(bar0 + 8 * (S + sa));
+                        moe__fm_mbar_arrive(bar0 + 8 * (S + sb));
                     }
-                    moe__fm_wg_wait0(); /* B done */
-                    __syncwarp();
-                    if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + sb));
+                    /* the next block's stages widened with the promotion in one basic block, so
+                     * ptxas may fill the code loads' latency with its multiply-adds; after an
+                     * item's last block the two stages read are the next item's, maybe not yet
+                     * arrived: those values are never used (its start widens both again) */
+                    if (kb + 1 < KB) {
+                        moe__fm_mbar_wait(bar0 + 8 * ((it + 2) % S), ((it + 2) / S) & 1);
+                        moe__fm_mbar_wait(bar0 + 8 * ((it + 3) % S), ((it + 3) / S) & 1);
+                    }
+                    qr_widen<MODE>(B8 + ((it + 2) % S) * BN * CB, ol, oh, 0, sw, scA, f, pf, 0.0f);
+                    qr_widen<MODE>(B8 + ((it + 3) % S) * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
 #pragma unroll
                     for (int j = 0; j < 16; j++) {
                         float sx0, sx1;
@@ -1019,11 +1024,6 @@ __global__ void __launch_bounds__(384, 1)
                         acc[4 * j + 1] += ta[4 * j + 1] * (sx1 * fl);
                         acc[4 * j + 2] += ta[4 * j + 2] * (sx0 * fh);
                         acc[4 * j + 3] += ta[4 * j + 3] * (sx1 * fh);
-                    }
-                    if (kb + 1 < KB) {
-                        const int sn = (it + 3) % S;
-                        moe__fm_mbar_wait(bar0 + 8 * sn, ((it + 3) / S) & 1);
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
                     }
                     it += 2;
                 }
