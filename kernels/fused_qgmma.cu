@@ -638,7 +638,7 @@ constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB (fp8 modes 8 KB) each */
 __host__ __device__ constexpr bool qr_f8(int mode) { return mode == MOE_QUANT_FP8 || mode == MOE_QUANT_FP8_BLOCK; }
 constexpr size_t qr_smem(int mode) {
     return (size_t)QR_S * (QG_BM * QX_BK * 2 + QG_BN * (qr_f8(mode) ? QX_BK : QX_BK / 2)) + 1024 + 2 * QR_S * 8 +
-           (mode == MOE_QUANT_FP8_BLOCK || mode == MOE__FQ_I4F ? 2 * 2 * QG_BM * 4 : 0);
+           (mode == MOE_QUANT_FP8_BLOCK ? 4 * 2 * QG_BM * 4 : mode == MOE__FQ_I4F ? 2 * 2 * QG_BM * 4 : 0);
 }
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -804,9 +804,10 @@ __global__ void __launch_bounds__(384, 1)
     extern __shared__ unsigned char qg_raw[];
     uint16_t *As = (uint16_t *)(((uintptr_t)qg_raw + 1023) & ~(uintptr_t)1023); /* tokens 16-bit [S][BM][BK] */
     uint8_t *B8 = (uint8_t *)(As + S * BM * BK);                                  /* codes [S][BN][CB] */
-    /* fp8_block: activation scales [warpgroup][2][128 tokens]; I4F: the token rows' 2^-a, likewise */
+    /* fp8_block: activation scales [warpgroup][2][128 tokens], then (PP, GEMM2) the tokens' pairs
+     * and routing weights [warpgroup][2][128]; I4F: the token rows' 2^-a, as fp8_block's scales */
     float *Sx = (float *)(B8 + S * BN * CB);
-    const uint32_t bar0 = moe__fm_smem(Sx + (BLOCK || I4F ? 2 * 2 * BM : 0)); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
+    const uint32_t bar0 = moe__fm_smem(Sx + (BLOCK ? 4 * 2 * BM : I4F ? 2 * 2 * BM : 0)); /* full[s] at bar0 + 8s, empty[s] + 8(S + s) */
     const int tid = threadIdx.x;
     qg_bars2<S>(bar0);
     const qg_grid gr = qg_grid_of<G1, BK>(a);
@@ -878,7 +879,15 @@ __global__ void __launch_bounds__(384, 1)
                 /* all loaded before any store: the stores may alias the tables for all the
                  * compiler knows, so loads between them would each wait a round trip (measured:
                  * GEMM2's epilogue then took as long as its MMAs at Qwen3-30B-A3B T = 4096) */
-                if constexpr (!G1) {
+                if constexpr (!G1 && PP) { /* from the warpgroup's table (the block loop's end) */
+                    const uint32_t tb = moe__fm_smem(Sx + 2 * 2 * BM + wg * 2 * BM);
+#pragma unroll
+                    for (int k = 0; k < 32; k++) {
+                        const int r = 8 * (k >> 1) + c2 + (k & 1);
+                        asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(pp[k]) : "r"(tb + 4 * r));
+                        asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(wt[k]) : "r"(tb + 4 * (BM + r)));
+                    }
+                } else if constexpr (!G1) {
 #pragma unroll
                     for (int k = 0; k < 32; k++) {
                         const int r = 8 * (k >> 1) + c2 + (k & 1);
@@ -973,6 +982,13 @@ __global__ void __launch_bounds__(384, 1)
                 const float *swl = wsb + (cl / 128) * KB, *swh = wsb + (ch / 128) * KB;
                 const uint32_t sxs = moe__fm_smem(Sx + wg * 2 * BM);
                 float xn = sxp ? __ldg(sxp) : 0.0f, fln = __ldg(swl), fhn = __ldg(swh);
+                /* GEMM2: token tk's pair and routing weight, loaded under the first blocks and
+                 * stored in the warpgroup's table after the last (the epilogue reads the table:
+                 * its own loads, a pair then its weight, stalled a warpgroup's epilogue for two
+                 * round trips) */
+                int pq = 0;
+                float wq = 1.0f;
+                if (!G1 && tk < nr) pq = __ldg(a.sorted + r0 + tk);
                 moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
                 qr_widen<MODE>(B8 + ((it + 1) % S) * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
                 for (int kb = 0; kb < KB; kb++, bc++) {
@@ -1025,7 +1041,15 @@ __global__ void __launch_bounds__(384, 1)
                         acc[4 * j + 2] += ta[4 * j + 2] * (sx0 * fh);
                         acc[4 * j + 3] += ta[4 * j + 3] * (sx1 * fh);
                     }
+                    if (!G1 && kb == 0 && tk < nr && !a.llama4) wq = __ldg(a.wts + pq);
                     it += 2;
+                }
+                if constexpr (!G1) {
+                    /* the table's previous readers (the last item's epilogue) passed a turn since */
+                    const uint32_t tb = moe__fm_smem(Sx + 2 * 2 * BM + wg * 2 * BM);
+                    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(tb + 4 * tk), "r"(pq) : "memory");
+                    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(tb + 4 * (BM + tk)), "f"(wq) : "memory");
+                    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
                 }
             } else if constexpr (BLOCK) {
                 /* per 128-column block (stages 2kb, 2kb + 1): its MMAs into ta from zero, then
