@@ -31,8 +31,9 @@
  *
  * Scales: fp8 sx * sw[e] and nvfp4's two global scales in the epilogue; fp8_block adds each
  * 128-column K block's partial sum to the f32 accumulator times a_scale(row, block) *
- * w_scale(block) (DeepSeek-V3's promotion), mxint4 each 32-column group's times the bf16 weight
- * scale of its column, as the tile kernels do; nvfp4's e4m3 and mxfp4's ue8m0 block scales are in
+ * w_scale(block) (DeepSeek-V3's promotion; on k_qg_rs the two consumer warpgroups take turns
+ * issuing a block's MMAs, so one promotes while the other's MMAs run), mxint4 each 32-column
+ * group's times the bf16 weight scale of its column, as the tile kernels do; nvfp4's e4m3 and mxfp4's ue8m0 block scales are in
  * the widened values.  Rows r >= nr of an A box (next expert, stale rows, zero fill past P) are
  * computed and never written. */
 #include "cuda_common.cuh"
@@ -673,6 +674,7 @@ __device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a
     else QR_WGMMA("bf16");
 }
 #undef QR_WGMMA
+
 /* The scale codes of this thread's words of stage kt: sc[row lo / hi][group] (nvfp4: the e4m3
  * code of the word's 16 columns; mxfp4: the ue8m0 code of its group; mxint4: the bf16 bits). */
 template <int MODE>
@@ -968,13 +970,14 @@ __global__ void __launch_bounds__(384, 1)
                  * before the turn): store token tk's activation scale of the block into the
                  * warpgroup's slot, wait for this warpgroup's turn (named barrier 4 + wg), issue A's
                  * and B's MMAs into ta from zero, hand the turn to the other warpgroup; then wait
-                 * for A (release it, widen the next A), for B (release it), promote, and widen the
-                 * next B.  The tensor cores meanwhile run the other warpgroup's block.  The scales
-                 * are loaded a block ahead and the slot read by shared loads (Nsight: the
-                 * promotion's global scale loads, generic slot loads and barrier after the drain
-                 * were its longest stalls, and the two warpgroups drained at once).  Warpgroup 1
-                 * gives warpgroup 0 its first turn (before the items) and warpgroup 0 takes the
-                 * last one after them, so every arrival is matched. */
+                 * for both (release them), widen the next block's two stages and promote.  The
+                 * tensor cores meanwhile run the other warpgroup's block.  The scales are loaded a
+                 * block ahead and the slot read by shared loads (Nsight: the promotion's global
+                 * scale loads, generic slot loads and barrier after the drain were its longest
+                 * stalls, and the two warpgroups drained at once).  Warpgroup 1 gives warpgroup 0
+                 * its first turn (before the items) and warpgroup 0 takes the last one after them,
+                 * so every arrival is matched.  Same products, promotions and order as the in-step
+                 * branch below: the same bits. */
                 const int tk = ct & 127, KB = a.Kd / 128;
                 const float *sxp = nullptr;
                 if (tk < nr) sxp = (const float *)a.A_scales + (int64_t)(G1 ? a.sorted[r0 + tk] / a.K : r0 + tk) * KB;
