@@ -965,6 +965,16 @@ __global__ void __launch_bounds__(384, 1)
                 }
                 it++;
             };
+            /* fp8_block: token tk's activation-scale row (nullptr past nr) and the weight
+             * block-scale rows of rows cl and ch, KB = Kd / 128 blocks each */
+            const int tk = ct & 127, KB = a.Kd / 128;
+            const float *sxp = nullptr, *swl = nullptr, *swh = nullptr;
+            if constexpr (BLOCK) {
+                if (tk < nr) sxp = (const float *)a.A_scales + (int64_t)(G1 ? a.sorted[r0 + tk] / a.K : r0 + tk) * KB;
+                const float *wsb = (const float *)a.W_scales + e * (a.N / 128) * KB;
+                swl = wsb + (cl / 128) * KB;
+                swh = wsb + (ch / 128) * KB;
+            }
             if constexpr (PP) {
                 /* per 128-column block kb (stages A = 2kb in f, B = 2kb + 1 in f2, both widened
                  * before the turn): store token tk's activation scale of the block into the
@@ -978,11 +988,6 @@ __global__ void __launch_bounds__(384, 1)
                  * its first turn (before the items) and warpgroup 0 takes the last one after them,
                  * so every arrival is matched.  Same products, promotions and order as the in-step
                  * branch below: the same bits. */
-                const int tk = ct & 127, KB = a.Kd / 128;
-                const float *sxp = nullptr;
-                if (tk < nr) sxp = (const float *)a.A_scales + (int64_t)(G1 ? a.sorted[r0 + tk] / a.K : r0 + tk) * KB;
-                const float *wsb = (const float *)a.W_scales + e * (a.N / 128) * KB;
-                const float *swl = wsb + (cl / 128) * KB, *swh = wsb + (ch / 128) * KB;
                 const uint32_t sxs = moe__fm_smem(Sx + wg * 2 * BM);
                 float xn = sxp ? __ldg(sxp) : 0.0f, fln = __ldg(swl), fhn = __ldg(swh);
                 /* GEMM2: token tk's pair and routing weight, loaded under the first blocks and
@@ -1060,11 +1065,6 @@ __global__ void __launch_bounds__(384, 1)
                  * exact kernel's promotion.  Thread tk of a warpgroup loads token tk's activation
                  * scale into the warpgroup's Sx slot (slots alternate by block), so the 32 of a
                  * thread's token columns cost no registers while the MMAs run. */
-                const int tk = ct & 127, KB = a.Kd / 128;
-                const float *sxp = nullptr;
-                if (tk < nr) sxp = (const float *)a.A_scales + (int64_t)(G1 ? a.sorted[r0 + tk] / a.K : r0 + tk) * KB;
-                const float *wsb = (const float *)a.W_scales + e * (a.N / 128) * KB;
-                const float *swl = wsb + (cl / 128) * KB, *swh = wsb + (ch / 128) * KB;
                 float *sxs = Sx + wg * 2 * BM;
                 for (int kb = 0; kb < KB; kb++, bc++) {
                     const float xv = sxp ? __ldg(sxp + kb) : 0.0f, fl = __ldg(swl + kb), fh = __ldg(swh + kb);
