@@ -910,17 +910,17 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
          * (one an SM but its first) take x's amax in parts (the x-scales region); MOE_FUSED_NVX=0:
          * the quantiser, then k_qg_codes16<true, true> once a pair */
         const int nparts = moe__cuda_sm_count(g.dev);
-        const bool nvx = mode == MOE_QUANT_NVFP4 && rs && (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H &&
+        /* x made once a token needs the pairs' rows (i32 [P]) to fit the x-codes region */
+        const bool xonce = rs && (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H;
+        const bool nvx = mode == MOE_QUANT_NVFP4 && xonce &&
                          (size_t)nparts * 4 <= (size_t)ws->max_tokens * (size_t)(H / 16) &&
                          !moe__fq_env_off("MOE_FUSED_NVX"); /* hidden is 16-byte aligned (moe_fused_moe) */
         /* fp8_block on k_qg_rs likewise (k_qr_fb_x: x's scales into the x-scales region, the pairs'
          * rows in the x-codes region); MOE_FUSED_FBX=0: the quantiser, then k_qg_codes16<false, true> once a pair */
-        const bool fbx = mode == MOE_QUANT_FP8_BLOCK && rs && (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H &&
-                         !moe__fq_env_off("MOE_FUSED_FBX");
+        const bool fbx = mode == MOE_QUANT_FP8_BLOCK && xonce && !moe__fq_env_off("MOE_FUSED_FBX");
         /* mxfp4 / mxint4 on k_qg_rs: x's RS-order rows (mxint4 f16: times the token's power of two)
          * made once a token (k_qr_xonce); MOE_FUSED_MXX=0: once a pair (k_qr_permute) */
-        const bool mxx = (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) && rs &&
-                         (size_t)P * 4 <= (size_t)ws->max_tokens * (size_t)H && !moe__fq_env_off("MOE_FUSED_MXX");
+        const bool mxx = (mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4) && xonce && !moe__fq_env_off("MOE_FUSED_MXX");
         int32_t *xpos = nvx || fbx || mxx ? (int32_t *)(base + off_xc) : nullptr;
         unsigned int *xpart = nvx ? (unsigned int *)(base + off_xs) : nullptr;
         /* 1. x */
