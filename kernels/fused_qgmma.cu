@@ -44,6 +44,7 @@
 #include <cuda_fp8.h>
 #include <limits.h>
 #include <stdlib.h>
+#include <type_traits>
 
 #define FN "moe_fused_moe"
 
@@ -675,40 +676,62 @@ __device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a
 }
 #undef QR_WGMMA
 
-/* The scale codes of this thread's words of stage kt: sc[row lo / hi][group] (nvfp4: the e4m3
- * code of the word's 16 columns; mxfp4: the ue8m0 code of its group; mxint4: the bf16 bits). */
+/* The 4-bit modes' scales, one 32-bit word a weight row and stage (qr_sword), turned into the
+ * values the widening takes (qr_sconv) one stage ahead.  The word of row r at stage kt: nvfp4 the
+ * e4m3 codes of the stage's four 16-column blocks (bytes of the row's scales at 4kt), mxfp4 the
+ * ue8m0 codes of its two groups (low 16 bits), mxint4 its two groups' bf16 scales.  One load a
+ * row and stage in place of one a row and group, and the word of a clamped stage (the last
+ * stage's, past the end: never used) so that no predicate keeps the scale ring in moves. */
+template <int MODE> __device__ __forceinline__ const uint8_t *qr_srow(const moe__fq_gemm_args &a, int64_t row) {
+    return (const uint8_t *)a.W_scales + row * (MODE == MOE_QUANT_MXFP4 ? a.Kd / 32 : a.Kd / 16);
+}
+template <int MODE> __device__ __forceinline__ uint32_t qr_sword(const uint8_t *p, int kt, int KT) {
+    const uint32_t k = (uint32_t)min(kt, KT - 1); /* unsigned: no sign extension for the address */
+    if (MODE == MOE_QUANT_MXFP4) return __ldg((const uint16_t *)(p + 2u * k));
+    return __ldg((const uint32_t *)(p + 4u * k));
+}
+/* s[G]: what widens group G from a row's word wd: nvfp4 bf16x2 (s, s) of the e4m3 code of this
+ * thread's 16 columns (bytes nsel: 0 and 2 for threads t = 0, 1, else 1 and 3); mxfp4 bf16x2 (s, s)
+ * of the ue8m0 code; mxint4 the bf16 scale as f32 bits (qr_add_rows promotes with it);
+ * MOE__FQ_I4F f16x2 (s', s') of the scale times fold (exact where the fold is allowed). */
 template <int MODE>
-__device__ __forceinline__ void qr_scales(const moe__fq_gemm_args &a, int64_t rlo, int64_t rhi, int kt, int t,
-                                          uint32_t (&sc)[2][2]) {
-    if constexpr (!qr_f8(MODE)) { /* the fp8 modes have no per-group scales */
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int64_t row = h ? rhi : rlo;
-#pragma unroll
-            for (int G = 0; G < 2; G++) {
-                if (MODE == MOE_QUANT_NVFP4)
-                    sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 16) + kt * 4 + 2 * G + (t >> 1));
-                else if (MODE == MOE_QUANT_MXFP4)
-                    sc[h][G] = __ldg((const uint8_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
-                else
-                    sc[h][G] = __ldg((const uint16_t *)a.W_scales + row * (a.Kd / 32) + kt * 2 + G);
-            }
-        }
+__device__ __forceinline__ void qr_sconv(uint32_t wd, uint32_t nsel, float fold, uint32_t (&s)[2]) {
+    if constexpr (MODE == MOE_QUANT_NVFP4) {
+        /* both codes to f16 in one conversion (exact), then each to a bf16 pair (exact) */
+        uint32_t h2;
+        asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}\n"
+            : "=r"(h2)
+            : "r"(__byte_perm(wd, 0, nsel)));
+        const float v0 = __half2float(__ushort_as_half((unsigned short)(h2 & 0xFFFFu)));
+        const float v1 = __half2float(__ushort_as_half((unsigned short)(h2 >> 16)));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %1;\n" : "=r"(s[0]) : "f"(v0));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %1;\n" : "=r"(s[1]) : "f"(v1));
+    } else if constexpr (MODE == MOE_QUANT_MXFP4) {
+        s[0] = moe__fq_scale2<MODE>(wd & 0xFFu);
+        s[1] = moe__fq_scale2<MODE>((wd >> 8) & 0xFFu);
+    } else if constexpr (MODE == MOE_QUANT_MXINT4) {
+        s[0] = wd << 16;
+        s[1] = wd & 0xFFFF0000u;
+    } else if constexpr (MODE == MOE__FQ_I4F) {
+        const float v0 = __uint_as_float(wd << 16) * fold, v1 = __uint_as_float(wd & 0xFFFF0000u) * fold;
+        asm("cvt.rn.f16x2.f32 %0, %1, %1;\n" : "=r"(s[0]) : "f"(v0));
+        asm("cvt.rn.f16x2.f32 %0, %1, %1;\n" : "=r"(s[1]) : "f"(v1));
     }
 }
 
-/* Widen group G of the stage at cb (codes [128 rows][32 bytes]) into f[G]: rows ol / oh (byte
- * offsets of this thread's two rows' words), scale codes sc; mxint4's scales as f32 into pf[G];
- * MOE__FQ_I4F: int4 x (scale x fold) as f16.
+/* Widen group G of the stage at cb (codes [128 rows][32 bytes]) into f[G]: wo[G][row lo / hi] the
+ * byte offsets of this thread's two words in the stage (qr_words), scales sc[row lo / hi][group]
+ * (qr_sconv); mxint4's
+ * scales as f32 into pf[G]; MOE__FQ_I4F: int4 x (scale x fold) as f16.
  * fp8 modes (codes [128 rows][64 bytes]): G = 0 widens the whole stage (one 16-byte word a row:
  * pairs 0-3 into f[0], 4-7 into f[1]), G = 1 nothing. */
-__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, int sw, uint32_t &wl, uint32_t &wh);
+__device__ __forceinline__ void qr_words(const uint8_t *cb, const uint32_t (&wo)[2][2], int G, uint32_t &wl, uint32_t &wh);
 template <int MODE>
 __device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, const uint32_t (&sc)[2][2],
-                                           uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold);
+                                           uint32_t (&f)[2][2][4], float (&pf)[2][2]);
 template <int MODE>
-__device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int G, int sw, const uint32_t (&sc)[2][2],
-                                         uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold) {
+__device__ __forceinline__ void qr_widen(const uint8_t *cb, const uint32_t (&wo)[2][2], int G, const uint32_t (&sc)[2][2],
+                                         uint32_t (&f)[2][2][4], float (&pf)[2][2]) {
     if constexpr (qr_f8(MODE)) {
         if (G != 0) return;
         const uint32_t sb = moe__fm_smem(cb);
@@ -717,7 +740,7 @@ __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int 
             uint32_t v0, v1, v2, v3;
             asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                          : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
-                         : "r"(sb + (h ? oh : ol)));
+                         : "r"(sb + wo[0][h]));
             moe__fq_e4m3x4_f16(v0, f[0][h][0], f[0][h][1]);
             moe__fq_e4m3x4_f16(v1, f[0][h][2], f[0][h][3]);
             moe__fq_e4m3x4_f16(v2, f[1][h][0], f[1][h][1]);
@@ -726,35 +749,35 @@ __device__ __forceinline__ void qr_widen(const uint8_t *cb, int ol, int oh, int 
         return;
     }
     uint32_t wl, wh;
-    qr_words(cb, ol, oh, G, sw, wl, wh);
-    qr_widen_w<MODE>(wl, wh, G, sc, f, pf, fold);
+    qr_words(cb, wo, G, wl, wh);
+    qr_widen_w<MODE>(wl, wh, G, sc, f, pf);
 }
 
-/* The 4-bit modes' code words of group G of the stage at cb: this thread's row lo / hi words.
- * sw: 16 where the stage came with the 32-byte swizzle (the two 16-byte halves of rows 4-7 of
- * every 8 swapped) and the thread's rows are such rows, else 0.  ld.shared: the aligned shared
+/* The 4-bit modes' code words of group G of the stage at cb: this thread's row lo / hi words, at
+ * byte offsets wo[G][0 / 1] (the kernel's, swizzle included: set once, so an address is the
+ * stage's uniform base plus a register, no arithmetic a stage).  ld.shared: the aligned shared
  * pointer is integer arithmetic, and generic loads were what the compiler made of a plain
  * dereference. */
-__device__ __forceinline__ void qr_words(const uint8_t *cb, int ol, int oh, int G, int sw, uint32_t &wl, uint32_t &wh) {
-    const uint32_t sa = moe__fm_smem(cb) + (16 * G ^ sw);
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wl) : "r"(sa + ol));
-    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wh) : "r"(sa + oh));
+__device__ __forceinline__ void qr_words(const uint8_t *cb, const uint32_t (&wo)[2][2], int G, uint32_t &wl, uint32_t &wh) {
+    const uint32_t sa = moe__fm_smem(cb);
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wl) : "r"(sa + wo[G][0]));
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(wh) : "r"(sa + wo[G][1]));
 }
 /* qr_widen of the 4-bit modes from their words (qr_words). */
 template <int MODE>
 __device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, const uint32_t (&sc)[2][2],
-                                           uint32_t (&f)[2][2][4], float (&pf)[2][2], float fold) {
-    constexpr bool E2M1 = MODE != MOE_QUANT_MXINT4;
+                                           uint32_t (&f)[2][2][4], float (&pf)[2][2]) {
     if constexpr (MODE == MOE__FQ_I4F) { /* int4 x the folded scale, f16 */
-        moe__fq_i4x8_f16(wl, moe__fq_i4_scale2(sc[0][G], fold), f[G][0]);
-        moe__fq_i4x8_f16(wh, moe__fq_i4_scale2(sc[1][G], fold), f[G][1]);
-        return;
-    }
-    moe__fq_w4x8_pairs<E2M1>(wl, moe__fq_scale2<MODE>(sc[0][G]), f[G][0]);
-    moe__fq_w4x8_pairs<E2M1>(wh, moe__fq_scale2<MODE>(sc[1][G]), f[G][1]);
-    if (MODE == MOE_QUANT_MXINT4) {
-        pf[G][0] = __uint_as_float(sc[0][G] << 16);
-        pf[G][1] = __uint_as_float(sc[1][G] << 16);
+        moe__fq_i4x8_f16(wl, sc[0][G], f[G][0]);
+        moe__fq_i4x8_f16(wh, sc[1][G], f[G][1]);
+    } else if constexpr (MODE == MOE_QUANT_MXINT4) { /* int4, the scale promoted */
+        moe__fq_w4x8_pairs<false>(wl, 0u, f[G][0]);
+        moe__fq_w4x8_pairs<false>(wh, 0u, f[G][1]);
+        pf[G][0] = __uint_as_float(sc[0][G]);
+        pf[G][1] = __uint_as_float(sc[1][G]);
+    } else {
+        moe__fq_w4x8_pairs<true>(wl, sc[0][G], f[G][0]);
+        moe__fq_w4x8_pairs<true>(wh, sc[1][G], f[G][1]);
     }
 }
 
@@ -829,7 +852,18 @@ __global__ void __launch_bounds__(384, 1)
          * bit 2): a warp's words of a group then fill the 32 banks once, where without it rows g
          * and g + 4 met in every bank (two wavefronts a load) */
         const int sw = !F8 && a.W_swz ? ((rl >> 2) & 1) << 4 : 0;
-        int it = 0;
+        /* wo[G][lo / hi]: the stage offsets of this thread's words of group G (4-bit modes: sw
+         * swaps the row's two 16-byte halves; fp8 modes: the 16-byte words, G = 0 only) */
+        uint32_t wo[2][2];
+#pragma unroll
+        for (int G = 0; G < 2; G++) {
+            wo[G][0] = ol + (F8 ? 0 : 16 * G ^ sw);
+            wo[G][1] = oh + (F8 ? 0 : 16 * G ^ sw);
+        }
+        /* the stage counter: unsigned, so the stage index and phase (it % S, it / S) are a mask and
+         * a shift (the 4-bit modes' GEMMs 1-2% faster); fp8_block's ping-pong keeps it signed (its
+         * GEMM1 was 2% slower unsigned: DeepSeek-V3 T = 4096, Nsight) */
+        std::conditional_t<PP, int, uint32_t> it = 0;
         int bc = 0; /* fp8_block: 128-column blocks done by this thread, I4F: items (its Sx slot's parity) */
         float acc[64];
         /* mxint4: the two groups' partial sums; fp8_block: ta the 128-column block's */
@@ -837,11 +871,13 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t f[2][2][4]; /* [group][row lo / hi][pair]: the fragments of the stage to multiply next */
         uint32_t f2[INT4 ? 1 : 2][2][4]; /* the fp4 and fp8 modes' second set */
         float pf[2][2] = {{0, 0}, {0, 0}};
-        /* scale codes of the stage to widen next (scA) and of the SD - 1 after it (ring): step kt
-         * loads stage kt + SD's, widened at step kt + SD - 1 (fp4 modes SD = 3: with 2, Nsight showed
-         * the widening waiting on them; mxint4 2, for registers; the fp8 modes have none) */
+        /* the scales of the stage to widen next (scA, qr_sconv's) and the scale words (qr_sword) of
+         * the SD - 1 after it (ring): step kt loads stage kt + SD's, widened at step kt + SD - 1 (fp4
+         * modes SD = 3: with 2, Nsight showed the widening waiting on them; mxint4 2, for registers;
+         * the fp8 modes have none) */
         constexpr int SD = INT4 || F8 ? 2 : 3;
-        uint32_t scA[2][2], ring[SD - 1][2][2] = {};
+        uint32_t scA[2][2], ring[SD - 1][2] = {};
+        const uint32_t nsel = (t & 2) ? 0x31u : 0x20u; /* nvfp4: the bytes of this thread's two block codes */
         /* AMAX: the largest |value| this thread wrote, before its bf16 rounding (monotonic and odd, so
          * the rounding of the largest |f32| is the largest |bf16|); a NaN stays (max.NaN) */
         float amx = 0.0f;
@@ -904,24 +940,31 @@ __global__ void __launch_bounds__(384, 1)
             for (int i = 0; i < 64; i++) acc[i] = 0.0f;
             /* stage 0 widened now (its scales loaded first), stage 1's scales in flight (KT >= 2:
              * Kd is a multiple of 128) */
-            qr_scales<MODE>(a, wl, wh, 0, t, scA);
+            const uint8_t *srow[2] = {nullptr, nullptr};
+            if constexpr (!F8) {
+                srow[0] = qr_srow<MODE>(a, wl);
+                srow[1] = qr_srow<MODE>(a, wh);
 #pragma unroll
-            for (int d = 1; d < SD; d++)
-                if (d < gr.KT) qr_scales<MODE>(a, wl, wh, d, t, ring[d - 1]);
+                for (int h = 0; h < 2; h++) {
+                    qr_sconv<MODE>(qr_sword<MODE>(srow[h], 0, gr.KT), nsel, a.W_fold, scA[h]);
+#pragma unroll
+                    for (int d = 1; d < SD; d++) ring[d - 1][h] = qr_sword<MODE>(srow[h], d, gr.KT);
+                }
+            }
             moe__fm_mbar_wait(bar0 + 8 * (it % S), (it / S) & 1);
-            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 0, sw, scA, f, pf, a.W_fold);
-            qr_widen<MODE>(B8 + (it % S) * BN * CB, ol, oh, 1, sw, scA, f, pf, a.W_fold);
-            /* at stage kt: scA <- stage kt + 1's scale codes (to widen it), stage kt + SD's loaded */
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, wo, 0, scA, f, pf);
+            qr_widen<MODE>(B8 + (it % S) * BN * CB, wo, 1, scA, f, pf);
+            /* at stage kt: scA <- stage kt + 1's scales (to widen it), stage kt + SD's word loaded */
             auto next_scales = [&](int kt) {
+                if constexpr (!F8) {
 #pragma unroll
-                for (int h = 0; h < 2; h++)
+                    for (int h = 0; h < 2; h++) {
+                        qr_sconv<MODE>(ring[0][h], nsel, a.W_fold, scA[h]);
 #pragma unroll
-                    for (int G = 0; G < 2; G++) {
-                        scA[h][G] = ring[0][h][G];
-#pragma unroll
-                        for (int d = 0; d + 1 < SD - 1; d++) ring[d][h][G] = ring[d + 1][h][G];
+                        for (int d = 0; d + 1 < SD - 1; d++) ring[d][h] = ring[d + 1][h];
+                        ring[SD - 2][h] = qr_sword<MODE>(srow[h], kt + SD, gr.KT);
                     }
-                if (kt + SD < gr.KT) qr_scales<MODE>(a, wl, wh, kt + SD, t, ring[SD - 2]);
+                }
             };
             /* mxint4 on f16 MMAs (MID): the next stage's code words are loaded before the scale
              * ring turns, so the turn (and its loads) fills their shared-memory latency; the first
@@ -953,14 +996,14 @@ __global__ void __launch_bounds__(384, 1)
                         /* the code words requested first, the scale ring's turn (and the loads of
                          * stage kt + SD's scales) made while they come */
                         uint32_t w[2][2];
-                        qr_words(B8 + sn * BN * CB, ol, oh, 0, sw, w[0][0], w[0][1]);
-                        qr_words(B8 + sn * BN * CB, ol, oh, 1, sw, w[1][0], w[1][1]);
+                        qr_words(B8 + sn * BN * CB, wo, 0, w[0][0], w[0][1]);
+                        qr_words(B8 + sn * BN * CB, wo, 1, w[1][0], w[1][1]);
                         next_scales(kt);
-                        qr_widen_w<MODE>(w[0][0], w[0][1], 0, scA, nxt, pf, a.W_fold);
-                        qr_widen_w<MODE>(w[1][0], w[1][1], 1, scA, nxt, pf, a.W_fold);
+                        qr_widen_w<MODE>(w[0][0], w[0][1], 0, scA, nxt, pf);
+                        qr_widen_w<MODE>(w[1][0], w[1][1], 1, scA, nxt, pf);
                     } else {
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 0, sw, scA, nxt, pf, a.W_fold);
-                        qr_widen<MODE>(B8 + sn * BN * CB, ol, oh, 1, sw, scA, nxt, pf, a.W_fold);
+                        qr_widen<MODE>(B8 + sn * BN * CB, wo, 0, scA, nxt, pf);
+                        qr_widen<MODE>(B8 + sn * BN * CB, wo, 1, scA, nxt, pf);
                     }
                 }
                 it++;
@@ -998,7 +1041,7 @@ __global__ void __launch_bounds__(384, 1)
                 float wq = 1.0f;
                 if (!G1 && tk < nr) pq = __ldg(a.sorted + r0 + tk);
                 moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
-                qr_widen<MODE>(B8 + ((it + 1) % S) * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
+                qr_widen<MODE>(B8 + ((it + 1) % S) * BN * CB, wo, 0, scA, f2, pf);
                 for (int kb = 0; kb < KB; kb++, bc++) {
                     const float xv = xn, fl = fln, fh = fhn;
                     if (kb + 1 < KB) {
@@ -1036,8 +1079,8 @@ __global__ void __launch_bounds__(384, 1)
                         moe__fm_mbar_wait(bar0 + 8 * ((it + 2) % S), ((it + 2) / S) & 1);
                         moe__fm_mbar_wait(bar0 + 8 * ((it + 3) % S), ((it + 3) / S) & 1);
                     }
-                    qr_widen<MODE>(B8 + ((it + 2) % S) * BN * CB, ol, oh, 0, sw, scA, f, pf, 0.0f);
-                    qr_widen<MODE>(B8 + ((it + 3) % S) * BN * CB, ol, oh, 0, sw, scA, f2, pf, 0.0f);
+                    qr_widen<MODE>(B8 + ((it + 2) % S) * BN * CB, wo, 0, scA, f, pf);
+                    qr_widen<MODE>(B8 + ((it + 3) % S) * BN * CB, wo, 0, scA, f2, pf);
 #pragma unroll
                     for (int j = 0; j < 16; j++) {
                         float sx0, sx1;
@@ -1103,13 +1146,13 @@ __global__ void __launch_bounds__(384, 1)
                     qr_add_rows(acc, ta, pf[0][0], pf[0][1]);
                     if (more) {
                         moe__fm_mbar_wait(bar0 + 8 * ((it + 1) % S), ((it + 1) / S) & 1);
-                        qr_widen<MODE>(cn, ol, oh, 0, sw, scA, f, pf, 0.0f);
+                        qr_widen<MODE>(cn, wo, 0, scA, f, pf);
                     }
                     moe__fm_wg_wait0();
                     qr_add_rows(acc, tb, pf[1][0], pf[1][1]);
                     __syncwarp();
                     if (lane == 0) moe__fm_mbar_arrive(bar0 + 8 * (S + s)); /* stage s read */
-                    if (more) qr_widen<MODE>(cn, ol, oh, 1, sw, scA, f, pf, 0.0f);
+                    if (more) qr_widen<MODE>(cn, wo, 1, scA, f, pf);
                 }
             } else {
                 for (int kt = 0; kt < gr.KT; kt += 2) {

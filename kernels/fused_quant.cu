@@ -838,7 +838,7 @@ bool fq_wreg_use(int mode, int64_t P, int lc, const struct moe_experts *ex) {
     const long bound = moe__fq_pairs_bound("MOE_FUSED_QWREG", mode);
     if (ex->H % 128 != 0 || ex->I % 128 != 0 || P >= (int64_t)bound * lc) return false;
     /* codes are 16-byte aligned (checked when the experts are made); mxint4's scales are loaded 8
-     * bytes at a time (qtensors made from parts may be offset: the tile kernels read bytes) */
+     * bytes at a time (CUDA experts copy misaligned scales when they are made: this is a guard) */
     const uintptr_t sc = (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q13)) |
                          (uintptr_t)moe_tensor_data(moe_qtensor_scales(ex->q2));
     return (sc & 7) == 0;

@@ -234,7 +234,9 @@ static __device__ __forceinline__ void moe__fq_i4x8_f16(uint32_t w, uint32_t s2,
     w ^= 0x88888888u;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        const uint32_t t = ((w >> (4 * j)) & 0x000F000Fu) | 0x64006400u;
+        /* mask and exponent in one lop3 ((a & b) | c); written as C, ptxas made two */
+        uint32_t t;
+        asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(t) : "r"(w >> (4 * j)), "n"(0x000F000F), "n"(0x64006400));
         uint32_t n;
         asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(n) : "r"(t), "r"(0x3C003C00u), "r"(0xE408E408u));
         asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r[j]) : "r"(n), "r"(s2));

@@ -627,29 +627,33 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end
   end)
 
-  -- qtensor parts may start anywhere: nvfp4 gate/up scales one byte off any word alignment run on
-  -- k_qg_rs (its scale codes are byte loads; a 4-byte word a stage row measured slower) with the
-  -- same bits as aligned ones
-  it("nvfp4 with its gate/up scales 1 byte off 4-byte alignment (qtensor parts): the same bits as aligned ones, " ..
-     "near the CPU", function()
-    local w = weights("swiglu", false)
-    local q13 = moe.quantize(w.w13:to("cuda"), "nvfp4")
-    local n = q13.scales:numel()
-    local buf = moe.empty({ n + 1 }, { dtype = q13.scales:dtype(), device = "cuda" })
-    local sc = buf:narrow(1, 2, n):reshape(q13.scales:shape())
-    sc:copy_(q13.scales)
-    local ex = moe.experts{ gate_up = moe.quant_from_parts{ mode = "nvfp4", data = q13.data, scales = sc,
-                                                            global_scale = q13.global_scale },
-                            down = moe.quantize(w.w2:to("cuda"), "nvfp4") }
-    local x, L = inputs800(10300)
-    local path, y = path_of(function()
-      return qwgmma(nil, function() return call(ex, x, L, METHODS.renormalize, "cuda") end)
+  -- qtensor parts may start anywhere: gate/up scales one element off any word alignment (nvfp4,
+  -- mxfp4: 1 byte, mxint4: 2) are copied aligned when the experts are made (k_qg_rs loads a row's
+  -- scales of a stage as one word), so they run on k_qg_rs with the same bits as aligned ones
+  for _, mode in ipairs{ "nvfp4", "mxfp4", "mxint4" } do
+    it(mode .. " with its gate/up scales one element off 4-byte alignment (qtensor parts): the same bits as " ..
+       "aligned ones, near the CPU", function()
+      local w = weights("swiglu", false)
+      local q13 = moe.quantize(w.w13:to("cuda"), mode)
+      local n = q13.scales:numel()
+      local buf = moe.empty({ n + 1 }, { dtype = q13.scales:dtype(), device = "cuda" })
+      local sc = buf:narrow(1, 2, n):reshape(q13.scales:shape())
+      sc:copy_(q13.scales)
+      local ex = moe.experts{ gate_up = moe.quant_from_parts{ mode = mode, data = q13.data, scales = sc,
+                                                              global_scale = q13.global_scale },
+                              down = moe.quantize(w.w2:to("cuda"), mode) }
+      local x, L = inputs800(10300)
+      local path, y = path_of(function()
+        return qwgmma(nil, function() return call(ex, x, L, METHODS.renormalize, "cuda") end)
+      end)
+      local want = mode == "mxint4" and "wgmma_rs_i4f16" or "wgmma_rs_xonce"
+      assert.equal(HOPPER and want or "tile", path, "the path taken")
+      local ya = qwgmma(nil, function() return call(experts(w, mode, "cuda"), x, L, METHODS.renormalize, "cuda") end)
+      assert.same(bits(ya), bits(y))
+      near(y, call(experts(w, mode, "cpu"), x, L, METHODS.renormalize, "cpu"), mode .. ", scales one element off: " ..
+           "CUDA vs CPU")
     end)
-    assert.equal(HOPPER and "wgmma_rs_xonce" or "tile", path, "the path taken")
-    local ya = qwgmma(nil, function() return call(experts(w, "nvfp4", "cuda"), x, L, METHODS.renormalize, "cuda") end)
-    assert.same(bits(ya), bits(y))
-    near(y, call(experts(w, "nvfp4", "cpu"), x, L, METHODS.renormalize, "cpu"), "nvfp4, scales 1 byte off: CUDA vs CPU")
-  end)
+  end
 
   -- k_qg_rs's 4-bit weight codes come by tensor copy with the 32-byte swizzle (conflict-free
   -- shared loads); MOE_FUSED_QSW=0 copies them unswizzled.  Only the shared-memory layout differs:

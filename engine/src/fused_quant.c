@@ -116,17 +116,29 @@ static moe_status moe__fq_make(const char *arg, int mode, const moe_tensor *t, c
             return moe__err(MOE_ERR_DEVICE, FNQ ": %s: expected a qtensor on %s (the experts' device), got one on %s", arg,
                             moe__device_str(dev, b, sizeof b), moe__device_str(qd, c, sizeof c));
         /* every CUDA GEMM kernel loads the codes 16 bytes at a time (a misaligned view faulted
-         * the device); scales are read at their own alignment, or the kernels needing more fall back */
+         * the device) */
         const uintptr_t pd = (uintptr_t)moe_tensor_data(moe_qtensor_data(q));
         if (dev.type == MOE_DEVICE_CUDA && (pd & 15))
             return moe__err(MOE_ERR_ARG,
                             FNQ ": %s: expected CUDA codes 16-byte aligned (the GEMM kernels load them 16 bytes at "
                             "a time), got codes at offset %d mod 16 (a view at an offset: pass a copy, t:clone())",
                             arg, (int)(pd & 15));
+        /* scales: the Hopper register-operand kernel loads a row's scales of a stage as one word
+         * (k_qg_rs), so CUDA scales that do not start 16-byte aligned are copied (the experts then
+         * own the copy: scales are taken as they are when the experts are made) */
+        const moe_tensor *sc = moe_qtensor_scales(q);
+        moe_tensor *sca = NULL;
+        moe_status s = MOE_OK;
+        if (dev.type == MOE_DEVICE_CUDA && sc && ((uintptr_t)moe_tensor_data(sc) & 15)) {
+            s = moe_tensor_new(&sca, sc->dtype, sc->ndim, sc->shape, dev);
+            if (s == MOE_OK) s = moe_tensor_copy(sca, sc);
+        }
         moe_quant_opts o = moe_quant_opts_default();
         o.block_rows = mode == MOE_QUANT_FP8_BLOCK ? 128 : 0;
-        return moe_qtensor_from_parts(out, mode, moe_qtensor_data(q), moe_qtensor_scales(q),
-                                      moe_qtensor_global_scale(q), &o);
+        if (s == MOE_OK)
+            s = moe_qtensor_from_parts(out, mode, moe_qtensor_data(q), sca ? sca : sc, moe_qtensor_global_scale(q), &o);
+        moe_tensor_free(sca);
+        return s;
     }
     moe_tensor *tmp = NULL;
     const moe_tensor *src = t;
