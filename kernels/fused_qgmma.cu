@@ -628,7 +628,10 @@ __global__ void __launch_bounds__(384, 1)
  * write.  A 32-column group never mixes with another inside a k16 step, so mxint4 still
  * promotes each group's partial sums times its bf16 scale (now one scale a thread row) where it
  * does not run as MOE__FQ_I4F (f16 MMAs on int4 x the folded scale, no promotions).  nvfp4's
- * e4m3 and mxfp4's ue8m0 block scales are in the widened values, as in k_qg_exact. */
+ * e4m3 and mxfp4's ue8m0 block scales are in the widened values, as in k_qg_exact.  nvfp4 runs
+ * f16 MMAs (x and the intermediate as f16, e2m1 x e4m3 being exact in f16): its weights widen as
+ * e2m1 x 2^-6 x the scale through the hardware's e4m3 conversion (moe__fq_e2m1x8_f16, two
+ * thirds of the bf16 widening's instructions), the epilogue multiplying 2^6 back. */
 constexpr int QR_S = 8; /* stages: A 16 KB + codes 4 KB (fp8 modes 8 KB) each */
 /* fp8 / fp8_block (qg_variant: fp8 always, fp8_block from H = 4096): the weights' e4m3 codes
  * widened to f16 in registers; a thread's 16 codes of a 64-column stage row are one 16-byte word
@@ -690,22 +693,20 @@ template <int MODE> __device__ __forceinline__ uint32_t qr_sword(const uint8_t *
     if (MODE == MOE_QUANT_MXFP4) return __ldg((const uint16_t *)(p + 2u * k));
     return __ldg((const uint32_t *)(p + 4u * k));
 }
-/* s[G]: what widens group G from a row's word wd: nvfp4 bf16x2 (s, s) of the e4m3 code of this
+/* s[G]: what widens group G from a row's word wd: nvfp4 f16x2 (s, s) of the e4m3 code of this
  * thread's 16 columns (bytes nsel: 0 and 2 for threads t = 0, 1, else 1 and 3); mxfp4 bf16x2 (s, s)
  * of the ue8m0 code; mxint4 the bf16 scale as f32 bits (qr_add_rows promotes with it);
  * MOE__FQ_I4F f16x2 (s', s') of the scale times fold (exact where the fold is allowed). */
 template <int MODE>
 __device__ __forceinline__ void qr_sconv(uint32_t wd, uint32_t nsel, float fold, uint32_t (&s)[2]) {
     if constexpr (MODE == MOE_QUANT_NVFP4) {
-        /* both codes to f16 in one conversion (exact), then each to a bf16 pair (exact) */
+        /* both codes to f16 in one conversion (exact), each then in both halves */
         uint32_t h2;
         asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}\n"
             : "=r"(h2)
             : "r"(__byte_perm(wd, 0, nsel)));
-        const float v0 = __half2float(__ushort_as_half((unsigned short)(h2 & 0xFFFFu)));
-        const float v1 = __half2float(__ushort_as_half((unsigned short)(h2 >> 16)));
-        asm("cvt.rn.bf16x2.f32 %0, %1, %1;\n" : "=r"(s[0]) : "f"(v0));
-        asm("cvt.rn.bf16x2.f32 %0, %1, %1;\n" : "=r"(s[1]) : "f"(v1));
+        s[0] = __byte_perm(h2, 0, 0x1010);
+        s[1] = __byte_perm(h2, 0, 0x3232);
     } else if constexpr (MODE == MOE_QUANT_MXFP4) {
         s[0] = moe__fq_scale2<MODE>(wd & 0xFFu);
         s[1] = moe__fq_scale2<MODE>((wd >> 8) & 0xFFu);
@@ -770,6 +771,9 @@ __device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, cons
     if constexpr (MODE == MOE__FQ_I4F) { /* int4 x the folded scale, f16 */
         moe__fq_i4x8_f16(wl, sc[0][G], f[G][0]);
         moe__fq_i4x8_f16(wh, sc[1][G], f[G][1]);
+    } else if constexpr (MODE == MOE_QUANT_NVFP4) { /* e2m1 x 2^-6 x the scale, f16 */
+        moe__fq_e2m1x8_f16(wl, sc[0][G], f[G][0]);
+        moe__fq_e2m1x8_f16(wh, sc[1][G], f[G][1]);
     } else if constexpr (MODE == MOE_QUANT_MXINT4) { /* int4, the scale promoted */
         moe__fq_w4x8_pairs<false>(wl, 0u, f[G][0]);
         moe__fq_w4x8_pairs<false>(wh, 0u, f[G][1]);
@@ -819,7 +823,7 @@ __global__ void __launch_bounds__(384, 1)
     static_assert(!PP || BLOCK, "the ping-pong turns are fp8_block's");
     constexpr int BM = QG_BM, BN = QG_BN, BK = QX_BK, S = QR_S, CB = F8 ? QX_BK : QX_BK / 2;
     constexpr bool INT4 = MODE == MOE_QUANT_MXINT4, I4F = MODE == MOE__FQ_I4F;
-    constexpr bool HM = F8 || I4F; /* f16 MMAs */
+    constexpr bool HM = F8 || I4F || MODE == MOE_QUANT_NVFP4; /* f16 MMAs */
     /* GEMM1 of the mx modes writes the intermediate in RS order, of the fp8 modes in RS8 order
      * (GEMM2 reads it as it is; the fp8 modes' quantisers keep the order: per tensor, or per 128
      * columns, which the permutation does not cross; I4F's row scaling is element-wise) */
@@ -894,9 +898,11 @@ __global__ void __launch_bounds__(384, 1)
              * per-tensor scale, the biases of this thread's rows, and (GEMM2 of the fp4 modes; the
              * mxint4 kernel has no registers to spare) the pair and routing weight of each of its 32
              * token columns */
-            const float ts = MODE == MOE_QUANT_NVFP4 || MODE == MOE_QUANT_FP8 ? a.A_tensor[0] * a.W_tensor[e]
-                             : I4F                                            ? a.W_unfold
-                                                                              : 1.0f;
+            /* nvfp4: times 2^6, the weights' factor (moe__fq_e2m1x8_f16; exact, so the same bits) */
+            const float ts = MODE == MOE_QUANT_NVFP4 ? a.A_tensor[0] * a.W_tensor[e] * 64.0f
+                             : MODE == MOE_QUANT_FP8 ? a.A_tensor[0] * a.W_tensor[e]
+                             : I4F                   ? a.W_unfold
+                                                     : 1.0f;
             const float *bias = a.bias ? a.bias + e * a.N : nullptr;
             const float bl = bias ? bias[cl] : 0.0f, bh = bias ? bias[ch] : 0.0f;
             int pp[G1 ? 1 : 32];
@@ -1252,8 +1258,8 @@ __global__ void __launch_bounds__(384, 1)
 /* dst [rows, cols] 16-bit <- activation codes: row i from src row sorted[i] / K (sorted
  * non-null: x's codes into GEMM1's sorted order) or row i; only the rows of the row tiles (nv,
  * from the tile table, as k_permute).  fp8 / fp8_block: e4m3 -> f16; nvfp4 (FP4): e2m1 x its
- * e4m3 scale per 16 (scales [rows, cols / 16]) -> bf16, in RS order when RS (k_qg_rs).  Both
- * exact. */
+ * e4m3 scale per 16 (scales [rows, cols / 16]) -> bf16, or f16 in RS order when RS (k_qg_rs
+ * multiplies nvfp4 in f16).  All exact. */
 template <bool FP4, bool RS>
 __global__ void __launch_bounds__(256)
     k_qg_codes16(const uint8_t *__restrict__ src, const uint8_t *__restrict__ scales, const int32_t *sorted, int K,
@@ -1291,10 +1297,11 @@ __global__ void __launch_bounds__(256)
             const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
             uint32_t o[4];
 #pragma unroll
-            for (int t = 0; t < 4; t++) {
-                uint32_t r[4];
-                moe__fq_w4x8_pairs<true>(wv[t] >> (4 * q), moe__fq_scale2<MOE_QUANT_NVFP4>((s16 >> (8 * (t >> 1))) & 0xFF), r);
-                o[t] = r[0];
+            for (int t = 0; t < 4; t++) { /* e2m1 x its e4m3 scale as f16 (exact; k_qg_rs's nvfp4 MMAs are f16) */
+                const float sc = moe__e4m3_to_f32((uint8_t)(s16 >> (8 * (t >> 1))));
+                const float va = moe__e2m1_to_f32((uint8_t)((wv[t] >> (4 * q)) & 0xFu)) * sc;
+                const float vb = moe__e2m1_to_f32((uint8_t)((wv[t] >> (4 * q + 16)) & 0xFu)) * sc;
+                asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(o[t]) : "f"(vb), "f"(va));
             }
             dst[i * (2 * c16) + c] = make_uint4(o[0], o[1], o[2], o[3]);
             continue;
@@ -1502,13 +1509,13 @@ __global__ void __launch_bounds__(256) k_i4_range(const uint16_t *__restrict__ s
  * words of bf16 pairs, columns in order): both 16-column blocks' scale codes and, for t = 0..3,
  * columns 8t + q and 8t + q + 4 (the word's RS-order positions, qr_pos) quantised with the
  * quantiser's scale function and division (quant_math.h: the same scales and e2m1 values as
- * moe_quantize under the global scale gs), then e2m1 x the block scale as bf16 (exact; the global
+ * moe_quantize under the global scale gs), then e2m1 x the block scale as f16 (exact; the global
  * scale is applied in the GEMM epilogue).  The block scales (qr_nvfp4_scales) are computed once a group: a thread that
  * makes all four words of a group (k_qr_nvfp4_inter) shares them; a thread a word (k_qr_nvfp4_x)
  * computes both for its own. */
 struct qr_nvfp4_blocks {
     float d[2];       /* block b's divisor: its scale (the e4m3 code's value) x gs, NaN where that is 0 */
-    uint32_t s2[2];   /* its scale as bf16x2 */
+    uint32_t s2[2];   /* its scale as f16x2 (k_qg_rs multiplies nvfp4 in f16: moe__fq_e2m1x8_f16) */
 };
 __device__ __forceinline__ qr_nvfp4_blocks qr_nvfp4_scales(const uint32_t (&v)[16], float gs) {
     qr_nvfp4_blocks k;
@@ -1520,14 +1527,14 @@ __device__ __forceinline__ qr_nvfp4_blocks qr_nvfp4_scales(const uint32_t (&v)[1
         const uint32_t sc = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
         const float d = moe__q_mul(moe__e4m3_to_f32((uint8_t)sc), gs);
         k.d[b] = d == 0.0f ? __uint_as_float(MOE__Q_NAN_BITS) : d;
-        k.s2[b] = moe__fq_scale2<MOE_QUANT_NVFP4>(sc);
+        asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}\n" : "=r"(k.s2[b]) : "r"(sc * 0x101u));
     }
     return k;
 }
-/* The codes of moe__q_nvfp4_code are never made: x / d is rounded straight to the bf16 of its
- * e2m1 value (moe__e2m1_round_bf16; a divisor of 0 is NaN here, so those values give +0 as
- * the code 0 does), then times the block scale by the same bf16x2 FMA the codes' widening
- * ends with (moe__fq_w4x8_pairs): the same bits, in fewer instructions a value. */
+/* The codes of moe__q_nvfp4_code are never made: x / d is rounded straight to its e2m1 value
+ * (moe__e2m1_round_f32; a divisor of 0 is NaN here, so those values give +0 as the code 0 does),
+ * two values packed as f16x2, then times the block scale (f16x2) by one FMA with -0 (as the
+ * widening of codes ends): e2m1 x e4m3 is exact in f16, so the same values as the codes give. */
 __device__ __forceinline__ uint4 qr_nvfp4_word(const uint32_t (&v)[16], int q, const qr_nvfp4_blocks &k) {
     uint32_t o[4];
     const int sh = 16 * (q & 1);
@@ -1535,9 +1542,11 @@ __device__ __forceinline__ uint4 qr_nvfp4_word(const uint32_t (&v)[16], int q, c
     for (int t = 0; t < 4; t++) { /* columns 8t + q (word 4t + q / 2) and 8t + q + 4 (word 4t + 2 + q / 2) */
         const uint32_t wa = (q & 2) ? v[4 * t + 1] : v[4 * t], wb = (q & 2) ? v[4 * t + 3] : v[4 * t + 2];
         const float d = k.d[t >> 1];
-        const uint32_t ma = moe__e2m1_round_bf16(moe__q_div(__uint_as_float(((wa >> sh) & 0xFFFFu) << 16), d));
-        const uint32_t mb = moe__e2m1_round_bf16(moe__q_div(__uint_as_float(((wb >> sh) & 0xFFFFu) << 16), d));
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(o[t]) : "r"(ma | mb << 16), "r"(k.s2[t >> 1]), "r"(0x80008000u));
+        const float ma = moe__e2m1_round_f32(moe__q_div(__uint_as_float(((wa >> sh) & 0xFFFFu) << 16), d));
+        const float mb = moe__e2m1_round_f32(moe__q_div(__uint_as_float(((wb >> sh) & 0xFFFFu) << 16), d));
+        uint32_t m2;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(m2) : "f"(mb), "f"(ma)); /* ma low, mb high: exact */
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(o[t]) : "r"(m2), "r"(k.s2[t >> 1]), "r"(0x80008000u));
     }
     return make_uint4(o[0], o[1], o[2], o[3]); /* (element 0, element 4) pairs */
 }

@@ -214,6 +214,10 @@ MOE_HD uint32_t moe__e2m1_round_bf16(float f) {
     if (a > 0x7F800000u) return 0;
     return ((u >> 16) & 0x8000u) | (moe__f32_bits(r) >> 16);
 }
+/* The same rounding as the signed e2m1 value in f32 (NaN -> +0, as the code 0 the quantiser gives). */
+MOE_HD float moe__e2m1_round_f32(float f) {
+    return moe__bits_f32(moe__e2m1_round_bf16(f) << 16);
+}
 MOE_HD float moe__e2m1_to_f32(uint8_t c) {
     uint32_t e = (c >> 1) & 3, m = c & 1;
     float v = e == 0 ? 0.5f * (float)m : (float)(2 + m) * moe__exp2i((int)e - 2);
