@@ -686,11 +686,11 @@ __device__ __forceinline__ void qr_wgmma(float (&d)[64], uint32_t a0, uint32_t a
  * row and stage in place of one a row and group, and the word of a clamped stage (the last
  * stage's, past the end: never used) so that no predicate keeps the scale ring in moves. */
 template <int MODE> __device__ __forceinline__ const uint8_t *qr_srow(const moe__fq_gemm_args &a, int64_t row) {
-    return (const uint8_t *)a.W_scales + row * (MODE == MOE_QUANT_MXFP4 ? a.Kd / 32 : a.Kd / 16);
+    return (const uint8_t *)a.W_scales + row * (MODE == MOE_QUANT_MXFP4 || MODE == MOE__FQ_F4S ? a.Kd / 32 : a.Kd / 16);
 }
 template <int MODE> __device__ __forceinline__ uint32_t qr_sword(const uint8_t *p, int kt, int KT) {
     const uint32_t k = (uint32_t)min(kt, KT - 1); /* unsigned: no sign extension for the address */
-    if (MODE == MOE_QUANT_MXFP4) return __ldg((const uint16_t *)(p + 2u * k));
+    if (MODE == MOE_QUANT_MXFP4 || MODE == MOE__FQ_F4S) return __ldg((const uint16_t *)(p + 2u * k));
     return __ldg((const uint32_t *)(p + 4u * k));
 }
 /* s[G]: what widens group G from a row's word wd: nvfp4 f16x2 (s, s) of the e4m3 code of this
@@ -710,6 +710,11 @@ __device__ __forceinline__ void qr_sconv(uint32_t wd, uint32_t nsel, float fold,
     } else if constexpr (MODE == MOE_QUANT_MXFP4) {
         s[0] = moe__fq_scale2<MODE>(wd & 0xFFu);
         s[1] = moe__fq_scale2<MODE>((wd >> 8) & 0xFFu);
+    } else if constexpr (MODE == MOE__FQ_F4S) {
+        /* bf16 2^(k - 1) = (k + 126) << 7 for both codes at once (k <= 128: no carry past a half) */
+        const uint32_t b = ((__byte_perm(wd, 0, 0x4140) + 0x007E007Eu) << 7);
+        s[0] = __byte_perm(b, 0, 0x1010);
+        s[1] = __byte_perm(b, 0, 0x3232);
     } else if constexpr (MODE == MOE_QUANT_MXINT4) {
         s[0] = wd << 16;
         s[1] = wd & 0xFFFF0000u;
@@ -771,6 +776,9 @@ __device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, cons
     if constexpr (MODE == MOE__FQ_I4F) { /* int4 x the folded scale, f16 */
         moe__fq_i4x8_f16(wl, sc[0][G], f[G][0]);
         moe__fq_i4x8_f16(wh, sc[1][G], f[G][1]);
+    } else if constexpr (MODE == MOE__FQ_F4S) { /* e2m1 x the scale in one multiply, bf16 */
+        moe__fq_e2m1x8_bf16s(wl, sc[0][G], f[G][0]);
+        moe__fq_e2m1x8_bf16s(wh, sc[1][G], f[G][1]);
     } else if constexpr (MODE == MOE_QUANT_NVFP4) { /* e2m1 x 2^-6 x the scale, f16 */
         moe__fq_e2m1x8_f16(wl, sc[0][G], f[G][0]);
         moe__fq_e2m1x8_f16(wh, sc[1][G], f[G][1]);
@@ -827,7 +835,7 @@ __global__ void __launch_bounds__(384, 1)
     /* GEMM1 of the mx modes writes the intermediate in RS order, of the fp8 modes in RS8 order
      * (GEMM2 reads it as it is; the fp8 modes' quantisers keep the order: per tensor, or per 128
      * columns, which the permutation does not cross; I4F's row scaling is element-wise) */
-    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4 || I4F || F8);
+    constexpr bool PERM_OUT = G1 && (MODE == MOE_QUANT_MXFP4 || MODE == MOE__FQ_F4S || MODE == MOE_QUANT_MXINT4 || I4F || F8);
     /* GEMM1 of nvfp4 takes the intermediate's amax (its global scale) as it writes it */
     constexpr bool AMAX = G1 && MODE == MOE_QUANT_NVFP4;
     extern __shared__ unsigned char qg_raw[];
@@ -1505,6 +1513,16 @@ __global__ void __launch_bounds__(256) k_i4_range(const uint16_t *__restrict__ s
     }
 }
 
+/* The largest byte of s[0, n) into *m (atomicMax; *m starts at 0). */
+__global__ void __launch_bounds__(256) k_u8_max(const uint8_t *__restrict__ s, int64_t n, int *m) {
+    int v = 0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        v = max(v, (int)s[i]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((threadIdx.x & 31) == 0 && v > 0) atomicMax(m, v);
+}
+
 /* nvfp4 for k_qg_rs, one 16-byte output word q (0-3) of a 32-column group (v: the group's 16
  * words of bf16 pairs, columns in order): both 16-column blocks' scale codes and, for t = 0..3,
  * columns 8t + q and 8t + q + 4 (the word's RS-order positions, qr_pos) quantised with the
@@ -1709,7 +1727,8 @@ size_t qg_smem(int v, int mode) {
     }
 }
 bool qg_w4(int mode) {
-    return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4 || mode == MOE__FQ_I4F;
+    return mode == MOE_QUANT_NVFP4 || mode == MOE_QUANT_MXFP4 || mode == MOE_QUANT_MXINT4 || mode == MOE__FQ_I4F ||
+           mode == MOE__FQ_F4S;
 }
 template <int MODE, bool PP = false> qg_kernel qr_rs(bool g1) {
     return g1 ? k_qg_rs<MODE, true, PP> : k_qg_rs<MODE, false, PP>;
@@ -1722,6 +1741,7 @@ qg_kernel qr_pick(int mode, bool g1, bool pp) {
     case MOE_QUANT_NVFP4: return qr_rs<MOE_QUANT_NVFP4>(g1);
     case MOE_QUANT_MXFP4: return qr_rs<MOE_QUANT_MXFP4>(g1);
     case MOE__FQ_I4F: return qr_rs<MOE__FQ_I4F>(g1);
+    case MOE__FQ_F4S: return qr_rs<MOE__FQ_F4S>(g1);
     default: return qr_rs<MOE_QUANT_MXINT4>(g1);
     }
 }
@@ -1729,9 +1749,10 @@ qg_kernel qr_pick(int mode, bool g1, bool pp) {
 moe_status qg_attrs(void) {
     static int done = 0;
     if (__atomic_load_n(&done, __ATOMIC_ACQUIRE)) return MOE_OK;
-    const int modes[6] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4, MOE__FQ_I4F};
+    const int modes[7] = {MOE_QUANT_FP8, MOE_QUANT_FP8_BLOCK, MOE_QUANT_NVFP4, MOE_QUANT_MXFP4, MOE_QUANT_MXINT4,
+                          MOE__FQ_I4F, MOE__FQ_F4S};
     for (int v = 0; v < 3; v++)
-        for (int m = 0; m < (v == 1 ? 2 : v == 2 ? 6 : 5); m++)
+        for (int m = 0; m < (v == 1 ? 2 : v == 2 ? 7 : 5); m++)
             for (int g = 0; g < 2; g++)
                 for (int pp = 0; pp < (v == 2 && modes[m] == MOE_QUANT_FP8_BLOCK ? 2 : 1); pp++)
                     MOE_CUDA_TRY(FN, cudaFuncSetAttribute(v == 2 ? qr_pick(modes[m], g, pp) : qg_pick(v, modes[m], g),
@@ -1750,7 +1771,7 @@ moe_status qg_attrs(void) {
 int qg_variant(int mode, int64_t H) {
     const char *qrs = getenv("MOE_FUSED_QRS");
     const bool off = qrs && qrs[0] == '0' && qrs[1] == '\0', on = qrs && qrs[0] == '1' && qrs[1] == '\0';
-    if (mode == MOE__FQ_I4F) return 2; /* chosen by the caller only where k_qg_rs runs */
+    if (mode == MOE__FQ_I4F || mode == MOE__FQ_F4S) return 2; /* chosen by the caller only where k_qg_rs runs */
     if (qg_w4(mode)) return off ? 0 : 2;
     const char *env = getenv("MOE_FUSED_FP8MMA");
     if (env && env[0] == '1') return 1;
@@ -1786,6 +1807,25 @@ extern "C" moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r) {
         k_i4_range<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint16_t *)moe_tensor_data(scales), n, d);
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e == cudaSuccess) e = cudaMemcpyAsync(r, d, sizeof init, cudaMemcpyDeviceToHost, g.stream);
+    const cudaError_t f = cudaFreeAsync(d, g.stream);
+    if (e == cudaSuccess) e = f;
+    if (e == cudaSuccess) e = cudaStreamSynchronize(g.stream);
+    MOE_CUDA_TRY(FN, e);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe__cuda_u8_max(const moe_tensor *t, int *m) {
+    moe__cuda_guard g(FN, t->dev.index);
+    MOE_TRY(g.status);
+    int *d = nullptr;
+    *m = 0;
+    const int64_t n = moe_tensor_numel(t);
+    MOE_CUDA_TRY(FN, cudaMallocAsync((void **)&d, sizeof(int), g.stream));
+    cudaError_t e = cudaMemsetAsync(d, 0, sizeof(int), g.stream);
+    if (e == cudaSuccess && n > 0)
+        k_u8_max<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint8_t *)moe_tensor_data(t), n, d);
+    if (e == cudaSuccess) e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaMemcpyAsync(m, d, sizeof(int), cudaMemcpyDeviceToHost, g.stream);
     const cudaError_t f = cudaFreeAsync(d, g.stream);
     if (e == cudaSuccess) e = f;
     if (e == cudaSuccess) e = cudaStreamSynchronize(g.stream);

@@ -929,7 +929,10 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
         /* mxint4 on f16 MMAs (MOE__FQ_I4F) in either register-operand kernel, where the experts'
          * scales allow the fold (moe__i4_fold_of at creation); MOE_FUSED_I4F16=0: never */
         const bool i4f = (rs || wr) && moe__fq_i4f_ok(ex);
-        const int km = i4f ? MOE__FQ_I4F : mode; /* the kernels' mode */
+        /* mxfp4 on k_qg_rs with its scales folded into the widening (MOE__FQ_F4S) where they are
+         * all at most 2 (moe_experts.mx_small); MOE_FUSED_MXS=0: never */
+        const bool f4s = rs && moe__fq_f4s_ok(ex);
+        const int km = i4f ? MOE__FQ_I4F : f4s ? MOE__FQ_F4S : mode; /* the kernels' mode */
         moe__fused_path_hit(qg ? (rs ? (i4f ? MOE_FUSED_PATH_WGMMA_RS_I4F16 : nvx || fbx || mxx ? MOE_FUSED_PATH_WGMMA_RS_XONCE : MOE_FUSED_PATH_WGMMA_RS) : MOE_FUSED_PATH_WGMMA)
                                 : wr ? (i4f ? MOE_FUSED_PATH_WREG_I4F16 : MOE_FUSED_PATH_WREG) : MOE_FUSED_PATH_TILE);
         const size_t sm = (size_t)2 * lc * sizeof(int);

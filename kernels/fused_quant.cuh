@@ -105,6 +105,14 @@ static inline bool moe__fq_env_off(const char *name) {
 static inline bool moe__fq_i4f_ok(const struct moe_experts *ex) {
     return ex->quant == MOE_QUANT_MXINT4 && ex->i4_fold13 > 0.0f && ex->i4_fold2 > 0.0f && !moe__fq_env_off("MOE_FUSED_I4F16");
 }
+/* mxfp4 on the Hopper register-operand kernel with its scales folded into the widening (one bf16x2
+ * multiply a pair: e2m1 x 2^-126 as placed, times 2^(k - 1) = the scale x 2^126, a bf16 while
+ * k <= 128): where every scale code of the experts is at most 128 (moe_experts.mx_small) and
+ * MOE_FUSED_MXS is not "0".  The same values as MOE_QUANT_MXFP4's two multiplies. */
+#define MOE__FQ_F4S 17
+static inline bool moe__fq_f4s_ok(const struct moe_experts *ex) {
+    return ex->quant == MOE_QUANT_MXFP4 && ex->mx_small && !moe__fq_env_off("MOE_FUSED_MXS");
+}
 
 /* Decode GEMV path (fused_qgemv.cu): every quantisation mode, 1 <= T <= the bound of
  * MOE_FUSED_QGEMV (unset: 4; "0": off), local_count > 0.  moe__fq_gemv_eligible says whether
@@ -225,6 +233,18 @@ static __device__ __forceinline__ uint4 moe__fq_w4x8_bf16(uint32_t w, uint32_t s
     o.z = __byte_perm(r[0], r[1], 0x7632);
     o.w = __byte_perm(r[2], r[3], 0x7632);
     return o;
+}
+
+/* MOE__FQ_F4S (k_qg_rs): eight packed e2m1 codes -> four bf16x2 pairs r[i] = (element i, element
+ * i + 4) x the bf16x2 s2 = 2^(k - 1) (the ue8m0 scale 2^(k - 127) x 2^126), exactly: the bits
+ * placed as moe__fq_w4x8_pairs places them (e2m1 x 2^-126), one multiply (the result e2m1 x 2^(k -
+ * 127), exact down to bf16's subnormals). */
+static __device__ __forceinline__ void moe__fq_e2m1x8_bf16s(uint32_t w, uint32_t s2, uint32_t (&r)[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t b = (((w >> (4 * j)) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(b), "r"(s2), "r"(0x80008000u));
+    }
 }
 
 /* nvfp4 on f16 MMAs (k_qg_rs): eight packed e2m1 codes -> four f16x2 pairs r[i] = (element i,

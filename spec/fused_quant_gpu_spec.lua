@@ -655,6 +655,42 @@ describe("#gpu quantised fused MoE: prefill on Hopper wgmma, every mode (MOE_FUS
     end)
   end
 
+  -- mxfp4 on k_qg_rs folds its ue8m0 scale into the widening (one bf16 multiply a pair) where every
+  -- scale of the experts is at most 2 (codes <= 128); MOE_FUSED_MXS=0 keeps the two multiplies.  The
+  -- same bits; experts with larger scales (weights x 1024) run the two multiplies, near the CPU (the
+  -- folded widening would overflow their scales)
+  it("mxfp4 on k_qg_rs: the scale folded into the widening (default) and not (MOE_FUSED_MXS=0) give the same bits; " ..
+     "scales above 2 unfolded, near the CPU", function()
+    local w = weights("relu2", true)
+    local x, L = inputs800(10600)
+    local yc = call(experts(w, "mxfp4", "cpu"), x, L, METHODS.renormalize, "cpu")
+    local ys = {}
+    for j, v in ipairs{ false, "0" } do
+      local path, y = path_of(function()
+        return H.with_env("MOE_FUSED_MXS", v or nil, function()
+          return qwgmma(nil, function() return call(experts(w, "mxfp4", "cuda"), x, L, METHODS.renormalize, "cuda") end)
+        end)
+      end)
+      assert.equal(HOPPER and "wgmma_rs_xonce" or "tile", path, "MOE_FUSED_MXS " .. (v or "unset") .. ": the path taken")
+      near(y, yc, "mxfp4, MOE_FUSED_MXS " .. (v or "unset") .. ": CUDA vs CPU")
+      ys[j] = y
+    end
+    assert.same(bits(ys[2]), bits(ys[1]), "mxfp4: folded vs two multiplies")
+    local w13b = moe.randn({ E, I, HD }, { dtype = "bf16", seed = 10601, std = 50 })
+    local big = {}
+    for _, dev in ipairs{ "cpu", "cuda" } do
+      big[dev] = moe.experts{ gate_up = w13b, down = w.w2, bias_gate_up = w.b13, bias_down = w.b2, activation = "relu2",
+                              quant = "mxfp4", device = dev }
+    end
+    local top = 0
+    for _, e in ipairs(moe.quantize(w13b, "mxfp4").scales:totable()) do
+      for _, r in ipairs(e) do for _, v in ipairs(r) do top = math.max(top, v) end end
+    end
+    assert.is_true(top > 2, "the large experts' largest scale: " .. top)
+    local yb = qwgmma(nil, function() return call(big.cuda, x, L, METHODS.renormalize, "cuda") end)
+    near(yb, call(big.cpu, x, L, METHODS.renormalize, "cpu"), "mxfp4, scales above 2: CUDA vs CPU")
+  end)
+
   -- k_qg_rs's 4-bit weight codes come by tensor copy with the 32-byte swizzle (conflict-free
   -- shared loads); MOE_FUSED_QSW=0 copies them unswizzled.  Only the shared-memory layout differs:
   -- the same bits, gated (gate / up rows interleaved in a tile) and relu2 + biases, each near the CPU

@@ -29,6 +29,10 @@ struct moe_experts {
     struct moe_qtensor *q13, *q2;
     /* CUDA mxint4: moe__i4_fold_of of q13's / q2's scales at creation (0: no f16 fold) */
     float i4_fold13, i4_fold2;
+    /* CUDA mxfp4: every ue8m0 scale code of q13 and q2 at most 128 (scales <= 2) at creation, so
+     * the Hopper register-operand kernel may fold its bf16 bit placement's 2^126 into the scale
+     * (MOE__FQ_F4S) */
+    int mx_small;
 };
 
 /* Scratch of moe_fused_moe: one allocation carved into regions (byte offsets into buf).

@@ -243,6 +243,13 @@ moe_status moe_experts_new_quant(moe_experts **out, const moe_experts_cfg *cfg, 
         if (s == MOE_OK) s = moe__cuda_i4_range(moe_qtensor_scales(ex->q2), r);
         if (s == MOE_OK) ex->i4_fold2 = moe__i4_fold_of(r);
     }
+    if (s == MOE_OK && dev.type == MOE_DEVICE_CUDA && mode == MOE_QUANT_MXFP4) {
+        /* scales of at most 2 (codes <= 128, no NaN code) allow the folded bf16 widening */
+        int m13 = 255, m2 = 255;
+        s = moe__cuda_u8_max(moe_qtensor_scales(ex->q13), &m13);
+        if (s == MOE_OK) s = moe__cuda_u8_max(moe_qtensor_scales(ex->q2), &m2);
+        if (s == MOE_OK) ex->mx_small = m13 <= 128 && m2 <= 128;
+    }
 #endif
     if (s == MOE_OK && dev.type == MOE_DEVICE_CPU) {
         /* the reference multiplies the dequantised values (exactly the mode's x') */

@@ -36,6 +36,8 @@ moe_status moe__cuda_fused_quant(const moe__fused_args *args);
  * finite scale (INT_MIN: none), r[1] the smallest exponent of a nonzero scale's lowest set bit
  * (INT_MAX: none), r[2] 1 if any scale is inf / NaN.  Synchronises. */
 moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r);
+/* The largest byte of a contiguous u8 / ue8m0 CUDA tensor (0 when empty).  Synchronises. */
+moe_status moe__cuda_u8_max(const moe_tensor *t, int *m);
 #endif
 
 /* mxint4's f16 fold (docs/quantization.md, "mxint4 on f16 MMAs"): 2^b for scales of range r (as
