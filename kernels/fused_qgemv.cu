@@ -204,8 +204,20 @@ template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uin
     if (MODE == MOE_QUANT_NVFP4) {
         uint32_t hi;
         moe__fq_e4m3x4_f16(sc, s01, hi);
+        /* times 2^6 (exact in f16: at most 448 x 64): moe__fq_e2m1x8_f16's values are e2m1 x 2^-6 */
+        asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(s01) : "r"(s01), "r"(0x54005400u));
         s0 = __byte_perm(s01, 0, 0x1010);
         s1 = __byte_perm(s01, 0, 0x3232);
+        /* the words through the hardware's e4m3 conversion (the same pairs and values as
+         * qv_e2m1x2_f16, two thirds of its instructions) */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t r[4];
+            moe__fq_e2m1x8_f16(u[i], i < 2 ? s0 : s1, r);
+#pragma unroll
+            for (int j = 0; j < 4; j++) o[4 * i + j] = r[j];
+        }
+        return;
     }
 #pragma unroll
     for (int i = 0; i < 4; i++)
@@ -213,9 +225,7 @@ template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uin
         for (int j = 0; j < 4; j++) {
             const uint32_t x = (u[i] >> (4 * j)) & 0x000F000Fu;
             uint32_t r;
-            if (MODE == MOE_QUANT_NVFP4) {
-                r = qv_e2m1x2_f16(x, i < 2 ? s0 : s1);
-            } else if (MODE == MOE_QUANT_MXFP4) {
+            if (MODE == MOE_QUANT_MXFP4) {
                 const uint32_t b = ((x & 0x00070007u) << 6) | ((x & 0x00080008u) << 12);
                 asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x7E807E80u), "r"(0u));
             } else {

@@ -1,7 +1,8 @@
 -- bits_dump.lua -- developer check (not part of the tests): run the quantised fused MoE on CUDA
 -- over k_qg_rs in every mode and setting (fp8_block ping-pong and in step, mxint4 with and without
--- the f16 fold) for a few cases, and save each output to DIR/NAME.safetensors, so that two
--- libraries' outputs can be compared byte for byte (`cmp`): a refactor meant to keep the bits.
+-- the f16 fold) for a few cases, and over the decode GEMV path at T = 1 and 4, and save each
+-- output to DIR/NAME.safetensors, so that two libraries' outputs can be compared byte for byte
+-- (`cmp`): a refactor meant to keep the bits.
 -- The weights hold blocks of zeros and of tiny values (zero and subnormal scale codes).
 -- Usage: luajit scripts/moe run scripts/dev/bits_dump.lua DIR [cuda|cpu]
 local moe = require("moe")
@@ -38,7 +39,10 @@ for ci, c in ipairs{ { act = "swiglu", T = 800, route = { method = "renormalize"
                      { act = "relu2", bias = true, T = 800, route = { method = "renormalize", top_k = 2 } },
                      { act = "swiglu", T = 1600, route = { method = "llama4", top_k = 1 } },
                      { act = "swiglu", T = 1600, route = { method = "renormalize", top_k = 2 },
-                       more = { local_offset = 4, local_count = 8 } } } do
+                       more = { local_offset = 4, local_count = 8 } },
+                     -- decode (the GEMV path): T = 1 (the kernels route the token themselves), T = 4
+                     { act = "swiglu", T = 1, route = { method = "renormalize", top_k = 2 } },
+                     { act = "relu2", bias = true, T = 4, route = { method = "renormalize", top_k = 2 } } } do
   local N1 = c.act == "relu2" and I or 2 * I
   local w13, w2 = weight(N1, HD, 10 * ci + 1), weight(HD, I, 10 * ci + 2)
   local b13 = c.bias and moe.randn({ E, N1 }, { seed = 5, std = 0.2 }) or nil
