@@ -21,6 +21,8 @@
 --   (fp8_block) or converted once a pair instead of once a token (docs/quantization.md, "fp8_block's
 --   and the mx modes' x once a token");
 -- MOE_FUSED_QSW=0: the 4-bit weight codes copied into shared memory without the 32-byte swizzle;
+-- MOE_FUSED_MXS=0: mxfp4 on that kernel with two bf16 multiplies a code pair instead of its scale folded
+--   into one (docs/quantization.md, "Fewer instructions a stage");
 -- MOE_FUSED_FBPP=0: fp8_block on that kernel with its two consumer warpgroups issuing in step instead
 --   of taking turns (docs/quantization.md, "fp8_block's ping-pong turns");
 -- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with the routing kernel and k_qv_up reading its ids
