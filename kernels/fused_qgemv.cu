@@ -200,16 +200,15 @@ __device__ __forceinline__ uint32_t qv_e2m1x2_f16(uint32_t x, uint32_t s) {
 }
 template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uint32_t sc, uint32_t (&o)[16]) {
     const uint32_t u[4] = {w.x, w.y, w.z, w.w};
-    uint32_t s01 = 0, s0 = 0, s1 = 0;
-    if (MODE == MOE_QUANT_NVFP4) {
-        uint32_t hi;
+    if constexpr (MODE == MOE_QUANT_NVFP4) {
+        uint32_t s01, hi;
         moe__fq_e4m3x4_f16(sc, s01, hi);
-        /* times 2^6 (exact in f16: at most 448 x 64): moe__fq_e2m1x8_f16's values are e2m1 x 2^-6 */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        /* the words through the hardware's e4m3 conversion (moe__fq_e2m1x8_f16: e2m1 x 2^-6, the
+         * same pairs as below), the scale times 2^6 (exact in f16: at most 448 x 64), so the same
+         * values in two thirds of the instructions */
         asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(s01) : "r"(s01), "r"(0x54005400u));
-        s0 = __byte_perm(s01, 0, 0x1010);
-        s1 = __byte_perm(s01, 0, 0x3232);
-        /* the words through the hardware's e4m3 conversion (the same pairs and values as
-         * qv_e2m1x2_f16, two thirds of its instructions) */
+        const uint32_t s0 = __byte_perm(s01, 0, 0x1010), s1 = __byte_perm(s01, 0, 0x3232);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             uint32_t r[4];
@@ -217,23 +216,30 @@ template <int MODE> __device__ __forceinline__ void qv_conv4(const uint4 &w, uin
 #pragma unroll
             for (int j = 0; j < 4; j++) o[4 * i + j] = r[j];
         }
-        return;
-    }
+#else
+        const uint32_t s0 = __byte_perm(s01, 0, 0x1010), s1 = __byte_perm(s01, 0, 0x3232);
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+        for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint32_t x = (u[i] >> (4 * j)) & 0x000F000Fu;
-            uint32_t r;
-            if (MODE == MOE_QUANT_MXFP4) {
-                const uint32_t b = ((x & 0x00070007u) << 6) | ((x & 0x00080008u) << 12);
-                asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x7E807E80u), "r"(0u));
-            } else {
-                const uint32_t b = (x ^ 0x00080008u) | 0x43004300u;
-                asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x3F803F80u), "r"(0xC308C308u));
+            for (int j = 0; j < 4; j++) o[4 * i + j] = qv_e2m1x2_f16((u[i] >> (4 * j)) & 0x000F000Fu, i < 2 ? s0 : s1);
+#endif
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t x = (u[i] >> (4 * j)) & 0x000F000Fu;
+                uint32_t r;
+                if (MODE == MOE_QUANT_MXFP4) {
+                    const uint32_t b = ((x & 0x00070007u) << 6) | ((x & 0x00080008u) << 12);
+                    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x7E807E80u), "r"(0u));
+                } else {
+                    const uint32_t b = (x ^ 0x00080008u) | 0x43004300u;
+                    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(b), "r"(0x3F803F80u), "r"(0xC308C308u));
+                }
+                o[4 * i + j] = r;
             }
-            o[4 * i + j] = r;
-        }
+    }
 }
 
 /* 32 bf16 activations (columns 8i .. 8i+7 in v[i]) in the pair order of qv_conv4. */

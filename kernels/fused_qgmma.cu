@@ -1545,7 +1545,8 @@ __device__ __forceinline__ qr_nvfp4_blocks qr_nvfp4_scales(const uint32_t (&v)[1
         const uint32_t sc = moe__q_nvfp4_scale(moe__q_amax(m << 16), gs);
         const float d = moe__q_mul(moe__e4m3_to_f32((uint8_t)sc), gs);
         k.d[b] = d == 0.0f ? __uint_as_float(MOE__Q_NAN_BITS) : d;
-        asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}\n" : "=r"(k.s2[b]) : "r"(sc * 0x101u));
+        uint32_t hi;
+        moe__fq_e4m3x4_f16(sc * 0x101u, k.s2[b], hi); /* (s, s) as f16x2, exact (any arch) */
     }
     return k;
 }
