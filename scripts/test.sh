@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test.sh -- the README's test command: installs missing Debian packages, builds, runs ctest.
 # Usage: scripts/test.sh [--ci]
-#   --ci  also builds and tests with AddressSanitizer + UBSan (CPU backend) and runs the
-#         libFuzzer targets for 60 s each (needs clang; installed by scripts/deps.sh --ci).
+#   --ci  also builds and tests with AddressSanitizer + UBSan (CPU backend), assembles the
+#         kernels' compute_80 PTX for sm_80 (scripts/ci-ptx80.sh) and runs the libFuzzer
+#         targets for 60 s each (needs clang; installed by scripts/deps.sh --ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci=${1:-}
@@ -18,6 +19,8 @@ if [ "$ci" = "--ci" ]; then
   cmake -S . -B build-asan -DMOE_CUDA=OFF -DMOE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
   cmake --build build-asan -j"$jobs"
   (cd build-asan && ctest --output-on-failure -j"$jobs" -E gpu)
+  echo "== compute_80 PTX assembles (ptxas sm_80) =="
+  bash scripts/ci-ptx80.sh
   if [ -f scripts/ci-fuzz.sh ]; then
     echo "== fuzz (60 s per target) =="
     bash scripts/ci-fuzz.sh
