@@ -727,8 +727,7 @@ __device__ __forceinline__ void qr_sconv(uint32_t wd, uint32_t nsel, float fold,
 
 /* Widen group G of the stage at cb (codes [128 rows][32 bytes]) into f[G]: wo[G][row lo / hi] the
  * byte offsets of this thread's two words in the stage (qr_words), scales sc[row lo / hi][group]
- * (qr_sconv); mxint4's
- * scales as f32 into pf[G]; MOE__FQ_I4F: int4 x (scale x fold) as f16.
+ * (qr_sconv); mxint4's scales as f32 into pf[G]; MOE__FQ_I4F: int4 x (scale x fold) as f16.
  * fp8 modes (codes [128 rows][64 bytes]): G = 0 widens the whole stage (one 16-byte word a row:
  * pairs 0-3 into f[0], 4-7 into f[1]), G = 1 nothing. */
 __device__ __forceinline__ void qr_words(const uint8_t *cb, const uint32_t (&wo)[2][2], int G, uint32_t &wl, uint32_t &wh);
@@ -873,8 +872,8 @@ __global__ void __launch_bounds__(384, 1)
             wo[G][1] = oh + (F8 ? 0 : 16 * G ^ sw);
         }
         /* the stage counter: unsigned, so the stage index and phase (it % S, it / S) are a mask and
-         * a shift (the 4-bit modes' GEMMs 1-2% faster); fp8_block's ping-pong keeps it signed (its
-         * GEMM1 was 2% slower unsigned: DeepSeek-V3 T = 4096, Nsight) */
+         * a shift (fewer instructions a stage); fp8_block's ping-pong keeps it signed (its GEMM1 was
+         * 2% slower unsigned: DeepSeek-V3 T = 4096, Nsight) */
         std::conditional_t<PP, int, uint32_t> it = 0;
         int bc = 0; /* fp8_block: 128-column blocks done by this thread, I4F: items (its Sx slot's parity) */
         float acc[64];
