@@ -776,8 +776,8 @@ __device__ __forceinline__ void qr_widen_w(uint32_t wl, uint32_t wh, int G, cons
         moe__fq_i4x8_f16(wl, sc[0][G], f[G][0]);
         moe__fq_i4x8_f16(wh, sc[1][G], f[G][1]);
     } else if constexpr (MODE == MOE__FQ_F4S) { /* e2m1 x the scale in one multiply, bf16 */
-        moe__fq_e2m1x8_bf16s(wl, sc[0][G], f[G][0]);
-        moe__fq_e2m1x8_bf16s(wh, sc[1][G], f[G][1]);
+        moe__fq_w4x8_pairs<true, true>(wl, sc[0][G], f[G][0]);
+        moe__fq_w4x8_pairs<true, true>(wh, sc[1][G], f[G][1]);
     } else if constexpr (MODE == MOE_QUANT_NVFP4) { /* e2m1 x 2^-6 x the scale, f16 */
         moe__fq_e2m1x8_f16(wl, sc[0][G], f[G][0]);
         moe__fq_e2m1x8_f16(wh, sc[1][G], f[G][1]);

@@ -207,7 +207,9 @@ static __device__ __forceinline__ void moe__fq_e4m3x4_f16(uint32_t w, uint32_t &
  *   int4: (nibble ^ 8) in the low bits of bf16 128 (= 128 + n + 8), minus 136.
  * moe__fq_w4x8_pairs leaves the pairs as they come: r[i] = (element i, element i + 4) (low half
  * first); moe__fq_w4x8_bf16 puts them back in order with four byte permutes. */
-template <bool E2M1>
+/* FOLD (MOE__FQ_F4S, k_qg_rs): s2 is the scale x 2^126 already (mxfp4's 2^(k - 1), a bf16 for
+ * k <= 128), so one multiply takes the placed bits to e2m1 x scale, exact down to bf16's subnormals. */
+template <bool E2M1, bool FOLD = false>
 static __device__ __forceinline__ void moe__fq_w4x8_pairs(uint32_t w, uint32_t s2, uint32_t (&r)[4]) {
     if (!E2M1) w ^= 0x88888888u;
 #pragma unroll
@@ -215,8 +217,8 @@ static __device__ __forceinline__ void moe__fq_w4x8_pairs(uint32_t w, uint32_t s
         const uint32_t t = (w >> (4 * j)) & 0x000F000Fu;
         if (E2M1) {
             const uint32_t b = (t * 0x1040u) & 0x81C081C0u;
-            uint32_t m;
-            asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(m) : "r"(b), "r"(0x7E807E80u), "r"(0x80008000u));
+            uint32_t m = b;
+            if (!FOLD) asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(m) : "r"(b), "r"(0x7E807E80u), "r"(0x80008000u));
             asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(m), "r"(s2), "r"(0x80008000u));
         } else {
             asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(t | 0x43004300u), "r"(0x3F803F80u), "r"(0xC308C308u));
@@ -233,18 +235,6 @@ static __device__ __forceinline__ uint4 moe__fq_w4x8_bf16(uint32_t w, uint32_t s
     o.z = __byte_perm(r[0], r[1], 0x7632);
     o.w = __byte_perm(r[2], r[3], 0x7632);
     return o;
-}
-
-/* MOE__FQ_F4S (k_qg_rs): eight packed e2m1 codes -> four bf16x2 pairs r[i] = (element i, element
- * i + 4) x the bf16x2 s2 = 2^(k - 1) (the ue8m0 scale 2^(k - 127) x 2^126), exactly: the bits
- * placed as moe__fq_w4x8_pairs places them (e2m1 x 2^-126), one multiply (the result e2m1 x 2^(k -
- * 127), exact down to bf16's subnormals). */
-static __device__ __forceinline__ void moe__fq_e2m1x8_bf16s(uint32_t w, uint32_t s2, uint32_t (&r)[4]) {
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const uint32_t b = (((w >> (4 * j)) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r[j]) : "r"(b), "r"(s2), "r"(0x80008000u));
-    }
 }
 
 /* nvfp4 on f16 MMAs (k_qg_rs): eight packed e2m1 codes -> four f16x2 pairs r[i] = (element i,
