@@ -60,6 +60,34 @@
 
 #define FN "moe_fused_moe"
 
+/* MOE_QV_TL (developer builds only, -DMOE_QV_TL): thread 0 of every block of the two kernels stamps
+ * %globaltimer at fixed points (qv_tl) into qv_tl_buf[kernel][block][slot], slot 7 its SM id;
+ * moe_dev_qv_tl copies them out, moe_dev_qv_tl_reset zeroes them (scripts/dev/qv_timeline.lua). */
+#ifdef MOE_QV_TL
+__device__ unsigned long long qv_tl_buf[2][1024][8];
+__device__ __forceinline__ void qv_tl(int k, int slot) {
+    if (threadIdx.x != 0) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const unsigned b = blockIdx.x + blockIdx.y * gridDim.x;
+    if (b >= 1024) return;
+    qv_tl_buf[k][b][slot] = t;
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    qv_tl_buf[k][b][7] = sm;
+}
+extern "C" __attribute__((visibility("default"))) int moe_dev_qv_tl(unsigned long long *dst) {
+    return (int)cudaMemcpyFromSymbol(dst, qv_tl_buf, sizeof qv_tl_buf);
+}
+extern "C" __attribute__((visibility("default"))) int moe_dev_qv_tl_reset(void) {
+    static unsigned long long z[2][1024][8];
+    return (int)cudaMemcpyToSymbol(qv_tl_buf, z, sizeof z);
+}
+#define QV_TL(k, s) qv_tl(k, s)
+#else
+#define QV_TL(k, s) ((void)0)
+#endif
+
 #define QV_UP_THREADS 128 /* GEMM1: 4 warps split H over one 16-row tile */
 #define QV_DN_THREADS 256 /* GEMM2: 8 warps split the token's units over one 16-column tile */
 #define QV_DN_LOC_THREADS 512 /* ... 16 with block-local activations (a grid of at most 128 blocks; H100:
@@ -79,12 +107,19 @@ template <int MODE, bool LOC> struct qv_up_tiles {
  * plain launches with 8 warps, 0.7 us faster with 16 (and plain launches: 16 warps within 0.1-0.6 us
  * of 8, eighth session).  The same warps either launch, so routed calls reproduce native ones bit for
  * bit; the fp8 modes sum in another order than the shared steps (within the CPU tolerance). */
-template <int MODE, bool LOC> struct qv_dn_threads {
+template <int MODE, bool LOC, bool BK = false> struct qv_dn_threads { /* BK: the same warps (the same sums) */
     static constexpr int N = LOC && MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4 ? QV_DN_LOC_THREADS
                                                                                        : QV_DN_THREADS;
 };
+/* k_qv_down with its W2 rows by bulk copies (BK; qv_dn_bulk): each local expert's 16 rows of the block's
+ * column tile (contiguous in W2) by one bulk copy (cp.async.bulk, one mbarrier for all) into dynamic shared
+ * memory, rows at a stride of QV_BK_RS(row bytes) = the row bytes.  (A copy a row, padded to spread the
+ * banks: 128 copies from one warp took 4 us to issue; H100, Qwen3-30B-A3B T = 1.) */
+#define QV_BK_RS(rowb) (rowb)
+#define QV_BK_MAX_SMEM (200 * 1024) /* dynamic shared memory a BK block may take (H100: 227 KB a block) */
 #define QV_UP_UG 1        /* GEMM1: 128-column blocks a round (4 weight loads a lane) */
 #define QV_DN_UG 4        /* GEMM2: units a round (16 weight loads a lane) */
+#define QV_DN_BK_UG 2     /* ... with the weights in shared memory (BK: loaded as used) */
 #define QV_NB 8           /* pairs (MMA columns) a pass */
 #define QV_CHUNK 1024     /* elements of one activation-quantisation chunk */
 #define QV_DEFAULT_T 4    /* T <= this takes the path unless MOE_FUSED_QGEMV says otherwise */
@@ -118,9 +153,13 @@ struct qv_args : moe__fg_shape {
      * kernel takes it (E <= 128), logits of dtype rt_dt */
     moe__route_args rt;
     int rt_dt;
+    int up_pdl;  /* rt_flag: k_qv_up launched as a programmatic dependent of whatever kernel precedes the call,
+                  * waiting for it (griddepcontrol.wait) before it reads anything (qv_up_pdl) */
     int rt_flag; /* no routing kernel (route_in 2): k_qv_up's block (0, 0) routes the token fully, writes
-                  * ids, weights and replay, then sets ctr[7]; k_qv_down's blocks wait for that flag before
-                  * reading them, and the last of them to count in ctr[8] resets both */
+                  * ids, weights and replay, then sets ctr[7] and (K <= 8) the ids packed in the u64 at ctr[10]
+                  * (7 bits each from bit 0, bit 62: an id outside [0, 128), read ids instead, bit 63: set);
+                  * k_qv_down's blocks wait for that word (or flag) before reading them, and the last of them
+                  * to count in ctr[8] resets all three */
 };
 
 /* ---------------------------------------------------------------- PTX -- */
@@ -144,6 +183,16 @@ __device__ __forceinline__ unsigned qv_ld_relaxed(const unsigned *p) {
     unsigned v;
     asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
     return v;
+}
+
+/* bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned) by a bulk copy,
+ * completing on the mbarrier bar (sm_90a; the host launches BK kernels only there: qv_dn_bulk). */
+__device__ __forceinline__ void qv_bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+#endif
 }
 
 /* d += a * b, m16n8k16, f16 operands, f32 accumulation (fragments as moe__fm_mma). */
@@ -564,7 +613,7 @@ __device__ __forceinline__ int qv_route_pair(const qv_args &a, int lane, int p, 
             return dt == MOE_F32 ? moe__rt_load1<MOE_F32>(row, e)
                  : dt == MOE_BF16 ? moe__rt_load1<MOE_BF16>(row, e) : moe__rt_load1<MOE_F16>(row, e);
         });
-    return __shfl_sync(0xffffffffu, r.id, p);
+    return r.id; /* lane k: the rank-k choice */
 }
 
 template <int MODE, bool LOC, bool PRE, bool RT>
@@ -574,6 +623,8 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
     constexpr int UG = qv_up_rt<MODE, RT>::UG, NW = QV_UP_THREADS / 32, NH = M::NH, NB = M::NB;
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N, NT = TPB * QV_UP_THREADS; /* row tiles, threads */
     constexpr bool PK = M::PK, GC = M::GC;
+    if (RT && a.up_pdl) moe__fm_pdl_enter(); /* first: the preceding kernel may write x and the logits */
+    QV_TL(0, 0);
     /* the wait (moe__fm_pdl_enter) comes below */
     /* warp: within its row tile (NW warps a tile); sub: the tile within the block */
     const int tid = threadIdx.x, lane = tid & 31, warp = TPB == 1 ? tid >> 5 : (tid >> 5) % NW,
@@ -615,19 +666,31 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
     if constexpr (RT) {
         __shared__ int s_rt;
         if (tid < 32) {
-            int id;
+            int own;
             if (a.rt_flag && blockIdx.x == 0 && p == 0) { /* no routing kernel: this block writes the routing */
-                id = qv_route_pair<true>(a, lane, (int)p, lg);
+                own = qv_route_pair<true>(a, lane, (int)p, lg);
+                /* K <= 8: the ids also packed in one word (qv_rt_word) */
+                unsigned long long w = 1ull << 63;
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const int v = __shfl_sync(0xffffffffu, own, k);
+                    if (k < a.rt.K) w |= v >= 0 && v < 128 ? (unsigned long long)v << (7 * k) : 1ull << 62;
+                }
                 __threadfence();
                 __syncwarp();
-                if (lane == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(a.ctr + 7), "r"(1u) : "memory");
+                if (lane == 0) {
+                    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(a.ctr + 7), "r"(1u) : "memory");
+                    if (a.rt.K <= 8) asm volatile("st.release.gpu.global.u64 [%0], %1;\n" ::"l"(a.ctr + 10), "l"(w) : "memory");
+                }
             } else {
-                id = qv_route_pair<false>(a, lane, (int)p, lg);
+                own = qv_route_pair<false>(a, lane, (int)p, lg);
             }
+            const int id = __shfl_sync(0xffffffffu, own, (int)p);
             if (lane == 0) s_rt = id;
         }
         __syncthreads();
         e = s_rt;
+        QV_TL(0, 1);
     } else {
         moe__fm_pdl_enter();
         if (loc && !PRE) qv_loc_load<NT>(a.x, nx, xl);
@@ -638,6 +701,7 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
         /* RT: k_qv_down may start (and read the routed ids) only once every block of this kernel has
          * waited for the routing kernel or exited */
         if constexpr (RT) moe__fm_pdl_enter();
+        QV_TL(0, 6);
         return;
     }
     /* not the leader of e: its block does the work (RT, T = 1: the K experts differ) */
@@ -668,11 +732,13 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
     };
     if (warp < nkb) load_w(warp);
     if constexpr (RT) moe__fm_pdl_enter(); /* the routing kernel's end: k_qv_down reads its ids */
+    QV_TL(0, 2);
 
     /* x: codes (and fp8_block / nvfp4 scales) into the workspace, shared out in chunks (mx
      * modes multiply x in bf16: nothing to do) */
     if (loc) {
         if (!PRE || x_late) loc_x();
+        QV_TL(0, 3);
     } else if (MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4) {
         __shared__ uint32_t s_xa;
         uint32_t xamax = 0;
@@ -812,9 +878,11 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
             }
         }
         /* the warps' sums in warp order, then the epilogue on warp 0's registers */
+        QV_TL(0, 4);
 #pragma unroll
         for (int i = 0; i < 4; i++) s_red[sub][warp][lane][i] = acc[i];
         __syncthreads();
+        QV_TL(0, 5);
         if (warp == 0) {
             uint32_t amax = 0;
 #pragma unroll
@@ -868,18 +936,20 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
         __syncthreads(); /* s_red is reused by the next pass */
         if (r0 + NB >= nm) break;
     }
+    QV_TL(0, 6);
 }
 
 /* --------------------------------------------------------- GEMM2 + combine -- */
 
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
-template <int MODE, bool LOC>
-__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MODE, LOC>::N == QV_DN_THREADS ? 2 : 1)
+template <int MODE, bool LOC, bool BK>
+__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads<MODE, LOC, BK>::N == QV_DN_THREADS ? 2 : 1)
     k_qv_down(const qv_args a) {
     using M = qv_mode<MODE>;
-    constexpr int DT = qv_dn_threads<MODE, LOC>::N;
-    constexpr int UG = QV_DN_UG, NW = DT / 32, NH = M::NH;
+    constexpr int DT = qv_dn_threads<MODE, LOC, BK>::N;
+    constexpr int UG = BK ? QV_DN_BK_UG : QV_DN_UG, NW = DT / 32, NH = M::NH;
     constexpr bool PK = M::PK, GC = M::GC;
+    QV_TL(1, 0);
     /* griddepcontrol.wait (moe__fm_pdl_enter) comes after the routed ids are read and the first round
      * of W2 loads is issued: launched as a programmatic dependent of k_qv_up, whose blocks trigger
      * right after their own wait (the routing kernel has completed then), this block streams its
@@ -897,6 +967,16 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     constexpr int IV = LQ ? QV_LOC_MAX / 8 / DT : 1;
     uint16_t *s_ih = (uint16_t *)qv_dyn; /* as k_qv_up's (QV_LOC_DN_SMEM bytes) */
     float *s_is = (float *)(qv_dyn + 2 * QV_LOC_MAX);
+    /* BK: the W2 rows, after the activations (from a 128-byte boundary) */
+    const int64_t rowb = PK ? I / 2 : I;
+    const int RS = (int)QV_BK_RS(rowb);
+    uint8_t *s_wr = qv_dyn + (loc ? (QV_LOC_DN_SMEM + 127) / 128 * 128 : 0);
+    __shared__ __align__(8) uint64_t s_bar;
+    const uint32_t bar = (uint32_t)__cvta_generic_to_shared(&s_bar);
+    if (BK && tid == 0) {
+        moe__fm_mbar_init(bar, 1);
+        moe__fm_mbar_init_fence();
+    }
     uint4 il[IV];
     uint32_t lamax = 0;
     /* the token's local pairs in k order (ids and routing weights read together) */
@@ -906,17 +986,18 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         int id = -1;
         float wt = 1.0f;
         if (a.rt_flag) { /* k_qv_up's block (0, 0) routes the token (T = 1, not llama4): wait for it */
-            unsigned f;
-            do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(f) : "l"(a.ctr + 7) : "memory");
-            while (f == 0);
-            if (lane < a.K) {
-                id = __ldcg(a.ids + p0 + lane);
-                wt = __ldcg(a.wts + p0 + lane);
+            if (a.K <= 8) { /* the ids packed in one word (qv_rt_word): one round trip */
+                unsigned long long w;
+                do asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(w) : "l"(a.ctr + 10) : "memory");
+                while (!(w >> 63));
+                if (lane < a.K) id = w >> 62 & 1u ? __ldcg(a.ids + p0 + lane) : (int)(w >> (7 * lane) & 127u);
+            } else {
+                unsigned f;
+                do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(f) : "l"(a.ctr + 7) : "memory");
+                while (f == 0);
+                if (lane < a.K) id = __ldcg(a.ids + p0 + lane);
             }
-            if (lane == 0 && atomicAdd(a.ctr + 8, 1u) == gridDim.x - 1) { /* every block has seen it */
-                a.ctr[7] = 0;
-                a.ctr[8] = 0;
-            }
+            if (lane < a.K) wt = __ldcg(a.wts + p0 + lane); /* used below, after the weights are requested */
         } else if (lane < a.K) {
             id = a.ids[p0 + lane];
             if (!a.llama4) wt = a.wts[p0 + lane];
@@ -926,24 +1007,41 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             const int kl = __popc(m & ((1u << lane) - 1u));
             s_e[kl] = id;
             s_p[kl] = (int)(p0 + lane);
-            s_w[kl] = wt;
         }
         if (lane == 0) s_nl = __popc(m);
+        if constexpr (BK) {
+            /* local pair kl's rows c0 .. c0 + 15 (shared rows 16 kl ..), copied by the lane of its id;
+             * the expected bytes first */
+            const int nl = __popc(m);
+            if (lane == 0 && nl > 0) moe__fm_mbar_arrive_tx(bar, (uint32_t)(16 * nl * rowb));
+            __syncwarp();
+            if (m >> lane & 1u)
+                qv_bulk_g2s((uint32_t)__cvta_generic_to_shared(s_wr + (size_t)__popc(m & ((1u << lane) - 1u)) * 16 * RS),
+                            a.w2 + ((int64_t)id * a.H + c0) * rowb, (uint32_t)(16 * rowb), bar);
+        }
+        if (m >> lane & 1u) s_w[__popc(m & ((1u << lane) - 1u))] = wt;
     }
     __syncthreads();
+    QV_TL(1, 1);
     /* loc, fp8 / nvfp4: every block has read the amax slot (above: lamax is used after this point only
      * through its register); the last block to count resets the slot for the next call (k_qv_up's
      * epilogues take its max) */
-    auto loc_count = [&]() {
+    auto end_count = [&]() {
         if (loc && PT && tid == 0 && atomicAdd(a.ctr + 6, 1u) == gridDim.x - 1) {
             a.ctr[5] = 0;
             a.ctr[6] = 0;
+        }
+        /* rt_flag: the blocks that have read the routing flags, counted at the block's end (the atomic's
+         * returned value is a round trip); the last one resets them for the next call */
+        if (a.rt_flag && tid == 0 && atomicAdd(a.ctr + 8, 1u) == gridDim.x - 1) {
+            a.ctr[7] = 0;
+            a.ctr[8] = 0;
+            *(unsigned long long *)(a.ctr + 10) = 0;
         }
     };
     const int nl = s_nl;
     /* unit u = (local pair u / nkb, 128-column block u % nkb); warp w takes w, w + NW, ... */
     const int nu = nl * nkb;
-    const int64_t rowb = PK ? I / 2 : I;
     constexpr int kbb = PK ? 64 : 128;
     uint4 w0[UG][NH], w1[UG][NH];
     auto load_w = [&](int u0) {
@@ -951,6 +1049,15 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
         for (int j = 0; j < UG; j++) {
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0; /* past the end: reload, unused */
             const int kl = uu / nkb, kb = uu - kl * nkb;
+            if constexpr (BK) { /* shared memory: the rows' copies have landed (mbarrier) */
+                const uint8_t *sr = s_wr + (kl * 16 + g) * RS + kbb * kb + 16 * q;
+#pragma unroll
+                for (int h = 0; h < NH; h++) {
+                    w0[j][h] = *(const uint4 *)(sr + 64 * h);
+                    w1[j][h] = *(const uint4 *)(sr + 8 * RS + 64 * h);
+                }
+                continue;
+            }
             const uint8_t *wr = a.w2 + ((int64_t)s_e[kl] * a.H + c0 + g) * rowb + kbb * kb + 16 * q;
 #pragma unroll
             for (int h = 0; h < NH; h++) {
@@ -959,7 +1066,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             }
         }
     };
-    if (warp < nu) load_w(warp);
+    if (!BK && warp < nu) load_w(warp);
     /* fp8 modes: the first round's weight scales, in flight with its weights */
     auto wscale = [&](int uu) {
         const int kl = uu / nkb, kb = uu - kl * nkb, e = s_e[kl];
@@ -968,14 +1075,16 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     float ws0[UG];
 #pragma unroll
     for (int j = 0; j < UG; j++) ws0[j] = F8 && warp < nu ? wscale(warp + NW * j < nu ? warp + NW * j : warp) : 0.0f;
+    QV_TL(1, 2);
     moe__fm_pdl_enter(); /* k_qv_up's intermediate from here on */
+    QV_TL(1, 3);
     if (loc) {
         qv_loc_load<DT>(a.inter + p0 * I, (int64_t)a.K * I, il);
         if (PT) lamax = __ldcg(a.ctr + 5);
     }
     if (nl == 0) {
         if (tid < 16) a.out[t * a.H + c0 + tid] = 0;
-        loc_count();
+        end_count();
         return;
     }
 
@@ -989,6 +1098,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     if (loc) {
         qv_loc_quant<MODE, DT>(il, (int64_t)a.K * I, sg, s_ih, s_is);
         __syncthreads();
+        QV_TL(1, 4);
     } else if (!GC) {
         qv_share(a.ctr + 2, (unsigned)(P * cpr), [&](unsigned c) {
             const int64_t pp = c / cpr, i0 = pp * I + (int64_t)(c % cpr) * QV_CHUNK, i1 = min(pp * I + I, i0 + QV_CHUNK);
@@ -1013,7 +1123,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
     const int gj = 2 * (q & 1); /* mx: groups of accumulator columns 2q, 2q+1 (q < 2) */
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int u0 = warp; u0 < nu; u0 += NW * UG) {
-        if (u0 != warp) load_w(u0);
+        if (!BK && u0 != warp) load_w(u0);
         uint4 xv[UG][NH];
         float f[UG];
         uint32_t ua[UG], ub[UG], ux[UG];
@@ -1053,6 +1163,10 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
                 ub[j] = qv_mx_raw<MODE>(sr + 8 * spr, 4 * kb + gj);
             }
         }
+        if constexpr (BK) { /* after the round's scale loads are issued */
+            if (u0 == warp) moe__fm_mbar_wait(bar, 0);
+            load_w(u0);
+        }
 #pragma unroll
         for (int j = 0; j < UG; j++) {
             if (u0 + NW * j >= nu) break;
@@ -1084,6 +1198,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             for (int i = 0; i < 4; i++) acc[i] += part[i] * f[j];
         }
     }
+    QV_TL(1, 5);
     /* column 0 (lanes q = 0): rows g and g + 8; mx: columns 0-3 (lanes q = 0, 1), the groups */
     if (GC) {
         acc[0] += acc[1];
@@ -1106,28 +1221,50 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MOD
             for (int kl = 0; kl < nl; kl++) v += s_w[kl] * a.b2[(int64_t)s_e[kl] * a.H + c0 + tid];
         a.out[t * a.H + c0 + tid] = moe__f32_to_bf16(v);
     }
-    loc_count();
+    end_count();
+    QV_TL(1, 6);
 }
 
 /* The kernels with the activations block-local (LOC, qv_loc_eligible) or shared: separate instantiations,
  * so that neither carries the other's code and registers. */
-template <int MODE, bool LOC, bool PRE, bool RT = false> moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
+/* Dynamic shared memory of a k_qv_down block: the block-local activations (loc), then (BK) the W2 rows
+ * of the token's K experts. */
+static size_t qv_dn_smem(bool loc, bool bk, const qv_args &a, int pk) {
+    const size_t act = loc ? (QV_LOC_DN_SMEM + 127) / 128 * 128 : 0;
+    const int64_t rowb = pk ? a.I / 2 : a.I;
+    return bk ? act + (size_t)a.K * 16 * QV_BK_RS(rowb) : (loc ? QV_LOC_DN_SMEM : 0);
+}
+
+template <int MODE, bool LOC, bool PRE, bool RT = false, bool BK = false>
+moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     constexpr int TPB = qv_up_tiles<MODE, LOC>::N;
     const bool pdl = PRE; /* both kernels start with griddepcontrol.wait, k_qv_up's PRE (and RT) work aside */
     /* rt_flag: k_qv_up is the call's first kernel (a plain launch) */
     MOE_TRY(moe__fm_go(k_qv_up<MODE, LOC, PRE, RT>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
-                  TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl && !a.rt_flag, a));
-    MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
-                  LOC ? QV_LOC_DN_SMEM : 0, st, pdl, a));
+                  TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl && (!a.rt_flag || a.up_pdl), a));
+    const size_t dsm = qv_dn_smem(LOC, BK, a, qv_mode<MODE>::PK);
+    if (BK) {
+        static int set; /* the attribute once a process (QV_BK_MAX_SMEM covers every BK launch) */
+        if (!__atomic_load_n(&set, __ATOMIC_ACQUIRE)) {
+            MOE_CUDA_TRY(FN, cudaFuncSetAttribute(k_qv_down<MODE, LOC, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  QV_BK_MAX_SMEM));
+            __atomic_store_n(&set, 1, __ATOMIC_RELEASE);
+        }
+    }
+    MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC, BK>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC, BK>::N,
+                  dsm, st, pdl, a));
     return MOE_OK;
 }
 
-template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool loc) {
+template <int MODE> moe_status qv_launch(cudaStream_t st, const qv_args &a, bool loc, bool bk) {
     if constexpr (MODE == MOE_QUANT_FP8 || MODE == MOE_QUANT_FP8_BLOCK || MODE == MOE_QUANT_NVFP4)
         if (loc) {
-            if (a.rt.logits) return qv_launch2<MODE, true, true, true>(st, a); /* k_qv_up routing its pair */
+            if (a.rt.logits) /* k_qv_up routing its pair */
+                return bk ? qv_launch2<MODE, true, true, true, true>(st, a) : qv_launch2<MODE, true, true, true>(st, a);
             return a.xpre ? qv_launch2<MODE, true, true>(st, a) : qv_launch2<MODE, true, false>(st, a);
         }
+    if constexpr (MODE == MOE_QUANT_MXFP4 || MODE == MOE_QUANT_MXINT4)
+        if (bk) return qv_launch2<MODE, false, false, false, true>(st, a);
     return qv_launch2<MODE, false, false>(st, a);
 }
 
@@ -1208,6 +1345,41 @@ static bool qv_self_route(const moe__fused_args *A, int dev) {
     return !(env && env[0] == '0' && !env[1]);
 }
 
+/* Whether k_qv_down takes its W2 rows by bulk copies into shared memory (BK) rather than 16-byte loads
+ * into registers: T = 1 (one block per column tile; at T > 1 blocks of this much shared memory would
+ * run in waves), routed by this call's own tokens or the mx modes' (the fp8 modes and nvfp4 then run
+ * the self-routing kernels: qv_self_route, or none), the rows of the token's K experts within
+ * QV_BK_MAX_SMEM, and the sm_90a binary (the bulk copies exist only there).  MOE_FUSED_QVBK=0: off. */
+static bool qv_dn_bulk(const moe__fused_args *A, int dev, bool loc, bool self_route) {
+    if (A->T != 1 || moe__fq_env_off("MOE_FUSED_QVBK")) return false;
+    const struct moe_experts *ex = A->ex;
+    const int m = ex->quant;
+    const bool packed = m == MOE_QUANT_NVFP4 || m == MOE_QUANT_MXFP4 || m == MOE_QUANT_MXINT4;
+    if (m == MOE_QUANT_MXFP4 || m == MOE_QUANT_MXINT4) {
+        if (loc) return false;
+    } else if (!loc || !self_route) {
+        return false;
+    }
+    const int64_t rowb = packed ? ex->I / 2 : ex->I;
+    const size_t act = loc ? (QV_LOC_DN_SMEM + 127) / 128 * 128 : 0;
+    if (act + (size_t)A->K * 16 * QV_BK_RS(rowb) > QV_BK_MAX_SMEM) return false;
+    static int ok[64]; /* per device: 1 yes, 2 no, 0 not known yet */
+    if (dev < 0 || dev >= 64) return false;
+    int v = __atomic_load_n(&ok[dev], __ATOMIC_RELAXED);
+    if (v == 0) {
+        int major = 0;
+        cudaFuncAttributes fa;
+        v = 2;
+        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+            cudaFuncGetAttributes(&fa, k_qv_down<MOE_QUANT_FP8, true, true>) == cudaSuccess)
+            v = major == 9 && fa.binaryVersion == 90 ? 1 : 2;
+        else
+            (void)cudaGetLastError();
+        __atomic_store_n(&ok[dev], v, __ATOMIC_RELAXED);
+    }
+    return v == 1;
+}
+
 int moe__fq_gemv_routes(const moe__fused_args *A, int dev) {
     if (!qv_self_route(A, dev)) return 0;
     const char *env = getenv("MOE_FUSED_QVRT");
@@ -1243,7 +1415,11 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     return ((x | w13 | w2) & 15) == 0 && ((s13 | s2) & 3) == 0;
 }
 
-moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in) {
+bool moe__fq_gemv_bulk(const moe__fused_args *A, int dev, int route_in) {
+    return qv_dn_bulk(A, dev, qv_loc_eligible(A), route_in != 0);
+}
+
+moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in, bool bk) {
     const struct moe_experts *ex = A->ex;
     const struct moe_workspace *ws = A->ws;
     const moe__fq_layout L = moe__fq_layout_of(ws);
@@ -1280,6 +1456,8 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int 
     if (route_in) { /* as moe__cuda_route and moe__rt_launch<4, DT> set them (route.cu) */
         moe__route_args &r = a.rt; /* route_in 2: k_qv_up's block (0, 0) stores ids, weights, replay */
         a.rt_flag = route_in == 2;
+        a.up_pdl = a.rt_flag && (ex->quant == MOE_QUANT_FP8 || ex->quant == MOE_QUANT_FP8_BLOCK) &&
+                   !moe__fq_env_off("MOE_FUSED_QVUPPDL");
         moe__rt_args_init(r, A->route, A->logits, A->bias, a.rt_flag ? (moe_tensor *)A->ids : nullptr,
                           a.rt_flag ? (moe_tensor *)A->wts : nullptr, a.rt_flag ? A->replay : nullptr);
         if (A->logits->dtype == MOE_F32) moe__rt_general_flags<4, 4>(r);
@@ -1287,10 +1465,10 @@ moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int 
         a.rt_dt = A->logits->dtype;
     }
     switch (ex->quant) {
-    case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a, loc);
-    case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a, loc);
-    case MOE_QUANT_MXFP4: return qv_launch<MOE_QUANT_MXFP4>(g.stream, a, loc);
-    case MOE_QUANT_MXINT4: return qv_launch<MOE_QUANT_MXINT4>(g.stream, a, loc);
-    default: return qv_launch<MOE_QUANT_FP8_BLOCK>(g.stream, a, loc);
+    case MOE_QUANT_FP8: return qv_launch<MOE_QUANT_FP8>(g.stream, a, loc, bk);
+    case MOE_QUANT_NVFP4: return qv_launch<MOE_QUANT_NVFP4>(g.stream, a, loc, bk);
+    case MOE_QUANT_MXFP4: return qv_launch<MOE_QUANT_MXFP4>(g.stream, a, loc, bk);
+    case MOE_QUANT_MXINT4: return qv_launch<MOE_QUANT_MXINT4>(g.stream, a, loc, bk);
+    default: return qv_launch<MOE_QUANT_FP8_BLOCK>(g.stream, a, loc, bk);
     }
 }

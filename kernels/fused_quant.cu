@@ -880,8 +880,11 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     if (A->route_pending && rin != 2)
         MOE_TRY(moe__cuda_route(A->route, A->logits, A->bias, (moe_tensor *)A->ids, (moe_tensor *)A->wts, A->replay));
     if (gemv) {
-        if (lc > 0) moe__fused_path_hit(rin ? MOE_FUSED_PATH_GEMV_ROUTE : MOE_FUSED_PATH_GEMV);
-        return moe__fq_gemv(g, A, rin); /* decode GEMV path: fused_qgemv.cu */
+        const bool bk = moe__fq_gemv_bulk(A, g.dev, rin);
+        if (lc > 0)
+            moe__fused_path_hit(rin ? (bk ? MOE_FUSED_PATH_GEMV_ROUTE_BULK : MOE_FUSED_PATH_GEMV_ROUTE)
+                                    : (bk ? MOE_FUSED_PATH_GEMV_BULK : MOE_FUSED_PATH_GEMV));
+        return moe__fq_gemv(g, A, rin, bk); /* decode GEMV path: fused_qgemv.cu */
     }
 
     const moe__fq_layout L = moe__fq_layout_of(ws); /* as moe__fused_quant_ws_bytes */

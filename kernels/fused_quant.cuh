@@ -18,7 +18,8 @@
  *          claimed, x chunks done, intermediate chunks claimed, done, intermediate amax bits;
  *          with block-local activations, the intermediate amax bits and the k_qv_down blocks
  *          that have read them; with no routing kernel, the routing-written flag and the
- *          k_qv_down blocks that have seen it); +48 the intermediate's amax bits (nvfp4 on
+ *          k_qv_down blocks that have seen it, u32 9 unused, u64 at 10: the routed ids packed);
+ *          +48 the intermediate's amax bits (nvfp4 on
  *          k_qg_rs: GEMM1 takes them); MOE__FQ_MISC_BYTES (128) holds up to 16;
  *   tiles  tile table: expert, first row, rows (wtiles i32 each);
  *   xc/xs  x codes [max_tokens, H] and scales (x made once a token on k_qg_rs: xc holds the
@@ -27,7 +28,7 @@
  *          per-token powers of two); gc/gs the intermediate's [max_pairs, I]. */
 #define MOE__FQ_CTR_OFF 64
 #define MOE__FQ_IAMAX_OFF 48
-#define MOE__FQ_NCTR 9
+#define MOE__FQ_NCTR 12
 static_assert(MOE__FQ_CTR_OFF + 4 * MOE__FQ_NCTR <= MOE__FQ_MISC_BYTES, "GEMV counters outside misc");
 struct moe__fq_layout {
     size_t misc, tiles, xc, xs, gc, gs;
@@ -344,6 +345,8 @@ int moe__fq_gemv_routes(const moe__fused_args *A, int dev);
 /* route.cu: the backend's routing slot (arguments validated) */
 extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor *logits, const moe_tensor *bias,
                                       moe_tensor *ids, moe_tensor *weights, moe_tensor *replay);
-moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in);
+moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in, bool bulk);
+/* Whether that call's k_qv_down takes its weight rows by bulk copies (fused_qgemv.cu, qv_dn_bulk). */
+bool moe__fq_gemv_bulk(const moe__fused_args *A, int dev, int route_in);
 
 #endif

@@ -1007,7 +1007,8 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
     local path, yl, rl = path_of(function() return go(nil) end)
     -- T = 1 with logits (not llama4) on sm_90+: k_qv_up routes its own pair
     local self = x:size(1) == 1 and m.method ~= "llama4" and SM90UP
-    assert.equal(self and "gemv_route" or "gemv", path, what .. ": the path taken")
+    -- (on Hopper, T = 1 self-routing takes k_qv_down's W2 by bulk copies: gemv_route_bulk)
+    assert.equal(self and (HOPPER and "gemv_route_bulk" or "gemv_route") or "gemv", path, what .. ": the path taken")
     local ys = go("0")
     near(yl, ys, what .. ": block-local vs shared steps")
     -- plain launches (MOE_FUSED_QVPDL=0; by default both kernels are programmatic dependents of the
@@ -1062,8 +1063,10 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
     -- (0, 0) also writes ids, weights and replay and releases a flag that k_qv_down's blocks acquire
     -- before reading them.  A block that picked another expert than ids[p] would change out.
     -- MOE_FUSED_QVRT=0 (the routing kernel, then k_qv_up reading ids[p]) and =1 (the routing kernel,
-    -- k_qv_up routing its pair all the same): the same bits in out, ids, weights and replay (its other
-    -- rows untouched); ids equal to the CPU's.
+    -- k_qv_up routing its pair all the same), MOE_FUSED_QVBK=0 (k_qv_down's W2 into registers, not
+    -- bulk-copied into shared memory) and MOE_FUSED_QVUPPDL=0 (k_qv_up launched plainly, not as a
+    -- programmatic dependent that waits first): the same bits in out, ids, weights and replay (its
+    -- other rows untouched); ids equal to the CPU's.  top_k 10: past the 8 ids packed in one word.
     do
       local it_sm90 = SM90UP and it or function() end -- before sm_90: no programmatic launches
       it_sm90(mode .. ": T = 1, k_qv_up routing its own pair: the bits of MOE_FUSED_QVRT=0 / 1 for " ..
@@ -1077,6 +1080,9 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
           { { method = "sigmoid_renorm", top_k = 4 }, "f32" },
           { { method = "minimax2", top_k = 4, scale = 1.5 }, "bf16", { bias = rbias:to("cuda") } },
           { { method = "renormalize", top_k = 8 }, "f32", { local_offset = 4, local_count = 6 } },
+          -- top_k > 8: k_qv_down reads ids after a flag (up to 8 it takes them packed in one word)
+          { { method = "renormalize", top_k = 10 }, "f32" }, { { method = "renormalize", top_k = 10 }, "bf16",
+                                                               { local_offset = 2, local_count = 9 } },
           { { method = "renormalize", top_k = 8 }, "bf16", { local_offset = 12, local_count = 4 } },
         }
         for i, c in ipairs(cases) do
@@ -1084,27 +1090,30 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
           local what = string.format("%s %s %s logits (case %d)", mode, m.method, dt, i)
           local x, L = inputs(1, 9500 + i)
           L = L:to(dt)
-          local function go(v)
+          local function go(v, env)
             local rep = moe.full({ 3, m.top_k }, -5, { dtype = "i16", device = "cuda" })
             local more = { replay = rep }
             for k, val in pairs(c[3] or {}) do more[k] = val end
-            local y, r = H.with_env("MOE_FUSED_QVRT", v, function()
+            local y, r = H.with_env(env or "MOE_FUSED_QVRT", v, function()
               return call(experts(w, mode, "cuda"), x, L, m, "cuda", more)
             end)
             return y, r, rep:to("cpu"):totable()
           end
           local path, y1, r1, rep1 = path_of(function() return go(nil) end)
-          assert.equal("gemv_route", path, what .. ": the path taken")
+          assert.equal(HOPPER and "gemv_route_bulk" or "gemv_route", path, what .. ": the path taken")
           local ids = r1.ids:to("cpu"):totable()
           local wts = r1.weights:to("cpu"):totable()
           assert.same(ids[1], rep1[1], what .. ": replay row 0")
           for t = 2, 3 do
             for k = 1, m.top_k do assert.equal(-5, rep1[t][k], what .. ": replay row " .. (t - 1) .. " untouched") end
           end
-          for _, v in ipairs{ "0", "1" } do
-            local p2, y2, r2, rep2 = path_of(function() return go(v) end)
-            local w2 = what .. ", MOE_FUSED_QVRT=" .. v
-            assert.equal(v == "0" and "gemv" or "gemv_route", p2, w2 .. ": the path taken")
+          -- also MOE_FUSED_QVBK=0 (W2 into registers) and MOE_FUSED_QVUPPDL=0 (k_qv_up a plain launch)
+          local bulk = HOPPER and "gemv_route_bulk" or "gemv_route"
+          for _, ev in ipairs{ { "MOE_FUSED_QVRT", "0", "gemv" }, { "MOE_FUSED_QVRT", "1", bulk },
+                               { "MOE_FUSED_QVBK", "0", "gemv_route" }, { "MOE_FUSED_QVUPPDL", "0", bulk } } do
+            local p2, y2, r2, rep2 = path_of(function() return go(ev[2], ev[1]) end)
+            local w2 = what .. ", " .. ev[1] .. "=" .. ev[2]
+            assert.equal(ev[3], p2, w2 .. ": the path taken")
             assert.same(bits(y2), bits(y1), w2 .. ": out")
             assert.same(r2.ids:to("cpu"):totable(), ids, w2 .. ": ids")
             assert.same(r2.weights:to("cpu"):totable(), wts, w2 .. ": weights")
@@ -1118,6 +1127,39 @@ describe("#gpu quantised fused MoE: block-local activations of the decode GEMV p
         end
       end)
     end
+  end
+end)
+
+describe("#gpu quantised fused MoE: mxfp4 / mxint4 decode with k_qv_down's W2 by bulk copies (T = 1, " ..
+         "sm_90a; MOE_FUSED_QVBK=0 off)", function()
+  -- At T = 1 on Hopper each k_qv_down block copies its experts' 16 W2 rows into shared memory with
+  -- one bulk copy an expert (path gemv_bulk) instead of loading them into registers: the same MMAs
+  -- in the same order, so the same bits as MOE_FUSED_QVBK=0 (path gemv), and near the CPU.
+  for _, mode in ipairs{ "mxfp4", "mxint4" } do
+    it(mode .. ": swiglu top-8, " .. (mode == "mxfp4" and "swiglu_oai" or "relu2") .. " with biases top-4, " ..
+       "an expert shard: the bits of MOE_FUSED_QVBK=0", function()
+      local cases = {
+        { weights("swiglu", false), { method = "renormalize", top_k = 8 } },
+        { weights(mode == "mxfp4" and "swiglu_oai" or "relu2", true), { method = "renormalize", top_k = 4 } },
+        { weights("swiglu", false), { method = "renormalize", top_k = 8 }, { local_offset = 4, local_count = 6 } },
+      }
+      for i, c in ipairs(cases) do
+        local w, m = c[1], c[2]
+        local what = string.format("%s case %d", mode, i)
+        local x, L = inputs(1, 9700 + i)
+        local p1, y1 = path_of(function() return call(experts(w, mode, "cuda"), x, L, m, "cuda", c[3]) end)
+        assert.equal(HOPPER and "gemv_bulk" or "gemv", p1, what .. ": the path taken")
+        local p0, y0 = path_of(function()
+          return H.with_env("MOE_FUSED_QVBK", "0", function()
+            return call(experts(w, mode, "cuda"), x, L, m, "cuda", c[3])
+          end)
+        end)
+        assert.equal("gemv", p0, what .. ", MOE_FUSED_QVBK=0: the path taken")
+        assert.same(bits(y0), bits(y1), what .. ": out, bulk copies vs registers")
+        local yc = call(experts(w, mode, "cpu"), x, L, m, "cpu", c[3])
+        near(y1, yc, what .. ": CUDA vs CPU")
+      end
+    end)
   end
 end)
 

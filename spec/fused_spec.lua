@@ -337,12 +337,12 @@ describe("moe.fused_paths (which kernels ran the expert GEMMs)", function()
     local f = make{ seed = 35 }
     moe.fused_paths_reset()
     assert.same({ cpu = 0, gemv = 0, tile = 0, wreg = 0, wgmma = 0, gemv_route = 0, wgmma_rs = 0, wreg_i4f16 = 0,
-                  wgmma_rs_i4f16 = 0, wgmma_rs_xonce = 0 },
+                  wgmma_rs_i4f16 = 0, wgmma_rs_xonce = 0, gemv_bulk = 0, gemv_route_bulk = 0 },
                 moe.fused_paths())
     run(f, METHODS.renormalize)
     run(f, METHODS.deepseekv3)
     assert.same({ cpu = 2, gemv = 0, tile = 0, wreg = 0, wgmma = 0, gemv_route = 0, wgmma_rs = 0, wreg_i4f16 = 0,
-                  wgmma_rs_i4f16 = 0, wgmma_rs_xonce = 0 },
+                  wgmma_rs_i4f16 = 0, wgmma_rs_xonce = 0, gemv_bulk = 0, gemv_route_bulk = 0 },
                 moe.fused_paths(true))
     assert.equal(0, moe.fused_paths().cpu)
     -- T = 0 and a call without local experts run no GEMM: not counted

@@ -51,7 +51,7 @@ local NAMED = {
   ["moe.quant_load"] = "moe.quant_load(path [, opts]) -> qtensor\n  Read a quantised tensor written by q:save(path).",
   ["moe.route"] = "moe.route{logits=, method=, top_k=, bias=, n_group=, topk_group=, scale=, replay=} -> {ids=, weights=}\n  Route tokens: ids i32 [T, K], weights [T, K]; replay (i16 [R, K]) receives the ids.",
   ["moe.fused_moe"] = "moe.fused_moe{hidden=, experts=, logits= | routed={ids=, weights=}, method=, top_k=, bias=, replay=, out=, return_routing=} -> y [, routing]\n  Routing -> experts -> combine in one call; hidden bf16 [T, H] -> bf16 [T, H] (docs/fused.md).",
-  ["moe.fused_paths"] = "moe.fused_paths([reset]) -> {cpu=, gemv=, tile=, wreg=, wgmma=, gemv_route=, wgmma_rs=, wreg_i4f16=, wgmma_rs_i4f16=, wgmma_rs_xonce=}\n  How many fused_moe calls each kernel path ran (since the start or moe.fused_paths_reset(); reset = true also resets).",
+  ["moe.fused_paths"] = "moe.fused_paths([reset]) -> {cpu=, gemv=, tile=, wreg=, wgmma=, gemv_route=, wgmma_rs=, wreg_i4f16=, wgmma_rs_i4f16=, wgmma_rs_xonce=, gemv_bulk=, gemv_route_bulk=}\n  How many fused_moe calls each kernel path ran (since the start or moe.fused_paths_reset(); reset = true also resets).",
   ["moe.fused_paths_reset"] = "moe.fused_paths_reset()\n  Zero the counts of moe.fused_paths.",
   ["moe.experts"] = "moe.experts{gate_up=, down=, activation=\"swiglu\", device=, ...} -> experts\n  Pack expert weights W13 [E, 2I, H] and W2 [E, H, I] once on the device (ex:reserve(T, K) sizes the CUDA workspace).",
   ["moe.graph.capture"] = "moe.graph.capture(fn [, {device=}]) -> graph\n  Capture the CUDA work fn queues (allocate outputs beforehand); g:replay(), g:time(warmup, n), g:free().",

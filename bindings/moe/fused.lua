@@ -319,7 +319,8 @@ return function(moe)
   end
 
   -- moe.fused_paths() -> {cpu = n, gemv = n, tile = n, wreg = n, wgmma = n, gemv_route = n,
-  -- wgmma_rs = n, wreg_i4f16 = n, wgmma_rs_i4f16 = n, wgmma_rs_xonce = n}: how many fused_moe calls
+  -- wgmma_rs = n, wreg_i4f16 = n, wgmma_rs_i4f16 = n, wgmma_rs_xonce = n, gemv_bulk = n,
+  -- gemv_route_bulk = n}: how many fused_moe calls
   -- each kernel path ran since the start or moe.fused_paths_reset()
   -- (process-wide; a call captured into a CUDA graph counts once, at capture).
   -- moe.fused_paths(true) also resets the counts after reading them.

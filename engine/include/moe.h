@@ -647,6 +647,10 @@ typedef enum moe_fused_path {
     MOE_FUSED_PATH_WGMMA_RS_XONCE, /* nvfp4, fp8_block, mxfp4, mxint4 (per-32) in the Hopper
                                     * register-operand kernel with x quantised or converted once a
                                     * token and scattered to its pairs' rows (sm_90a) */
+    MOE_FUSED_PATH_GEMV_BULK,       /* the decode GEMV kernels with the second GEMM's weight rows
+                                     * bulk-copied into shared memory (mxfp4, mxint4 at T = 1; sm_90a) */
+    MOE_FUSED_PATH_GEMV_ROUTE_BULK, /* ... and routing the token themselves (fp8, fp8_block, nvfp4 at
+                                     * T = 1; sm_90a) */
     MOE_FUSED_PATH_COUNT
 } moe_fused_path;
 
@@ -655,7 +659,8 @@ void moe_fused_path_counts(int64_t *counts);
 void moe_fused_path_reset(void);
 const char *moe_fused_path_name(int path); /* "cpu", "gemv", "tile", "wreg", "wgmma", "gemv_route",
                                             "wgmma_rs", "wreg_i4f16", "wgmma_rs_i4f16",
-                                            "wgmma_rs_xonce"; NULL if out of range */
+                                            "wgmma_rs_xonce", "gemv_bulk", "gemv_route_bulk"; NULL if
+                                            out of range */
 
 /* ---- traces ---- */
 

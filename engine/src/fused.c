@@ -68,7 +68,8 @@ void moe_fused_path_reset(void) {
 const char *moe_fused_path_name(int path) {
     static const char *const names[MOE_FUSED_PATH_COUNT] = {"cpu",        "gemv",     "tile",       "wreg",
                                                             "wgmma",      "gemv_route", "wgmma_rs", "wreg_i4f16",
-                                                            "wgmma_rs_i4f16", "wgmma_rs_xonce"};
+                                                            "wgmma_rs_i4f16", "wgmma_rs_xonce", "gemv_bulk",
+                                                            "gemv_route_bulk"};
     return path >= 0 && path < MOE_FUSED_PATH_COUNT ? names[path] : NULL;
 }
 
