@@ -44,8 +44,13 @@
  * and issues its W2 loads before its own wait, while k_qv_up's last blocks run.  At T = 1 (E <= 128)
  * no routing kernel runs: each k_qv_up block routes its own pair with the routing kernel's code
  * (route_tok.cuh) and issues its weight loads at once; block (0, 0) writes the call's ids, weights
- * and replay and releases a flag that k_qv_down's blocks acquire before reading them
- * (qv_self_route; path gemv_route).
+ * and replay and releases a flag that k_qv_down's blocks acquire before reading them, with the ids
+ * packed in the same word up to K = 8 (one round trip; qv_args.rt_flag) (qv_self_route; path
+ * gemv_route).  The fp8 modes' k_qv_up is then itself a programmatic dependent of whatever kernel
+ * precedes the call, waiting for it first (qv_args.up_pdl).  At T = 1 on sm_90a, k_qv_down copies its
+ * experts' 16 W2 rows into shared memory with one bulk copy an expert as soon as it has the ids,
+ * instead of loading them into registers (BK, qv_dn_bulk; paths gemv_bulk, gemv_route_bulk): the same
+ * MMAs on the same values in the same order.
  * Same numerics as the tile path (quantised activations bit-identical; other f32 summation
  * order); deterministic (no atomics on values); graph-capturable (nothing allocated, no host
  * sync; grids from T on the host).  The work-sharing counters live in the workspace and are
@@ -153,8 +158,10 @@ struct qv_args : moe__fg_shape {
      * kernel takes it (E <= 128), logits of dtype rt_dt */
     moe__route_args rt;
     int rt_dt;
-    int up_pdl;  /* rt_flag: k_qv_up launched as a programmatic dependent of whatever kernel precedes the call,
-                  * waiting for it (griddepcontrol.wait) before it reads anything (qv_up_pdl) */
+    int up_pdl;  /* rt_flag, fp8 modes: k_qv_up launched as a programmatic dependent of whatever kernel
+                  * precedes the call, waiting for it (griddepcontrol.wait) before it reads anything, so its
+                  * launch overlaps that kernel's end (MOE_FUSED_QVUPPDL=0: off; H100 Qwen3 T = 1 fp8 21.7 ->
+                  * 20.5-20.6 us, fp8_block 21.7-21.8 -> 20.9-21.0; nvfp4 measured 19.7 -> 20.4 with it, so not nvfp4) */
     int rt_flag; /* no routing kernel (route_in 2): k_qv_up's block (0, 0) routes the token fully, writes
                   * ids, weights and replay, then sets ctr[7] and (K <= 8) the ids packed in the u64 at ctr[10]
                   * (7 bits each from bit 0, bit 62: an id outside [0, 128), read ids instead, bit 63: set);
@@ -669,7 +676,7 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
             int own;
             if (a.rt_flag && blockIdx.x == 0 && p == 0) { /* no routing kernel: this block writes the routing */
                 own = qv_route_pair<true>(a, lane, (int)p, lg);
-                /* K <= 8: the ids also packed in one word (qv_rt_word) */
+                /* K <= 8: the ids also packed in one word (qv_args.rt_flag) */
                 unsigned long long w = 1ull << 63;
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
@@ -986,7 +993,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads
         int id = -1;
         float wt = 1.0f;
         if (a.rt_flag) { /* k_qv_up's block (0, 0) routes the token (T = 1, not llama4): wait for it */
-            if (a.K <= 8) { /* the ids packed in one word (qv_rt_word): one round trip */
+            if (a.K <= 8) { /* the ids packed in one word (qv_args.rt_flag): one round trip */
                 unsigned long long w;
                 do asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(w) : "l"(a.ctr + 10) : "memory");
                 while (!(w >> 63));
@@ -1347,9 +1354,16 @@ static bool qv_self_route(const moe__fused_args *A, int dev) {
 
 /* Whether k_qv_down takes its W2 rows by bulk copies into shared memory (BK) rather than 16-byte loads
  * into registers: T = 1 (one block per column tile; at T > 1 blocks of this much shared memory would
- * run in waves), routed by this call's own tokens or the mx modes' (the fp8 modes and nvfp4 then run
- * the self-routing kernels: qv_self_route, or none), the rows of the token's K experts within
- * QV_BK_MAX_SMEM, and the sm_90a binary (the bulk copies exist only there).  MOE_FUSED_QVBK=0: off. */
+ * run in waves), the mx modes, or the fp8 modes and nvfp4 when their kernels route the token themselves
+ * (qv_self_route: route_in != 0), the rows of the token's K experts within QV_BK_MAX_SMEM, and the
+ * sm_90a binary (the bulk copies exist only there).  MOE_FUSED_QVBK=0: off.  H100, Qwen3-30B-A3B
+ * T = 1 (2026-11-28, alternated with MOE_FUSED_QVBK=0, with the packed ids and the late count):
+ * fp8 22.2 -> 21.7 us, fp8_block 22.3 -> 21.7-21.8, nvfp4 21.1-21.2 -> 19.9-20.0, mxfp4 21.0-21.2 ->
+ * 19.5-20.1, mxint4 19.2-19.3 -> 18.7; with qv_args.up_pdl (fp8 modes) fp8 20.5-20.6, fp8_block
+ * 20.9-21.0.  The %globaltimer timeline (MOE_QV_TL) showed k_qv_down's register loads streaming W2
+ * at about 1.6 TB/s; copies of each row (128 from one warp) took 4 us to issue; 2 or 4 copies an
+ * expert, 8 warps with the units' sums kept apart, and k_qv_up held to 72 registers so k_qv_down fits
+ * beside it earlier all measured slower (docs/performance.md, twenty-first session). */
 static bool qv_dn_bulk(const moe__fused_args *A, int dev, bool loc, bool self_route) {
     if (A->T != 1 || moe__fq_env_off("MOE_FUSED_QVBK")) return false;
     const struct moe_experts *ex = A->ex;

@@ -27,7 +27,11 @@
 --   of taking turns (docs/quantization.md, "fp8_block's ping-pong turns");
 -- MOE_FUSED_QVRT=0: fp8 / fp8_block / nvfp4 at T = 1 with the routing kernel and k_qv_up reading its ids
 --   instead of the decode kernels routing the token themselves (=1: the routing kernel, k_qv_up still
---   routing its own pair).
+--   routing its own pair);
+-- MOE_FUSED_QVBK=0: every mode at T = 1 with k_qv_down's W2 rows loaded into registers instead of
+--   bulk-copied into shared memory (docs/quantization.md, "Decode at T = 1: W2 by bulk copies");
+-- MOE_FUSED_QVUPPDL=0: fp8 / fp8_block at T = 1 with k_qv_up launched plainly instead of as a
+--   programmatic dependent of the kernel before the call (waiting for it first).
 --
 -- Fused MoE in the quantisation modes on CUDA: per model shape, mode and T, the median time of
 -- one moe.fused_moe call (routing, activation quantisation and both GEMMs included) from
