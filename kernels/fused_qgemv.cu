@@ -118,9 +118,8 @@ template <int MODE, bool LOC, bool BK = false> struct qv_dn_threads { /* BK: the
 };
 /* k_qv_down with its W2 rows by bulk copies (BK; qv_dn_bulk): each local expert's 16 rows of the block's
  * column tile (contiguous in W2) by one bulk copy (cp.async.bulk, one mbarrier for all) into dynamic shared
- * memory, rows at a stride of QV_BK_RS(row bytes) = the row bytes.  (A copy a row, padded to spread the
- * banks: 128 copies from one warp took 4 us to issue; H100, Qwen3-30B-A3B T = 1.) */
-#define QV_BK_RS(rowb) (rowb)
+ * memory, as they lie in W2.  (A copy a row, padded to spread the banks: 128 copies from one warp took
+ * 4 us to issue; H100, Qwen3-30B-A3B T = 1.) */
 #define QV_BK_MAX_SMEM (200 * 1024) /* dynamic shared memory a BK block may take (H100: 227 KB a block) */
 #define QV_UP_UG 1        /* GEMM1: 128-column blocks a round (4 weight loads a lane) */
 #define QV_DN_UG 4        /* GEMM2: units a round (16 weight loads a lane) */
@@ -976,7 +975,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads
     float *s_is = (float *)(qv_dyn + 2 * QV_LOC_MAX);
     /* BK: the W2 rows, after the activations (from a 128-byte boundary) */
     const int64_t rowb = PK ? I / 2 : I;
-    const int RS = (int)QV_BK_RS(rowb);
+    const int rs = (int)rowb; /* (shared-memory offsets in 32 bits) */
     uint8_t *s_wr = qv_dyn + (loc ? (QV_LOC_DN_SMEM + 127) / 128 * 128 : 0);
     __shared__ __align__(8) uint64_t s_bar;
     const uint32_t bar = (uint32_t)__cvta_generic_to_shared(&s_bar);
@@ -1023,7 +1022,7 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads
             if (lane == 0 && nl > 0) moe__fm_mbar_arrive_tx(bar, (uint32_t)(16 * nl * rowb));
             __syncwarp();
             if (m >> lane & 1u)
-                qv_bulk_g2s((uint32_t)__cvta_generic_to_shared(s_wr + (size_t)__popc(m & ((1u << lane) - 1u)) * 16 * RS),
+                qv_bulk_g2s((uint32_t)__cvta_generic_to_shared(s_wr + (size_t)__popc(m & ((1u << lane) - 1u)) * 16 * rs),
                             a.w2 + ((int64_t)id * a.H + c0) * rowb, (uint32_t)(16 * rowb), bar);
         }
         if (m >> lane & 1u) s_w[__popc(m & ((1u << lane) - 1u))] = wt;
@@ -1057,11 +1056,11 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads
             const int uu = u0 + NW * j < nu ? u0 + NW * j : u0; /* past the end: reload, unused */
             const int kl = uu / nkb, kb = uu - kl * nkb;
             if constexpr (BK) { /* shared memory: the rows' copies have landed (mbarrier) */
-                const uint8_t *sr = s_wr + (kl * 16 + g) * RS + kbb * kb + 16 * q;
+                const uint8_t *sr = s_wr + (kl * 16 + g) * rs + kbb * kb + 16 * q;
 #pragma unroll
                 for (int h = 0; h < NH; h++) {
                     w0[j][h] = *(const uint4 *)(sr + 64 * h);
-                    w1[j][h] = *(const uint4 *)(sr + 8 * RS + 64 * h);
+                    w1[j][h] = *(const uint4 *)(sr + 8 * rs + 64 * h);
                 }
                 continue;
             }
@@ -1236,10 +1235,9 @@ __global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads
  * so that neither carries the other's code and registers. */
 /* Dynamic shared memory of a k_qv_down block: the block-local activations (loc), then (BK) the W2 rows
  * of the token's K experts. */
-static size_t qv_dn_smem(bool loc, bool bk, const qv_args &a, int pk) {
+static size_t qv_dn_smem(bool loc, bool bk, int64_t K, int64_t I, bool pk) {
     const size_t act = loc ? (QV_LOC_DN_SMEM + 127) / 128 * 128 : 0;
-    const int64_t rowb = pk ? a.I / 2 : a.I;
-    return bk ? act + (size_t)a.K * 16 * QV_BK_RS(rowb) : (loc ? QV_LOC_DN_SMEM : 0);
+    return bk ? act + (size_t)K * 16 * (pk ? I / 2 : I) : (loc ? QV_LOC_DN_SMEM : 0);
 }
 
 template <int MODE, bool LOC, bool PRE, bool RT = false, bool BK = false>
@@ -1249,7 +1247,7 @@ moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
     /* rt_flag: k_qv_up is the call's first kernel (a plain launch) */
     MOE_TRY(moe__fm_go(k_qv_up<MODE, LOC, PRE, RT>, dim3((unsigned)((a.N1 / 16 + TPB - 1) / TPB), (unsigned)(a.T * a.K)),
                   TPB * QV_UP_THREADS, LOC ? QV_LOC_UP_SMEM : 0, st, pdl && (!a.rt_flag || a.up_pdl), a));
-    const size_t dsm = qv_dn_smem(LOC, BK, a, qv_mode<MODE>::PK);
+    const size_t dsm = qv_dn_smem(LOC, BK, a.K, a.I, qv_mode<MODE>::PK);
     if (BK) {
         static int set; /* the attribute once a process (QV_BK_MAX_SMEM covers every BK launch) */
         if (!__atomic_load_n(&set, __ATOMIC_ACQUIRE)) {
@@ -1364,7 +1362,7 @@ static bool qv_self_route(const moe__fused_args *A, int dev) {
  * at about 1.6 TB/s; copies of each row (128 from one warp) took 4 us to issue; 2 or 4 copies an
  * expert, 8 warps with the units' sums kept apart, and k_qv_up held to 72 registers so k_qv_down fits
  * beside it earlier all measured slower (docs/performance.md, twenty-first session). */
-static bool qv_dn_bulk(const moe__fused_args *A, int dev, bool loc, bool self_route) {
+static bool qv_dn_bulk(const moe__fused_args *A, bool loc, bool self_route) {
     if (A->T != 1 || moe__fq_env_off("MOE_FUSED_QVBK")) return false;
     const struct moe_experts *ex = A->ex;
     const int m = ex->quant;
@@ -1374,24 +1372,13 @@ static bool qv_dn_bulk(const moe__fused_args *A, int dev, bool loc, bool self_ro
     } else if (!loc || !self_route) {
         return false;
     }
-    const int64_t rowb = packed ? ex->I / 2 : ex->I;
-    const size_t act = loc ? (QV_LOC_DN_SMEM + 127) / 128 * 128 : 0;
-    if (act + (size_t)A->K * 16 * QV_BK_RS(rowb) > QV_BK_MAX_SMEM) return false;
-    static int ok[64]; /* per device: 1 yes, 2 no, 0 not known yet */
-    if (dev < 0 || dev >= 64) return false;
-    int v = __atomic_load_n(&ok[dev], __ATOMIC_RELAXED);
-    if (v == 0) {
-        int major = 0;
-        cudaFuncAttributes fa;
-        v = 2;
-        if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-            cudaFuncGetAttributes(&fa, k_qv_down<MOE_QUANT_FP8, true, true>) == cudaSuccess)
-            v = major == 9 && fa.binaryVersion == 90 ? 1 : 2;
-        else
-            (void)cudaGetLastError();
-        __atomic_store_n(&ok[dev], v, __ATOMIC_RELAXED);
+    if (qv_dn_smem(loc, true, A->K, ex->I, packed) > QV_BK_MAX_SMEM) return false;
+    bool ok = false; /* the sm_90a binary on a 9.x device, as the Hopper tile kernels ask */
+    if (moe__fm_hopper_ready(&ok) != MOE_OK || !ok) {
+        moe_clear_error();
+        return false;
     }
-    return v == 1;
+    return true;
 }
 
 int moe__fq_gemv_routes(const moe__fused_args *A, int dev) {
@@ -1429,8 +1416,8 @@ bool moe__fq_gemv_eligible(const moe__fused_args *A) {
     return ((x | w13 | w2) & 15) == 0 && ((s13 | s2) & 3) == 0;
 }
 
-bool moe__fq_gemv_bulk(const moe__fused_args *A, int dev, int route_in) {
-    return qv_dn_bulk(A, dev, qv_loc_eligible(A), route_in != 0);
+bool moe__fq_gemv_bulk(const moe__fused_args *A, int route_in) {
+    return qv_dn_bulk(A, qv_loc_eligible(A), route_in != 0);
 }
 
 moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in, bool bk) {

@@ -880,7 +880,7 @@ extern "C" moe_status moe__cuda_fused_quant(const moe__fused_args *A) {
     if (A->route_pending && rin != 2)
         MOE_TRY(moe__cuda_route(A->route, A->logits, A->bias, (moe_tensor *)A->ids, (moe_tensor *)A->wts, A->replay));
     if (gemv) {
-        const bool bk = moe__fq_gemv_bulk(A, g.dev, rin);
+        const bool bk = moe__fq_gemv_bulk(A, rin);
         if (lc > 0)
             moe__fused_path_hit(rin ? (bk ? MOE_FUSED_PATH_GEMV_ROUTE_BULK : MOE_FUSED_PATH_GEMV_ROUTE)
                                     : (bk ? MOE_FUSED_PATH_GEMV_BULK : MOE_FUSED_PATH_GEMV));

@@ -347,6 +347,6 @@ extern "C" moe_status moe__cuda_route(const moe_route_cfg *cfg, const moe_tensor
                                       moe_tensor *ids, moe_tensor *weights, moe_tensor *replay);
 moe_status moe__fq_gemv(const moe__cuda_guard &g, const moe__fused_args *A, int route_in, bool bulk);
 /* Whether that call's k_qv_down takes its weight rows by bulk copies (fused_qgemv.cu, qv_dn_bulk). */
-bool moe__fq_gemv_bulk(const moe__fused_args *A, int dev, int route_in);
+bool moe__fq_gemv_bulk(const moe__fused_args *A, int route_in);
 
 #endif

@@ -11,19 +11,9 @@ int moe_dev_qv_tl(unsigned long long *dst);
 int moe_dev_qv_tl_reset(void);
 ]]
 local lib = ffi.load(assert(os.getenv("MOE_LIB"), "qv_timeline.lua: set MOE_LIB"))
-local SHAPES = { qwen3 = { 2048, 768, 128, 8 }, mixtral = { 4096, 14336, 8, 2 }, deepseek = { 7168, 2048, 256, 8 } }
 local mode, T, shape = arg[1] or "fp8_block", tonumber(arg[2] or "1"), arg[3] or "qwen3"
-if not moe.cuda_available() then
-  io.stderr:write("qv_timeline.lua: needs a CUDA device\n")
-  os.exit(77)
-end
-local Hd, I, E, K = unpack(SHAPES[shape])
-local w13 = moe.randn({ E, 2 * I, Hd }, { dtype = "bf16", device = "cuda", seed = 1, std = 0.02 })
-local w2 = moe.randn({ E, Hd, I }, { dtype = "bf16", device = "cuda", seed = 2, std = 0.02 })
-local ex = moe.experts{ gate_up = w13, down = w2, device = "cuda", quant = mode }
-local x = moe.randn({ T, Hd }, { dtype = "bf16", device = "cuda", seed = 3 })
-local L = moe.randn({ T, E }, { device = "cuda", seed = 4 })
-ex:reserve(T, K)
+local cs = dofile(arg[0]:gsub("[^/]*$", "") .. "dev_case.lua").make(moe, "qv_timeline.lua", mode, T, shape)
+local ex, x, L, K, Hd = cs.ex, cs.x, cs.L, cs.K, cs.Hd
 local out = moe.empty({ T, Hd }, { dtype = "bf16", device = "cuda" })
 local function call() return moe.fused_moe{ hidden = x, logits = L, experts = ex, method = "renormalize", top_k = K, out = out } end
 
