@@ -700,11 +700,10 @@ template <int MODE> __device__ __forceinline__ uint32_t qr_sword(const uint8_t *
 template <int MODE>
 __device__ __forceinline__ void qr_sconv(uint32_t wd, uint32_t nsel, float fold, uint32_t (&s)[2]) {
     if constexpr (MODE == MOE_QUANT_NVFP4) {
-        /* both codes to f16 in one conversion (exact), each then in both halves */
-        uint32_t h2;
-        asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %1;\ncvt.rn.f16x2.e4m3x2 %0, l;\n}\n"
-            : "=r"(h2)
-            : "r"(__byte_perm(wd, 0, nsel)));
+        /* both codes to f16 in one conversion (exact), each then in both halves (the high pair unused) */
+        uint32_t h2, unused;
+        moe__fq_e4m3x4_f16(__byte_perm(wd, 0, nsel), h2, unused);
+        (void)unused;
         s[0] = __byte_perm(h2, 0, 0x1010);
         s[1] = __byte_perm(h2, 0, 0x3232);
     } else if constexpr (MODE == MOE_QUANT_MXFP4) {
@@ -1795,18 +1794,17 @@ moe_status moe__fq_i4_xrows(cudaStream_t st, int dev, const uint16_t *x, int64_t
 
 #undef FN
 #define FN "moe_experts_new_quant"
-extern "C" moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r) {
-    moe__cuda_guard g(FN, scales->dev.index);
-    MOE_TRY(g.status);
+/* A small device reduction into n ints on g's stream: a slot allocated and set to init, launch(slot), the
+ * result copied into out, the slot freed, the stream synchronised (moe__cuda_i4_range, moe__cuda_u8_max). */
+template <typename L>
+static moe_status qg_small_reduce(const moe__cuda_guard &g, const int *init, int n, int *out, L &&launch) {
     int *d = nullptr;
-    const int init[3] = {INT_MIN, INT_MAX, 0};
-    const int64_t n = moe_tensor_numel(scales);
-    MOE_CUDA_TRY(FN, cudaMallocAsync((void **)&d, sizeof init, g.stream));
-    cudaError_t e = cudaMemcpyAsync(d, init, sizeof init, cudaMemcpyHostToDevice, g.stream);
-    if (e == cudaSuccess && n > 0)
-        k_i4_range<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint16_t *)moe_tensor_data(scales), n, d);
+    const size_t bytes = sizeof(int) * (size_t)n;
+    MOE_CUDA_TRY(FN, cudaMallocAsync((void **)&d, bytes, g.stream));
+    cudaError_t e = cudaMemcpyAsync(d, init, bytes, cudaMemcpyHostToDevice, g.stream);
+    if (e == cudaSuccess) launch(d);
     if (e == cudaSuccess) e = cudaGetLastError();
-    if (e == cudaSuccess) e = cudaMemcpyAsync(r, d, sizeof init, cudaMemcpyDeviceToHost, g.stream);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(out, d, bytes, cudaMemcpyDeviceToHost, g.stream);
     const cudaError_t f = cudaFreeAsync(d, g.stream);
     if (e == cudaSuccess) e = f;
     if (e == cudaSuccess) e = cudaStreamSynchronize(g.stream);
@@ -1814,23 +1812,26 @@ extern "C" moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r) {
     return MOE_OK;
 }
 
+extern "C" moe_status moe__cuda_i4_range(const moe_tensor *scales, int *r) {
+    moe__cuda_guard g(FN, scales->dev.index);
+    MOE_TRY(g.status);
+    const int init[3] = {INT_MIN, INT_MAX, 0};
+    const int64_t n = moe_tensor_numel(scales);
+    return qg_small_reduce(g, init, 3, r, [&](int *d) {
+        if (n > 0)
+            k_i4_range<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint16_t *)moe_tensor_data(scales), n, d);
+    });
+}
+
 extern "C" moe_status moe__cuda_u8_max(const moe_tensor *t, int *m) {
     moe__cuda_guard g(FN, t->dev.index);
     MOE_TRY(g.status);
-    int *d = nullptr;
     *m = 0;
+    const int init[1] = {0};
     const int64_t n = moe_tensor_numel(t);
-    MOE_CUDA_TRY(FN, cudaMallocAsync((void **)&d, sizeof(int), g.stream));
-    cudaError_t e = cudaMemsetAsync(d, 0, sizeof(int), g.stream);
-    if (e == cudaSuccess && n > 0)
-        k_u8_max<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint8_t *)moe_tensor_data(t), n, d);
-    if (e == cudaSuccess) e = cudaGetLastError();
-    if (e == cudaSuccess) e = cudaMemcpyAsync(m, d, sizeof(int), cudaMemcpyDeviceToHost, g.stream);
-    const cudaError_t f = cudaFreeAsync(d, g.stream);
-    if (e == cudaSuccess) e = f;
-    if (e == cudaSuccess) e = cudaStreamSynchronize(g.stream);
-    MOE_CUDA_TRY(FN, e);
-    return MOE_OK;
+    return qg_small_reduce(g, init, 1, m, [&](int *d) {
+        if (n > 0) k_u8_max<<<moe__cuda_grid(g.dev, n, 256), 256, 0, g.stream>>>((const uint8_t *)moe_tensor_data(t), n, d);
+    });
 }
 
 bool moe__fq_qgmma_use(int mode, int64_t P, int lc, int64_t H, int64_t I) {

@@ -1160,6 +1160,39 @@ describe("#gpu quantised fused MoE: mxfp4 / mxint4 decode with k_qv_down's W2 by
         near(y1, yc, what .. ": CUDA vs CPU")
       end
     end)
+
+    -- The K experts' 16 W2 rows (K * 16 * I / 2 bytes) must fit 200 KB of shared memory: at I = 12800,
+    -- K = 2 they take exactly 200 KB (bulk copies), at I = 12928 200 KB + 2 KB (register loads, path gemv).
+    it(mode .. ": W2 rows at the shared-memory limit and past it (I = 12800 / 12928, top-2): bulk copies, " ..
+       "then register loads; the bits of MOE_FUSED_QVBK=0", function()
+      for _, c in ipairs{ { 12800, HOPPER and "gemv_bulk" or "gemv" }, { 12928, "gemv" } } do
+        local Ib, Hb, Eb = c[1], 128, 4
+        local w = {
+          w13 = moe.randn({ Eb, 2 * Ib, Hb }, { dtype = "bf16", seed = 9790, std = 0.05 }),
+          w2 = moe.randn({ Eb, Hb, Ib }, { dtype = "bf16", seed = 9791, std = 0.05 }),
+        }
+        local function ex(dev)
+          return moe.experts{ gate_up = w.w13, down = w.w2, activation = "swiglu", quant = mode, device = dev }
+        end
+        local exg = ex("cuda")
+        local x = moe.randn({ 1, Hb }, { dtype = "bf16", seed = 9792 })
+        local L = moe.randn({ 1, Eb }, { seed = 9793 })
+        local function go(e, dev)
+          return moe.fused_moe{ hidden = x:to(dev), logits = L:to(dev), experts = e, method = "renormalize",
+                                top_k = 2 }
+        end
+        local what = string.format("%s I=%d", mode, Ib)
+        local p1, y1 = path_of(function() return go(exg, "cuda") end)
+        assert.equal(c[2], p1, what .. ": the path taken")
+        local p0, y0 = path_of(function()
+          return H.with_env("MOE_FUSED_QVBK", "0", function() return go(exg, "cuda") end)
+        end)
+        assert.equal("gemv", p0, what .. ", MOE_FUSED_QVBK=0: the path taken")
+        assert.same(bits(y0), bits(y1), what .. ": out, default vs registers")
+        near(y1, go(ex("cpu"), "cpu"), what .. ": CUDA vs CPU")
+        exg:free()
+      end
+    end)
   end
 end)
 
