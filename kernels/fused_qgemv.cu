@@ -112,7 +112,7 @@ template <int MODE, bool LOC> struct qv_up_tiles {
  * plain launches with 8 warps, 0.7 us faster with 16 (and plain launches: 16 warps within 0.1-0.6 us
  * of 8, eighth session).  The same warps either launch, so routed calls reproduce native ones bit for
  * bit; the fp8 modes sum in another order than the shared steps (within the CPU tolerance). */
-template <int MODE, bool LOC, bool BK = false> struct qv_dn_threads { /* BK: the same warps (the same sums) */
+template <int MODE, bool LOC> struct qv_dn_threads { /* with or without bulk copies (BK): the same warps, sums */
     static constexpr int N = LOC && MODE != MOE_QUANT_MXFP4 && MODE != MOE_QUANT_MXINT4 ? QV_DN_LOC_THREADS
                                                                                        : QV_DN_THREADS;
 };
@@ -949,10 +949,10 @@ __global__ void __launch_bounds__(qv_up_tiles<MODE, LOC>::N * QV_UP_THREADS, qv_
 
 /* grid (H / 16 * T): block b = column tile b / T, token b % T. */
 template <int MODE, bool LOC, bool BK>
-__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC, BK>::N, qv_dn_threads<MODE, LOC, BK>::N == QV_DN_THREADS ? 2 : 1)
+__global__ void __launch_bounds__(qv_dn_threads<MODE, LOC>::N, qv_dn_threads<MODE, LOC>::N == QV_DN_THREADS ? 2 : 1)
     k_qv_down(const qv_args a) {
     using M = qv_mode<MODE>;
-    constexpr int DT = qv_dn_threads<MODE, LOC, BK>::N;
+    constexpr int DT = qv_dn_threads<MODE, LOC>::N;
     constexpr int UG = BK ? QV_DN_BK_UG : QV_DN_UG, NW = DT / 32, NH = M::NH;
     constexpr bool PK = M::PK, GC = M::GC;
     QV_TL(1, 0);
@@ -1256,7 +1256,7 @@ moe_status qv_launch2(cudaStream_t st, const qv_args &a) {
             __atomic_store_n(&set, 1, __ATOMIC_RELEASE);
         }
     }
-    MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC, BK>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC, BK>::N,
+    MOE_TRY(moe__fm_go(k_qv_down<MODE, LOC, BK>, dim3((unsigned)(a.T * (a.H / 16))), qv_dn_threads<MODE, LOC>::N,
                   dsm, st, pdl, a));
     return MOE_OK;
 }
